@@ -1,0 +1,41 @@
+"""ww_monitor: watch the eigenvalue spectra of a network's weights while it trains.
+
+Importing this package configures nothing global (no logging handlers, no warning filters) and
+does not import Lightning; :class:`WeightWatcherCallback` is loaded on first access.
+"""
+
+from __future__ import annotations
+
+from .analyze import analyze
+from .errors import CheckpointError, WWMonitorError
+from .functional.power_law import PowerLawFit, fit_power_law
+from .phases import Phase
+from .results import LayerResult, Report, SkippedLayer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "LayerResult",
+    "Phase",
+    "PowerLawFit",
+    "Report",
+    "SkippedLayer",
+    "WWMonitorError",
+    "WeightWatcherCallback",
+    "analyze",
+    "classify_phase",
+    "fit_power_law",
+]
+
+_LAZY = {"WeightWatcherCallback": ("ww_monitor.callback", "WeightWatcherCallback"),
+         "classify_phase": ("ww_monitor.phases", "classify_phase")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'ww_monitor' has no attribute {name!r}")

@@ -1,0 +1,242 @@
+"""``wwm.analyze``: weights in, a :class:`~ww_monitor.results.Report` out.
+
+Orchestration only: layer selection lives in :mod:`.layers`, the math in :mod:`.functional`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import WWMonitorError
+from .functional.eigenvalues import METHODS, batched_eigenvalues
+from .functional.power_law import DEFAULT_MIN_EIGENVALUE, fit_power_law
+from .functional.spectral_metrics import alpha_metrics, matrix_entropy, matrix_rank, norm_metrics, rank_tolerance
+from .layers import (
+    CONV_MODES,
+    LayerMatrix,
+    LayerSelection,
+    matrices_from_module,
+    matrices_from_state_dict,
+    nbytes_float64,
+    size_problem,
+)
+from .loading import load_state_dict
+from .results import LayerResult, Report, SkippedLayer
+
+__all__ = ["analyze", "AnalysisConfig", "select_matrices", "analyze_matrices"]
+
+log = logging.getLogger(__name__)
+
+#: weightwatcher's defaults: at least 8 eigenvalues, at most 15000, N at most 50000.
+DEFAULT_MIN_EVALS = 8
+DEFAULT_MAX_EVALS = 15000
+DEFAULT_MAX_N = 50000
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Everything that decides which matrices are analysed and how. Validated on creation."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    kinds: tuple[str, ...] | None = None
+    conv_mode: str = "pooled"
+    min_evals: int = DEFAULT_MIN_EVALS
+    max_evals: int | None = DEFAULT_MAX_EVALS
+    max_n: int | None = DEFAULT_MAX_N
+    max_matrix_bytes: int | None = None
+    method: str = "auto"
+    traps: bool = False
+    seed: int = 0
+    keep_eigenvalues: bool = True
+
+    def __post_init__(self):
+        sel = LayerSelection.build(self.include, self.exclude, self.kinds)
+        object.__setattr__(self, "include", sel.include)
+        object.__setattr__(self, "exclude", sel.exclude)
+        object.__setattr__(self, "kinds", sel.kinds)
+        if self.conv_mode not in CONV_MODES:
+            raise WWMonitorError(f"conv_mode must be one of {CONV_MODES}, got {self.conv_mode!r}")
+        if self.method not in METHODS:
+            raise WWMonitorError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.min_evals, int) or self.min_evals < 2:
+            raise WWMonitorError(f"min_evals must be an int >= 2, got {self.min_evals!r}")
+        for key in ("max_evals", "max_n", "max_matrix_bytes"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise WWMonitorError(f"{key} must be a positive int or None, got {v!r}")
+
+    @property
+    def selection(self) -> LayerSelection:
+        return LayerSelection(self.include, self.exclude, self.kinds)
+
+
+def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], list[SkippedLayer]]:
+    """Find the matrices of ``source`` (module or state dict) that ``config`` selects.
+
+    The returned :class:`LayerMatrix` objects reference (views of) the live weights, so the
+    callback can select once and copy at every snapshot.
+    """
+    if isinstance(source, nn.Module):
+        found = matrices_from_module(source, config.conv_mode)
+    elif isinstance(source, Mapping):
+        found = matrices_from_state_dict(source, config.conv_mode)
+    else:
+        raise WWMonitorError(f"expected an nn.Module or a state dict, got {type(source).__name__}")
+
+    selection = config.selection
+    matrices: list[LayerMatrix] = []
+    skipped: list[SkippedLayer] = []
+    for name, kind, item in found:
+        if isinstance(item, str):
+            if selection.why_not(name, kind) is None:
+                skipped.append(SkippedLayer(name, kind, (), item))
+            continue
+        for m in item:
+            why = selection.why_not(m.name, m.kind) if selection.why_not(name, kind) is not None else None
+            if why is not None:
+                continue  # deselected by the user: not a finding, so not listed
+            if m.kind == "other" and not selection.explicitly_included(m.name):
+                skipped.append(
+                    SkippedLayer(m.name, m.kind, tuple(m.weight.shape),
+                                 "module type not recognised as a layer; add its name to include= to analyse it")
+                )
+                continue
+            problem = size_problem(m, config.min_evals, config.max_evals, config.max_n)
+            if problem is None and config.max_matrix_bytes is not None and nbytes_float64(m) > config.max_matrix_bytes:
+                problem = f"float64 copy needs {nbytes_float64(m)} bytes > max_matrix_bytes={config.max_matrix_bytes}"
+            if problem is None and m.weight.is_meta:
+                problem = "weights on the meta device (not materialised)"
+            if problem is not None:
+                skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), problem))
+            else:
+                matrices.append(m)
+    return matrices, skipped
+
+
+def analyze_matrices(matrices: Sequence[LayerMatrix], config: AnalysisConfig) -> tuple[list[LayerResult], list[SkippedLayer]]:
+    """Eigenvalues (batched), metrics, power-law fit and RMT diagnostics for each matrix.
+
+    Non-finite weights and solver failures are reported as skipped, never raised.
+    """
+    results: list[LayerResult] = []
+    skipped: list[SkippedLayer] = []
+    good: list[LayerMatrix] = []
+    for m in matrices:
+        if not bool(torch.isfinite(m.weight).all()):
+            skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), "non-finite weights (NaN or Inf)"))
+        else:
+            good.append(m)
+    try:
+        all_evals = batched_eigenvalues([m.weight for m in good], method=config.method)
+    except Exception as err:  # one bad matrix must not cost the others: retry one at a time
+        log.debug("batched eigensolve failed (%s); retrying per matrix", err)
+        all_evals = []
+        for m in good:
+            try:
+                all_evals.append(batched_eigenvalues([m.weight], method=config.method)[0])
+            except Exception as one_err:
+                all_evals.append(one_err)
+    for m, evals in zip(good, all_evals):
+        if isinstance(evals, Exception):
+            skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), f"eigensolver failed: {evals}"))
+            continue
+        results.append(layer_result(m, evals * m.eig_scale, config))
+    return results, skipped
+
+
+def layer_result(m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> LayerResult:
+    """All per-layer metrics from one ESD (``evals`` sorted ascending, already scaled)."""
+    n, mm = m.N, m.M
+    res = LayerResult(
+        name=m.name, kind=m.kind, N=n, M=mm, Q=n / mm, num_evals=int(evals.size),
+        num_slices=m.num_slices, dtype=str(m.weight.dtype).replace("torch.", ""),
+    )
+    for key, value in norm_metrics(evals).items():
+        setattr(res, key, value)
+    tol = rank_tolerance(res.lambda_max, n, mm, m.weight.dtype)
+    res.matrix_rank = matrix_rank(evals, tol)
+    res.rank_loss = int(evals.size - res.matrix_rank)
+    res.entropy = matrix_entropy(evals, res.matrix_rank)
+
+    # Near-zero eigenvalues (below the precision-aware rank tolerance, or weightwatcher's 1e-5)
+    # are not part of any tail.
+    fit = fit_power_law(evals, min_eigenvalue=max(DEFAULT_MIN_EIGENVALUE, tol))
+    res.fit_ok, res.fit_reason = fit.ok, fit.reason
+    res.alpha, res.xmin, res.xmax, res.D, res.sigma = fit.alpha, fit.xmin, fit.xmax, fit.D, fit.sigma
+    res.num_pl_spikes = fit.num_pl_spikes
+    for key, value in alpha_metrics(evals, fit.alpha, res.lambda_max).items():
+        setattr(res, key, value)
+
+    _rmt_diagnostics(res, m, evals, config)
+    if config.keep_eigenvalues:
+        res.eigenvalues = evals
+    return res
+
+
+def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> None:
+    """Marchenko-Pastur fit, spikes, correlation traps and phase (filled in by the RMT module)."""
+    return None
+
+
+def analyze(
+    model,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    *,
+    kinds: Sequence[str] | None = None,
+    conv_mode: str = "pooled",
+    min_evals: int = DEFAULT_MIN_EVALS,
+    max_evals: int | None = DEFAULT_MAX_EVALS,
+    max_n: int | None = DEFAULT_MAX_N,
+    max_matrix_bytes: int | None = None,
+    method: str = "auto",
+    traps: bool = False,
+    seed: int = 0,
+    keep_eigenvalues: bool = True,
+    weights_only: bool = True,
+) -> Report:
+    """Analyse every weight matrix of a model, state dict or checkpoint file/folder.
+
+    Example::
+
+        import ww_monitor as wwm
+        report = wwm.analyze(model, exclude=r"embeddings")
+        print(report.summary()["alpha"])
+        df = report.to_pandas()
+
+    Args:
+        model: ``nn.Module``, ``{name: tensor}`` state dict, or a path (.pt/.pth/.ckpt/.bin loaded
+            with ``weights_only``, .safetensors, or a folder of them).
+        include / exclude: regex (or list) matched with ``re.search`` against layer names.
+        kinds: restrict to these layer kinds (see :data:`ww_monitor.layers.KINDS`).
+        conv_mode: ``"pooled"`` (one ESD per conv layer from all kernel positions, each slice
+            scaled by sqrt(1/2), weightwatcher's default) or ``"slices"`` (one ESD per position).
+        min_evals / max_evals / max_n: size limits; layers outside are reported in ``skipped``.
+        max_matrix_bytes: skip (with a reason) matrices whose float64 copy would exceed this.
+        method: eigensolver, ``"auto"`` | ``"gram"`` | ``"svd"`` (see :mod:`.functional.eigenvalues`).
+        traps: also count correlation traps (one extra eigensolve per layer, seeded by ``seed``).
+        keep_eigenvalues: keep each layer's ESD on its result (``LayerResult.eigenvalues``).
+        weights_only: load checkpoint files with PyTorch's safe unpickler (default). Set False
+            only for files you trust.
+    """
+    config = AnalysisConfig(
+        include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=min_evals,
+        max_evals=max_evals, max_n=max_n, max_matrix_bytes=max_matrix_bytes, method=method,
+        traps=traps, seed=seed, keep_eigenvalues=keep_eigenvalues,
+    )
+    source = model
+    if isinstance(model, (str, os.PathLike)):
+        source = load_state_dict(model, weights_only=weights_only)
+    with torch.no_grad():
+        matrices, skipped = select_matrices(source, config)
+        results, failed = analyze_matrices(matrices, config)
+    return Report(layers=results, skipped=skipped + failed)

@@ -1,0 +1,76 @@
+"""Norm- and rank-based metrics of one ESD (weightwatcher-compatible definitions, SPEC section 3).
+
+Eigenvalues are lambda_i = s_i^2 of the raw weight matrix (no 1/N normalisation), so the log
+norms match weightwatcher and the published tables.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["rank_tolerance", "matrix_rank", "norm_metrics", "alpha_metrics", "matrix_entropy"]
+
+
+def rank_tolerance(lambda_max: float, n: int, m: int, dtype: torch.dtype = torch.float32) -> float:
+    """Eigenvalue below which a direction counts as zero.
+
+    numpy's matrix_rank rule on singular values, ``s_max * max(N, M) * eps``, with ``eps`` of the
+    *weights'* dtype (float32 weights cannot resolve singular values finer than that, so a
+    float32 low-rank matrix is detected), squared to apply to eigenvalues. Never below the
+    float64 Gram floor ``M * eps64 * lambda_max`` (see :mod:`.eigenvalues`).
+    """
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    sv_tol = math.sqrt(max(lambda_max, 0.0)) * max(n, m) * eps
+    return max(sv_tol * sv_tol, lambda_max * m * float(np.finfo(np.float64).eps))
+
+
+def matrix_rank(evals: np.ndarray, tol: float) -> int:
+    """Number of eigenvalues above ``tol``."""
+    return int(np.count_nonzero(np.asarray(evals) > tol))
+
+
+def matrix_entropy(evals: np.ndarray, rank: int) -> float:
+    """Normalised matrix entropy ``-sum p ln p / ln(rank)``, ``p = lambda / sum lambda``.
+
+    In [0, 1]: 1 for a flat spectrum, 0 for rank one (Martin & Mahoney 2021, eq. 7).
+    """
+    ev = np.asarray(evals, dtype=np.float64)
+    total = ev.sum()
+    if rank <= 1 or not total > 0:
+        return 0.0 if rank == 1 else math.nan
+    p = ev[ev > 0] / total
+    return float(-(p * np.log(p)).sum() / math.log(rank))
+
+
+def norm_metrics(evals: np.ndarray) -> dict:
+    """lambda_max, log_norm = log10(sum lambda), log_spectral_norm, stable_rank."""
+    ev = np.asarray(evals, dtype=np.float64)
+    lambda_max = float(ev[-1]) if ev.size else math.nan
+    total = float(ev.sum())
+    return {
+        "lambda_max": lambda_max,
+        "log_norm": math.log10(total) if total > 0 else math.nan,
+        "log_spectral_norm": math.log10(lambda_max) if lambda_max > 0 else math.nan,
+        "stable_rank": total / lambda_max if lambda_max > 0 else math.nan,
+    }
+
+
+def alpha_metrics(evals: np.ndarray, alpha: float, lambda_max: float) -> dict:
+    """alpha_weighted = alpha * log10(lambda_max); log_alpha_norm = log10(sum lambda^alpha).
+
+    The sum is taken in log space (logsumexp) so large alpha does not overflow float64.
+    """
+    if not math.isfinite(alpha) or not lambda_max > 0:
+        return {"alpha_weighted": math.nan, "log_alpha_norm": math.nan}
+    ev = np.asarray(evals, dtype=np.float64)
+    ev = ev[ev > 0]
+    scaled = alpha * np.log(ev)
+    top = scaled.max()
+    log_sum = top + math.log(np.exp(scaled - top).sum())
+    return {
+        "alpha_weighted": alpha * math.log10(lambda_max),
+        "log_alpha_norm": log_sum / math.log(10.0),
+    }

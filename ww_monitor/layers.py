@@ -1,0 +1,250 @@
+"""Which weight matrices are analysed, and how each layer type becomes one or more ESDs.
+
+SPEC section 2. A :class:`LayerMatrix` is one ESD: a 2-D matrix, or a stack of k slices whose
+eigenvalues are pooled (convolutions: one slice per kernel position, each out x in).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import WWMonitorError
+
+__all__ = [
+    "LayerMatrix",
+    "LayerSelection",
+    "KINDS",
+    "CONV_MODES",
+    "CONV_SLICE_SCALE",
+    "clean_name",
+    "matrices_from_module",
+    "matrices_from_state_dict",
+]
+
+#: Layer kinds users can select with ``kinds=``.
+KINDS = ("linear", "conv1d_hf", "embedding", "conv1d", "conv2d", "conv3d", "attention", "rnn", "other")
+CONV_MODES = ("pooled", "slices")
+
+#: weightwatcher's default ``conv2d_norm``: each kernel slice is scaled by sqrt(1/2), which halves
+#: its eigenvalues, so pooled conv ESDs sit on the same scale as published numbers.
+CONV_SLICE_SCALE = 0.5
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+_GATES = {1: ("",), 3: ("r", "z", "n"), 4: ("i", "f", "g", "o")}  # RNN, GRU, LSTM row blocks
+_RNN_WEIGHT = re.compile(r"^weight_(ih|hh)_l\d+(_reverse)?$")
+
+
+def clean_name(name: str) -> str:
+    """Module path with ``torch.compile`` (``_orig_mod.``) and DDP/DP (``module.``) wrappers removed."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+        for infix in _WRAPPER_PREFIXES:
+            token = "." + infix
+            if token in name:
+                name, changed = name.replace(token, "."), True
+    return name
+
+
+@dataclass
+class LayerMatrix:
+    """One ESD to compute: ``weight`` is rows x cols, or k x rows x cols pooled slices."""
+
+    name: str
+    kind: str
+    weight: torch.Tensor
+    eig_scale: float = 1.0  # eigenvalues are multiplied by this (conv slice scaling)
+
+    @property
+    def num_slices(self) -> int:
+        return self.weight.shape[0] if self.weight.ndim == 3 else 1
+
+    @property
+    def N(self) -> int:
+        return max(self.weight.shape[-2:])
+
+    @property
+    def M(self) -> int:
+        return min(self.weight.shape[-2:])
+
+    @property
+    def num_evals(self) -> int:
+        return self.M * self.num_slices
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layers to analyse: name regexes (``re.search``) and kinds."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    kinds: tuple[str, ...] | None = None
+
+    @staticmethod
+    def build(include=None, exclude=None, kinds=None) -> "LayerSelection":
+        inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+        if kinds is not None:
+            kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+            bad = [k for k in kinds if k not in KINDS]
+            if bad:
+                raise WWMonitorError(f"unknown layer kind(s) {bad}; choose from {list(KINDS)}")
+        return LayerSelection(inc, exc, kinds)
+
+    def explicitly_included(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.include)
+
+    def why_not(self, name: str, kind: str) -> str | None:
+        """None when the layer is selected, else the reason it is not."""
+        if self.include and not self.explicitly_included(name):
+            return "not matched by include"
+        if any(re.search(p, name) for p in self.exclude):
+            return "matched by exclude"
+        if self.kinds is not None and kind not in self.kinds:
+            return f"kind {kind!r} not in kinds"
+        return None
+
+
+def _patterns(value, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    pats = (value,) if isinstance(value, str) else tuple(value)
+    for p in pats:
+        try:
+            re.compile(p)
+        except (re.error, TypeError) as err:
+            raise WWMonitorError(f"{what} pattern {p!r} is not a valid regular expression: {err}") from None
+    return pats
+
+
+def _conv_matrices(name: str, kind: str, w: torch.Tensor, conv_mode: str) -> list[LayerMatrix]:
+    # (out, in, *kernel) -> (prod(kernel), out, in): one out x in slice per kernel position.
+    out_c, in_c = w.shape[:2]
+    slices = w.reshape(out_c, in_c, -1).permute(2, 0, 1)
+    if conv_mode == "pooled" or slices.shape[0] == 1:
+        return [LayerMatrix(name, kind, slices, CONV_SLICE_SCALE)]
+    return [LayerMatrix(f"{name}.slice{i}", kind, slices[i], CONV_SLICE_SCALE) for i in range(slices.shape[0])]
+
+
+def _split_rows(name: str, kind: str, w: torch.Tensor, labels: Sequence[str]) -> list[LayerMatrix]:
+    if len(labels) == 1:
+        return [LayerMatrix(name, kind, w)]
+    chunks = w.chunk(len(labels), dim=0)
+    return [LayerMatrix(f"{name}.{lab}", kind, c) for lab, c in zip(labels, chunks)]
+
+
+def _rnn_matrices(prefix: str, pname: str, w: torch.Tensor, gates: int) -> list[LayerMatrix]:
+    return _split_rows(f"{prefix}.{pname}" if prefix else pname, "rnn", w, _GATES[gates])
+
+
+def _module_matrices(name: str, module: nn.Module, conv_mode: str) -> Iterator[tuple[str, str, object]]:
+    """Yield (name, kind, LayerMatrix list or unsupported-reason) for one module's own weights."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            yield name, "attention", _split_rows(f"{name}", "attention", module.in_proj_weight, ("q", "k", "v"))
+        else:
+            for tag, p in (("q", module.q_proj_weight), ("k", module.k_proj_weight), ("v", module.v_proj_weight)):
+                yield name, "attention", [LayerMatrix(f"{name}.{tag}", "attention", p)]
+        # out_proj is an nn.Linear child; named_modules() visits it as "<name>.out_proj".
+        return
+    if isinstance(module, nn.RNNBase):
+        gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+        for pname, p in module.named_parameters(recurse=False):
+            if _RNN_WEIGHT.match(pname):
+                yield name, "rnn", _rnn_matrices(name, pname, p, gates)
+        return
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.ndim < 2:
+        return
+    if isinstance(module, nn.Linear):
+        yield name, "linear", [LayerMatrix(name, "linear", w)]
+    elif isinstance(module, nn.Embedding) or isinstance(module, nn.EmbeddingBag):
+        yield name, "embedding", [LayerMatrix(name, "embedding", w)]
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        kind = {3: "conv1d", 4: "conv2d", 5: "conv3d"}.get(w.ndim)
+        if kind is None:
+            yield name, "other", f"convolution weight of shape {tuple(w.shape)} is not supported"
+        else:
+            # Transposed convs store (in, out, *k); the ESD is the same up to transposition.
+            yield name, kind, _conv_matrices(name, kind, w, conv_mode)
+    elif type(module).__name__ == "Conv1D" and w.ndim == 2:
+        # Hugging Face GPT-2 style Conv1D: a Linear whose weight is stored (in, out).
+        yield name, "conv1d_hf", [LayerMatrix(name, "conv1d_hf", w)]
+    elif w.ndim == 2:
+        yield name, "other", [LayerMatrix(name, "other", w)]
+    else:
+        yield name, "other", f"{type(module).__name__} weight of shape {tuple(w.shape)} is not supported"
+
+
+def matrices_from_module(model: nn.Module, conv_mode: str = "pooled") -> Iterator[tuple[str, str, object]]:
+    """Walk ``model.named_modules()``; yields (layer name, kind, [LayerMatrix] or reason str)."""
+    attention_blocks = set()
+    for raw, module in model.named_modules():
+        name = clean_name(raw)
+        if isinstance(module, nn.MultiheadAttention):
+            attention_blocks.add(name)
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "out_proj" and parent in attention_blocks and isinstance(module, nn.Linear):
+            yield name, "attention", [LayerMatrix(name, "attention", module.weight)]
+            continue
+        yield from _module_matrices(name, module, conv_mode)
+
+
+def matrices_from_state_dict(state: Mapping[str, torch.Tensor], conv_mode: str = "pooled") -> Iterator[tuple[str, str, object]]:
+    """Infer layers from parameter names and shapes when no module is available.
+
+    ``*.weight`` 2-D -> linear (embedding when the name says so), 3/4/5-D -> conv;
+    ``*.in_proj_weight`` -> attention q/k/v; ``*.weight_ih_l*``/``weight_hh_l*`` -> rnn gates.
+    """
+    for raw, w in state.items():
+        if not isinstance(w, torch.Tensor) or w.ndim < 2 or not w.is_floating_point():
+            continue
+        key = clean_name(raw)
+        prefix, _, pname = key.rpartition(".")
+        if pname == "in_proj_weight":
+            yield prefix, "attention", _split_rows(prefix, "attention", w, ("q", "k", "v"))
+        elif pname in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            yield prefix, "attention", [LayerMatrix(f"{prefix}.{pname[0]}", "attention", w)]
+        elif _RNN_WEIGHT.match(pname):
+            hidden = w.shape[1] if pname.startswith("weight_hh") else None
+            hh = state.get(raw.replace("weight_ih", "weight_hh"))
+            if hidden is None and isinstance(hh, torch.Tensor):
+                hidden = hh.shape[1]
+            gates = w.shape[0] // hidden if hidden else 1
+            yield prefix, "rnn", _rnn_matrices(prefix, pname, w, gates if gates in _GATES else 1)
+        elif pname == "weight":
+            name = prefix
+            if w.ndim == 2:
+                kind = "embedding" if re.search(r"emb", name, re.IGNORECASE) else "linear"
+                yield name, kind, [LayerMatrix(name, kind, w)]
+            elif w.ndim in (3, 4, 5):
+                kind = {3: "conv1d", 4: "conv2d", 5: "conv3d"}[w.ndim]
+                yield name, kind, _conv_matrices(name, kind, w, conv_mode)
+            else:
+                yield name, "other", f"weight of shape {tuple(w.shape)} is not supported"
+
+
+def size_problem(m: LayerMatrix, min_evals: int, max_evals: int | None, max_n: int | None) -> str | None:
+    """Why a matrix is outside the size limits (weightwatcher defaults: min 8 eigenvalues)."""
+    if m.weight.numel() == 0:
+        return "empty weight"
+    if m.num_evals < min_evals:
+        return f"{m.num_evals} eigenvalues < min_evals={min_evals}"
+    if max_evals is not None and m.num_evals > max_evals:
+        return f"{m.num_evals} eigenvalues > max_evals={max_evals}"
+    if max_n is not None and m.N > max_n:
+        return f"N={m.N} > max_n={max_n}"
+    return None
+
+
+def nbytes_float64(m: LayerMatrix) -> int:
+    """Memory the float64 working copy of this matrix needs."""
+    return int(math.prod(m.weight.shape)) * 8

@@ -1,0 +1,143 @@
+"""Result containers: one :class:`LayerResult` per analysed ESD, a :class:`Report` per model."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from .phases import Phase
+
+__all__ = ["LayerResult", "SkippedLayer", "Report", "SUMMARY_METRICS", "LAYER_COLUMNS"]
+
+#: Model-level means (SPEC section 3); failed fits are excluded from the alpha-based ones.
+SUMMARY_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank")
+_FIT_DEPENDENT = {"alpha", "alpha_weighted", "log_alpha_norm"}
+
+
+@dataclass
+class LayerResult:
+    """Metrics of one layer's ESD; every metric has its SPEC section 3 name."""
+
+    name: str
+    kind: str
+    N: int
+    M: int
+    Q: float
+    num_evals: int
+    # norm metrics
+    lambda_max: float = math.nan
+    log_norm: float = math.nan
+    log_spectral_norm: float = math.nan
+    stable_rank: float = math.nan
+    matrix_rank: int = 0
+    rank_loss: int = 0
+    entropy: float = math.nan
+    # power-law fit
+    alpha: float = math.nan
+    xmin: float = math.nan
+    xmax: float = math.nan
+    D: float = math.nan
+    sigma: float = math.nan
+    num_pl_spikes: int = 0
+    alpha_weighted: float = math.nan
+    log_alpha_norm: float = math.nan
+    fit_ok: bool = False
+    fit_reason: str = ""
+    # random-matrix diagnostics and phase
+    lambda_plus: float = math.nan
+    mp_sigma: float = math.nan
+    mp_ks: float = math.nan
+    num_spikes: int = 0
+    mp_softrank: float = math.nan
+    num_traps: int | None = None
+    phase: Phase | None = None
+    # bookkeeping
+    num_slices: int = 1
+    dtype: str = ""
+    eigenvalues: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self, *, eigenvalues: bool = False) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "eigenvalues"}
+        if d["phase"] is not None:
+            d["phase"] = str(d["phase"].value)
+        if eigenvalues and self.eigenvalues is not None:
+            d["eigenvalues"] = self.eigenvalues.tolist()
+        return d
+
+
+LAYER_COLUMNS = tuple(f.name for f in fields(LayerResult) if f.name != "eigenvalues")
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A layer that was found but not analysed, and why (nothing is dropped silently)."""
+
+    name: str
+    kind: str
+    shape: tuple
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclass
+class Report:
+    """What :func:`ww_monitor.analyze` returns."""
+
+    layers: list[LayerResult] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerResult:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no analysed layer named {name!r}; analysed: {[l.name for l in self.layers]}")
+
+    def summary(self) -> dict[str, float]:
+        """Means over analysed layers; layers whose power-law fit failed are left out of the
+        alpha-based means and counted in ``num_failed_fits``."""
+        out: dict[str, float] = {}
+        for metric in SUMMARY_METRICS:
+            pool = [l for l in self.layers if l.fit_ok] if metric in _FIT_DEPENDENT else self.layers
+            vals = [getattr(l, metric) for l in pool]
+            vals = [v for v in vals if v is not None and math.isfinite(v)]
+            out[metric] = float(np.mean(vals)) if vals else math.nan
+        out["num_layers"] = len(self.layers)
+        out["num_failed_fits"] = sum(not l.fit_ok for l in self.layers)
+        out["num_skipped"] = len(self.skipped)
+        return out
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return [l.to_dict() for l in self.layers]
+
+    def to_pandas(self):
+        """One row per layer. Requires pandas (``pip install ww-monitor[pandas]``)."""
+        try:
+            import pandas as pd
+        except ImportError as err:  # pragma: no cover - exercised only without pandas
+            raise ImportError("Report.to_pandas() needs pandas: pip install pandas") from err
+        return pd.DataFrame(self.to_dicts(), columns=list(LAYER_COLUMNS))
+
+    def to_json(self, **kwargs) -> str:
+        payload = {
+            "layers": self.to_dicts(),
+            "skipped": [s.to_dict() for s in self.skipped],
+            "summary": self.summary(),
+        }
+        return json.dumps(payload, default=_json_default, allow_nan=True, **kwargs)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
