@@ -64,13 +64,16 @@ def _load_file(p: Path, weights_only: bool) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as err:
-        if weights_only:
+        # The restricted unpickler names the class it refused ("Unsupported global: GLOBAL x.y");
+        # anything else it chokes on is a file that is not a valid pickle at all.
+        refused = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
+        if weights_only and refused:
             raise CheckpointError(
                 f"{p}: refused to load: the file contains Python objects that a weights-only load does "
                 f"not allow (loading it could run code). If you trust this file, pass weights_only=False "
-                f"(CLI: --unsafe-load). Detail: {str(err).splitlines()[0]}"
+                f"(CLI: --unsafe-load). Detail: {refused[0]}"
             ) from None
-        raise CheckpointError(f"{p}: corrupt or not a PyTorch checkpoint ({err})") from None
+        raise CheckpointError(f"{p}: corrupt, truncated or not a PyTorch checkpoint (invalid pickle data)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{p}: corrupt, truncated or not a PyTorch checkpoint ({first})") from None

@@ -15,15 +15,26 @@ __all__ = ["rank_tolerance", "matrix_rank", "norm_metrics", "alpha_metrics", "ma
 
 
 def rank_tolerance(lambda_max: float, n: int, m: int, dtype: torch.dtype = torch.float32) -> float:
-    """Eigenvalue below which a direction counts as zero.
+    """Eigenvalue below which a direction counts as zero, from the precision of the *weights*.
 
-    numpy's matrix_rank rule on singular values, ``s_max * max(N, M) * eps``, with ``eps`` of the
-    *weights'* dtype (float32 weights cannot resolve singular values finer than that, so a
-    float32 low-rank matrix is detected), squared to apply to eigenvalues. Never below the
-    float64 Gram floor ``M * eps64 * lambda_max`` (see :mod:`.eigenvalues`).
+    Singular-value tolerance, squared to apply to eigenvalues:
+
+    * float32/float64 weights: numpy's ``matrix_rank`` rule ``s_max * max(N, M) * eps(dtype)``
+      (SPEC section 3), so a float32 low-rank matrix (noise floor ~1e-7 s_max) is detected.
+    * 16-bit weights: that rule with eps(bf16) = 7.8e-3 would call half of a healthy spectrum
+      zero. Such weights are computed in float32 and then rounded, which perturbs the singular
+      values by about 0.1 eps(dtype) * s_max (measured on rounded low-rank products), so the
+      tolerance is ``s_max * max(max(N, M) * eps(float32), eps(dtype))``: 10x above that floor.
+
+    Never below the float64 Gram floor ``M * eps64 * lambda_max`` (see :mod:`.eigenvalues`).
     """
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
-    sv_tol = math.sqrt(max(lambda_max, 0.0)) * max(n, m) * eps
+    dims = max(n, m)
+    if not dtype.is_floating_point or dtype.itemsize >= 4:
+        eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps
+        rel = dims * eps
+    else:
+        rel = max(dims * torch.finfo(torch.float32).eps, torch.finfo(dtype).eps)
+    sv_tol = math.sqrt(max(lambda_max, 0.0)) * rel
     return max(sv_tol * sv_tol, lambda_max * m * float(np.finfo(np.float64).eps))
 
 
