@@ -162,6 +162,9 @@ def _module_matrices(name: str, module: nn.Module, conv_mode: str) -> Iterator[t
                 yield name, "rnn", _rnn_matrices(name, pname, p, gates)
         return
     w = getattr(module, "weight", None)
+    if isinstance(w, nn.parameter.UninitializedParameter):
+        yield name, "other", f"{type(module).__name__} weight not materialised yet (lazy module before its first forward)"
+        return
     if not isinstance(w, torch.Tensor) or w.ndim < 2:
         return
     if isinstance(module, nn.Linear):
