@@ -1,0 +1,103 @@
+"""Alert rules and the alpha-drift state machine, on constructed snapshot results."""
+
+import math
+
+import pytest
+
+from ww_monitor.alerts import AlertConfig, AlertTracker
+from ww_monitor.early_stopping import AlphaDriftRule
+from ww_monitor.phases import Phase
+from ww_monitor.results import LayerResult, SkippedLayer
+
+
+def layer(name="fc", alpha=3.0, rank_loss=0, num_evals=100, phase=Phase.HEAVY_TAILED, traps=None, ok=True):
+    return LayerResult(name=name, kind="linear", N=200, M=num_evals, Q=2.0, num_evals=num_evals, alpha=alpha,
+                       rank_loss=rank_loss, phase=phase, num_traps=traps, fit_ok=ok)
+
+
+def fired(alerts):
+    return sorted((a.rule, a.layer, a.resolved) for a in alerts)
+
+
+def test_alerts_fire_on_entry_once_and_resolve_on_exit():
+    t = AlertTracker(AlertConfig(alpha_high_warmup=0))
+    assert fired(t.update([layer(rank_loss=50)], [], step=1, epoch=0)) == [("rank_collapse", "fc", False)]
+    for step in range(2, 6):  # stays collapsed: deduplicated
+        assert t.update([layer(rank_loss=60)], [], step=step, epoch=0) == []
+    out = t.update([layer(rank_loss=0)], [], step=6, epoch=1)
+    assert fired(out) == [("rank_collapse", "fc", True)]
+    assert t.num_fired == 1
+
+
+def test_alpha_bounds_and_warmup():
+    t = AlertTracker(AlertConfig(alpha_high_warmup=2))
+    assert t.update([layer(alpha=7.0)], [], 0, 0) == []
+    assert t.update([layer(alpha=7.0)], [], 1, 0) == []
+    a = t.update([layer(alpha=7.0)], [], 2, 0)
+    assert fired(a) == [("alpha_high", "fc", False)] and a[0].threshold == 4.0 and a[0].value == 7.0
+    b = t.update([layer(alpha=1.5)], [], 3, 0)
+    assert fired(b) == [("alpha_high", "fc", True), ("alpha_low", "fc", False)]
+    # A failed fit says nothing about alpha.
+    assert fired(t.update([layer(alpha=math.nan, ok=False)], [], 4, 0)) == [("alpha_low", "fc", True)]
+
+
+def test_non_finite_traps_and_phase_regression():
+    t = AlertTracker()
+    t.update([layer(phase=Phase.HEAVY_TAILED)], [], 0, 0)
+    out = t.update([], [SkippedLayer("fc", "linear", (4, 4), "non-finite weights (NaN or Inf)")], 1, 0)
+    assert fired(out) == [("non_finite", "fc", False)]
+    out = t.update([layer(phase=Phase.BULK_PLUS_SPIKES, traps=2)], [], 2, 0)
+    assert fired(out) == [("correlation_traps", "fc", False), ("non_finite", "fc", True), ("phase_regression", "fc", False)]
+    assert t.update([layer(phase=Phase.BULK_PLUS_SPIKES, traps=2)], [], 3, 0) == []
+    out = t.update([layer(phase=Phase.RANK_COLLAPSE)], [], 4, 0)
+    assert ("correlation_traps", "fc", True) in fired(out)
+    assert "phase_regression" not in [a.rule for a in out if not a.resolved]  # still active, not repeated
+
+
+def test_one_step_phase_jitter_is_not_a_regression():
+    t = AlertTracker()
+    t.update([layer(phase=Phase.HEAVY_TAILED)], [], 0, 0)
+    assert t.update([layer(phase=Phase.BULK_DECAY)], [], 1, 0) == []
+
+
+def test_tracker_state_round_trip():
+    t = AlertTracker(AlertConfig(alpha_high_warmup=0))
+    t.update([layer(rank_loss=50, phase=Phase.HEAVY_TAILED)], [], 0, 0)
+    u = AlertTracker(AlertConfig(alpha_high_warmup=0))
+    u.load_state_dict(t.state_dict())
+    assert u.update([layer(rank_loss=50)], [], 1, 0) == []  # already active before the resume
+    assert u.best_phase == {"fc": "heavy-tailed"} and u.num_fired == 1
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="alpha_low"):
+        AlertConfig(alpha_low=5, alpha_high=4)
+    with pytest.raises(ValueError, match="unknown alert rule"):
+        AlertConfig(enabled=("alpha_lo",))
+    with pytest.raises(ValueError, match="unknown action"):
+        AlertConfig(actions={"alpha_low": ("email",)})
+    with pytest.raises(ValueError, match="rank_loss_fraction"):
+        AlertConfig(rank_loss_fraction=0)
+
+
+def test_drift_floor_degradation_and_convergence():
+    r = AlphaDriftRule(floor=2.0)
+    assert not r.update(3.0).stop and not r.update(math.nan).stop
+    d = r.update(1.9)
+    assert d.stop and d.criterion == "floor" and "below the floor 2.0" in d.reason
+
+    r = AlphaDriftRule(floor=None, max_rise=0.5)
+    for v in (4.0, 3.5, 3.2, 3.6):
+        assert not r.update(v).stop
+    d = r.update(3.8)
+    assert d.stop and d.criterion == "degradation" and "above its best 3.200" in d.reason
+
+    r = AlphaDriftRule(floor=None, min_delta=0.01, patience=3)
+    decisions = [r.update(v).stop for v in (4.0, 3.5, 3.495, 3.49, 3.30, 3.299, 3.298, 3.297)]
+    assert decisions == [False, False, False, False, False, False, False, True]
+
+    s = AlphaDriftRule(floor=None, min_delta=0.01, patience=3)
+    s.load_state_dict(r.state_dict())
+    assert s.still_count == r.still_count and s.best == r.best
+    with pytest.raises(ValueError, match="at least one"):
+        AlphaDriftRule(floor=None)
