@@ -17,7 +17,9 @@ from torch import nn
 
 from .errors import WWMonitorError
 from .functional.eigenvalues import METHODS, batched_eigenvalues
-from .functional.power_law import DEFAULT_MIN_EIGENVALUE, fit_power_law
+from .functional.correlation_traps import count_correlation_traps
+from .functional.marchenko_pastur import fit_marchenko_pastur
+from .functional.power_law import DEFAULT_MIN_EIGENVALUE, PowerLawFit, fit_power_law
 from .functional.spectral_metrics import alpha_metrics, matrix_entropy, matrix_rank, norm_metrics, rank_tolerance
 from .layers import (
     CONV_MODES,
@@ -29,6 +31,7 @@ from .layers import (
     size_problem,
 )
 from .loading import load_state_dict
+from .phases import phase_from_spectrum
 from .results import LayerResult, Report, SkippedLayer
 
 __all__ = ["analyze", "AnalysisConfig", "select_matrices", "analyze_matrices"]
@@ -183,8 +186,30 @@ def layer_result(m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> L
 
 
 def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> None:
-    """Marchenko-Pastur fit, spikes, correlation traps and phase (filled in by the RMT module)."""
-    return None
+    """Marchenko-Pastur fit, spikes, correlation traps and phase (SPEC section 5).
+
+    The MP fit sees the same (conv-scaled) eigenvalues as every other metric, so lambda_plus
+    and mp_sigma describe the reported ESD; for pooled conv layers mp_sigma is the entry scale
+    of the slices after the sqrt(eig_scale) normalisation. Traps are counted on the raw
+    weights (the count is scale invariant). A failure is logged at debug level and leaves the
+    fields at their defaults (NaN / None), never raised.
+    """
+    try:
+        mp = fit_marchenko_pastur(evals, m.N, m.M, num_slices=m.num_slices)
+        fit = PowerLawFit(res.alpha, res.xmin, res.xmax, res.D, res.sigma, res.num_pl_spikes,
+                          ok=res.fit_ok, reason=res.fit_reason)
+        phase = phase_from_spectrum(evals, m.N, m.M, num_slices=m.num_slices, rank_loss=res.rank_loss,
+                                    power_law=fit, mp=mp)
+    except Exception as err:
+        log.debug("MP fit / phase failed for %s: %s", res.name, err, exc_info=True)
+    else:
+        res.lambda_plus, res.mp_sigma, res.mp_ks = mp.lambda_plus, mp.sigma, mp.ks
+        res.num_spikes, res.mp_softrank, res.phase = mp.num_spikes, mp.mp_softrank, phase
+    if config.traps:
+        try:
+            res.num_traps = count_correlation_traps(m.weight, seed=config.seed)
+        except Exception as err:
+            log.debug("correlation traps failed for %s: %s", res.name, err, exc_info=True)
 
 
 def analyze(
