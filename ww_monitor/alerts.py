@@ -21,14 +21,33 @@ Default thresholds and why:
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 from .phases import Phase
 from .results import LayerResult, SkippedLayer
 
-__all__ = ["Alert", "AlertConfig", "AlertTracker", "RULES", "ACTIONS", "NON_FINITE_REASON"]
+__all__ = [
+    "Alert", "AlertConfig", "AlertTracker", "AlertError", "WWMonitorAlert", "dispatch_alerts",
+    "RULES", "ACTIONS", "NON_FINITE_REASON",
+]
+
+log = logging.getLogger(__name__)
+
+
+class WWMonitorAlert(UserWarning):
+    """Warning category of alerts, so users can filter them: ``warnings.simplefilter("error", WWMonitorAlert)``."""
+
+
+class AlertError(RuntimeError):
+    """Raised by the ``"raise"`` action; carries the :class:`Alert`."""
+
+    def __init__(self, alert: "Alert"):
+        super().__init__(alert.message)
+        self.alert = alert
 
 RULES = ("rank_collapse", "alpha_low", "alpha_high", "non_finite", "phase_regression", "correlation_traps")
 ACTIONS = ("log", "warn", "tensorboard", "callback", "raise", "stop")
@@ -182,3 +201,45 @@ def _regressed(best: Phase, cur: Phase, steps: int) -> bool:
     if best == Phase.RANK_COLLAPSE:
         return False
     return _PHASE_ORDER[best] - _PHASE_ORDER[cur] >= steps
+
+
+def dispatch_alerts(alerts: Sequence[Alert], config: AlertConfig, *, tensorboard_writers=(), on_alert=None,
+                    rank: int = 0) -> bool:
+    """Carry out each alert's actions. Returns True when one asks to stop training.
+
+    Every rank computes the same alerts from the same gathered results, so ``raise`` and
+    ``stop`` act on every rank alike; messages, warnings and TensorBoard text come from rank 0
+    only. ``tensorboard_writers`` are SummaryWriter-like objects (``add_text``).
+    """
+    stop = False
+    to_raise: Alert | None = None
+    for alert in alerts:
+        actions = config.actions_for(alert.rule)
+        text = alert.message if not alert.resolved else f"resolved: {alert.rule} on {alert.layer}"
+        if rank == 0:
+            if "log" in actions:
+                log.log(logging.INFO if alert.resolved else logging.WARNING, "ww_monitor alert (step %d): %s",
+                        alert.step, text)
+            if "warn" in actions and not alert.resolved:
+                warnings.warn(f"ww_monitor alert at step {alert.step}: {text}", WWMonitorAlert, stacklevel=3)
+            if "tensorboard" in actions:
+                for writer in tensorboard_writers:
+                    try:
+                        writer.add_text("ww/alerts", f"**{alert.rule}** `{alert.layer}`: {text}", alert.step)
+                    except Exception as err:  # a closed writer must not end training
+                        log.warning("ww_monitor: could not write alert to TensorBoard: %s", err)
+            if "callback" in actions and on_alert is not None:
+                try:
+                    on_alert(alert)
+                except Exception as err:
+                    warnings.warn(f"ww_monitor: on_alert callback raised {type(err).__name__}: {err}",
+                                  RuntimeWarning, stacklevel=3)
+        if alert.resolved:
+            continue
+        if "stop" in actions:
+            stop = True
+        if "raise" in actions and to_raise is None:
+            to_raise = alert
+    if to_raise is not None:
+        raise AlertError(to_raise)
+    return stop

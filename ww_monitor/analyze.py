@@ -179,13 +179,13 @@ def layer_result(m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> L
     for key, value in alpha_metrics(evals, fit.alpha, res.lambda_max).items():
         setattr(res, key, value)
 
-    _rmt_diagnostics(res, m, evals, config)
+    _rmt_diagnostics(res, m, evals, fit, config)
     if config.keep_eigenvalues:
         res.eigenvalues = evals
     return res
 
 
-def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> None:
+def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, fit: PowerLawFit, config: AnalysisConfig) -> None:
     """Marchenko-Pastur fit, spikes, correlation traps and phase (SPEC section 5).
 
     The MP fit sees the same (conv-scaled) eigenvalues as every other metric, so lambda_plus
@@ -196,8 +196,6 @@ def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, config
     """
     try:
         mp = fit_marchenko_pastur(evals, m.N, m.M, num_slices=m.num_slices)
-        fit = PowerLawFit(res.alpha, res.xmin, res.xmax, res.D, res.sigma, res.num_pl_spikes,
-                          ok=res.fit_ok, reason=res.fit_reason)
         phase = phase_from_spectrum(evals, m.N, m.M, num_slices=m.num_slices, rank_loss=res.rank_loss,
                                     power_law=fit, mp=mp)
     except Exception as err:

@@ -1,7 +1,15 @@
-"""``ww-monitor`` command line: ``ww-monitor analyze PATH [--format table|csv|json]``.
+"""``ww-monitor`` command line.
 
-User errors (missing, unreadable, corrupt, unsafe or unsupported files; bad options) print one
-line to stderr and exit with status 2; no traceback.
+* ``ww-monitor analyze PATH [--format table|csv|json] [--plot DIR]``: one row per layer; with
+  ``--plot`` also PNG figures (alpha per layer, ESD with fits of up to ``--max-plots`` layers).
+* ``ww-monitor report LOGDIR_OR_CKPT [--out report.html]``: a self-contained HTML report of a
+  monitored run (TensorBoard log folder, checkpoint with the callback's history, or model file);
+  see :mod:`ww_monitor.offline_report`.
+
+While layers are analysed a progress bar is drawn on stderr, only when stderr is a terminal.
+Results go to stdout; notes (files written) to stderr. User errors (missing, unreadable,
+corrupt, unsafe or unsupported files; bad options) print one line to stderr and exit with
+status 2; no traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import sys
 from typing import Sequence
 
@@ -18,6 +27,10 @@ from .errors import WWMonitorError
 __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
+#: ``analyze --plot``: ESD figures for at most this many layers unless ``--max-plots`` says otherwise.
+DEFAULT_MAX_PLOTS = 12
+# Layers per analyse call while a progress bar is shown (same-shape layers stay batched).
+_PROGRESS_CHUNK = 8
 
 _TABLE_COLUMNS = (
     ("name", "layer"), ("kind", "kind"), ("N", "N"), ("M", "M"), ("alpha", "alpha"),
@@ -39,7 +52,35 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--traps", action="store_true", help="also count correlation traps (slower)")
     a.add_argument("--unsafe-load", action="store_true",
                    help="load pickled checkpoints with weights_only=False; can run code: only for files you trust")
+    a.add_argument("--plot", metavar="DIR", default=None,
+                   help="also write PNG figures into DIR: alpha per layer and the ESD with fits of each layer")
+    a.add_argument("--max-plots", type=_non_negative, default=DEFAULT_MAX_PLOTS, metavar="N",
+                   help=f"with --plot: ESD figures for at most N layers, spread over the depth "
+                        f"(default: {DEFAULT_MAX_PLOTS}; 0: none)")
+
+    r = sub.add_parser("report", help="HTML report of a monitored run (TensorBoard log folder or checkpoint)")
+    r.add_argument("path", metavar="LOGDIR_OR_CKPT",
+                   help="TensorBoard log folder or event file, .ckpt with WeightWatcherCallback state, or model file")
+    r.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
+    r.add_argument("--esd-layers", action="append", default=None, metavar="REGEX",
+                   help="layers shown in the ESD section (repeatable; default: spread over the depth)")
+    r.add_argument("--max-esd-layers", type=_non_negative, default=4, metavar="N",
+                   help="most layers in the ESD section (default: 4)")
+    r.add_argument("--max-snapshots", type=_non_negative, default=8, metavar="N",
+                   help="most snapshots overlaid per ESD evolution plot (default: 8; 0: all)")
+    r.add_argument("--unsafe-load", action="store_true",
+                   help="load pickled checkpoints with weights_only=False; can run code: only for files you trust")
     return parser
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _fmt(value) -> str:
@@ -78,10 +119,61 @@ def format_csv(report) -> str:
     return buf.getvalue()
 
 
-def _analyze(args) -> int:
-    from .analyze import analyze
+def _show_progress() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
-    report = analyze(
+
+def run_analysis(source, *, progress: bool | None = None, weights_only: bool = True, **options):
+    """``wwm.analyze(source, **options)``, with a per-layer progress bar on stderr when
+    ``progress`` (default: stderr is a terminal).
+
+    With the bar, the layers are analysed in chunks of same-shape layers through
+    :func:`~ww_monitor.analyze.select_matrices` / :func:`~ww_monitor.analyze.analyze_matrices`
+    (what ``analyze`` does in one call), so the results are the same.
+    """
+    import torch
+
+    from .analyze import AnalysisConfig, analyze, analyze_matrices, select_matrices
+    from .loading import load_state_dict
+    from .results import Report
+
+    if progress is None:
+        progress = _show_progress()
+    if not progress:
+        return analyze(source, weights_only=weights_only, **options)
+    from tqdm import tqdm
+
+    config = AnalysisConfig(**options)
+    if isinstance(source, (str, os.PathLike)):
+        source = load_state_dict(source, weights_only=weights_only)
+    with torch.no_grad():
+        matrices, skipped = select_matrices(source, config)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, m in enumerate(matrices):
+            by_shape.setdefault(tuple(m.weight.shape), []).append(i)
+        step = _PROGRESS_CHUNK
+        chunks = [idx[k : k + step] for idx in by_shape.values() for k in range(0, len(idx), step)]
+        done: dict[str, list] = {}
+        failed = []
+        with tqdm(total=len(matrices), desc="analysing", unit="layer", file=sys.stderr, leave=False,
+                  dynamic_ncols=True) as bar:
+            for chunk in chunks:
+                results, bad = analyze_matrices([matrices[i] for i in chunk], config)
+                for r in results:
+                    done.setdefault(r.name, []).append(r)
+                failed.extend(bad)
+                bar.update(len(chunk))
+    layers = [done[m.name].pop(0) for m in matrices if done.get(m.name)]  # input order, as analyze()
+    return Report(layers=layers, skipped=list(skipped) + failed)
+
+
+def _analyze(args) -> int:
+    if args.plot is not None and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        raise WWMonitorError(f"{args.plot}: exists and is not a folder (--plot wants a folder)")
+    report = run_analysis(
         args.path, include=args.include, exclude=args.exclude, conv_mode=args.conv_mode,
         traps=args.traps, weights_only=not args.unsafe_load,
     )
@@ -94,6 +186,24 @@ def _analyze(args) -> int:
     else:
         out = format_table(report)
     sys.stdout.write(out if out.endswith("\n") else out + "\n")
+    if args.plot is not None:
+        from .offline_report import write_figures
+
+        files = write_figures(report, args.plot, max_esd=args.max_plots)
+        print(f"ww-monitor: wrote {len(files)} figure(s) to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _report(args) -> int:
+    from .offline_report import write_report
+
+    weights_only = not args.unsafe_load
+    path = write_report(
+        args.path, args.out, weights_only=weights_only, esd_layers=args.esd_layers,
+        max_esd_layers=args.max_esd_layers, max_esd_snapshots=args.max_snapshots,
+        analyze_fn=lambda state: run_analysis(state, weights_only=weights_only),
+    )
+    print(f"ww-monitor: report written to {path}")
     return 0
 
 
@@ -103,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "report":
+            return _report(args)
     except WWMonitorError as err:
         print(f"ww-monitor: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

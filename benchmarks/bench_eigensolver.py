@@ -1,0 +1,178 @@
+"""Eigensolver strategies for the ESD, side by side in one process.
+
+Why ``method="auto"`` picks Gram + ``eigvalsh`` for float32/bf16/fp16 weights: for every shape
+below this times, on the same float32 weights (the float64 upcast is included in every variant):
+
+* ``svdvals``        ``torch.linalg.svdvals(W.double())`` squared (what weightwatcher computes)
+* ``gram+eigvalsh``  ``torch.linalg.eigvalsh(W^T W)`` with W oriented so W^T W is the small side
+
+each both *batched* (one call on a stack of same-shape matrices, as
+:func:`ww_monitor.functional.eigenvalues.batched_eigenvalues` does) and *looped* (one call per
+matrix). Repeats are interleaved (every repeat runs every variant, in a rotating order) and the
+medians are reported, so a noisy neighbour slows all variants alike. It also prints how far the
+Gram eigenvalues are from the SVD ones, relative to lambda_max, to show the precision cost.
+
+Threads: ``--threads`` (default 1) is applied to torch, MKL, OpenBLAS and OpenMP before torch
+is imported, as in ``bench_analyze.py``; ``--threads 0`` keeps the library defaults. On
+oversubscribed or steal-heavy VMs multi-threaded LAPACK can be 10x slower than one thread.
+Times are CPU seconds (``time.process_time``, stable on a noisy machine with one thread) and
+wall seconds.
+
+Run::
+
+    python benchmarks/bench_eigensolver.py            # all shapes, 5 repeats, 1 thread
+    python benchmarks/bench_eigensolver.py --quick    # no 30522x768, 3 repeats
+    python benchmarks/bench_eigensolver.py --threads 0
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+DEFAULT_THREADS = 1
+
+
+def _threads_from_argv(argv) -> int:
+    # Thread pools read these variables when torch loads, so parse before importing it.
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return DEFAULT_THREADS
+
+
+if __name__ == "__main__":
+    _threads = _threads_from_argv(sys.argv[1:])
+    if _threads > 0:
+        for _var in _THREAD_VARS:
+            os.environ[_var] = str(_threads)
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+# (label, batch size, rows, cols): rows x cols is the stored (out, in) weight; batch = how many
+# matrices of that shape one model layer group has.
+CASES = [
+    ("attention q/k/v/o 768x768", 4, 768, 768),
+    ("ffn 3072x768", 2, 3072, 768),
+    ("conv 3x3 slices 512x512x9", 9, 512, 512),
+    ("4096x1024", 1, 4096, 1024),
+    ("small 128x64", 16, 128, 64),
+    ("embedding 30522x768", 1, 30522, 768),
+]
+QUICK_SKIP = {"embedding 30522x768"}
+
+
+def _oriented(w: torch.Tensor) -> torch.Tensor:
+    # W^T W must be the min(rows, cols)-sized side.
+    return w.transpose(-1, -2) if w.shape[-2] < w.shape[-1] else w
+
+
+def svd_batched(stack):
+    return torch.linalg.svdvals(stack.to(torch.float64)).square()
+
+
+def svd_looped(stack):
+    return [torch.linalg.svdvals(w.to(torch.float64)).square() for w in stack]
+
+
+def gram_batched(stack):
+    w = _oriented(stack).to(torch.float64)
+    return torch.linalg.eigvalsh(w.transpose(-1, -2) @ w)
+
+
+def gram_looped(stack):
+    out = []
+    for w in stack:
+        w = _oriented(w).to(torch.float64)
+        out.append(torch.linalg.eigvalsh(w.T @ w))
+    return out
+
+
+def ww_monitor_solver(stack):
+    from ww_monitor.functional import batched_eigenvalues
+
+    return batched_eigenvalues([stack])
+
+
+VARIANTS = {
+    "svdvals batched": svd_batched,
+    "svdvals looped": svd_looped,
+    "gram+eigvalsh batched": gram_batched,
+    "gram+eigvalsh looped": gram_looped,
+    "ww_monitor": ww_monitor_solver,
+}
+
+
+def time_case(stack: torch.Tensor, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median CPU and wall seconds per variant."""
+    names = list(VARIANTS)
+    for name in names:  # warm-up: first-call allocations and LAPACK workspace queries
+        VARIANTS[name](stack)
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+        for name in order:
+            w0, c0 = time.perf_counter(), time.process_time()
+            VARIANTS[name](stack)
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return ({n: statistics.median(v) for n, v in cpu.items()}, {n: statistics.median(v) for n, v in wall.items()})
+
+
+def gram_error(stack: torch.Tensor) -> float:
+    """max |lambda_gram - lambda_svd| / lambda_max over the stack."""
+    a = torch.sort(gram_batched(stack), dim=-1).values
+    b = torch.sort(svd_batched(stack), dim=-1).values
+    return float(((a - b).abs().amax(dim=-1) / b.amax(dim=-1)).max())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="skip the embedding shape, 3 repeats")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                    help="torch/BLAS/LAPACK threads (0: library defaults)")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 5)
+    gen = torch.Generator().manual_seed(0)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {repeats} interleaved repeats; "
+          "CPU seconds (process_time) per batch, medians; wall-clock ratios in the last column\n")
+    print("| shape | batch | svdvals batched | svdvals looped | gram batched | gram looped "
+          "| svd/gram (batched) | svd/gram (looped) | looped/batched (gram) | gram error / lambda_max "
+          "| svd/gram batched, wall | ww_monitor solver | svd batched / ww_monitor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, batch, rows, cols in CASES:
+        if args.quick and label in QUICK_SKIP:
+            continue
+        reps = 1 if rows * cols > 10_000_000 and not args.repeats else repeats
+        stack = torch.randn(batch, rows, cols, generator=gen) / cols**0.5  # float32, like real weights
+        t, w = time_case(stack, reps)
+        err = gram_error(stack[:1])
+        print(
+            f"| {label} | {batch} | {t['svdvals batched']:.3f} | {t['svdvals looped']:.3f} "
+            f"| {t['gram+eigvalsh batched']:.3f} | {t['gram+eigvalsh looped']:.3f} "
+            f"| {t['svdvals batched'] / t['gram+eigvalsh batched']:.2f}x "
+            f"| {t['svdvals looped'] / t['gram+eigvalsh looped']:.2f}x "
+            f"| {t['gram+eigvalsh looped'] / t['gram+eigvalsh batched']:.2f}x | {err:.1e} "
+            f"| {w['svdvals batched'] / w['gram+eigvalsh batched']:.2f}x | {t['ww_monitor']:.3f} "
+            f"| {t['svdvals batched'] / t['ww_monitor']:.2f}x |",
+            flush=True,
+        )
+    print("\nsvd/gram > 1: the Gram route is faster. looped/batched > 1: batching helps. The 'gram' "
+          "variants are the plain W^T W + eigvalsh; 'ww_monitor solver' is batched_eigenvalues() "
+          "(lower-triangle product, UPLO='U', sorted numpy output; ww_monitor/functional/eigenvalues.py).")
+
+
+if __name__ == "__main__":
+    main()

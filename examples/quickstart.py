@@ -1,0 +1,128 @@
+"""Quickstart: watch the weight spectra of a small MLP while it learns scikit-learn's digits.
+
+Runs on CPU in a few seconds (no download: the 8x8 digits ship with scikit-learn)::
+
+    python examples/quickstart.py                   # logs to ww_logs/
+    python examples/quickstart.py --logdir /tmp/ww --epochs 10
+    tensorboard --logdir ww_logs/
+
+In TensorBoard: Scalars ``ww/alpha/<layer>``, ``ww/summary/alpha`` ...; Histograms
+``ww/esd/<layer>`` (the ESD of log10 eigenvalues at every snapshot); Images ``ww/plots/...``;
+Custom Scalars groups the per-layer curves of each metric; Text ``ww/layers``.
+
+Use ``--lightning`` to run with ``import lightning.pytorch`` instead of ``pytorch_lightning``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def digits_loaders(batch_size: int = 64, seed: int = 0):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.long)
+    xtr, xva, ytr, yva = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
+    g = torch.Generator().manual_seed(seed)
+    train = DataLoader(TensorDataset(xtr, ytr), batch_size=batch_size, shuffle=True, generator=g)
+    val = DataLoader(TensorDataset(xva, yva), batch_size=256)
+    return train, val
+
+
+def make_model(pl):
+    class DigitsMLP(pl.LightningModule):
+        def __init__(self, hidden: int = 256, lr: float = 0.05):
+            super().__init__()
+            self.fc1 = nn.Linear(64, hidden)
+            self.fc2 = nn.Linear(hidden, hidden // 2)
+            self.out = nn.Linear(hidden // 2, 10)
+            self.lr = lr
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.log("train/loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self(x)
+            self.log("val/loss", nn.functional.cross_entropy(logits, y))
+            self.log("val/acc", (logits.argmax(-1) == y).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    return DigitsMLP()
+
+
+def print_table(history, val_acc: float | None) -> None:
+    df = history.to_pandas()
+    last = df[df["step"] == df["step"].max()]
+    first = df[df["step"] == df["step"].min()].set_index("layer")
+    cols = ["layer", "kind", "N", "M", "alpha", "alpha_weighted", "log_spectral_norm", "stable_rank",
+            "rank_loss", "phase"]
+    print(f"\nPer-layer summary at step {int(last['step'].iloc[0])} (snapshot {len(history)} of {len(history)};"
+          f" alpha at the baseline in brackets):")
+    header = f"{'layer':<8}{'kind':<8}{'N x M':>10}{'alpha':>16}{'alpha_w':>9}{'log_spec':>10}{'st_rank':>9}" \
+             f"{'rk_loss':>8}  phase"
+    print(header)
+    print("-" * len(header))
+    for _, row in last[cols].iterrows():
+        a0 = first.loc[row["layer"], "alpha"] if row["layer"] in first.index else math.nan
+        nm = f"{int(row['N'])}x{int(row['M'])}"
+        print(f"{row['layer']:<8}{row['kind']:<8}{nm:>10}{row['alpha']:>8.2f} ({a0:>5.2f}){row['alpha_weighted']:>9.2f}"
+              f"{row['log_spectral_norm']:>10.2f}{row['stable_rank']:>9.1f}{int(row['rank_loss']):>8}  "
+              f"{row['phase'] if row['phase'] else '-'}")
+    mean = history[-1].summary
+    print(f"\nmean alpha {mean.get('alpha', math.nan):.2f}, mean alpha_weighted {mean.get('alpha_weighted', math.nan):.2f}"
+          + (f", validation accuracy {val_acc:.3f}" if val_acc is not None else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="WeightWatcherCallback quickstart on scikit-learn's digits")
+    parser.add_argument("--logdir", default="ww_logs/", help="TensorBoard log folder (default: ww_logs/)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lightning", action="store_true", help="use lightning.pytorch instead of pytorch_lightning")
+    args = parser.parse_args()
+
+    if args.lightning:
+        pl = importlib.import_module("lightning.pytorch")
+        from ww_monitor.lightning import WeightWatcherCallback
+    else:
+        pl = importlib.import_module("pytorch_lightning")
+        from ww_monitor import WeightWatcherCallback
+
+    pl.seed_everything(0, verbose=False)
+    train, val = digits_loaders()
+    ww = WeightWatcherCallback(every_n_epochs=1, figures_every_n_snapshots=4, max_figure_layers=3)
+    logger = pl.loggers.TensorBoardLogger(args.logdir, name="digits")
+    trainer = pl.Trainer(
+        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[ww],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=5,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(make_model(pl), train, val)
+    elapsed = time.perf_counter() - t0
+    acc = trainer.callback_metrics.get("val/acc")
+    print_table(ww.history, float(acc) if acc is not None else None)
+    print(f"\n{len(ww.history)} snapshots in {elapsed:.1f} s of training ({ww.stats['snapshots_skipped']} skipped).")
+    print(f"Look at it with:\n    tensorboard --logdir {os.path.abspath(logger.log_dir)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The LightningCLI configs in ``configs/`` with ``examples/train_cli.py``.
+
+Every config runs for two steps as ``python examples/train_cli.py fit --config configs/<name>.yaml
+--trainer.max_steps=2 --trainer.logger.init_args.save_dir=<tmp> ...``. The three runs share one
+subprocess (each is executed as ``__main__`` with its own ``sys.argv``) so that
+``pytorch_lightning`` and ``jsonargparse`` are imported once. Then the TensorBoard logs show the
+callback ran with each config's settings; and the early-stopping config, with two values
+tweaked, really stops training on ``ww/summary/alpha``.
+"""
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("jsonargparse")
+pytest.importorskip("sklearn")
+pl = pytest.importorskip("pytorch_lightning")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_cli.py"
+CONFIGS = ("default", "large_model", "early_stopping")
+
+DRIVER = r"""
+import json, runpy, sys, traceback
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+        results[name] = "ok"
+    except SystemExit as exc:
+        results[name] = "ok" if exc.code in (0, None) else f"SystemExit({exc.code})"
+    except BaseException:
+        results[name] = traceback.format_exc()
+print("RESULTS=" + json.dumps(results))
+"""
+
+
+def overrides(out: Path) -> list[str]:
+    return [
+        "--trainer.max_steps=2", "--trainer.num_sanity_val_steps=0",
+        f"--trainer.logger.init_args.save_dir={out}", f"--trainer.default_root_dir={out}",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.enable_checkpointing=false",
+    ]
+
+
+# Figures are covered by the other configs (and by test_report / test_tensorboard_server); here
+# they are switched off to save time. This also checks that the YAML's callback stays
+# overridable from the command line (jsonargparse applies `callbacks.init_args.*` to the last
+# callback of the list).
+EXTRA = {"large_model": ["--trainer.callbacks.init_args.figures_every_n_snapshots=0"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("configs")
+    argv = {name: [str(SCRIPT), "fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), *overrides(root / name),
+                   *EXTRA.get(name, [])] for name in CONFIGS}
+    res = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argv)], capture_output=True, text=True,
+                         timeout=400, cwd=root)
+    line = next((l for l in res.stdout.splitlines() if l.startswith("RESULTS=")), None)
+    assert line is not None, f"driver failed (exit {res.returncode}):\n{res.stderr[-4000:]}"
+    return root, json.loads(line[len("RESULTS="):])
+
+
+def ww_scalars(logdir: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = {p.parent for p in logdir.rglob("events.out.tfevents*")}
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return [t for t in acc.Tags()["scalars"] if t.startswith("ww/")], acc.Tags()["images"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_runs_and_the_callback_logs(runs, name):
+    root, results = runs
+    assert results[name] == "ok", results[name]
+    tags, images = ww_scalars(root / name)
+    assert "ww/summary/alpha" in tags
+    assert bool(images) == (name not in EXTRA)  # figures at the final snapshot unless switched off
+    layers = {t.split("/", 2)[2] for t in tags if t.startswith("ww/alpha/")}
+    if name == "large_model":
+        assert layers == {"encoder.0", "encoder.2"}  # `exclude: head$` at work
+    else:
+        assert layers == {"encoder.0", "encoder.2", "head"}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_callback_settings(name):
+    cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    callbacks = cfg["trainer"]["callbacks"]
+    assert callbacks[0]["class_path"] == "ww_monitor.WeightWatcherCallback"
+    from ww_monitor import WeightWatcherCallback
+
+    WeightWatcherCallback(**callbacks[0]["init_args"])  # every option is a real, valid argument
+    if name == "large_model":
+        args = callbacks[0]["init_args"]
+        assert args["every_n_train_steps"] and args["exclude"] and args["kinds"]
+        assert args["figures_every_n_snapshots"] > 10
+    if name == "early_stopping":
+        assert callbacks[1]["class_path"] == "EarlyStopping"
+        assert callbacks[1]["init_args"]["monitor"] == "ww/summary/alpha"
+
+
+def test_early_stopping_config_stops_on_alpha(tmp_path):
+    """The shipped early-stopping config, with a threshold every model meets and a blocking
+    analysis (so the value is there at the first epoch end), stops after one epoch."""
+    cfg = yaml.safe_load((ROOT / "configs" / "early_stopping.yaml").read_text())
+    ww, es = cfg["trainer"]["callbacks"]
+    ww["init_args"].update(blocking=True, figures_every_n_snapshots=None)
+    es["init_args"]["stopping_threshold"] = 100.0
+    tweaked = tmp_path / "es.yaml"
+    tweaked.write_text(yaml.safe_dump(cfg))
+    main = runpy.run_path(str(SCRIPT))["main"]
+    cli = main(["fit", "--config", str(tweaked), "--trainer.max_epochs=4", *overrides(tmp_path)[1:]])
+    trainer = cli.trainer
+    assert "ww/summary/alpha" in trainer.callback_metrics
+    assert trainer.should_stop and trainer.current_epoch == 1
+    stopper = next(c for c in trainer.callbacks if type(c).__name__ == "EarlyStopping")
+    assert stopper.stopped_epoch == 0

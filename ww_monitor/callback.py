@@ -1,0 +1,683 @@
+"""``WeightWatcherCallback``: spectral analysis of the weights while a Lightning model trains.
+
+Two flavours share all logic (:class:`WeightWatcherMixin`), differing only in the Lightning
+package whose ``Callback`` they subclass (Lightning does not support mixing ``lightning`` and
+``pytorch_lightning`` objects: ``isinstance`` checks against the other package's classes fail):
+
+* ``ww_monitor.WeightWatcherCallback`` / ``ww_monitor.callback.WeightWatcherCallback`` for
+  ``import pytorch_lightning as pl``;
+* ``ww_monitor.lightning.WeightWatcherCallback`` for ``import lightning.pytorch as pl``
+  (or ``import lightning as L``).
+
+Importing this module does not import any Lightning package; the ``pytorch_lightning``
+class is built on first access, so ``ww_monitor.lightning`` never pulls in
+``pytorch_lightning`` and vice versa.
+
+How it works (the callback only orchestrates; the math lives in :mod:`ww_monitor.analyze`):
+
+1. **Snapshot** (training thread, between optimizer steps, under ``torch.no_grad``): the
+   selected matrices are copied into one flat buffer per dtype (:mod:`.snapshot`), at train
+   start (baseline), every ``every_n_epochs`` epochs / ``every_n_train_steps`` steps and at
+   train end (unless that step was just taken). Never during sanity checking, validation,
+   test or predict.
+2. **Analyse** in a background worker (:mod:`.worker`): one daemon thread by default, using one
+   intra-op thread at lowered priority so it soaks up idle CPU instead of slowing training.
+   At most ``max_pending`` snapshots are in flight; when the worker lags, new snapshots are
+   skipped with a warning instead of queueing more weight copies.
+3. **Log** on the training thread: finished results are polled in training hooks and written
+   at the *snapshot's* step (:mod:`.tensorboard_writer`), kept in :attr:`history`, and the
+   summary goes into ``trainer.callback_metrics`` (``ww/summary/alpha`` ...), so
+   ``EarlyStopping``/``ModelCheckpoint`` can monitor it (one interval late in background mode).
+
+Distributed (DDP, FSDP, DeepSpeed), see :mod:`.distributed`: every rank copies and analyses
+its share of the layers. Results are exchanged with ``all_gather_object`` only at *sync
+points* that every rank reaches together: the snapshot hooks, every training epoch end,
+checkpoint saving (``state_dict``) and train end. A snapshot whose analysis is still running on
+some rank is simply gathered at a later sync point; whether a new snapshot is taken or skipped
+is decided from the gathered in-flight counts, so all ranks decide alike (no rank-local
+skipping, no deadlock). Every rank keeps the merged history and callback metrics; only rank 0
+writes to the loggers. Background analysis therefore overlaps training under DDP too, and
+results appear at the next sync point; ``blocking=True`` gathers at the snapshot itself.
+
+Checkpoints: ``state_dict`` waits for in-flight analyses (and gathers them under DDP) so the
+saved history is complete; a snapshot that was due at the very step of the checkpoint but not
+taken yet is remembered and taken on resume. Resuming therefore continues the history
+without gaps or duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from .analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, AnalysisConfig
+from .distributed import all_gather_object, collect_into, is_initialized
+from .errors import WWMonitorError
+from .history import History, SnapshotRecord
+from .layers import CONV_MODES, KINDS
+from .results import Report
+from .snapshot import SnapshotBuilder
+from .tensorboard_writer import (
+    LoggerWriter,
+    choose_figure_layers,
+    layer_scalars,
+    render_figures,
+    strip_eigenvalues,
+    summary_scalars,
+)
+from .worker import AnalysisOutput, analyze_snapshot, failed_analysis, make_worker
+
+__all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]
+
+log = logging.getLogger(__name__)
+
+_WORKER_TYPES = ("thread", "process")
+_STATE_VERSION = 1
+
+
+def _rank_zero_warn(message: str, category=UserWarning) -> None:
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        warnings.warn(message, category, stacklevel=3)
+
+
+def _check_int(name: str, value, minimum: int, allow_none: bool) -> None:
+    ok = value is None and allow_none
+    if not ok and isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        ok = True
+    if not ok:
+        none = "None or " if allow_none else ""
+        raise WWMonitorError(f"`{name}` must be {none}an int >= {minimum}, got {value!r}.")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise WWMonitorError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def _as_tuple(value, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise WWMonitorError(f"`{name}` must be a string, a list of strings or None, got {value!r}.") from None
+    if not all(isinstance(v, str) for v in items):
+        raise WWMonitorError(f"`{name}` must be a string, a list of strings or None, got {value!r}.")
+    return items
+
+
+class WeightWatcherMixin:
+    """Watch the eigenvalue spectra (ESDs) of a model's weight matrices while it trains.
+
+    At train start, every ``every_n_epochs`` epochs and/or ``every_n_train_steps`` optimizer
+    steps, and at train end, the selected weight matrices are copied and analysed
+    (power-law alpha, norms, stable rank, rank loss, spikes, phase) in a background worker.
+    Results are logged at the step of the snapshot: ``ww/<metric>/<layer>`` and
+    ``ww/summary/<metric>`` scalars to every logger, plus ESD histograms ``ww/esd/<layer>``,
+    figures ``ww/plots/...``, a ``ww/layers`` table and a custom-scalars layout to TensorBoard.
+    Every snapshot is kept in :attr:`history` (``callback.history.to_pandas()``) and saved in
+    checkpoints.
+
+    Example::
+
+        import pytorch_lightning as pl          # or: import lightning.pytorch as pl
+        from ww_monitor import WeightWatcherCallback
+        # with lightning.pytorch: from ww_monitor.lightning import WeightWatcherCallback
+
+        ww = WeightWatcherCallback(every_n_epochs=1, exclude=r"^head")
+        trainer = pl.Trainer(max_epochs=10, callbacks=[ww],
+                             logger=pl.loggers.TensorBoardLogger("tb_logs"))
+        trainer.fit(model, datamodule=dm)
+        df = ww.history.to_pandas()             # one row per (snapshot, layer)
+
+    In a LightningCLI config::
+
+        trainer:
+          callbacks:
+            - class_path: ww_monitor.WeightWatcherCallback
+              init_args: {every_n_epochs: 2, exclude: "embeddings"}
+
+    Args:
+        every_n_epochs: take a snapshot at the end of every this many training epochs;
+            ``None`` or 0 disables the epoch schedule.
+        every_n_train_steps: take a snapshot every this many optimizer steps (``None``: off).
+        include: regex or list of regexes (``re.search`` on layer names); only matching layers
+            are analysed. Naming a layer of an unrecognised module type analyses it too.
+        exclude: regex or list of regexes; matching layers are not analysed.
+        kinds: only these layer kinds (``linear``, ``conv2d``, ``embedding``, ``attention``,
+            ``rnn``, ...); ``None`` for all.
+        conv_mode: ``"pooled"`` (one ESD per conv layer, weightwatcher's default) or
+            ``"slices"`` (one ESD per kernel position).
+        min_evals: layers with fewer eigenvalues are skipped (reported, not dropped silently).
+        max_evals: layers with more eigenvalues are skipped (``None``: no limit).
+        max_n: layers with a larger dimension are skipped (``None``: no limit).
+        background: analyse in a background worker (default). ``False`` analyses on the
+            training thread, which implies ``blocking``.
+        blocking: wait for each snapshot's analysis before training continues; results are
+            logged at once. Deterministic, for tests and debugging.
+        worker_type: ``"thread"`` (default) or ``"process"`` (a spawned process: no GIL
+            sharing; the training script needs an ``if __name__ == "__main__":`` guard).
+        worker_threads: intra-op threads used by the analysis (default 1): training keeps the
+            other cores, and at layer sizes multi-threaded LAPACK gains little (on a busy
+            machine it can be several times slower). ``None`` leaves the count alone.
+        worker_nice: raise the worker's nice value by this much (Linux; 0 to keep it).
+        worker_idle: run the worker in Linux's ``SCHED_IDLE`` class: it only gets CPU time that
+            nothing else wants (lowest overhead; on a saturated machine snapshots are skipped).
+        max_pending: snapshots allowed in flight (copied, not yet analysed). At the limit a new
+            snapshot is skipped with a warning rather than holding more weight copies.
+        log_histograms: log ESD histograms of log10(eigenvalues) to TensorBoard.
+        log_text: log a per-layer markdown table ``ww/layers`` to TensorBoard.
+        log_callback_metrics: put the summary into ``trainer.callback_metrics``.
+        figures_every_n_snapshots: render figures (alpha per layer, ESDs, phase heatmap) every
+            this many snapshots and at the final one; ``None`` or 0 disables figures.
+        figure_layers: regex or list of regexes selecting the layers that get an ESD figure;
+            ``None`` picks ``max_figure_layers`` layers spread over the depth.
+        max_figure_layers: most ESD figures per snapshot.
+        method: eigensolver, ``"auto"``, ``"gram"`` or ``"svd"``.
+        drain_timeout: seconds to wait for outstanding analyses at train end and when a
+            checkpoint is saved before giving up with a warning.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int | None = 1,
+        every_n_train_steps: int | None = None,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        kinds: list[str] | None = None,
+        conv_mode: str = "pooled",
+        min_evals: int = DEFAULT_MIN_EVALS,
+        max_evals: int | None = DEFAULT_MAX_EVALS,
+        max_n: int | None = DEFAULT_MAX_N,
+        background: bool = True,
+        blocking: bool = False,
+        worker_type: str = "thread",
+        worker_threads: int | None = 1,
+        worker_nice: int = 10,
+        worker_idle: bool = False,
+        max_pending: int = 1,
+        log_histograms: bool = True,
+        log_text: bool = True,
+        log_callback_metrics: bool = True,
+        figures_every_n_snapshots: int | None = 10,
+        figure_layers: str | list[str] | None = None,
+        max_figure_layers: int = 3,
+        method: str = "auto",
+        drain_timeout: float = 600.0,
+    ) -> None:
+        super().__init__()
+        _check_int("every_n_epochs", every_n_epochs, 0, allow_none=True)
+        _check_int("every_n_train_steps", every_n_train_steps, 1, allow_none=True)
+        for name, flag in (("background", background), ("blocking", blocking), ("worker_idle", worker_idle),
+                           ("log_histograms", log_histograms),
+                           ("log_text", log_text), ("log_callback_metrics", log_callback_metrics)):
+            _check_bool(name, flag)
+        if worker_type not in _WORKER_TYPES:
+            raise WWMonitorError(f"`worker_type` must be one of {_WORKER_TYPES}, got {worker_type!r}.")
+        _check_int("worker_threads", worker_threads, 1, allow_none=True)
+        _check_int("worker_nice", worker_nice, 0, allow_none=False)
+        _check_int("max_pending", max_pending, 1, allow_none=False)
+        _check_int("figures_every_n_snapshots", figures_every_n_snapshots, 0, allow_none=True)
+        _check_int("max_figure_layers", max_figure_layers, 0, allow_none=False)
+        if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) or not drain_timeout > 0:
+            raise WWMonitorError(f"`drain_timeout` must be a positive number of seconds, got {drain_timeout!r}.")
+        if conv_mode not in CONV_MODES:
+            raise WWMonitorError(f"`conv_mode` must be one of {CONV_MODES}, got {conv_mode!r}.")
+        kinds_t = _as_tuple(kinds, "kinds")
+        if kinds_t is not None and any(k not in KINDS for k in kinds_t):
+            raise WWMonitorError(f"`kinds` must be a subset of {list(KINDS)}, got {list(kinds_t)!r}.")
+        include_t = _as_tuple(include, "include")
+        exclude_t = _as_tuple(exclude, "exclude")
+        figure_t = _as_tuple(figure_layers, "figure_layers")
+        # AnalysisConfig validates the regexes, size limits and method with precise messages.
+        self.config = AnalysisConfig(
+            include=include_t or (), exclude=exclude_t or (), kinds=kinds_t, conv_mode=conv_mode,
+            min_evals=min_evals, max_evals=max_evals, max_n=max_n, method=method, keep_eigenvalues=True,
+        )
+        if figure_t:
+            AnalysisConfig(include=figure_t)  # same regex validation
+
+        self.every_n_epochs = every_n_epochs or None
+        self.every_n_train_steps = every_n_train_steps
+        self.background = background
+        self.blocking = blocking or not background
+        self.worker_type = worker_type
+        self.worker_threads = worker_threads
+        self.worker_nice = worker_nice
+        self.worker_idle = worker_idle
+        self.max_pending = max_pending
+        self.log_histograms = log_histograms
+        self.log_text = log_text
+        self.log_callback_metrics = log_callback_metrics
+        self.figures_every_n_snapshots = figures_every_n_snapshots or None
+        self.figure_layers = figure_t
+        self.max_figure_layers = max_figure_layers
+        self.drain_timeout = float(drain_timeout)
+
+        #: Every analysed snapshot (:class:`ww_monitor.history.History`).
+        self.history = History()
+        self._writer = LoggerWriter()
+        self._worker = None
+        self._figure_worker = None  # figures render in their own thread so analyses never wait on them
+        self._active = False
+        self._rank, self._world = 0, 1
+        self._next_index = 0
+        self._last_step: int | None = None  # step of the last snapshot taken
+        self._checked_step: int | None = None  # step-schedule check already done at this step
+        self._owed: tuple[int, int] | None = None  # restored: (step, epoch) of a snapshot due at the checkpoint
+        self._meta: dict[int, dict] = {}  # snapshot index -> step, epoch, owners, ... until complete
+        self._partials: dict[int, dict[int, AnalysisOutput]] = {}  # DDP: index -> {rank: output}
+        self._guard = None  # snapshot with in-flight CUDA copies
+        self._unfigured = None  # (step, results, esd layers) of the latest snapshot without figures
+        self._warned_layers: set[str] = set()
+        self._reported_selection = False
+        self.stats: dict[str, Any] = {
+            "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
+            "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
+        }
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(  # type: ignore[attr-defined]
+            every_n_epochs=self.every_n_epochs, every_n_train_steps=self.every_n_train_steps,
+            include=list(self.config.include), exclude=list(self.config.exclude),
+            kinds=None if self.config.kinds is None else list(self.config.kinds),
+        )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if getattr(trainer, "sanity_checking", False):
+            return
+        self._rank, self._world = int(trainer.global_rank), int(trainer.world_size)
+        if self._world > 1 and not is_initialized():
+            self._world = 1  # no process group (e.g. a custom launcher): analyse everything here
+        self._start_worker()
+        self._active = True
+        self._checked_step = None
+        fresh = len(self.history) == 0 and self._last_step is None
+        step, epoch = trainer.global_step, trainer.current_epoch
+        owed = self._owed is not None and self._owed[0] == step and not self.history.has_step(step)
+        if owed:
+            epoch = self._owed[1]
+        self._owed = None
+        self._sync_point(trainer, pl_module, snapshot=fresh or owed, epoch=epoch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._active:
+            return
+        step = trainer.global_step
+        n = self.every_n_train_steps
+        if n and step % n == 0 and step != self._checked_step:
+            self._checked_step = step
+            self._sync_point(trainer, pl_module, snapshot=step != self._last_step, epoch=trainer.current_epoch)
+        elif self._world == 1:
+            self._collect(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._active:
+            return
+        n = self.every_n_epochs
+        due = bool(n) and (trainer.current_epoch + 1) % n == 0 and trainer.global_step != self._last_step
+        if due or self._world > 1:  # under DDP every epoch end is a sync point
+            self._sync_point(trainer, pl_module, snapshot=due, epoch=trainer.current_epoch + 1)
+        else:
+            self._collect(trainer)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._guard is not None:  # CUDA copies still reading the weights the step will change
+            self._guard.guard_writes()
+            self._guard = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self._active:
+            return
+        try:
+            take = trainer.global_step != self._last_step
+            if take:  # the final snapshot is never skipped: make room for it first
+                self._drain(trainer, kinds=("analysis",), reason="the final snapshot")
+            self._sync_point(trainer, pl_module, snapshot=take, epoch=trainer.current_epoch, final=True)
+            self._drain(trainer, kinds=("analysis",), reason="train end")
+            self._exchange(trainer)
+            self._finalize_incomplete(trainer)
+            self._submit_figures()  # the final snapshot always gets figures
+            figures = self._figures_worker()
+            if figures is not None and not figures.wait(timeout=self.drain_timeout, kinds=("figures",)):
+                warnings.warn("WeightWatcherCallback: rendering the figures did not finish within drain_timeout="
+                              f"{self.drain_timeout:g}s; they are dropped.", RuntimeWarning, stacklevel=2)
+            self._log_figures(trainer)
+            self._writer.flush(trainer.loggers)
+        finally:
+            self._active = False
+            self._stop_worker(cancel=False)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # No collectives here: other ranks may not reach this point.
+        self._active = False
+        self._stop_worker(cancel=True)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if self._worker is not None:
+            self._active = False
+            self._stop_worker(cancel=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "_trainer_ref", None)
+        if self._active and trainer is not None:
+            # Complete the history before it is saved. Called on every rank by
+            # Trainer.save_checkpoint, so the gather below is a valid sync point.
+            self._drain(trainer, kinds=("analysis",), reason="checkpoint")
+            self._exchange(trainer)
+        return {
+            "version": _STATE_VERSION,
+            "history": self.history.state_dict(),
+            "next_index": self._next_index,
+            "last_step": self._last_step,
+            "owed": list(self._owed_now(trainer) or []) if trainer is not None and self._active else [],
+            "stats": {k: v for k, v in self.stats.items() if isinstance(v, (int, float))},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = History()
+        self.history.load_state_dict(state_dict.get("history", {}))
+        self._next_index = int(state_dict.get("next_index", len(self.history)))
+        self._last_step = state_dict.get("last_step")
+        owed = state_dict.get("owed") or None
+        self._owed = (int(owed[0]), int(owed[1])) if owed else None
+        for k in ("snapshots_taken", "snapshots_skipped", "snapshots_failed"):  # run totals, not per rank
+            if k in state_dict.get("stats", {}):
+                self.stats[k] = int(state_dict["stats"][k])
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer_ref = trainer
+
+    # ------------------------------------------------------------------ internals
+    def _start_worker(self) -> None:
+        if self._worker is not None and not self._worker.closed:
+            return
+        mode = self.worker_type if self.background else "inline"
+        self._worker = make_worker(mode, num_threads=self.worker_threads, nice=self.worker_nice, idle=self.worker_idle)
+
+    def _stop_worker(self, cancel: bool) -> None:
+        figures, self._figure_worker = self._figure_worker, None
+        if figures is not None:
+            figures.close(timeout=5.0, cancel=cancel)
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        self.stats["peak_inflight_bytes"] = max(self.stats["peak_inflight_bytes"], worker.peak_inflight_bytes)
+        if not worker.close(timeout=5.0 if cancel else 30.0, cancel=cancel):
+            log.debug("ww_monitor worker did not stop in time; it is a daemon and ends with the process")
+
+    def _owed_now(self, trainer) -> tuple[int, int] | None:
+        """(step, epoch) of a snapshot due now but not taken yet: a checkpoint saved before our
+        hook at this step ran (e.g. ModelCheckpoint at validation end, before the epoch end)."""
+        step = trainer.global_step
+        if step == self._last_step:
+            return None
+        try:
+            last_batch = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        except AttributeError:
+            last_batch = False
+        if self.every_n_epochs and last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            return step, trainer.current_epoch + 1
+        if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._checked_step:
+            return step, trainer.current_epoch
+        return None
+
+    def _is_figure_snapshot(self, index: int, final: bool) -> bool:
+        n = self.figures_every_n_snapshots
+        return bool(n) and (final or index % n == 0)
+
+    # snapshot -> worker ------------------------------------------------------
+    def _sync_point(self, trainer, pl_module, snapshot: bool, epoch: int, final: bool = False) -> None:
+        """Gather finished results (DDP), maybe take a snapshot, log what is complete.
+
+        Under DDP every rank calls this at the same hooks with the same arguments.
+        """
+        if self._worker is None:
+            return
+        if self._world > 1:
+            busy = self._gather(trainer) >= self.max_pending
+        else:
+            self._collect(trainer)
+            busy = self._worker.pending("analysis") >= self.max_pending
+        if snapshot:
+            if busy:
+                self.stats["snapshots_skipped"] += 1
+                _rank_zero_warn(
+                    f"WeightWatcherCallback: skipped the snapshot at step {trainer.global_step} because "
+                    f"{self.max_pending} earlier snapshot(s) are still being analysed (max_pending="
+                    f"{self.max_pending}). Take snapshots less often, raise max_pending, or narrow the "
+                    "layer selection.", RuntimeWarning)
+            else:
+                self._take(trainer, pl_module, epoch, final)
+                if self.blocking:
+                    self._drain(trainer, kinds=("analysis",), reason="a blocking snapshot")
+                    self._exchange(trainer)
+
+    def _take(self, trainer, pl_module, epoch: int, final: bool) -> None:
+        index, step = self._next_index, trainer.global_step
+        builder = SnapshotBuilder(index, step, epoch, share_memory=self._worker.mode == "process")
+        root = getattr(trainer.strategy, "model", None)
+        try:
+            owners, selection_skipped = collect_into(builder, pl_module, self.config, self._rank, self._world, root)
+        except Exception as err:  # a selection/copy problem must not end the training run
+            # Still a snapshot (index, step) like on every other rank, with an error as its result.
+            self._next_index += 1
+            self._last_step = step
+            self._meta[index] = {"step": step, "epoch": epoch, "order": [], "selection_skipped": [],
+                                 "figures": False}
+            error = f"could not copy the weights: {type(err).__name__}: {err}"
+            self._worker.submit("analysis", index, failed_analysis, (index, step, epoch, self._rank, error))
+            return
+        snap = builder.finish()
+        self._next_index += 1
+        self._last_step = step
+        self.stats["snapshots_taken"] += 1
+        self.stats["copy_seconds"] += snap.copy_seconds
+        self.stats["snapshot_bytes"] = snap.nbytes
+        self.stats["layers_analysed_here"] += len(snap)
+        if not owners and not self._reported_selection:
+            _rank_zero_warn("WeightWatcherCallback: no weight matrix matches the selection (include/exclude/kinds);"
+                            " nothing will be analysed.", RuntimeWarning)
+        if not self._reported_selection:
+            self._reported_selection = True
+            for s in selection_skipped:
+                log.info("ww_monitor: layer %s (%s, shape %s) not analysed: %s", s.name, s.kind, s.shape, s.reason)
+        self._meta[index] = {
+            "step": step, "epoch": epoch, "order": list(owners), "selection_skipped": selection_skipped,
+            "figures": self._is_figure_snapshot(index, final),
+        }
+        if snap.events:
+            self._guard = snap
+        self._worker.submit("analysis", index, analyze_snapshot, (snap, self.config, self._rank), nbytes=snap.nbytes)
+
+    def _drain(self, trainer, kinds, reason: str) -> None:
+        if self._worker is None:
+            return
+        if not self._worker.wait(timeout=self.drain_timeout, kinds=kinds):
+            warnings.warn(
+                f"WeightWatcherCallback: background analysis did not finish within drain_timeout="
+                f"{self.drain_timeout:g}s before {reason}; its results are dropped.", RuntimeWarning, stacklevel=3)
+
+    # worker -> results -------------------------------------------------------
+    def _outputs_from(self, finished) -> list[AnalysisOutput]:
+        outputs = []
+        for job in finished:
+            if job.error is not None or not isinstance(job.value, AnalysisOutput):
+                meta = self._meta.get(job.key, {})
+                outputs.append(AnalysisOutput(index=job.key, step=meta.get("step", -1), epoch=meta.get("epoch", -1),
+                                              rank=self._rank, error=job.error or "no result"))
+            else:
+                outputs.append(job.value)
+            self.stats["analysis_seconds"] += job.seconds
+        return outputs
+
+    def _exchange(self, trainer) -> None:
+        """Log what is finished: gather across ranks under DDP (a sync point), else poll."""
+        if self._world > 1:
+            self._gather(trainer)
+        else:
+            self._collect(trainer)
+
+    def _collect(self, trainer) -> None:
+        """Single process: log every finished analysis and figure."""
+        if self._worker is None:
+            return
+        for out in self._outputs_from(self._worker.poll(("analysis",))):
+            self._complete(trainer, out.index, {self._rank: out})
+        self._log_figures(trainer)
+
+    def _gather(self, trainer) -> int:
+        """DDP sync point: exchange finished outputs; returns the largest in-flight count."""
+        local = self._outputs_from(self._worker.poll(("analysis",))) if self._worker is not None else []
+        pending = self._worker.pending("analysis") if self._worker is not None else 0
+        try:
+            everyone = all_gather_object({"rank": self._rank, "outputs": local, "pending": pending}, self._world)
+        except Exception as err:
+            warnings.warn(f"WeightWatcherCallback: gathering results across ranks failed ({type(err).__name__}: "
+                          f"{err}); distributed analysis results are incomplete.", RuntimeWarning, stacklevel=3)
+            everyone = [{"rank": self._rank, "outputs": local, "pending": pending}]
+        for payload in everyone:
+            for out in payload["outputs"]:
+                self._partials.setdefault(out.index, {})[payload["rank"]] = out
+        for index in sorted(self._partials):
+            if len(self._partials[index]) >= self._world:
+                self._complete(trainer, index, self._partials.pop(index))
+        self._log_figures(trainer)
+        return max(p["pending"] for p in everyone)
+
+    def _finalize_incomplete(self, trainer) -> None:
+        for index in sorted(self._partials):
+            parts = self._partials.pop(index)
+            missing = sorted(set(range(self._world)) - set(parts))
+            _rank_zero_warn(f"WeightWatcherCallback: snapshot {index} is incomplete (no results from ranks "
+                            f"{missing}); logging the layers that were analysed.", RuntimeWarning)
+            self._complete(trainer, index, parts)
+
+    def _complete(self, trainer, index: int, parts: dict[int, AnalysisOutput]) -> None:
+        meta = self._meta.pop(index, None)
+        any_out = next(iter(parts.values()))
+        step = meta["step"] if meta else any_out.step
+        epoch = meta["epoch"] if meta else any_out.epoch
+        order = {name: i for i, name in enumerate(meta["order"])} if meta else {}
+        results, ranks, skipped, errors, seconds = [], [], [], [], 0.0
+        for rank in sorted(parts):
+            out = parts[rank]
+            seconds = max(seconds, out.seconds)
+            if out.error:
+                errors.append(f"rank {rank}: {out.error}")
+            skipped.extend(out.skipped)
+            for r in out.results:
+                results.append(r)
+                ranks.append(rank)
+        pairs = sorted(zip(results, ranks), key=lambda p: order.get(p[0].name, len(order)))
+        results = [p[0] for p in pairs]
+        ranks = [p[1] for p in pairs]
+        if errors:
+            self.stats["snapshots_failed"] += 1
+            warnings.warn(f"WeightWatcherCallback: analysis of the snapshot at step {step} failed: "
+                          + "; ".join(errors), RuntimeWarning, stacklevel=2)
+        for s in skipped:
+            if s.name not in self._warned_layers:
+                self._warned_layers.add(s.name)
+                _rank_zero_warn(f"WeightWatcherCallback: layer {s.name} not analysed at step {step}: {s.reason}",
+                                RuntimeWarning)
+        report = Report(layers=results, skipped=list(skipped) + list(meta["selection_skipped"] if meta else []))
+        summary = report.summary()
+        record = SnapshotRecord.from_results(index, step, epoch, results, ranks, skipped=skipped, seconds=seconds,
+                                             errors=errors, summary=summary)
+        if not self.history.add(record):
+            log.debug("snapshot at step %d already in the history; not logged again", step)
+            return
+        if not results and errors:
+            return
+        if self.log_callback_metrics and results:
+            try:
+                cm = trainer.callback_metrics
+                for k, v in summary_scalars(summary).items():
+                    cm[k] = torch.tensor(v, dtype=torch.float32)
+            except Exception as err:  # pragma: no cover - depends on the trainer's internals
+                log.debug("could not update callback_metrics: %s", err)
+        if self._rank != 0:
+            return
+        metrics = layer_scalars(results)
+        metrics.update(summary_scalars(summary))
+        loggers = list(getattr(trainer, "loggers", []) or [])
+        self._writer.log_scalars(loggers, metrics, step)
+        self._writer.log_tensorboard(loggers, step, results, histograms=self.log_histograms, text=self.log_text)
+        if self.figures_every_n_snapshots and results and loggers:
+            esd = choose_figure_layers([r.name for r in results], self.figure_layers, self.max_figure_layers)
+            self._unfigured = (step, strip_eigenvalues(results, esd), esd)
+            if meta and meta["figures"]:
+                self._submit_figures()
+
+    def _figures_worker(self):
+        """Where figures render: the analysis worker when it is inline (deterministic) or a
+        process (no GIL to share), else a second low-priority thread, created on first use, so
+        that a slow figure never delays an analysis."""
+        if self._worker is None or self._worker.mode != "thread":
+            return self._worker
+        if self._figure_worker is None:
+            from .worker import ThreadWorker
+
+            self._figure_worker = ThreadWorker(num_threads=1, nice=self.worker_nice, name="ww-monitor-figures",
+                                               idle=self.worker_idle)
+        return self._figure_worker
+
+    def _submit_figures(self) -> None:
+        """Render the figures of the latest complete snapshot in the background (rank 0)."""
+        worker = self._figures_worker()
+        if self._unfigured is None or worker is None:
+            return
+        step, results, esd = self._unfigured
+        self._unfigured = None
+        grid = self.history.phases([r.name for r in results])
+        worker.submit("figures", step, render_figures, (results, esd, grid))
+        if self.blocking:
+            worker.wait(timeout=self.drain_timeout, kinds=("figures",))
+
+    def _log_figures(self, trainer) -> None:
+        worker = self._figure_worker or self._worker
+        if worker is None or self._rank != 0:
+            return
+        for job in worker.poll(("figures",)):
+            if job.error is not None:
+                _rank_zero_warn(f"WeightWatcherCallback: rendering figures for step {job.key} failed: {job.error}",
+                                RuntimeWarning)
+                continue
+            images, errors = job.value
+            for e in errors:
+                _rank_zero_warn(f"WeightWatcherCallback: figure failed at step {job.key}: {e}", RuntimeWarning)
+            self._writer.log_images(list(getattr(trainer, "loggers", []) or []), job.key, images)
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def _build(callback_base: type, module: str) -> type:
+    cls = type(
+        "WeightWatcherCallback", (WeightWatcherMixin, callback_base),
+        {"__doc__": WeightWatcherMixin.__doc__, "__module__": module},
+    )
+    cls.__qualname__ = "WeightWatcherCallback"
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "WeightWatcherCallback":
+        cls = _CLASSES.get("pytorch_lightning")
+        if cls is None:
+            from pytorch_lightning import Callback
+
+            cls = _CLASSES["pytorch_lightning"] = _build(Callback, __name__)
+            globals()["WeightWatcherCallback"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,186 @@
+"""Distributed snapshots: shard the per-layer analysis across ranks and gather the results.
+
+* **Sharding.** Every rank finds the same selected matrices in the same order (the model is
+  the same on every rank), so each can compute the same owner for every matrix without
+  communicating: a greedy balance of the estimated eigensolve cost (N * M^2 per slice, largest
+  first, ties to the lowest rank). A rank copies and analyses only the matrices it owns.
+* **Gathering.** :func:`all_gather_object` over the default process group (gloo or NCCL).
+  The callback calls it only at hook points every rank reaches at the same time (see
+  :mod:`ww_monitor.callback`), never from the worker thread.
+* **Sharded parameters.** Under FSDP the full weights exist only inside
+  ``FullyShardedDataParallel.summon_full_params``: the snapshot is built one FSDP unit at a
+  time (``recurse=False``), so at most one unit's full parameters are materialised at once.
+  With ``use_orig_params=True`` (Lightning's default) a unit's not-yet-gathered parameters
+  are 1-D shards, which the layer finder ignores; with ``use_orig_params=False`` the whole
+  model is summoned at once, offloaded to CPU. DeepSpeed ZeRO-3 partitioned parameters are
+  gathered child module by child module with ``deepspeed.zero.GatheredParameters`` when
+  deepspeed is importable. Summoning is collective: every rank runs the same sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .analyze import AnalysisConfig, select_matrices
+from .layers import LayerMatrix
+from .results import SkippedLayer
+from .snapshot import SnapshotBuilder
+
+__all__ = [
+    "is_initialized",
+    "all_gather_object",
+    "assign_owners",
+    "matrix_cost",
+    "parallelism",
+    "collect_into",
+    "strip_wrapper_names",
+]
+
+log = logging.getLogger(__name__)
+
+#: Name segments added by wrappers (FSDP, activation checkpointing, Lightning, torch.compile, DDP).
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module",
+                               "_orig_mod", "module"})
+
+
+def strip_wrapper_names(name: str) -> str:
+    """Remove FSDP / activation-checkpointing / Lightning / DDP wrapper segments from a name."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_gather_object(obj: Any, world_size: int) -> list:
+    """Every rank's ``obj``, indexed by rank (``[obj]`` when not distributed)."""
+    if world_size <= 1 or not is_initialized():
+        return [obj]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def matrix_cost(m: LayerMatrix) -> float:
+    """Relative eigensolve cost: Gram product plus eigvalsh, ~ N * M^2 + M^3 per slice."""
+    n, mm = m.N, m.M
+    return float(m.num_slices) * (n * mm * mm + mm ** 3)
+
+
+def assign_owners(costs: Sequence[float], world_size: int, loads: list[float] | None = None) -> list[int]:
+    """Greedy balanced owner rank for each cost (largest first, ties to the lowest rank).
+
+    Deterministic: the same costs give the same owners on every rank. ``loads`` (one per rank)
+    carries the balance across calls (FSDP assigns one unit at a time) and is updated in place.
+    """
+    if world_size <= 1:
+        return [0] * len(costs)
+    if loads is None:
+        loads = [0.0] * world_size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[i] = r
+        loads[r] += costs[i]
+    return owners
+
+
+def parallelism(root: nn.Module | None, module: nn.Module) -> str:
+    """``"fsdp"``, ``"deepspeed"`` (ZeRO-3 partitioned parameters) or ``"plain"``."""
+    for m in (root or module).modules():
+        if type(m).__name__ == "FullyShardedDataParallel":
+            return "fsdp"
+    for p in module.parameters():
+        if hasattr(p, "ds_id") and hasattr(p, "ds_status"):
+            return "deepspeed"
+        break
+    return "plain"
+
+
+def _rename(matrices: list[LayerMatrix], skipped: list[SkippedLayer]) -> tuple[list[LayerMatrix], list[SkippedLayer]]:
+    for m in matrices:
+        m.name = strip_wrapper_names(m.name)
+    skipped = [SkippedLayer(strip_wrapper_names(s.name), s.kind, s.shape, s.reason) for s in skipped]
+    return matrices, skipped
+
+
+def _add_owned(builder: SnapshotBuilder | None, matrices: list[LayerMatrix], rank: int, world: int,
+               loads: list[float], owners_out: dict[str, int]) -> None:
+    owners = assign_owners([matrix_cost(m) for m in matrices], world, loads)
+    mine = []
+    for m, r in zip(matrices, owners):
+        owners_out[m.name] = r
+        if r == rank:
+            mine.append(m)
+    if builder is not None:
+        builder.add(mine)
+
+
+def collect_into(
+    builder: SnapshotBuilder | None, module: nn.Module, config: AnalysisConfig, rank: int = 0, world_size: int = 1,
+    root: nn.Module | None = None,
+) -> tuple[dict[str, int], list[SkippedLayer]]:
+    """Copy this rank's share of the selected matrices of ``module`` into ``builder``.
+
+    ``root`` is the strategy-wrapped model (FSDP units are looked up there). Returns
+    ``({layer: owner rank} for every selected matrix, layers skipped by the selection)``.
+    With ``builder=None`` only the selection and ownership are computed (no copies; not
+    supported for sharded parameters, whose shapes are unknown until gathered).
+    """
+    kind = parallelism(root, module)
+    loads = [0.0] * max(1, world_size)
+    owners: dict[str, int] = {}
+    if kind == "plain":
+        matrices, skipped = _rename(*select_matrices(module, config))
+        _add_owned(builder, matrices, rank, world_size, loads, owners)
+        return owners, skipped
+    if builder is None:
+        raise RuntimeError("ownership without copying is not available for sharded parameters")
+    if kind == "fsdp":
+        return _collect_fsdp(builder, module, root or module, config, rank, world_size, loads, owners)
+    return _collect_deepspeed(builder, module, config, rank, world_size, loads, owners)
+
+
+def _collect_groups(groups, builder, module, config, rank, world, loads, owners):
+    """For each context manager in ``groups`` (materialising some parameters), add the newly
+    visible full matrices. Matrices already seen (parameters no wrapper manages) count once."""
+    all_skipped: dict[str, SkippedLayer] = {}
+    for ctx in groups:
+        with ctx:
+            matrices, skipped = _rename(*select_matrices(module, config))
+            new = [m for m in matrices if m.name not in owners]
+            _add_owned(builder, new, rank, world, loads, owners)
+        for s in skipped:
+            all_skipped.setdefault(s.name, s)
+    return owners, [s for name, s in all_skipped.items() if name not in owners]
+
+
+def _collect_fsdp(builder, module, root, config, rank, world, loads, owners):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    units = FSDP.fsdp_modules(root)
+    orig = all(getattr(u, "_use_orig_params", True) for u in units)
+    if orig:
+        groups = (FSDP.summon_full_params(u, recurse=False, writeback=False) for u in units)
+    else:  # original parameters are not 1-D shards outside the context: gather everything once
+        on_gpu = any(p.is_cuda for p in root.parameters())
+        groups = [FSDP.summon_full_params(root, recurse=True, writeback=False, offload_to_cpu=on_gpu)]
+    return _collect_groups(groups, builder, module, config, rank, world, loads, owners)
+
+
+def _collect_deepspeed(builder, module, config, rank, world, loads, owners):
+    try:
+        import deepspeed  # type: ignore
+    except ImportError:  # parameters look partitioned but deepspeed is gone: analyse what is visible
+        log.debug("ZeRO-3 style parameters but deepspeed is not importable")
+        groups = [contextlib.nullcontext()]
+    else:
+        own = list(module.parameters(recurse=False))
+        parts = ([own] if own else []) + [list(c.parameters()) for c in module.children()]
+        groups = (deepspeed.zero.GatheredParameters(p, modifier_rank=None) for p in parts if p)
+    return _collect_groups(groups, builder, module, config, rank, world, loads, owners)

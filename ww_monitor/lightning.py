@@ -1,0 +1,20 @@
+"""``WeightWatcherCallback`` for the unified ``lightning`` package (``lightning.pytorch``).
+
+Use this one with ``import lightning.pytorch as pl`` / ``import lightning as L``; use
+``ww_monitor.WeightWatcherCallback`` with ``import pytorch_lightning as pl``. Lightning does not
+support mixing the two packages (``isinstance`` checks against the other package's ``Callback``
+fail, e.g. in LightningCLI's type validation or ``Trainer(callbacks=cb)``), and importing both
+doubles the import cost. This module imports ``lightning.pytorch`` only, never
+``pytorch_lightning``. Everything else, including the
+arguments, is shared: see :class:`ww_monitor.callback.WeightWatcherMixin`.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import Callback
+
+from .callback import WeightWatcherMixin, _build  # noqa: F401  (the shared logic, re-exported)
+
+__all__ = ["WeightWatcherCallback"]
+
+WeightWatcherCallback = _build(Callback, __name__)

@@ -1,0 +1,198 @@
+"""Consistent copies of the selected weight matrices, taken on the training thread.
+
+A :class:`Snapshot` owns one flat buffer per (chunk, dtype) holding every selected matrix
+back to back; :meth:`Snapshot.matrices` rebuilds :class:`~ww_monitor.layers.LayerMatrix`
+views over it for the analysis. One buffer per dtype (instead of one tensor per layer) keeps
+allocation cheap, makes the memory held by a snapshot exact (``nbytes`` equals the analysed
+weights' size: at most one copy per snapshot in flight) and lets a process worker receive the
+whole snapshot through a single shared-memory segment.
+
+The copy is made by the callback in a hook that runs between optimizer steps (after the
+step and before the next one), under :func:`torch.no_grad`:
+
+* CPU weights: a plain copy into the buffer (``Tensor.copy_``), finished when
+  :func:`take_snapshot` returns.
+* CUDA weights: the copy into *pinned* host buffers runs asynchronously on a side stream that
+  first waits for the current stream (so it sees the weights after the optimizer step). The
+  training thread does not wait for it. Before the next optimizer step may overwrite the
+  weights, :meth:`Snapshot.guard_writes` makes the current stream wait for the copy (an
+  on-device dependency, no host synchronisation), and the analysis calls :meth:`Snapshot.wait`
+  before it reads the buffers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from .layers import LayerMatrix
+
+__all__ = ["MatrixSpec", "Snapshot", "SnapshotBuilder", "take_snapshot"]
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """Where one matrix lives in a snapshot: buffer ``chunk`` (by dtype) at element ``offset``."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunk: int
+    offset: int
+    eig_scale: float = 1.0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Snapshot:
+    """Copied weights of the selected matrices at one training step."""
+
+    index: int
+    step: int
+    epoch: int
+    specs: list[MatrixSpec] = field(default_factory=list)
+    buffers: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    events: list = field(default_factory=list, repr=False)  # (device, CUDA event) of in-flight copies
+    taken_at: float = field(default_factory=time.time)
+    copy_seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held by the copied weights."""
+        return sum(b.numel() * b.element_size() for chunk in self.buffers for b in chunk.values())
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def wait(self) -> None:
+        """Block until asynchronous (CUDA) copies into the buffers have finished."""
+        for _, ev in self.events:
+            ev.synchronize()
+        self.events = []
+
+    def guard_writes(self) -> None:
+        """Make the current CUDA stream wait for in-flight copies before weights are overwritten.
+
+        Called before the next optimizer step; an on-device dependency, the host does not block.
+        """
+        for device, ev in self.events:
+            torch.cuda.current_stream(device).wait_event(ev)
+
+    def matrices(self) -> list[LayerMatrix]:
+        """:class:`LayerMatrix` views over the copied buffers (no further copy)."""
+        self.wait()
+        out = []
+        for s in self.specs:
+            flat = self.buffers[s.chunk][s.dtype]
+            out.append(LayerMatrix(s.name, s.kind, flat[s.offset : s.offset + s.numel].view(s.shape), s.eig_scale))
+        return out
+
+    def release(self) -> None:
+        """Drop the copied weights (the metadata stays)."""
+        self.wait()
+        self.buffers = []
+
+    def __getstate__(self):  # sent to a worker process: finish the copy, drop the events
+        self.wait()
+        state = dict(self.__dict__)
+        state["events"] = []
+        return state
+
+
+#: One side stream per CUDA device for snapshot copies, created on first use.
+_SIDE_STREAMS: dict = {}
+
+
+def _dtype_key(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class SnapshotBuilder:
+    """Builds a :class:`Snapshot` from one or more groups of live matrices.
+
+    FSDP/ZeRO-3 gather one unit of parameters at a time: each :meth:`add` copies one group
+    while its parameters are materialised, into its own buffers.
+    """
+
+    def __init__(self, index: int, step: int, epoch: int, *, share_memory: bool = False):
+        self.snapshot = Snapshot(index=index, step=step, epoch=epoch)
+        self.share_memory = share_memory
+        self._t0 = time.perf_counter()
+
+    def add(self, matrices: Sequence[LayerMatrix]) -> None:
+        if not matrices:
+            return
+        snap = self.snapshot
+        chunk_index = len(snap.buffers)
+        totals: dict[str, int] = {}
+        dtypes: dict[str, torch.dtype] = {}
+        specs = []
+        any_cuda = False
+        for m in matrices:
+            key = _dtype_key(m.weight.dtype)
+            dtypes[key] = m.weight.dtype
+            off = totals.get(key, 0)
+            spec = MatrixSpec(m.name, m.kind, tuple(m.weight.shape), key, chunk_index, off, float(m.eig_scale))
+            totals[key] = off + spec.numel
+            specs.append(spec)
+            any_cuda = any_cuda or m.weight.is_cuda
+        # Pinned host memory lets CUDA copies run asynchronously; a process worker needs shared
+        # memory instead (its copies are then synchronous).
+        pin = any_cuda and torch.cuda.is_available() and not self.share_memory
+        buffers = {}
+        for key, total in totals.items():
+            buf = torch.empty(total, dtype=dtypes[key], pin_memory=pin)
+            if self.share_memory:
+                buf.share_memory_()
+            buffers[key] = buf
+        with torch.no_grad():
+            cuda_jobs = []
+            for m, spec in zip(matrices, specs):
+                dst = buffers[spec.dtype][spec.offset : spec.offset + spec.numel].view(spec.shape)
+                if m.weight.is_cuda and pin:
+                    cuda_jobs.append((dst, m.weight))
+                else:
+                    dst.copy_(m.weight.detach())
+            if cuda_jobs:
+                self._copy_cuda(cuda_jobs)
+        snap.specs.extend(specs)
+        snap.buffers.append(buffers)
+
+    def _copy_cuda(self, jobs) -> None:
+        by_device: dict = {}
+        for dst, src in jobs:
+            by_device.setdefault(src.device, []).append((dst, src))
+        for device, pairs in by_device.items():
+            stream = _SIDE_STREAMS.get(device)
+            if stream is None:
+                stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for dst, src in pairs:
+                    dst.copy_(src.detach(), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            self.snapshot.events.append((device, event))
+
+    def finish(self) -> Snapshot:
+        self.snapshot.copy_seconds = time.perf_counter() - self._t0
+        return self.snapshot
+
+
+def take_snapshot(
+    matrices: Iterable[LayerMatrix], *, index: int = 0, step: int = 0, epoch: int = 0, share_memory: bool = False
+) -> Snapshot:
+    """Copy ``matrices`` (views of live weights) into a new :class:`Snapshot`."""
+    builder = SnapshotBuilder(index, step, epoch, share_memory=share_memory)
+    builder.add(list(matrices))
+    return builder.finish()

@@ -1,0 +1,261 @@
+"""Write snapshot results to Lightning loggers (SPEC section 7 layout).
+
+* Scalars go to **every** logger through ``logger.log_metrics(metrics, step=snapshot_step)``
+  (TensorBoard, CSV, MLflow, W&B, ...):
+
+  - ``ww/<metric>/<layer>`` for :data:`LAYER_METRICS`,
+  - ``ww/phase/<layer>``: the phase as an ordinal, its position in :class:`~ww_monitor.Phase`
+    (0 random-like, 1 bleeding-out, 2 bulk+spikes, 3 bulk-decay, 4 heavy-tailed,
+    5 rank-collapse); not logged while a layer has no phase,
+  - ``ww/summary/<metric>``: the model-level means of ``Report.summary()`` and the counts.
+
+* TensorBoard-only extras go to the ``SummaryWriter`` of each TensorBoard logger
+  (``logger.experiment``): ESD histograms of log10(lambda) ``ww/esd/<layer>`` (non-finite and
+  non-positive eigenvalues dropped), figures as images under ``ww/plots/...``, a per-snapshot
+  markdown table ``ww/layers`` (text) and, once per writer, a custom-scalars layout that groups
+  the per-layer curves of each metric in one chart.
+
+Nothing here raises on a broken or closed logger: each failure becomes one warning per logger
+and kind of output. Figures are rendered to RGB arrays by :func:`render_figures`, which runs in
+the background worker (matplotlib's object-oriented API with the Agg canvas, no pyplot state).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sys
+import warnings
+from dataclasses import replace
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .phases import Phase
+from .results import SUMMARY_METRICS, LayerResult
+
+__all__ = [
+    "LAYER_METRICS",
+    "PHASE_ORDER",
+    "LoggerWriter",
+    "layer_scalars",
+    "summary_scalars",
+    "esd_log10",
+    "custom_scalars_layout",
+    "render_figures",
+    "choose_figure_layers",
+    "is_tensorboard_logger",
+]
+
+log = logging.getLogger(__name__)
+
+#: Per-layer metrics logged as ``ww/<metric>/<layer>``.
+LAYER_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes")
+#: Ordinal of each phase for ``ww/phase/<layer>``.
+PHASE_ORDER = {p: i for i, p in enumerate(Phase)}
+SUMMARY_COUNTS = ("num_layers", "num_failed_fits", "num_skipped")
+
+
+def _finite_or_nan(v) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+def layer_scalars(results: Iterable[LayerResult]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in results:
+        for m in LAYER_METRICS:
+            out[f"ww/{m}/{r.name}"] = _finite_or_nan(getattr(r, m, math.nan))
+        if r.phase is not None:
+            try:
+                out[f"ww/phase/{r.name}"] = float(PHASE_ORDER[Phase(r.phase)])
+            except (ValueError, KeyError):
+                pass
+    return out
+
+
+def summary_scalars(summary: dict) -> dict[str, float]:
+    return {f"ww/summary/{k}": _finite_or_nan(v) for k, v in summary.items() if k in SUMMARY_METRICS + SUMMARY_COUNTS}
+
+
+def esd_log10(eigenvalues) -> np.ndarray | None:
+    """log10 of the finite, positive eigenvalues (None when nothing is left)."""
+    if eigenvalues is None:
+        return None
+    ev = np.asarray(eigenvalues, dtype=np.float64)
+    ev = ev[np.isfinite(ev) & (ev > 0)]
+    if ev.size == 0:
+        return None
+    return np.log10(ev)
+
+
+def custom_scalars_layout() -> dict:
+    """One chart per metric with every layer's curve (regex over the tags)."""
+    per_layer = {m: ["Multiline", [rf"ww/{re.escape(m)}/.*"]] for m in LAYER_METRICS + ("phase",)}
+    summary = {m: ["Multiline", [rf"ww/summary/{re.escape(m)}$"]] for m in SUMMARY_METRICS}
+    return {"ww per-layer": per_layer, "ww summary": summary}
+
+
+def layers_markdown(results: Sequence[LayerResult]) -> str:
+    head = "| layer | kind | alpha | alpha_weighted | log_spectral_norm | stable_rank | rank_loss | phase |\n"
+    head += "|---|---|---|---|---|---|---|---|\n"
+    rows = []
+    for r in results:
+        rows.append(
+            f"| {r.name} | {r.kind} | {r.alpha:.3f} | {r.alpha_weighted:.3f} | {r.log_spectral_norm:.3f} "
+            f"| {r.stable_rank:.2f} | {r.rank_loss} | {r.phase if r.phase is not None else '-'} |"
+        )
+    return head + "\n".join(rows)
+
+
+def is_tensorboard_logger(logger) -> bool:
+    """A Lightning TensorBoardLogger of either package (no import of either)."""
+    return any(c.__name__ == "TensorBoardLogger" for c in type(logger).__mro__)
+
+
+def choose_figure_layers(names: Sequence[str], patterns: Sequence[str] | None, max_layers: int) -> list[str]:
+    """Layers that get an ESD figure: those matching ``patterns``, else up to ``max_layers``
+    spread evenly from first to last."""
+    if patterns:
+        chosen = [n for n in names if any(re.search(p, n) for p in patterns)]
+        return chosen[:max_layers] if max_layers else chosen
+    if max_layers <= 0 or not names:
+        return []
+    if len(names) <= max_layers:
+        return list(names)
+    idx = np.linspace(0, len(names) - 1, max_layers).round().astype(int)
+    return [names[i] for i in dict.fromkeys(idx.tolist())]
+
+
+def _figure_to_rgb(fig) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    img = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:  # a figure made through pyplot stays registered until closed
+        try:
+            plt.close(fig)
+        except Exception:  # pragma: no cover
+            pass
+    return img
+
+
+def render_figures(
+    results: Sequence[LayerResult], esd_layers: Sequence[str], phase_grid: tuple | None = None
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Figures of one snapshot as HxWx3 uint8 arrays keyed by tag, and the failures (runs in
+    the worker).
+
+    ``ww/plots/alpha_per_layer``, ``ww/plots/esd/<layer>`` for ``esd_layers`` and, given
+    ``phase_grid = (layer_names, steps, phases)`` with at least one known phase,
+    ``ww/plots/phases``. A figure that fails to render is left out and its error returned.
+    """
+    from . import plotting
+
+    images: dict[str, np.ndarray] = {}
+    errors: list[str] = []
+
+    def attempt(tag, fn, *args):
+        try:
+            images[tag] = _figure_to_rgb(fn(*args))
+        except Exception as err:
+            log.debug("figure %s failed: %s", tag, err)
+            errors.append(f"{tag}: {type(err).__name__}: {err}")
+
+    attempt("ww/plots/alpha_per_layer", plotting.plot_alpha_per_layer, list(results))
+    by_name = {r.name: r for r in results}
+    for name in esd_layers:
+        r = by_name.get(name)
+        if r is not None and r.eigenvalues is not None:
+            attempt(f"ww/plots/esd/{name}", plotting.plot_esd, r)
+    if phase_grid is not None:
+        names, steps, phases = phase_grid
+        if any(p is not None for row in phases for p in row):
+            attempt("ww/plots/phases", plotting.plot_phase_heatmap, list(names), list(steps), phases)
+    return images, errors
+
+
+def strip_eigenvalues(results: Sequence[LayerResult], keep: Iterable[str] = ()) -> list[LayerResult]:
+    keep = set(keep)
+    return [r if r.name in keep else replace(r, eigenvalues=None) for r in results]
+
+
+class LoggerWriter:
+    """Sends one snapshot's outputs to the trainer's loggers; never raises."""
+
+    def __init__(self):
+        self._warned: set = set()
+        self._layouts: set[int] = set()
+
+    def _warn(self, key, message: str) -> None:
+        if key in self._warned:
+            log.debug(message)
+            return
+        self._warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    @staticmethod
+    def _tb_writers(loggers) -> list[tuple[Any, Any]]:
+        out = []
+        for lg in loggers:
+            if is_tensorboard_logger(lg):
+                try:
+                    exp = lg.experiment
+                except Exception:
+                    continue
+                if hasattr(exp, "add_histogram"):
+                    out.append((lg, exp))
+        return out
+
+    def log_scalars(self, loggers, metrics: dict[str, float], step: int) -> None:
+        if not loggers:
+            self._warn(("no-logger",), "WeightWatcherCallback: the trainer has no logger; results are kept only in "
+                       "`callback.history`. Pass e.g. `logger=TensorBoardLogger(...)` to the Trainer.")
+            return
+        for lg in loggers:
+            try:
+                lg.log_metrics(metrics, step=step)
+            except Exception as err:
+                self._warn((id(lg), "scalars"), f"WeightWatcherCallback: {type(lg).__name__}.log_metrics failed "
+                           f"({type(err).__name__}: {err}); continuing without it.")
+
+    def log_tensorboard(
+        self, loggers, step: int, results: Sequence[LayerResult], histograms: bool = True, text: bool = True
+    ) -> None:
+        for lg, exp in self._tb_writers(loggers):
+            try:
+                if id(exp) not in self._layouts:
+                    exp.add_custom_scalars(custom_scalars_layout())
+                    self._layouts.add(id(exp))
+                if histograms:
+                    for r in results:
+                        values = esd_log10(r.eigenvalues)
+                        if values is not None:
+                            exp.add_histogram(f"ww/esd/{r.name}", values, global_step=step)
+                if text and results:
+                    exp.add_text("ww/layers", layers_markdown(results), global_step=step)
+            except Exception as err:
+                self._warn((id(lg), "tensorboard"), f"WeightWatcherCallback: writing to TensorBoard failed "
+                           f"({type(err).__name__}: {err}); continuing without it.")
+
+    def log_images(self, loggers, step: int, images: dict[str, np.ndarray]) -> None:
+        for lg, exp in self._tb_writers(loggers):
+            try:
+                for tag, img in images.items():
+                    exp.add_image(tag, img, global_step=step, dataformats="HWC")
+            except Exception as err:
+                self._warn((id(lg), "images"), f"WeightWatcherCallback: writing figures to TensorBoard failed "
+                           f"({type(err).__name__}: {err}); continuing without them.")
+
+    def flush(self, loggers) -> None:
+        for _, exp in self._tb_writers(loggers):
+            try:
+                exp.flush()
+            except Exception:
+                pass
