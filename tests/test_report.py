@@ -130,6 +130,7 @@ def test_tensorboard_data_matches_the_run(run):
     few = load_run(run["logdir"], max_esd_layers=1, max_esd_snapshots=2)
     assert len(few.esd_evolution) == 1
     assert [s.step for s in next(iter(few.esd_evolution.values()))] == [run["steps"][0], run["steps"][-1]]
+    assert list(load_run(run["logdir"], esd_layers=[r"fc2$"]).esd_evolution) == ["fc2"]
 
 
 def test_report_from_checkpoint(run, tmp_path, capsys):
@@ -175,6 +176,9 @@ def test_report_errors(tmp_path, capsys):
     w.close()
     rc, _, err = report([tmp_path / "other", "--out", tmp_path / "x.html"], capsys)
     assert rc == 2 and "no ww/ tags" in err and not (tmp_path / "x.html").exists()
+    rc, _, err = report([tmp_path / "other", "--esd-layers", "fc("], capsys)
+    assert rc == 2 and "invalid layer regex" in err
+    assert err.count("\n") == 1 and err.startswith("ww-monitor: error:")
 
 
 def test_analyze_plot(run, tmp_path, capsys):

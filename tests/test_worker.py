@@ -148,3 +148,27 @@ def test_process_worker_analyses_a_shared_memory_snapshot():
     assert isinstance(out, AnalysisOutput) and out.step == 5
     assert [r.name for r in out.results] == [m.name for m in mats]
     assert "bad layer" in done[1].error
+
+
+def test_subprocess_worker_runs_jobs_without_the_callers_main(tmp_path):
+    import math
+    import operator
+
+    from ww_monitor.worker import SubprocessWorker
+
+    w = SubprocessWorker(num_threads=1, nice=0)
+    try:
+        w.submit("figures", "ok", operator.mul, (np.arange(3.0), 2))
+        w.submit("figures", "bad", math.sqrt, (-1.0,))
+        w.submit("figures", "unpicklable", operator.mul, (lambda: 1, 2))
+        w.submit("figures", "not-importable-there", _slow, (1, 0.0))  # lives in this test module only
+        w.submit("figures", "after", operator.add, (1, 2))
+        assert w.wait(timeout=120)
+        done = {r.key: r for r in w.poll()}
+    finally:
+        assert w.close(timeout=10)
+    np.testing.assert_array_equal(done["ok"].value, [0.0, 2.0, 4.0])
+    assert "ValueError: math domain error" in done["bad"].error
+    assert "could not send the job" in done["unpicklable"].error
+    assert "could not load the job" in done["not-importable-there"].error
+    assert done["after"].value == 3  # the child survived all of that

@@ -621,15 +621,16 @@ class WeightWatcherMixin:
 
     def _figures_worker(self):
         """Where figures render: the analysis worker when it is inline (deterministic) or a
-        process (no GIL to share), else a second low-priority thread, created on first use, so
-        that a slow figure never delays an analysis."""
-        if self._worker is None or self._worker.mode != "thread":
+        process, else a child interpreter started on first use. Rendering is pure-Python
+        matplotlib work: in a thread it would hold the GIL against the training loop (measured:
+        it doubled the quickstart's training time), and in the analysis thread it would delay
+        analyses."""
+        if self._worker is None or self._worker.mode != "thread" or self.blocking:
             return self._worker
         if self._figure_worker is None:
-            from .worker import ThreadWorker
+            from .worker import SubprocessWorker
 
-            self._figure_worker = ThreadWorker(num_threads=1, nice=self.worker_nice, name="ww-monitor-figures",
-                                               idle=self.worker_idle)
+            self._figure_worker = SubprocessWorker(num_threads=1, nice=self.worker_nice)
         return self._figure_worker
 
     def _submit_figures(self) -> None:

@@ -28,6 +28,7 @@ import html
 import io
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -108,6 +109,11 @@ def load_run(
         analyze_fn: ``state_dict -> Report`` used for checkpoints and model files (default:
             :func:`ww_monitor.analyze`, keeping eigenvalues); the CLI passes one with a progress bar.
     """
+    for pattern in esd_layers or ():
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise WWMonitorError(f"invalid layer regex {pattern!r}: {err}") from None
     p = Path(path)
     if not p.exists():
         raise WWMonitorError(f"{p}: no such file or directory")
@@ -567,7 +573,10 @@ def render_html(data: RunData, title: str | None = None) -> str:
     """One self-contained HTML page (inline CSS, figures as base64 PNG, no external assets)."""
     from . import plotting
 
-    title = title or f"ww-monitor report: {Path(data.source).name or data.source}"
+    if title is None:
+        parts = Path(data.source).parts
+        run = "/".join(parts[-2:]) if data.source_kind == "tensorboard" else (parts[-1] if parts else data.source)
+        title = f"ww-monitor report: {run}"
     errors: list[str] = []
     out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
            f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]

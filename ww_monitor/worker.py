@@ -16,6 +16,9 @@ Three interchangeable workers share one small interface (``submit`` / ``poll`` /
 * :class:`ProcessWorker` runs jobs in one spawned daemon process (no GIL sharing at all). The
   snapshot buffers are allocated in shared memory, so sending one costs no copy. Scripts
   using it need the usual ``if __name__ == "__main__":`` guard.
+* :class:`SubprocessWorker` runs jobs in a child interpreter started with ``python -c`` (it
+  never re-imports the user's script); used for figure rendering, which is pure-Python
+  matplotlib work that would otherwise hold the GIL against the training loop.
 
 Job exceptions never propagate: they come back as a :class:`JobResult` with ``error`` set,
 which the callback turns into a warning.
@@ -46,6 +49,7 @@ __all__ = [
     "InlineWorker",
     "ThreadWorker",
     "ProcessWorker",
+    "SubprocessWorker",
     "analyze_snapshot",
     "configure_current_thread",
     "failed_analysis",
@@ -412,6 +416,129 @@ class ProcessWorker(_BaseWorker):
         return not self._proc.is_alive()
 
 
+def _subprocess_main() -> None:  # pragma: no cover - runs in the child
+    """Entry point of :class:`SubprocessWorker`'s child: pickled jobs on stdin, results on stdout."""
+    import pickle
+    import sys
+
+    if len(sys.argv) > 1 and int(sys.argv[1]):
+        try:
+            os.nice(int(sys.argv[1]))
+        except OSError:
+            pass
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write into the result stream
+    while True:
+        try:
+            item = pickle.load(stdin)
+        except EOFError:
+            return
+        if item is None:
+            return
+        job_id, kind, key, payload = item
+        try:
+            fn, args = pickle.loads(payload)
+        except Exception as err:  # e.g. a function this interpreter cannot import
+            result = JobResult(job_id, kind, key, error=f"could not load the job: {type(err).__name__}: {err}")
+        else:
+            result = _run_job(job_id, kind, key, fn, args)
+            del fn, args
+        pickle.dump(result, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+        stdout.flush()
+        del item, payload
+
+
+class SubprocessWorker(_BaseWorker):
+    """One child interpreter (``python -m ww_monitor.worker``) running jobs in order.
+
+    For GIL-heavy jobs that must not compete with the training loop for the interpreter
+    (matplotlib figure rendering). Unlike :class:`ProcessWorker` it does not re-import the
+    user's ``__main__`` module, so it is safe in scripts without a main guard. Jobs and
+    results are pickled through pipes by two daemon threads, so :meth:`submit` never blocks.
+    """
+
+    mode = "subprocess"
+
+    def __init__(self, num_threads: int | None = 1, nice: int | None = 10):
+        super().__init__()
+        import subprocess
+        import sys
+
+        env = dict(os.environ)
+        if num_threads:
+            env.update(OMP_NUM_THREADS=str(num_threads), MKL_NUM_THREADS=str(num_threads))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from ww_monitor.worker import _subprocess_main; _subprocess_main()",
+             str(int(nice or 0))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        self._outbox: queue.Queue = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="ww-monitor-subprocess-writer", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="ww-monitor-subprocess-reader", daemon=True)
+        self._writer.start()
+        self._reader.start()
+
+    def _write_loop(self) -> None:
+        import pickle
+
+        while True:
+            item = self._outbox.get()
+            try:
+                if item is not None:  # the job body separately, so the child can report what it cannot load
+                    job_id, kind, key, fn, args = item
+                    item = (job_id, kind, key, pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL))
+                pickle.dump(item, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                self._proc.stdin.flush()
+                if item is None:
+                    self._proc.stdin.close()
+            except (OSError, ValueError, AttributeError, TypeError, pickle.PicklingError) as err:
+                if item is not None:
+                    self._complete(JobResult(item[0], item[1], item[2], error=f"could not send the job: {err}"))
+            if item is None:
+                return
+
+    def _read_loop(self) -> None:
+        import pickle
+
+        while True:
+            try:
+                result = pickle.load(self._proc.stdout)
+            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+                break
+            self._complete(result)
+        with self._lock:  # the child is gone: whatever is pending will not come back
+            lost = [(i, k) for i, (k, _) in self._pending.items()]
+        for job_id, kind in lost:
+            self._complete(JobResult(job_id, kind, None, error="worker subprocess ended"))
+
+    def submit(self, kind: str, key: Any, fn: Callable, args: tuple = (), nbytes: int = 0) -> int:
+        if self.closed:
+            raise RuntimeError("worker is closed")
+        job_id = self._register(kind, nbytes)
+        self._outbox.put((job_id, kind, key, fn, args))
+        return job_id
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def close(self, timeout: float = 10.0, cancel: bool = False) -> bool:
+        if not self.closed:
+            self.closed = True
+            self._outbox.put(None)
+        if cancel:
+            self._proc.kill()
+        try:
+            self._proc.wait(timeout)
+        except Exception:
+            self._proc.kill()
+            try:
+                self._proc.wait(1.0)
+            except Exception:
+                pass
+        return self._proc.poll() is not None
+
+
 def make_worker(mode: str, num_threads: int | None = 1, nice: int | None = 10, idle: bool = False):
     """``"inline"`` | ``"thread"`` | ``"process"``."""
     if mode == "inline":
@@ -420,4 +547,6 @@ def make_worker(mode: str, num_threads: int | None = 1, nice: int | None = 10, i
         return ThreadWorker(num_threads=num_threads, nice=nice, idle=idle)
     if mode == "process":
         return ProcessWorker(num_threads=num_threads, nice=nice, idle=idle)
-    raise ValueError(f"unknown worker mode {mode!r}; choose 'inline', 'thread' or 'process'")
+    if mode == "subprocess":
+        return SubprocessWorker(num_threads=num_threads, nice=nice)
+    raise ValueError(f"unknown worker mode {mode!r}; choose 'inline', 'thread', 'process' or 'subprocess'")
