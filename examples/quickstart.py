@@ -109,7 +109,7 @@ def main() -> None:
 
     pl.seed_everything(0, verbose=False)
     train, val = digits_loaders()
-    ww = WeightWatcherCallback(every_n_epochs=1, figures_every_n_snapshots=4, max_figure_layers=3)
+    ww = WeightWatcherCallback(every_n_epochs=1, figures_every_n_snapshots=4, max_figure_layers=2)
     logger = pl.loggers.TensorBoardLogger(args.logdir, name="digits")
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[ww],

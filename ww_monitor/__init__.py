@@ -15,6 +15,7 @@ from .results import LayerResult, Report, SkippedLayer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlphaDriftEarlyStopping",
     "CheckpointError",
     "LayerResult",
     "Phase",
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 _LAZY = {"WeightWatcherCallback": ("ww_monitor.callback", "WeightWatcherCallback"),
+         "AlphaDriftEarlyStopping": ("ww_monitor.alpha_drift", "AlphaDriftEarlyStopping"),
          "classify_phase": ("ww_monitor.phases", "classify_phase")}
 
 

@@ -49,10 +49,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .alerts import Alert, AlertConfig, AlertTracker, dispatch_alerts
 from .analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, AnalysisConfig
 from .distributed import all_gather_object, collect_into, is_initialized
 from .errors import WWMonitorError
@@ -183,6 +184,13 @@ class WeightWatcherMixin:
         method: eigensolver, ``"auto"``, ``"gram"`` or ``"svd"``.
         drain_timeout: seconds to wait for outstanding analyses at train end and when a
             checkpoint is saved before giving up with a warning.
+        alerts: alert rules (:class:`ww_monitor.alerts.AlertConfig`: thresholds, enabled rules,
+            per-rule actions ``log``/``warn``/``tensorboard``/``callback``/``raise``/``stop``);
+            ``True`` for the defaults (rank collapse, alpha outside [2, 4] after a warm-up,
+            non-finite weights, phase regression, correlation traps), ``False`` to disable.
+            Alerts fire when a layer enters a state and are resolved when it leaves.
+        on_alert: called with each :class:`~ww_monitor.alerts.Alert` (rank 0) for rules whose
+            actions include ``"callback"`` (the default).
     """
 
     def __init__(
@@ -211,6 +219,8 @@ class WeightWatcherMixin:
         max_figure_layers: int = 3,
         method: str = "auto",
         drain_timeout: float = 600.0,
+        alerts: AlertConfig | bool = True,
+        on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         super().__init__()
         _check_int("every_n_epochs", every_n_epochs, 0, allow_none=True)
@@ -228,6 +238,10 @@ class WeightWatcherMixin:
         _check_int("max_figure_layers", max_figure_layers, 0, allow_none=False)
         if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) or not drain_timeout > 0:
             raise WWMonitorError(f"`drain_timeout` must be a positive number of seconds, got {drain_timeout!r}.")
+        if not isinstance(alerts, (bool, AlertConfig)):
+            raise WWMonitorError(f"`alerts` must be True, False or an AlertConfig, got {alerts!r}.")
+        if on_alert is not None and not callable(on_alert):
+            raise WWMonitorError(f"`on_alert` must be callable or None, got {on_alert!r}.")
         if conv_mode not in CONV_MODES:
             raise WWMonitorError(f"`conv_mode` must be one of {CONV_MODES}, got {conv_mode!r}.")
         kinds_t = _as_tuple(kinds, "kinds")
@@ -263,6 +277,11 @@ class WeightWatcherMixin:
 
         #: Every analysed snapshot (:class:`ww_monitor.history.History`).
         self.history = History()
+        alert_config = alerts if isinstance(alerts, AlertConfig) else AlertConfig()
+        #: Alert state (``None`` when alerts are off); ``alerts_fired`` lists every alert raised.
+        self.alert_tracker = AlertTracker(alert_config) if alerts is not False else None
+        self.on_alert = on_alert
+        self.alerts_fired: list[Alert] = []
         self._writer = LoggerWriter()
         self._worker = None
         self._figure_worker = None  # figures render in their own thread so analyses never wait on them
@@ -381,6 +400,7 @@ class WeightWatcherMixin:
             "last_step": self._last_step,
             "owed": list(self._owed_now(trainer) or []) if trainer is not None and self._active else [],
             "stats": {k: v for k, v in self.stats.items() if isinstance(v, (int, float))},
+            "alerts": self.alert_tracker.state_dict() if self.alert_tracker is not None else {},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -390,6 +410,8 @@ class WeightWatcherMixin:
         self._last_step = state_dict.get("last_step")
         owed = state_dict.get("owed") or None
         self._owed = (int(owed[0]), int(owed[1])) if owed else None
+        if self.alert_tracker is not None and state_dict.get("alerts"):
+            self.alert_tracker.load_state_dict(state_dict["alerts"])
         for k in ("snapshots_taken", "snapshots_skipped", "snapshots_failed"):  # run totals, not per rank
             if k in state_dict.get("stats", {}):
                 self.stats[k] = int(state_dict["stats"][k])
@@ -599,18 +621,21 @@ class WeightWatcherMixin:
             return
         if not results and errors:
             return
+        metrics = layer_scalars(results)
+        metrics.update(summary_scalars(summary))
         if self.log_callback_metrics and results:
             try:
                 cm = trainer.callback_metrics
-                for k, v in summary_scalars(summary).items():
+                for k, v in metrics.items():
                     cm[k] = torch.tensor(v, dtype=torch.float32)
+                # Lets AlphaDriftEarlyStopping (and users) tell a new snapshot from an old value.
+                cm["ww/snapshot_step"] = torch.tensor(step)
             except Exception as err:  # pragma: no cover - depends on the trainer's internals
                 log.debug("could not update callback_metrics: %s", err)
+        loggers = list(getattr(trainer, "loggers", []) or [])
+        self._handle_alerts(trainer, loggers, results, skipped, step, epoch)
         if self._rank != 0:
             return
-        metrics = layer_scalars(results)
-        metrics.update(summary_scalars(summary))
-        loggers = list(getattr(trainer, "loggers", []) or [])
         self._writer.log_scalars(loggers, metrics, step)
         self._writer.log_tensorboard(loggers, step, results, histograms=self.log_histograms, text=self.log_text)
         if self.figures_every_n_snapshots and results and loggers:
@@ -618,6 +643,27 @@ class WeightWatcherMixin:
             self._unfigured = (step, strip_eigenvalues(results, esd), esd)
             if meta and meta["figures"]:
                 self._submit_figures()
+
+    def _handle_alerts(self, trainer, loggers, results, skipped, step: int, epoch: int) -> None:
+        """Evaluate the alert rules on a completed snapshot and carry out their actions.
+
+        Runs on every rank with the same gathered results, so ``stop``/``raise`` act alike
+        everywhere (no rank-local decision, no deadlock); output comes from rank 0 only.
+        """
+        if self.alert_tracker is None:
+            return
+        alerts = self.alert_tracker.update(results, skipped, step, epoch)
+        if not alerts:
+            return
+        self.alerts_fired.extend(a for a in alerts if not a.resolved)
+        writers = [exp for _, exp in self._writer._tb_writers(loggers)] if self._rank == 0 else []
+        if self._rank == 0:
+            self._writer.log_scalars(loggers, {"ww/alerts/active": float(len(self.alert_tracker.active))}, step)
+        if dispatch_alerts(alerts, self.alert_tracker.config, tensorboard_writers=writers,
+                           on_alert=self.on_alert, rank=self._rank):
+            first = next(a for a in alerts if not a.resolved and "stop" in self.alert_tracker.config.actions_for(a.rule))
+            log.info("WeightWatcherCallback: stopping training on alert %s: %s", first.rule, first.message)
+            trainer.should_stop = True
 
     def _figures_worker(self):
         """Where figures render: the analysis worker when it is inline (deterministic) or a

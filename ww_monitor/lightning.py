@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback
 
+from . import alpha_drift
 from .callback import WeightWatcherMixin, _build  # noqa: F401  (the shared logic, re-exported)
 
-__all__ = ["WeightWatcherCallback"]
+__all__ = ["WeightWatcherCallback", "AlphaDriftEarlyStopping"]
 
 WeightWatcherCallback = _build(Callback, __name__)
+AlphaDriftEarlyStopping = alpha_drift._build(Callback, __name__)

@@ -37,7 +37,7 @@ _BATCH_BYTES_CUDA = 256 * 1024 * 1024
 # flops to 62.5%; deeper levels save little more and make the blocks too small for BLAS.
 _GRAM_SPLIT_DEPTH = 2
 # Column blocks narrower than this are multiplied whole: smaller GEMMs lose more than they save.
-_GRAM_MIN_BLOCK = 128
+_GRAM_MIN_BLOCK = 192
 
 
 def choose_method(dtype: torch.dtype, method: str = "auto") -> str:
@@ -151,7 +151,7 @@ def _gather_float64(pending: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
 
 
 def _gram_lower(a: torch.Tensor) -> torch.Tensor:
-    """Lower triangle of the batched Gram matrices ``a^T a`` (upper triangle zero).
+    """Lower triangle of the batched Gram matrices ``a^T a`` (above it: zeros or don't-cares).
 
     ``eigvalsh`` reads only one triangle, so the products above the diagonal need not be
     formed. Splitting the columns in halves recursively,
@@ -161,9 +161,9 @@ def _gram_lower(a: torch.Tensor) -> torch.Tensor:
     skips the upper off-diagonal block at each level: depth ``_GRAM_SPLIT_DEPTH`` does
     1/2 + 1/2^(depth+1) of the full GEMM's flops (62.5% at depth 2), as BLAS ``syrk`` would.
     Every entry is still one dot product over the same rows by the same GEMM kernel, so the
-    triangle matches the full ``a^T a``'s (bitwise on the shapes of
+    lower triangle matches the full ``a^T a``'s (bitwise on the shapes of
     ``benchmarks/bench_eigensolver.py``). The zero fill costs < 1% of the eigensolve and keeps
-    the unused triangle free of garbage (NaN) whatever a solver might do with it.
+    the unused entries free of garbage (NaN) whatever a solver might do with them.
     """
     m = a.shape[-1]
     gram = torch.zeros((*a.shape[:-2], m, m), dtype=a.dtype, device=a.device)

@@ -46,6 +46,9 @@ _GRID_STRIDES = (128, 32, 8)
 #: (~1e-16), far below any difference between real KS distances.
 _PRUNE_MARGIN = 1e-9
 
+#: Candidates evaluated exactly after each bounding pass to tighten the pruning threshold.
+_PROBES = 16
+
 #: With fewer valid candidates the exhaustive pass is as cheap as bounding first.
 _PRUNE_MIN_CANDIDATES = 256
 
@@ -216,8 +219,10 @@ def _ks_distances(logx: np.ndarray, candidates: np.ndarray, alphas: np.ndarray, 
             rows = candidates[alive]
             lower, upper = _distance_bounds(logx, rows, 1.0 - alphas[alive], n_tail[alive], stride)
             Ds[alive] = lower
-            # Pin the threshold to real distances: the exact D of the most promising candidates.
-            probe = np.unique([int(np.argmin(lower)), int(np.argmin(upper))])
+            # Pin the threshold to real distances: the exact D of the most promising candidates
+            # (smallest lower bounds, and the smallest upper bound). O(n) each, so cheap.
+            k = min(_PROBES, lower.size)
+            probe = np.union1d(np.argpartition(lower, k - 1)[:k], [int(np.argmin(upper))])
             exact = _exact_distances(logx, rows[probe], 1.0 - alphas[alive[probe]], n_tail[alive[probe]])
             achieved = min(achieved, float(upper.min()), float(exact.min()))
             alive = alive[lower <= achieved + _PRUNE_MARGIN]
