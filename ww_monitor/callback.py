@@ -366,7 +366,7 @@ class WeightWatcherMixin:
             self._exchange(trainer)
             self._finalize_incomplete(trainer)
             self._submit_figures()  # the final snapshot always gets figures
-            figures = self._figures_worker()
+            figures = self._figure_worker or self._worker  # never start a renderer just to wait on it
             if figures is not None and not figures.wait(timeout=self.drain_timeout, kinds=("figures",)):
                 warnings.warn("WeightWatcherCallback: rendering the figures did not finish within drain_timeout="
                               f"{self.drain_timeout:g}s; they are dropped.", RuntimeWarning, stacklevel=2)
@@ -681,8 +681,10 @@ class WeightWatcherMixin:
 
     def _submit_figures(self) -> None:
         """Render the figures of the latest complete snapshot in the background (rank 0)."""
+        if self._unfigured is None:
+            return
         worker = self._figures_worker()
-        if self._unfigured is None or worker is None:
+        if worker is None:
             return
         step, results, esd = self._unfigured
         self._unfigured = None
