@@ -172,3 +172,21 @@ def test_subprocess_worker_runs_jobs_without_the_callers_main(tmp_path):
     assert "could not send the job" in done["unpicklable"].error
     assert "could not load the job" in done["not-importable-there"].error
     assert done["after"].value == 3  # the child survived all of that
+
+
+def test_thread_worker_survives_base_exceptions():
+    """A SystemExit raised inside a job is reported as that job's error; the thread lives on."""
+    from ww_monitor.worker import ThreadWorker
+
+    def bad():
+        raise SystemExit(3)
+
+    w = ThreadWorker(num_threads=1, nice=0)
+    try:
+        w.submit("analysis", 1, bad)
+        w.submit("analysis", 2, lambda: 42)
+        assert w.wait(timeout=30, kinds=("analysis",))
+        results = {r.key: r for r in w.poll(("analysis",))}
+        assert "SystemExit" in results[1].error and results[2].value == 42
+    finally:
+        w.close(timeout=5)

@@ -304,7 +304,12 @@ class ThreadWorker(_BaseWorker):
             if self._cancel.is_set():
                 result = JobResult(job_id, kind, key, error="cancelled")
             else:
-                result = _run_job(job_id, kind, key, fn, args)
+                try:
+                    result = _run_job(job_id, kind, key, fn, args)
+                except BaseException as err:  # e.g. SystemExit from a library: must not kill the
+                    # thread and leave the job pending until drain_timeout (the inline worker,
+                    # on the training thread, lets these through so Ctrl-C still works).
+                    result = JobResult(job_id, kind, key, error=f"{type(err).__name__}: {err}")
             del fn, args  # drop the snapshot before reporting, so its memory is free
             self._complete(result)
 
