@@ -11,6 +11,9 @@ Default thresholds and why:
   (very heavy tails), alpha > 4 little learned correlation.
 * ``alpha_high_warmup = 5`` snapshots: every layer starts random-like with a large alpha, so the
   high-alpha rule only speaks once training had time to move the spectrum.
+* ``alpha_min_evals = 50``: the alpha rules ignore layers with fewer eigenvalues (a 10-class
+  head has 10): a power-law fit on a handful of points swings by several units between
+  snapshots, and an alert on it would be noise.
 * ``rank_loss_fraction = 0.1``: a tenth of a layer's directions below the precision-aware rank
   tolerance is far beyond what healthy layers show (they lose none) yet well before collapse.
 * ``phase_regression_steps = 2``: a layer at least two phases behind the furthest phase it has
@@ -51,7 +54,8 @@ class AlertError(RuntimeError):
 
 RULES = ("rank_collapse", "alpha_low", "alpha_high", "non_finite", "phase_regression", "correlation_traps")
 ACTIONS = ("log", "warn", "tensorboard", "callback", "raise", "stop")
-DEFAULT_ACTIONS = ("log", "warn", "tensorboard", "callback")
+# "log" is opt-in: with "warn" on too, an unconfigured logging setup would print each alert twice.
+DEFAULT_ACTIONS = ("warn", "tensorboard", "callback")
 NON_FINITE_REASON = "non-finite weights"
 
 # Position of each phase along training (rank-collapse is the "+1", handled separately).
@@ -85,6 +89,7 @@ class AlertConfig:
     alpha_low: float = 2.0
     alpha_high: float = 4.0
     alpha_high_warmup: int = 5
+    alpha_min_evals: int = 50
     rank_loss_fraction: float = 0.1
     phase_regression_steps: int = 2
     max_traps: int = 0
@@ -96,7 +101,7 @@ class AlertConfig:
             raise ValueError(f"alpha_low ({self.alpha_low}) must be below alpha_high ({self.alpha_high})")
         if not 0 < self.rank_loss_fraction <= 1:
             raise ValueError(f"rank_loss_fraction must be in (0, 1], got {self.rank_loss_fraction}")
-        if self.alpha_high_warmup < 0 or self.phase_regression_steps < 1 or self.max_traps < 0:
+        if self.alpha_min_evals < 0 or self.alpha_high_warmup < 0 or self.phase_regression_steps < 1 or self.max_traps < 0:
             raise ValueError("alpha_high_warmup and max_traps must be >= 0, phase_regression_steps >= 1")
         enabled = tuple(self.enabled)
         unknown = [r for r in enabled if r not in RULES] + [r for r in self.actions if r not in RULES]
@@ -165,10 +170,11 @@ class AlertTracker:
                 yield ("rank_collapse", l.name, frac, c.rank_loss_fraction,
                        f"rank collapse in {l.name}: {l.rank_loss}/{l.num_evals} eigenvalues are ~0 "
                        f"({frac:.0%} > {c.rank_loss_fraction:.0%}); too much regularization?")
-            if l.fit_ok and l.alpha < c.alpha_low:
+            alpha_ok = l.fit_ok and l.num_evals >= c.alpha_min_evals
+            if alpha_ok and l.alpha < c.alpha_low:
                 yield ("alpha_low", l.name, l.alpha, c.alpha_low,
                        f"alpha={l.alpha:.2f} < {c.alpha_low} in {l.name}: very heavy-tailed, possibly over-trained")
-            if l.fit_ok and l.alpha > c.alpha_high and self.snapshots_seen > c.alpha_high_warmup:
+            if alpha_ok and l.alpha > c.alpha_high and self.snapshots_seen > c.alpha_high_warmup:
                 yield ("alpha_high", l.name, l.alpha, c.alpha_high,
                        f"alpha={l.alpha:.2f} > {c.alpha_high} in {l.name}: little correlation learned (under-trained?)")
             if l.num_traps is not None and l.num_traps > c.max_traps:
