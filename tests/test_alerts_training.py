@@ -27,6 +27,8 @@ def test_strong_weight_decay_raises_rank_collapse_alert_and_normal_training_does
     assert [a for a in normal if a.rule == "rank_collapse"] == []
     collapsed = [a for a in decayed if a.rule == "rank_collapse"]
     assert "net.2" in {a.layer for a in collapsed}
+    # net.2 stays collapsed for the rest of the run: one alert, not one per snapshot.
+    assert [x.layer for x in collapsed].count("net.2") == 1
     a = next(a for a in collapsed if a.layer == "net.2")
     assert a.value > a.threshold == 0.1 and "net.2" in a.message and a.step > 0
 

@@ -96,3 +96,26 @@ def test_analyze_random_shapes_and_dtypes(n, m, dtype, seed, content):
         assert summary["alpha"] == pytest.approx(np.mean(ok))
     else:
         assert math.isnan(summary["alpha"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 80), st.integers(1, 80), _dtypes, st.integers(0, 2**31 - 1),
+       st.sampled_from(["gaussian", "zeros", "lowrank", "spiky", "nan"]))
+def test_classify_phase_random_shapes_and_dtypes(n, m, dtype, seed, content):
+    """classify_phase returns a Phase or raises a documented WWMonitorError/ValueError."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, m, generator=g, dtype=torch.float64)
+    if content == "zeros":
+        w.zero_()
+    elif content == "lowrank":
+        w = w[:, :1] @ w[:1, :]
+    elif content == "spiky":
+        w[0, 0] = 1e4
+    elif content == "nan":
+        w[n // 2, m // 2] = float("nan")
+    try:
+        phase = wwm.classify_phase(w.to(dtype))
+    except (wwm.WWMonitorError, ValueError) as err:
+        assert str(err)
+    else:
+        assert isinstance(phase, wwm.Phase)
