@@ -60,12 +60,10 @@ def test_fit_is_deterministic_and_order_independent(seed):
 
 
 _dtypes = st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64])
+_contents = st.sampled_from(["gaussian", "zeros", "constant", "lowrank", "spiky", "nan"])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(1, 70), st.integers(1, 70), _dtypes, st.integers(0, 2**31 - 1),
-       st.sampled_from(["gaussian", "zeros", "constant", "lowrank", "spiky", "nan"]))
-def test_analyze_random_shapes_and_dtypes(n, m, dtype, seed, content):
+def _matrix(n: int, m: int, seed: int, content: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, m, generator=g, dtype=torch.float64)
     if content == "zeros":
@@ -78,6 +76,14 @@ def test_analyze_random_shapes_and_dtypes(n, m, dtype, seed, content):
         w[0, 0] = 1e4
     elif content == "nan":
         w[n // 2, m // 2] = float("nan")
+    return w
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 70), st.integers(1, 70), _dtypes, st.integers(0, 2**31 - 1),
+       _contents)
+def test_analyze_random_shapes_and_dtypes(n, m, dtype, seed, content):
+    w = _matrix(n, m, seed, content)
     layer = nn.Linear(m, n, bias=False, dtype=dtype)
     with torch.no_grad():
         layer.weight.copy_(w.to(dtype))
@@ -100,19 +106,10 @@ def test_analyze_random_shapes_and_dtypes(n, m, dtype, seed, content):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 80), st.integers(1, 80), _dtypes, st.integers(0, 2**31 - 1),
-       st.sampled_from(["gaussian", "zeros", "lowrank", "spiky", "nan"]))
+       _contents)
 def test_classify_phase_random_shapes_and_dtypes(n, m, dtype, seed, content):
     """classify_phase returns a Phase or raises a documented WWMonitorError/ValueError."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, m, generator=g, dtype=torch.float64)
-    if content == "zeros":
-        w.zero_()
-    elif content == "lowrank":
-        w = w[:, :1] @ w[:1, :]
-    elif content == "spiky":
-        w[0, 0] = 1e4
-    elif content == "nan":
-        w[n // 2, m // 2] = float("nan")
+    w = _matrix(n, m, seed, content)
     try:
         phase = wwm.classify_phase(w.to(dtype))
     except (wwm.WWMonitorError, ValueError) as err:
