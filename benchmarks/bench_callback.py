@@ -133,6 +133,10 @@ def _make_callback(config: str, figures: bool):
         kw["worker_nice"] = 19
     elif config == "idle":
         kw["worker_idle"] = True
+    elif config == "idle-wait":
+        kw.update(worker_idle=True, on_lag="wait")
+    elif config == "wait":
+        kw["on_lag"] = "wait"
     elif config == "threads2":
         kw["worker_threads"] = 2
     elif config == "process":
@@ -251,7 +255,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fraction", type=float, default=0.10, help="analysis time / epoch time to aim for")
     parser.add_argument("--batches", type=int, default=None, help="batches per epoch (default: calibrated)")
-    parser.add_argument("--extra", nargs="*", default=[], choices=["nice0", "nice19", "idle", "threads2", "process"],
+    parser.add_argument("--extra", nargs="*", default=[], choices=["nice0", "nice19", "idle", "idle-wait", "wait", "threads2", "process"],
                         help="more background variants to time")
     parser.add_argument("--figures", action="store_true", help="also time a run with default figures")
     parser.add_argument("--train-threads", type=int, default=None, help="torch intra-op threads for training")

@@ -171,8 +171,12 @@ class WeightWatcherMixin:
         worker_nice: raise the worker's nice value by this much (Linux; 0 to keep it).
         worker_idle: run the worker in Linux's ``SCHED_IDLE`` class: it only gets CPU time that
             nothing else wants (lowest overhead; on a saturated machine snapshots are skipped).
-        max_pending: snapshots allowed in flight (copied, not yet analysed). At the limit a new
-            snapshot is skipped with a warning rather than holding more weight copies.
+        max_pending: snapshots allowed in flight (copied, not yet analysed). Memory stays bounded
+            by that many weight copies whatever ``on_lag`` says.
+        on_lag: what happens to a due snapshot while ``max_pending`` are still in flight:
+            ``"skip"`` (default) drops it with a warning, training never waits; ``"wait"`` makes
+            training wait for the worker first, so no snapshot is lost (with ``worker_idle``
+            the cost is then at most that of ``blocking``, and zero when there is idle CPU).
         log_histograms: log ESD histograms of log10(eigenvalues) to TensorBoard.
         log_text: log a per-layer markdown table ``ww/layers`` to TensorBoard.
         log_callback_metrics: put the summary into ``trainer.callback_metrics``.
@@ -211,6 +215,7 @@ class WeightWatcherMixin:
         worker_nice: int = 10,
         worker_idle: bool = False,
         max_pending: int = 1,
+        on_lag: str = "skip",
         log_histograms: bool = True,
         log_text: bool = True,
         log_callback_metrics: bool = True,
@@ -234,6 +239,8 @@ class WeightWatcherMixin:
         _check_int("worker_threads", worker_threads, 1, allow_none=True)
         _check_int("worker_nice", worker_nice, 0, allow_none=False)
         _check_int("max_pending", max_pending, 1, allow_none=False)
+        if on_lag not in ("skip", "wait"):
+            raise WWMonitorError(f"`on_lag` must be 'skip' or 'wait', got {on_lag!r}.")
         _check_int("figures_every_n_snapshots", figures_every_n_snapshots, 0, allow_none=True)
         _check_int("max_figure_layers", max_figure_layers, 0, allow_none=False)
         if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) or not drain_timeout > 0:
@@ -267,6 +274,7 @@ class WeightWatcherMixin:
         self.worker_nice = worker_nice
         self.worker_idle = worker_idle
         self.max_pending = max_pending
+        self.on_lag = on_lag
         self.log_histograms = log_histograms
         self.log_text = log_text
         self.log_callback_metrics = log_callback_metrics
@@ -300,6 +308,7 @@ class WeightWatcherMixin:
         self.stats: dict[str, Any] = {
             "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
+            "lag_waits": 0,
         }
 
     # ------------------------------------------------------------------ Lightning plumbing
@@ -470,6 +479,14 @@ class WeightWatcherMixin:
         else:
             self._collect(trainer)
             busy = self._worker.pending("analysis") >= self.max_pending
+        if snapshot and busy and self.on_lag == "wait":
+            # Every rank is told the same `busy`, so under DDP all ranks wait here alike; the
+            # results are gathered at the next sync point.
+            self.stats["lag_waits"] += 1
+            self._drain(trainer, kinds=("analysis",), reason="a snapshot (on_lag='wait')")
+            busy = False
+            if self._world == 1:
+                self._collect(trainer)
         if snapshot:
             if busy:
                 self.stats["snapshots_skipped"] += 1
