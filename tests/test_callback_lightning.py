@@ -9,6 +9,8 @@ import textwrap
 import pytest
 import torch
 
+import ww_monitor
+
 from test_callback import (
     BATCHES,
     EXPECTED_LAYERS,
@@ -48,7 +50,6 @@ def test_lightning_pytorch_tensorboard_and_csv(tmp_path):
 def test_each_flavour_subclasses_only_its_own_package():
     import pytorch_lightning
 
-    import ww_monitor
     from ww_monitor.lightning import WeightWatcherCallback
 
     assert issubclass(WeightWatcherCallback, L.Callback)
@@ -70,5 +71,7 @@ def test_importing_the_lightning_flavour_does_not_import_pytorch_lightning():
         print("OK")
         """
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ww_monitor.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "OK", res.stderr[-2000:]

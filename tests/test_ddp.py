@@ -63,11 +63,19 @@ SCRIPT = textwrap.dedent(
 LAYERS = [f"layers.{i}" for i in range(6)]
 
 
+def _checkout_path() -> str:
+    """PYTHONPATH that makes a child interpreter import the ww_monitor under test."""
+    import ww_monitor
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ww_monitor.__file__)))
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
 @pytest.mark.parametrize("mode", ["background"])
 def test_two_process_ddp_shards_and_gathers(tmp_path, mode):
     script = tmp_path / "ddp_script.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=_checkout_path())
     res = subprocess.run([sys.executable, str(script), str(tmp_path), mode], capture_output=True, text=True,
                          timeout=240, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
@@ -126,8 +134,12 @@ FSDP_SCRIPT = textwrap.dedent(
                 "equal": all(torch.equal(w, reference[n]) for n, w in mine.items()),
                 "resharded": all(p.ndim == 1 for p in fsdp.parameters()),
             }
+            del fsdp, model
         with open(f"{out}/fsdp{rank}.json", "w") as f:
             json.dump(report, f)
+        # Gloo aborts the process (SIGABRT) if one rank tears down while its peer still has
+        # transfers in flight (pytorch/pytorch#190489): meet at a barrier first.
+        dist.barrier()
         dist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -141,7 +153,7 @@ def test_fsdp_snapshot_summons_units_and_shards_ownership(tmp_path):
     """FSDP on CPU/gloo (Lightning's FSDPStrategy needs a GPU, so plain torch here)."""
     script = tmp_path / "fsdp_script.py"
     script.write_text(FSDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=_checkout_path())
     res = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
                          timeout=240, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
