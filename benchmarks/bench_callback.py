@@ -33,11 +33,10 @@ import logging
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
-
-import sys
 
 import torch
 from torch import nn
@@ -317,7 +316,8 @@ def main() -> None:
     print("ratio = median(config) / median(none); paired = median over repeats of config / none of the same "
           "repeat (run back to back, so it sees the same background load)")
     print(f"{'config':<12}{'median fit s':>14}{'min-max s':>14}{'ratio':>8}{'paired':>8}{'epoch ms':>10}"
-          f"{'outside s':>11}{'snapshots':>11}{'skipped/run':>13}{'peak in-flight':>16}")
+          f"{'epoch ratio':>13}{'outside s':>11}{'hooks s':>9}{'snapshots':>11}{'skipped/run':>13}"
+          f"{'peak in-flight':>16}")
     for c in configs:
         med = statistics.median(walls[c])
         paired = statistics.median(a / b for a, b in zip(walls[c], walls["none"]))
@@ -327,11 +327,15 @@ def main() -> None:
         skipped = f"{sum(s.get('snapshots_skipped', 0) for s in stats[c]) / len(stats[c]):.1f}" if st else "-"
         peak = (max(s["peak_inflight_bytes"] for s in stats[c]) / max(1, st["snapshot_bytes"])) if st else None
         peak_s = f"{peak:.2f}x snap" if peak is not None else "-"
+        hooks = f"{statistics.median(s['train_thread_seconds'] for s in stats[c]):.2f}" if st else "-"
+        epoch_med = statistics.median(epochs[c])
         print(f"{c:<12}{med:>14.2f}{spread:>14}{med / base:>8.3f}{paired:>8.3f}"
-              f"{statistics.median(epochs[c]) * 1e3:>10.0f}{statistics.median(outside[c]):>11.2f}{snaps!s:>11}"
-              f"{skipped!s:>13}{peak_s:>16}")
-    print("epoch ms: median epoch time; outside s: median fit time outside epochs (start-up, the final "
-          "snapshot and the wait for the last analyses at train end)")
+              f"{epoch_med * 1e3:>10.0f}{epoch_med / epoch_none:>13.3f}{statistics.median(outside[c]):>11.2f}"
+              f"{hooks:>9}{snaps!s:>11}{skipped!s:>13}{peak_s:>16}")
+    print("epoch ms / epoch ratio: median epoch time, and its ratio to none's (the steady-state cost of a long run; "
+          "blocking waits at the epoch end, outside this timer); outside s: median fit time outside epochs "
+          "(start-up, the final snapshot and the wait for the last analyses at train end); hooks s: median "
+          "stats['train_thread_seconds'], time spent in the callback's hooks on the training thread")
 
     mem = _memory_in_fresh_process(args)
     if mem:

@@ -158,6 +158,7 @@ def test_tensorboard_layout_background(tmp_path):
     assert [r.epoch for r in cb.history] == [0, 1, 2, 3]
     assert cb.history.layer_names == EXPECTED_LAYERS
     assert cb.stats["snapshots_taken"] == 4 and cb.stats["snapshots_skipped"] == 0
+    assert 0 < cb.stats["train_thread_seconds"]
     figures = [0, 2 * BATCHES, 3 * BATCHES] if plotting_available() else None  # every 2nd + final
     check_tensorboard(logger.log_dir, steps, EXPECTED_LAYERS, figures_at=figures)
     # the worker is gone and the summary is available to other callbacks
@@ -186,6 +187,8 @@ def test_step_schedule_blocking_and_csv_logger(tmp_path):
         values = [float(r[f"ww/alpha/{layer}"]) for r in rows if r.get(f"ww/alpha/{layer}")]
         assert all(math.isfinite(v) for v in values)
     assert sorted(int(r["step"]) for r in rows if r.get("ww/summary/alpha")) == steps
+    # blocking: every analysis ran inside the callback's hooks, on the training thread
+    assert cb.stats["train_thread_seconds"] >= cb.stats["analysis_seconds"] > 0
 
 
 def test_selection_passthrough(tmp_path):
@@ -290,7 +293,7 @@ def test_broken_logger_warns_and_training_continues(tmp_path):
             def fail(*args, **kwargs):
                 raise RuntimeError("writer is closed")
 
-            exp.add_histogram = fail
+            exp.add_histogram_raw = fail
             return exp
 
     cb = ww_monitor.WeightWatcherCallback(blocking=True, figures_every_n_snapshots=None)

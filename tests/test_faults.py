@@ -116,12 +116,12 @@ def test_one_failing_analysis_mid_run_is_a_warning_and_the_rest_is_logged(tmp_pa
     real = callback_mod.analyze_snapshot
     seen = []
 
-    def flaky(snapshot, config, rank=0):
+    def flaky(snapshot, config, *args):
         seen.append(threading.current_thread().name)
         if snapshot.step == 2:
             snapshot.release()
             raise ValueError("LAPACK did not converge")
-        return real(snapshot, config, rank)
+        return real(snapshot, config, *args)
 
     monkeypatch.setattr(callback_mod, "analyze_snapshot", flaky)
     cb = ww(every_n_epochs=None, every_n_train_steps=1, max_pending=8)
@@ -170,9 +170,9 @@ _SIGNAL_SCRIPT = textwrap.dedent(
 
     real = callback_mod.analyze_snapshot
 
-    def marked(snapshot, config, rank=0):
+    def marked(snapshot, config, *args):
         print("ANALYSING", snapshot.step, flush=True)   # the test sends its signal now
-        return real(snapshot, config, rank)
+        return real(snapshot, config, *args)
 
     callback_mod.analyze_snapshot = marked
 
@@ -282,10 +282,10 @@ def test_training_step_exception_with_analysis_in_flight_stops_the_worker(tmp_pa
     real = callback_mod.analyze_snapshot
     started = threading.Event()
 
-    def slow(snapshot, config, rank=0):
+    def slow(snapshot, config, *args):
         started.set()
         time.sleep(0.5)
-        return real(snapshot, config, rank)
+        return real(snapshot, config, *args)
 
     monkeypatch.setattr(callback_mod, "analyze_snapshot", slow)
     cb = ww(every_n_epochs=None, every_n_train_steps=1, max_pending=1)
@@ -477,7 +477,7 @@ def test_writer_methods_raising_after_close_warn_once(tmp_path):
                 def refuse(*args, **kwargs):
                     raise ValueError("I/O operation on closed file")
 
-                for name in ("add_histogram", "add_text", "add_custom_scalars", "add_image"):
+                for name in ("add_histogram_raw", "add_text", "add_custom_scalars", "add_image"):
                     setattr(exp, name, refuse)
 
     cb = ww(every_n_epochs=None, every_n_train_steps=1, blocking=True)

@@ -47,7 +47,9 @@ without gaps or duplicates.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 import warnings
 from typing import Any, Callable
 
@@ -69,7 +71,7 @@ from .tensorboard_writer import (
     strip_eigenvalues,
     summary_scalars,
 )
-from .worker import AnalysisOutput, analyze_snapshot, failed_analysis, make_worker
+from .worker import CHUNK_BYTES, AnalysisOutput, analyze_snapshot, failed_analysis, make_worker
 
 __all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]
 
@@ -84,6 +86,21 @@ def _rank_zero_warn(message: str, category=UserWarning) -> None:
 
     if getattr(rank_zero_only, "rank", 0) == 0:
         warnings.warn(message, category, stacklevel=3)
+
+
+def _on_training_thread(hook):
+    """Adds the hook's wall time to ``stats["train_thread_seconds"]``: what the monitor costs the
+    training thread directly (copies, logging, waits), as opposed to CPU the worker shares."""
+
+    @functools.wraps(hook)
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self.stats["train_thread_seconds"] += time.perf_counter() - t0
+
+    return timed
 
 
 def _check_int(name: str, value, minimum: int, allow_none: bool) -> None:
@@ -195,6 +212,11 @@ class WeightWatcherMixin:
             Alerts fire when a layer enters a state and are resolved when it leaves.
         on_alert: called with each :class:`~ww_monitor.alerts.Alert` (rank 0) for rules whose
             actions include ``"callback"`` (the default).
+
+    ``callback.stats`` counts what the monitor did and cost: ``snapshots_taken``/``_skipped``/
+    ``_failed``, ``copy_seconds`` (weight copies), ``analysis_seconds`` (worker wall time),
+    ``train_thread_seconds`` (time spent in this callback's hooks on the training thread:
+    copies, logging and any waits), ``peak_inflight_bytes`` and ``lag_waits``.
     """
 
     def __init__(
@@ -308,7 +330,7 @@ class WeightWatcherMixin:
         self.stats: dict[str, Any] = {
             "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
-            "lag_waits": 0,
+            "lag_waits": 0, "train_thread_seconds": 0.0,
         }
 
     # ------------------------------------------------------------------ Lightning plumbing
@@ -320,6 +342,7 @@ class WeightWatcherMixin:
             kinds=None if self.config.kinds is None else list(self.config.kinds),
         )
 
+    @_on_training_thread
     def on_train_start(self, trainer, pl_module) -> None:
         if getattr(trainer, "sanity_checking", False):
             return
@@ -337,6 +360,7 @@ class WeightWatcherMixin:
         self._owed = None
         self._sync_point(trainer, pl_module, snapshot=fresh or owed, epoch=epoch)
 
+    @_on_training_thread
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._active:
             return
@@ -348,6 +372,7 @@ class WeightWatcherMixin:
         elif self._world == 1:
             self._collect(trainer)
 
+    @_on_training_thread
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self._active:
             return
@@ -363,6 +388,7 @@ class WeightWatcherMixin:
             self._guard.guard_writes()
             self._guard = None
 
+    @_on_training_thread
     def on_train_end(self, trainer, pl_module) -> None:
         if not self._active:
             return
@@ -536,7 +562,9 @@ class WeightWatcherMixin:
         }
         if snap.events:
             self._guard = snap
-        self._worker.submit("analysis", index, analyze_snapshot, (snap, self.config, self._rank), nbytes=snap.nbytes)
+        # Histograms are binned by the worker too: the training thread only writes them.
+        args = (snap, self.config, self._rank, CHUNK_BYTES, self.log_histograms)
+        self._worker.submit("analysis", index, analyze_snapshot, args, nbytes=snap.nbytes)
 
     def _drain(self, trainer, kinds, reason: str) -> None:
         if self._worker is None:
@@ -607,10 +635,11 @@ class WeightWatcherMixin:
         step = meta["step"] if meta else any_out.step
         epoch = meta["epoch"] if meta else any_out.epoch
         order = {name: i for i, name in enumerate(meta["order"])} if meta else {}
-        results, ranks, skipped, errors, seconds = [], [], [], [], 0.0
+        results, ranks, skipped, errors, seconds, histograms = [], [], [], [], 0.0, {}
         for rank in sorted(parts):
             out = parts[rank]
             seconds = max(seconds, out.seconds)
+            histograms.update(out.histograms)
             if out.error:
                 errors.append(f"rank {rank}: {out.error}")
             skipped.extend(out.skipped)
@@ -654,7 +683,8 @@ class WeightWatcherMixin:
         if self._rank != 0:
             return
         self._writer.log_scalars(loggers, metrics, step)
-        self._writer.log_tensorboard(loggers, step, results, histograms=self.log_histograms, text=self.log_text)
+        self._writer.log_tensorboard(loggers, step, results, histograms=self.log_histograms, text=self.log_text,
+                                     precomputed=histograms)
         if self.figures_every_n_snapshots and results and loggers:
             esd = choose_figure_layers([r.name for r in results], self.figure_layers, self.max_figure_layers)
             self._unfigured = (step, strip_eigenvalues(results, esd), esd)

@@ -27,7 +27,7 @@ import math
 import re
 import sys
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -42,6 +42,8 @@ __all__ = [
     "layer_scalars",
     "summary_scalars",
     "esd_log10",
+    "EsdHistogram",
+    "esd_histogram",
     "custom_scalars_layout",
     "render_figures",
     "choose_figure_layers",
@@ -91,6 +93,45 @@ def esd_log10(eigenvalues) -> np.ndarray | None:
     if ev.size == 0:
         return None
     return np.log10(ev)
+
+
+#: Buckets of an ESD histogram: uniform in log10(lambda) between the smallest and largest
+#: eigenvalue. TensorBoard's default (exponentially spaced buckets around zero, made for
+#: weights) resolves the few decades an ESD spans coarsely; 64 even buckets show the bulk and
+#: the tail of a 512-eigenvalue ESD.
+ESD_HISTOGRAM_BINS = 64
+
+
+@dataclass(frozen=True)
+class EsdHistogram:
+    """A histogram of log10(lambda) in TensorBoard's raw form (``add_histogram_raw``)."""
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    bucket_limits: tuple[float, ...]  # right edge of each bucket
+    bucket_counts: tuple[int, ...]
+
+
+def esd_histogram(eigenvalues, bins: int = ESD_HISTOGRAM_BINS) -> EsdHistogram | None:
+    """Histogram of log10 of the finite, positive eigenvalues (None when nothing is left).
+
+    Pure and cheap, so the background worker computes it and the training thread only writes.
+    """
+    values = esd_log10(eigenvalues)
+    if values is None:
+        return None
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-12:  # a single value: one bucket around it
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    return EsdHistogram(
+        min=float(values.min()), max=float(values.max()), num=int(values.size), sum=float(values.sum()),
+        sum_squares=float(np.dot(values, values)), bucket_limits=tuple(float(e) for e in edges[1:]),
+        bucket_counts=tuple(int(c) for c in counts),
+    )
 
 
 def custom_scalars_layout() -> dict:
@@ -209,7 +250,7 @@ class LoggerWriter:
                     exp = lg.experiment
                 except Exception:
                     continue
-                if hasattr(exp, "add_histogram"):
+                if hasattr(exp, "add_histogram_raw"):
                     out.append((lg, exp))
         return out
 
@@ -226,18 +267,29 @@ class LoggerWriter:
                            f"({type(err).__name__}: {err}); continuing without it.")
 
     def log_tensorboard(
-        self, loggers, step: int, results: Sequence[LayerResult], histograms: bool = True, text: bool = True
+        self, loggers, step: int, results: Sequence[LayerResult], histograms: bool = True, text: bool = True,
+        precomputed: dict[str, EsdHistogram | None] | None = None,
     ) -> None:
-        for lg, exp in self._tb_writers(loggers):
+        """ESD histograms (``precomputed`` by the worker where given), the layer table, the layout."""
+        writers = self._tb_writers(loggers)
+        if not writers:
+            return
+        hists: dict[str, EsdHistogram] = {}
+        if histograms:
+            for r in results:
+                h = precomputed[r.name] if precomputed is not None and r.name in precomputed else \
+                    esd_histogram(r.eigenvalues)
+                if h is not None:
+                    hists[r.name] = h
+        for lg, exp in writers:
             try:
                 if id(exp) not in self._layouts:
                     exp.add_custom_scalars(custom_scalars_layout())
                     self._layouts.add(id(exp))
-                if histograms:
-                    for r in results:
-                        values = esd_log10(r.eigenvalues)
-                        if values is not None:
-                            exp.add_histogram(f"ww/esd/{r.name}", values, global_step=step)
+                for name, h in hists.items():
+                    exp.add_histogram_raw(
+                        f"ww/esd/{name}", min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
+                        bucket_limits=list(h.bucket_limits), bucket_counts=list(h.bucket_counts), global_step=step)
                 if text and results:
                     exp.add_text("ww/layers", layers_markdown(results), global_step=step)
             except Exception as err:

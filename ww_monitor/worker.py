@@ -72,6 +72,8 @@ class AnalysisOutput:
     seconds: float = 0.0
     nbytes: int = 0
     error: str | None = None
+    #: ESD histograms by layer name, binned here so the training thread only writes them.
+    histograms: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,9 +106,12 @@ def _chunks(matrices, limit: int):
         yield group
 
 
-def analyze_snapshot(snapshot: Snapshot, config, rank: int = 0, chunk_bytes: int = CHUNK_BYTES) -> AnalysisOutput:
-    """The analysis job: metrics of every matrix in ``snapshot``; frees its buffers when done."""
+def analyze_snapshot(snapshot: Snapshot, config, rank: int = 0, chunk_bytes: int = CHUNK_BYTES,
+                     histograms: bool = False) -> AnalysisOutput:
+    """The analysis job: metrics of every matrix in ``snapshot`` (and, with ``histograms``, the
+    binned ESD of each for TensorBoard); frees the snapshot's buffers when done."""
     from .analyze import analyze_matrices
+    from .tensorboard_writer import esd_histogram
 
     t0 = time.perf_counter()
     nbytes = snapshot.nbytes
@@ -119,9 +124,10 @@ def analyze_snapshot(snapshot: Snapshot, config, rank: int = 0, chunk_bytes: int
                 skipped.extend(skip)
     finally:
         snapshot.release()
+    hists = {r.name: esd_histogram(r.eigenvalues) for r in results} if histograms else {}
     return AnalysisOutput(
         index=snapshot.index, step=snapshot.step, epoch=snapshot.epoch, rank=rank, results=results,
-        skipped=skipped, seconds=time.perf_counter() - t0, nbytes=nbytes,
+        skipped=skipped, seconds=time.perf_counter() - t0, nbytes=nbytes, histograms=hists,
     )
 
 
