@@ -123,10 +123,10 @@ def _batch_seconds(model, batch_size: int, width: int, steps: int = 20) -> float
     return min(bursts)
 
 
-def _make_callback(config: str, figures: bool):
+def _make_callback(config: str, figures: bool, every_n_epochs: int = 1):
     from ww_monitor import WeightWatcherCallback
 
-    kw = dict(every_n_epochs=1, figures_every_n_snapshots=5 if figures else None)
+    kw = dict(every_n_epochs=every_n_epochs, figures_every_n_snapshots=5 if figures else None)
     if config == "none":
         return None
     if config == "blocking":
@@ -150,12 +150,13 @@ def _make_callback(config: str, figures: bool):
     return WeightWatcherCallback(**kw)
 
 
-def _run(config: str, args, logdir: str, figures: bool = False) -> tuple[float, dict, list[float]]:
+def _run(config: str, args, logdir: str, figures: bool = False, every_n_epochs: int = 1
+         ) -> tuple[float, dict, list[float]]:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
     model = _build_model(args.width, args.depth)
-    cb = _make_callback(config, figures)
+    cb = _make_callback(config, figures, every_n_epochs)
     epoch_times: list[float] = []
 
     class EpochTimer(pl.Callback):
@@ -179,6 +180,29 @@ def _run(config: str, args, logdir: str, figures: bool = False) -> tuple[float, 
     if cb is not None:
         stats["snapshots_logged"] = len(cb.history)
     return wall, stats, epoch_times
+
+
+def _alternating(args, logdir: str) -> dict[str, list[float]]:
+    """Adjacent-epoch ratios in long runs with a snapshot every second epoch.
+
+    Epochs 2, 4, 6, ... each overlap the background analysis of the snapshot taken at the end of
+    the epoch before; epochs 3, 5, 7, ... run with the worker idle. The ratio of each such pair
+    of neighbouring epochs measures what one analysis in flight costs an epoch, and is far less
+    exposed than whole-run times to this machine's slow drifts in speed (neighbours see the same
+    conditions). ``none`` (no callback) is the control: its ratios show the method's own spread.
+    """
+    alt = argparse.Namespace(**{**vars(args), "epochs": args.alt_epochs})
+    ratios: dict[str, list[float]] = {"none": [], "background": []}
+    for _ in range(args.alt_runs):
+        for config in ratios:
+            _, _, ep = _run(config, alt, logdir, every_n_epochs=2)
+            ratios[config] += [ep[i] / ep[i + 1] for i in range(2, len(ep) - 1, 2)]  # epoch 0: warm-up
+    return ratios
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4)
+    return q[0], statistics.median(values), q[2]
 
 
 def _pressure() -> str:
@@ -264,6 +288,9 @@ def main() -> None:
     parser.add_argument("--figures", action="store_true", help="also time a run with default figures")
     parser.add_argument("--train-threads", type=int, default=None, help="torch intra-op threads for training")
     parser.add_argument("--memory-width", type=int, default=2048, help="MLP width for the memory measurement")
+    parser.add_argument("--alt-runs", type=int, default=2, help="long runs per config for the adjacent-epoch "
+                        "measurement (0: skip it)")
+    parser.add_argument("--alt-epochs", type=int, default=20, help="epochs of each adjacent-epoch run")
     args = parser.parse_args()
     if args.train_threads:
         torch.set_num_threads(args.train_threads)
@@ -336,6 +363,21 @@ def main() -> None:
           "blocking waits at the epoch end, outside this timer); outside s: median fit time outside epochs "
           "(start-up, the final snapshot and the wait for the last analyses at train end); hooks s: median "
           "stats['train_thread_seconds'], time spent in the callback's hooks on the training thread")
+
+    if args.alt_runs:
+        with tempfile.TemporaryDirectory() as logdir:
+            alt = _alternating(args, logdir)
+        print()
+        print(f"adjacent epochs ({args.alt_runs} run(s) of {args.alt_epochs} epochs per config, a snapshot every "
+              "2nd epoch): epoch with an analysis in flight / the next epoch, quartiles")
+        for config, values in alt.items():
+            q1, med, q3 = _quartiles(values)
+            print(f"  {config:<12}{med:>7.3f}   [{q1:.3f}, {q3:.3f}]   n={len(values)}")
+        cost = statistics.median(alt["background"]) - statistics.median(alt["none"])
+        print(f"  -> one analysis in flight costs its epoch {cost:+.1%} (background minus the control); with a "
+              f"snapshot every epoch and {args.epochs} epochs, the expected whole-run ratio is about "
+              f"{1 + cost + statistics.median(outside['background']) / (args.epochs * epoch_none):.3f} "
+              "(its outside-epoch time, the train-end wait included, spread over the run)")
 
     mem = _memory_in_fresh_process(args)
     if mem:

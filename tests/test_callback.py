@@ -372,6 +372,28 @@ def test_lagging_worker_skips_snapshots_instead_of_queueing(tmp_path, monkeypatc
     assert cb.stats["peak_inflight_bytes"] == cb.stats["snapshot_bytes"]
 
 
+def test_lagging_worker_with_on_lag_wait_loses_no_snapshot(tmp_path, monkeypatch):
+    analyze_mod = importlib.import_module("ww_monitor.analyze")
+    real = analyze_mod.analyze_matrices
+
+    def slow(matrices, config):
+        time.sleep(0.2)
+        return real(matrices, config)
+
+    monkeypatch.setattr(analyze_mod, "analyze_matrices", slow)
+    cb = ww_monitor.WeightWatcherCallback(every_n_epochs=None, every_n_train_steps=1, max_pending=1,
+                                          on_lag="wait", figures_every_n_snapshots=None)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fit(tmp_path, cb, max_epochs=2, logger=False)
+    assert not any("skipped the snapshot" in str(w.message) for w in rec)
+    assert cb.stats["snapshots_skipped"] == 0 and cb.stats["lag_waits"] > 0
+    assert cb.history.steps == list(range(2 * BATCHES + 1))  # every step, in order, no duplicate
+    assert cb.stats["peak_inflight_bytes"] == cb.stats["snapshot_bytes"]  # still one copy at a time
+    # the waits happened on the training thread: at least the analyses it had to wait for
+    assert cb.stats["train_thread_seconds"] >= 0.1 * cb.stats["lag_waits"]
+
+
 def test_exception_in_training_stops_the_worker(tmp_path):
     import threading
 
@@ -408,3 +430,13 @@ def test_imports_do_not_mix_lightning_packages():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "OK", res.stderr[-2000:]
+
+
+def test_reusing_the_callback_for_a_new_run_warns_and_starts_a_new_history(tmp_path):
+    cb = ww_monitor.WeightWatcherCallback(blocking=True, figures_every_n_snapshots=None)
+    fit(tmp_path, cb, max_epochs=2, logger=False)
+    assert cb.history.steps == [0, BATCHES, 2 * BATCHES]
+    with pytest.warns(RuntimeWarning, match="from an earlier run, and this run starts at step 0"):
+        fit(tmp_path, cb, max_epochs=1, logger=False)
+    # the new run's snapshots, none of them dropped as "already in the history"
+    assert cb.history.steps == [0, BATCHES] and cb.stats["snapshots_taken"] == 2

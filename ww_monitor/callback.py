@@ -325,9 +325,25 @@ class WeightWatcherMixin:
         self._partials: dict[int, dict[int, AnalysisOutput]] = {}  # DDP: index -> {rank: output}
         self._guard = None  # snapshot with in-flight CUDA copies
         self._unfigured = None  # (step, results, esd layers) of the latest snapshot without figures
-        self._warned_layers: set[str] = set()
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """Forget everything about earlier runs: history, alert state, counters."""
+        self.history = History()
+        if self.alert_tracker is not None:
+            self.alert_tracker = AlertTracker(self.alert_tracker.config)
+        self.alerts_fired = []
+        self._writer = LoggerWriter()  # its once-per-logger warnings and layouts belong to a run
+        self._next_index = 0
+        self._last_step = None
+        self._checked_step = None
+        self._owed = None
+        self._meta = {}
+        self._partials = {}
+        self._unfigured = None
+        self._warned_layers = set()
         self._reported_selection = False
-        self.stats: dict[str, Any] = {
+        self.stats = {
             "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
             "lag_waits": 0, "train_thread_seconds": 0.0,
@@ -346,6 +362,16 @@ class WeightWatcherMixin:
     def on_train_start(self, trainer, pl_module) -> None:
         if getattr(trainer, "sanity_checking", False):
             return
+        last = self.history.steps[-1] if len(self.history) else self._last_step
+        if last is not None and trainer.global_step < last:
+            # The same callback object passed to a new Trainer: its snapshots would collide with
+            # the earlier run's steps and be dropped as duplicates.
+            _rank_zero_warn(
+                f"WeightWatcherCallback: this callback holds {len(self.history)} snapshot(s) up to step {last} "
+                f"from an earlier run, and this run starts at step {trainer.global_step}. Starting a new history "
+                "(the earlier one is discarded); use one callback per run, or keep `callback.history` before "
+                "fitting again.", RuntimeWarning)
+            self._new_run()
         self._rank, self._world = int(trainer.global_rank), int(trainer.world_size)
         if self._world > 1 and not is_initialized():
             self._world = 1  # no process group (e.g. a custom launcher): analyse everything here
