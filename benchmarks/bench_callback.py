@@ -193,6 +193,7 @@ def _alternating(args, logdir: str) -> dict[str, list[float]]:
     """
     alt = argparse.Namespace(**{**vars(args), "epochs": args.alt_epochs})
     ratios: dict[str, list[float]] = {"none": [], "background": []}
+    ratios.update({c: [] for c in args.alt_extra})
     for _ in range(args.alt_runs):
         for config in ratios:
             _, _, ep = _run(config, alt, logdir, every_n_epochs=2)
@@ -291,6 +292,8 @@ def main() -> None:
     parser.add_argument("--alt-runs", type=int, default=2, help="long runs per config for the adjacent-epoch "
                         "measurement (0: skip it)")
     parser.add_argument("--alt-epochs", type=int, default=20, help="epochs of each adjacent-epoch run")
+    parser.add_argument("--alt-extra", nargs="*", default=[], choices=["nice0", "nice19", "idle", "process"],
+                        help="more background variants for the adjacent-epoch measurement")
     args = parser.parse_args()
     if args.train_threads:
         torch.set_num_threads(args.train_threads)
@@ -373,6 +376,9 @@ def main() -> None:
         for config, values in alt.items():
             q1, med, q3 = _quartiles(values)
             print(f"  {config:<12}{med:>7.3f}   [{q1:.3f}, {q3:.3f}]   n={len(values)}")
+        for config in args.alt_extra:
+            print(f"  {config}: {statistics.median(alt[config]) - statistics.median(alt['none']):+.1%} per analysis "
+                  "in flight")
         cost = statistics.median(alt["background"]) - statistics.median(alt["none"])
         print(f"  -> one analysis in flight costs its epoch {cost:+.1%} (background minus the control); with a "
               f"snapshot every epoch and {args.epochs} epochs, the expected whole-run ratio is about "

@@ -135,3 +135,24 @@ def test_analysis_does_not_touch_weights_or_grad_state():
     wwm.analyze(model)
     assert torch.equal(model.weight, before) and model.weight.grad is None
     assert torch.is_grad_enabled()
+
+
+def test_progress_callback_reports_every_layer_and_changes_no_result():
+    import torch
+    from torch import nn
+
+    import ww_monitor as wwm
+
+    torch.manual_seed(0)
+    # 11 same-shape layers (two progress groups) plus odd shapes, interleaved
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(11)], nn.Linear(64, 48), nn.Conv2d(8, 16, 3),
+                          nn.Linear(48, 64))
+    calls = []
+    shown = wwm.analyze(model, progress=lambda done, total: calls.append((done, total)))
+    plain = wwm.analyze(model)
+    total = len(plain.layers) + sum(1 for s in plain.skipped if s.shape)
+    assert calls[0] == (0, calls[-1][1]) and calls[-1][0] == calls[-1][1] >= len(plain.layers)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and len(calls) >= 4
+    assert [l.name for l in shown.layers] == [l.name for l in plain.layers]
+    assert [l.alpha for l in shown.layers] == [l.alpha for l in plain.layers]
+    del total

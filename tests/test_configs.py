@@ -4,8 +4,8 @@ Every config runs for two steps as ``python examples/train_cli.py fit --config c
 --trainer.max_steps=2 --trainer.logger.init_args.save_dir=<tmp> ...``. The three runs share one
 subprocess (each is executed as ``__main__`` with its own ``sys.argv``) so that
 ``pytorch_lightning`` and ``jsonargparse`` are imported once. Then the TensorBoard logs show the
-callback ran with each config's settings; and the early-stopping config, with two values
-tweaked, really stops training on ``ww/summary/alpha``.
+callback ran with each config's settings; and the two early-stopping configs, with a value
+tweaked, really stop training on ``ww/summary/alpha``.
 """
 
 import json
@@ -23,7 +23,7 @@ pl = pytest.importorskip("pytorch_lightning")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_cli.py"
-CONFIGS = ("default", "large_model", "early_stopping")
+CONFIGS = ("default", "large_model", "early_stopping", "alpha_drift")
 
 DRIVER = r"""
 import json, runpy, sys, traceback
@@ -107,6 +107,11 @@ def test_config_callback_settings(name):
     if name == "early_stopping":
         assert callbacks[1]["class_path"] == "EarlyStopping"
         assert callbacks[1]["init_args"]["monitor"] == "ww/summary/alpha"
+    if name == "alpha_drift":
+        from ww_monitor import AlphaDriftEarlyStopping
+
+        assert callbacks[1]["class_path"] == "ww_monitor.AlphaDriftEarlyStopping"
+        AlphaDriftEarlyStopping(**callbacks[1]["init_args"])
 
 
 def test_early_stopping_config_stops_on_alpha(tmp_path):
@@ -125,3 +130,21 @@ def test_early_stopping_config_stops_on_alpha(tmp_path):
     assert trainer.should_stop and trainer.current_epoch == 1
     stopper = next(c for c in trainer.callbacks if type(c).__name__ == "EarlyStopping")
     assert stopper.stopped_epoch == 0
+
+
+def test_alpha_drift_config_stops_on_the_floor(tmp_path):
+    """The shipped AlphaDriftEarlyStopping config, with a floor every model is under and a
+    blocking analysis, stops once `min_snapshots` snapshots were seen."""
+    cfg = yaml.safe_load((ROOT / "configs" / "alpha_drift.yaml").read_text())
+    ww, stopper_cfg = cfg["trainer"]["callbacks"]
+    ww["init_args"].update(blocking=True, figures_every_n_snapshots=None)
+    stopper_cfg["init_args"]["floor"] = 100.0
+    tweaked = tmp_path / "drift.yaml"
+    tweaked.write_text(yaml.safe_dump(cfg))
+    main = runpy.run_path(str(SCRIPT))["main"]
+    cli = main(["fit", "--config", str(tweaked), "--trainer.max_epochs=10", *overrides(tmp_path)[1:]])
+    trainer = cli.trainer
+    stopper = next(c for c in trainer.callbacks if type(c).__name__ == "AlphaDriftEarlyStopping")
+    assert trainer.should_stop and "floor" in stopper.stopped_reason
+    assert len(stopper.seen_steps) == 3  # the baseline + two epoch ends: min_snapshots
+    assert trainer.current_epoch == 2

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -226,6 +226,7 @@ def analyze(
     seed: int = 0,
     keep_eigenvalues: bool = True,
     weights_only: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Analyse every weight matrix of a model, state dict or checkpoint file/folder.
 
@@ -250,6 +251,8 @@ def analyze(
         keep_eigenvalues: keep each layer's ESD on its result (``LayerResult.eigenvalues``).
         weights_only: load checkpoint files with PyTorch's safe unpickler (default). Set False
             only for files you trust.
+        progress: called as ``progress(done, total)`` (layers) as the analysis advances; the
+            layers are then solved in small groups of one shape, with the same results.
     """
     config = AnalysisConfig(
         include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=min_evals,
@@ -261,5 +264,35 @@ def analyze(
         source = load_state_dict(model, weights_only=weights_only)
     with torch.no_grad():
         matrices, skipped = select_matrices(source, config)
-        results, failed = analyze_matrices(matrices, config)
+        if progress is None:
+            results, failed = analyze_matrices(matrices, config)
+        else:
+            results, failed = _analyze_in_groups(matrices, config, progress)
     return Report(layers=results, skipped=skipped + failed)
+
+
+#: Layers per group when progress is reported: small enough for a smooth progress bar, large
+#: enough that same-shape layers still share batched eigensolver calls.
+PROGRESS_GROUP = 8
+
+
+def _analyze_in_groups(matrices: Sequence[LayerMatrix], config: AnalysisConfig,
+                       progress: Callable[[int, int], None]) -> tuple[list[LayerResult], list[SkippedLayer]]:
+    """:func:`analyze_matrices` over groups of same-shape layers, reporting after each group;
+    results come back in input order."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, m in enumerate(matrices):
+        by_shape.setdefault(tuple(m.weight.shape), []).append(i)
+    groups = [idx[k : k + PROGRESS_GROUP] for idx in by_shape.values() for k in range(0, len(idx), PROGRESS_GROUP)]
+    done: dict[str, list[LayerResult]] = {}
+    failed: list[SkippedLayer] = []
+    finished = 0
+    progress(0, len(matrices))
+    for group in groups:
+        results, bad = analyze_matrices([matrices[i] for i in group], config)
+        for r in results:
+            done.setdefault(r.name, []).append(r)
+        failed.extend(bad)
+        finished += len(group)
+        progress(finished, len(matrices))
+    return [done[m.name].pop(0) for m in matrices if done.get(m.name)], failed

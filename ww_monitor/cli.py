@@ -29,8 +29,6 @@ __all__ = ["main"]
 EXIT_USER_ERROR = 2
 #: ``analyze --plot``: ESD figures for at most this many layers unless ``--max-plots`` says otherwise.
 DEFAULT_MAX_PLOTS = 12
-# Layers per analyse call while a progress bar is shown (same-shape layers stay batched).
-_PROGRESS_CHUNK = 8
 
 _TABLE_COLUMNS = (
     ("name", "layer"), ("kind", "kind"), ("N", "N"), ("M", "M"), ("alpha", "alpha"),
@@ -128,17 +126,8 @@ def _show_progress() -> bool:
 
 def run_analysis(source, *, progress: bool | None = None, weights_only: bool = True, **options):
     """``wwm.analyze(source, **options)``, with a per-layer progress bar on stderr when
-    ``progress`` (default: stderr is a terminal).
-
-    With the bar, the layers are analysed in chunks of same-shape layers through
-    :func:`~ww_monitor.analyze.select_matrices` / :func:`~ww_monitor.analyze.analyze_matrices`
-    (what ``analyze`` does in one call), so the results are the same.
-    """
-    import torch
-
-    from .analyze import AnalysisConfig, analyze, analyze_matrices, select_matrices
-    from .loading import load_state_dict
-    from .results import Report
+    ``progress`` (default: stderr is a terminal)."""
+    from .analyze import analyze
 
     if progress is None:
         progress = _show_progress()
@@ -146,28 +135,13 @@ def run_analysis(source, *, progress: bool | None = None, weights_only: bool = T
         return analyze(source, weights_only=weights_only, **options)
     from tqdm import tqdm
 
-    config = AnalysisConfig(**options)
-    if isinstance(source, (str, os.PathLike)):
-        source = load_state_dict(source, weights_only=weights_only)
-    with torch.no_grad():
-        matrices, skipped = select_matrices(source, config)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, m in enumerate(matrices):
-            by_shape.setdefault(tuple(m.weight.shape), []).append(i)
-        step = _PROGRESS_CHUNK
-        chunks = [idx[k : k + step] for idx in by_shape.values() for k in range(0, len(idx), step)]
-        done: dict[str, list] = {}
-        failed = []
-        with tqdm(total=len(matrices), desc="analysing", unit="layer", file=sys.stderr, leave=False,
-                  dynamic_ncols=True) as bar:
-            for chunk in chunks:
-                results, bad = analyze_matrices([matrices[i] for i in chunk], config)
-                for r in results:
-                    done.setdefault(r.name, []).append(r)
-                failed.extend(bad)
-                bar.update(len(chunk))
-    layers = [done[m.name].pop(0) for m in matrices if done.get(m.name)]  # input order, as analyze()
-    return Report(layers=layers, skipped=list(skipped) + failed)
+    with tqdm(desc="analysing", unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return analyze(source, weights_only=weights_only, progress=advance, **options)
 
 
 def _analyze(args) -> int:
