@@ -6,6 +6,7 @@ the callback and the logger come from a config file in ``configs/``::
     python examples/train_cli.py fit --config configs/default.yaml
     python examples/train_cli.py fit --config configs/large_model.yaml --trainer.max_epochs=20
     python examples/train_cli.py fit --config configs/early_stopping.yaml
+    python examples/train_cli.py fit --config configs/alpha_drift.yaml
     python examples/train_cli.py fit --config configs/default.yaml --print_config   # resolved options
     tensorboard --logdir ww_logs/
 

@@ -114,37 +114,33 @@ def test_config_callback_settings(name):
         AlphaDriftEarlyStopping(**callbacks[1]["init_args"])
 
 
-def test_early_stopping_config_stops_on_alpha(tmp_path):
-    """The shipped early-stopping config, with a threshold every model meets and a blocking
-    analysis (so the value is there at the first epoch end), stops after one epoch."""
-    cfg = yaml.safe_load((ROOT / "configs" / "early_stopping.yaml").read_text())
-    ww, es = cfg["trainer"]["callbacks"]
+def fit_tweaked(tmp_path, name: str, stopper_args: dict, max_epochs: int):
+    """Run a shipped config with a blocking analysis (each value is there at its epoch end), no
+    figures, and the stopper's ``init_args`` updated; returns (trainer, stopper)."""
+    cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    ww, stopper_cfg = cfg["trainer"]["callbacks"]
     ww["init_args"].update(blocking=True, figures_every_n_snapshots=None)
-    es["init_args"]["stopping_threshold"] = 100.0
-    tweaked = tmp_path / "es.yaml"
+    stopper_cfg["init_args"].update(stopper_args)
+    tweaked = tmp_path / f"{name}.yaml"
     tweaked.write_text(yaml.safe_dump(cfg))
     main = runpy.run_path(str(SCRIPT))["main"]
-    cli = main(["fit", "--config", str(tweaked), "--trainer.max_epochs=4", *overrides(tmp_path)[1:]])
-    trainer = cli.trainer
+    cli = main(["fit", "--config", str(tweaked), f"--trainer.max_epochs={max_epochs}", *overrides(tmp_path)[1:]])
+    stopper_type = stopper_cfg["class_path"].rsplit(".", 1)[-1]
+    return cli.trainer, next(c for c in cli.trainer.callbacks if type(c).__name__ == stopper_type)
+
+
+def test_early_stopping_config_stops_on_alpha(tmp_path):
+    """Lightning's EarlyStopping with a threshold every model meets stops after one epoch."""
+    trainer, stopper = fit_tweaked(tmp_path, "early_stopping", {"stopping_threshold": 100.0}, max_epochs=4)
     assert "ww/summary/alpha" in trainer.callback_metrics
     assert trainer.should_stop and trainer.current_epoch == 1
-    stopper = next(c for c in trainer.callbacks if type(c).__name__ == "EarlyStopping")
     assert stopper.stopped_epoch == 0
 
 
 def test_alpha_drift_config_stops_on_the_floor(tmp_path):
-    """The shipped AlphaDriftEarlyStopping config, with a floor every model is under and a
-    blocking analysis, stops once `min_snapshots` snapshots were seen."""
-    cfg = yaml.safe_load((ROOT / "configs" / "alpha_drift.yaml").read_text())
-    ww, stopper_cfg = cfg["trainer"]["callbacks"]
-    ww["init_args"].update(blocking=True, figures_every_n_snapshots=None)
-    stopper_cfg["init_args"]["floor"] = 100.0
-    tweaked = tmp_path / "drift.yaml"
-    tweaked.write_text(yaml.safe_dump(cfg))
-    main = runpy.run_path(str(SCRIPT))["main"]
-    cli = main(["fit", "--config", str(tweaked), "--trainer.max_epochs=10", *overrides(tmp_path)[1:]])
-    trainer = cli.trainer
-    stopper = next(c for c in trainer.callbacks if type(c).__name__ == "AlphaDriftEarlyStopping")
+    """AlphaDriftEarlyStopping with a floor every model is under stops once `min_snapshots`
+    snapshots were seen."""
+    trainer, stopper = fit_tweaked(tmp_path, "alpha_drift", {"floor": 100.0}, max_epochs=10)
     assert trainer.should_stop and "floor" in stopper.stopped_reason
     assert len(stopper.seen_steps) == 3  # the baseline + two epoch ends: min_snapshots
     assert trainer.current_epoch == 2
