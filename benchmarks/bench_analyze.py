@@ -42,25 +42,11 @@ from __future__ import annotations
 import os
 import sys
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-DEFAULT_THREADS = 1
-
-
-def _threads_from_argv(argv) -> int:
-    # Thread pools read these variables when numpy/torch load, so parse before importing them.
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return DEFAULT_THREADS
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _threads import DEFAULT_THREADS, pin_threads  # noqa: E402
 
 if __name__ == "__main__":
-    _threads = _threads_from_argv(sys.argv[1:])
-    if _threads > 0:
-        for _var in _THREAD_VARS:
-            os.environ[_var] = str(_threads)
+    pin_threads(sys.argv[1:])
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
