@@ -17,11 +17,16 @@ What it measures (all in one process, so every configuration sees the same machi
    resident-set growth of the process while one snapshot is copied and analysed (Linux
    ``VmHWM`` after resetting it through ``/proc/self/clear_refs``), i.e. the copy plus the
    analysis' float64 working memory.
+4. Adjacent epochs (``--alt-runs``): long runs with a snapshot every second epoch, timing the
+   epoch that overlaps an analysis against its idle neighbour, with the same runs without the
+   callback as the control. Whole-run times on these VMs drift by +-20%; neighbouring epochs
+   see the same conditions, so this is the steadier estimate of what an analysis costs.
 
 Figures are off in the timed runs (``--figures`` adds a run with the default figure settings):
 rendering is a separate, low-frequency cost reported on its own line.
 
-    python benchmarks/bench_callback.py                 # ~3-4 minutes on 2 cores
+    python benchmarks/bench_callback.py                 # ~6 minutes on 2 cores
+    python benchmarks/bench_callback.py --repeats 5 --epochs 8 --alt-runs 3   # the README's figures
     python benchmarks/bench_callback.py --repeats 3 --epochs 4 --extra nice0 process
 """
 
