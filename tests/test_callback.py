@@ -33,8 +33,33 @@ EXPECTED_LAYERS = ["conv", "fc1", "fc2"]
 BATCHES = 4
 
 
+class ClassifierSteps:
+    """The steps of the test classifiers (mixed into a LightningModule of either package).
+    ``fail_at_step`` makes ``training_step`` raise at that global step."""
+
+    fail_at_step: int | None = None
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at_step is not None and self.global_step == self.fail_at_step:
+            raise RuntimeError("boom in training_step")
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
 def make_module_class(plmod):
-    class Tiny(plmod.LightningModule):
+    class Tiny(ClassifierSteps, plmod.LightningModule):
         def __init__(self, validation: bool = False, fail_at_step: int | None = None):
             super().__init__()
             self.conv = nn.Conv2d(3, 16, 3)
@@ -48,24 +73,6 @@ def make_module_class(plmod):
         def forward(self, x):
             x = torch.relu(self.conv(x)).flatten(1)
             return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-        def training_step(self, batch, batch_idx):
-            if self.fail_at_step is not None and self.global_step == self.fail_at_step:
-                raise RuntimeError("boom in training_step")
-            x, y = batch
-            loss = nn.functional.cross_entropy(self(x), y)
-            self.log("train_loss", loss)
-            return loss
-
-        def validation_step(self, batch, batch_idx):  # noqa: F811 - removed when not wanted
-            x, y = batch
-            self.log("val_loss", nn.functional.cross_entropy(self(x), y))
-
-        def predict_step(self, batch, batch_idx):
-            return self(batch[0])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
 
     return Tiny
 

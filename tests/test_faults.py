@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ww_monitor
 import ww_monitor.callback as callback_mod
+from test_callback import ClassifierSteps
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -35,7 +36,7 @@ BATCHES = 4
 WORKER_THREAD_PREFIX = "ww-monitor"  # ThreadWorker and SubprocessWorker's pipe threads (worker.py)
 
 
-class MLP(pl.LightningModule):
+class MLP(ClassifierSteps, pl.LightningModule):
     def __init__(self, fail_at_step: int | None = None, width: int = 32):
         super().__init__()
         self.fc1 = nn.Linear(16, width)
@@ -46,27 +47,9 @@ class MLP(pl.LightningModule):
     def forward(self, x):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
-    def training_step(self, batch, batch_idx):
-        if self.fail_at_step is not None and self.global_step == self.fail_at_step:
-            raise RuntimeError("boom in training_step")
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
-
     def test_step(self, batch, batch_idx):
         x, y = batch
         self.log("test_loss", nn.functional.cross_entropy(self(x), y))
-
-    def predict_step(self, batch, batch_idx):
-        return self(batch[0])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def data(seed: int = 0) -> DataLoader:
