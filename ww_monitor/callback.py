@@ -305,45 +305,35 @@ class WeightWatcherMixin:
         self.max_figure_layers = max_figure_layers
         self.drain_timeout = float(drain_timeout)
 
-        #: Every analysed snapshot (:class:`ww_monitor.history.History`).
-        self.history = History()
-        alert_config = alerts if isinstance(alerts, AlertConfig) else AlertConfig()
-        #: Alert state (``None`` when alerts are off); ``alerts_fired`` lists every alert raised.
-        self.alert_tracker = AlertTracker(alert_config) if alerts is not False else None
+        self._alert_config = alerts if isinstance(alerts, AlertConfig) else AlertConfig()
+        self._alerts_on = alerts is not False
         self.on_alert = on_alert
-        self.alerts_fired: list[Alert] = []
-        self._writer = LoggerWriter()
         self._worker = None
         self._figure_worker = None  # figures render in their own thread so analyses never wait on them
         self._active = False
         self._rank, self._world = 0, 1
+        self._guard = None  # snapshot with in-flight CUDA copies
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """The per-run state, fresh: history, alert state, counters (at construction, and when
+        the callback is reused for a new run)."""
+        #: Every analysed snapshot (:class:`ww_monitor.history.History`).
+        self.history = History()
+        #: Alert state (``None`` when alerts are off); ``alerts_fired`` lists every alert raised.
+        self.alert_tracker = AlertTracker(self._alert_config) if self._alerts_on else None
+        self.alerts_fired: list[Alert] = []
+        self._writer = LoggerWriter()  # its once-per-logger warnings and layouts belong to a run
         self._next_index = 0
         self._last_step: int | None = None  # step of the last snapshot taken
         self._checked_step: int | None = None  # step-schedule check already done at this step
         self._owed: tuple[int, int] | None = None  # restored: (step, epoch) of a snapshot due at the checkpoint
         self._meta: dict[int, dict] = {}  # snapshot index -> step, epoch, owners, ... until complete
         self._partials: dict[int, dict[int, AnalysisOutput]] = {}  # DDP: index -> {rank: output}
-        self._guard = None  # snapshot with in-flight CUDA copies
         self._unfigured = None  # (step, results, esd layers) of the latest snapshot without figures
-        self._new_run()
-
-    def _new_run(self) -> None:
-        """Forget everything about earlier runs: history, alert state, counters."""
-        self.history = History()
-        if self.alert_tracker is not None:
-            self.alert_tracker = AlertTracker(self.alert_tracker.config)
-        self.alerts_fired = []
-        self._writer = LoggerWriter()  # its once-per-logger warnings and layouts belong to a run
-        self._next_index = 0
-        self._last_step = None
-        self._checked_step = None
-        self._owed = None
-        self._meta = {}
-        self._partials = {}
-        self._unfigured = None
-        self._warned_layers = set()
+        self._warned_layers: set[str] = set()
         self._reported_selection = False
-        self.stats = {
+        self.stats: dict[str, Any] = {
             "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
             "lag_waits": 0, "train_thread_seconds": 0.0,
