@@ -91,7 +91,7 @@ def _analysis_seconds(model, threads: int | None, repeats: int = 5) -> float:
     (the fastest of a few: other load on the machine only ever adds time)."""
     from ww_monitor.analyze import AnalysisConfig, select_matrices
     from ww_monitor.snapshot import take_snapshot
-    from ww_monitor.worker import ThreadWorker, analyze_snapshot
+    from ww_monitor.worker import CHUNK_BYTES, ThreadWorker, analyze_snapshot
 
     config = AnalysisConfig()
     worker = ThreadWorker(num_threads=threads, nice=0)
@@ -100,7 +100,7 @@ def _analysis_seconds(model, threads: int | None, repeats: int = 5) -> float:
         mats, _ = select_matrices(model, config)
         snap = take_snapshot(mats)
         t0 = time.perf_counter()
-        worker.submit("analysis", 0, analyze_snapshot, (snap, config, 0))
+        worker.submit("analysis", 0, analyze_snapshot, (snap, config, 0, CHUNK_BYTES, True))  # + histograms
         worker.wait()
         times.append(time.perf_counter() - t0)
         worker.poll()

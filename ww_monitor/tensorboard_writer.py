@@ -123,12 +123,11 @@ def esd_histogram(eigenvalues, bins: int = ESD_HISTOGRAM_BINS) -> EsdHistogram |
     values = esd_log10(eigenvalues)
     if values is None:
         return None
-    lo, hi = float(values.min()), float(values.max())
-    if hi - lo < 1e-12:  # a single value: one bucket around it
-        lo, hi = lo - 0.5, hi + 0.5
+    vmin, vmax = float(values.min()), float(values.max())
+    lo, hi = (vmin - 0.5, vmax + 0.5) if vmax - vmin < 1e-12 else (vmin, vmax)  # one value: a bucket around it
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     return EsdHistogram(
-        min=float(values.min()), max=float(values.max()), num=int(values.size), sum=float(values.sum()),
+        min=vmin, max=vmax, num=int(values.size), sum=float(values.sum()),
         sum_squares=float(np.dot(values, values)), bucket_limits=tuple(float(e) for e in edges[1:]),
         bucket_counts=tuple(int(c) for c in counts),
     )
