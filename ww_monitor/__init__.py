@@ -15,6 +15,7 @@ from .results import LayerResult, Report, SkippedLayer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlphaDecay",
     "AlphaDriftEarlyStopping",
     "CheckpointError",
     "LayerResult",
@@ -22,6 +23,8 @@ __all__ = [
     "PowerLawFit",
     "Report",
     "SkippedLayer",
+    "SpectralBalancer",
+    "TempBalance",
     "WWMonitorError",
     "WeightWatcherCallback",
     "analyze",
@@ -31,7 +34,10 @@ __all__ = [
 
 _LAZY = {"WeightWatcherCallback": ("ww_monitor.callback", "WeightWatcherCallback"),
          "AlphaDriftEarlyStopping": ("ww_monitor.alpha_drift", "AlphaDriftEarlyStopping"),
-         "classify_phase": ("ww_monitor.phases", "classify_phase")}
+         "classify_phase": ("ww_monitor.phases", "classify_phase"),
+         "SpectralBalancer": ("ww_monitor.balancing", "SpectralBalancer"),
+         "TempBalance": ("ww_monitor.balancing", "TempBalance"),
+         "AlphaDecay": ("ww_monitor.balancing", "AlphaDecay")}
 
 
 def __getattr__(name: str):

@@ -333,6 +333,9 @@ class WeightWatcherMixin:
         self._unfigured = None  # (step, results, esd layers) of the latest snapshot without figures
         self._warned_layers: set[str] = set()
         self._reported_selection = False
+        #: ``(step, results)`` of the latest completed snapshot (each ``LayerResult`` with its
+        #: eigenvalues), e.g. for :class:`ww_monitor.SpectralBalancer`; None before the first.
+        self.latest_results: tuple[int, list] | None = None
         self.stats: dict[str, Any] = {
             "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
@@ -683,6 +686,7 @@ class WeightWatcherMixin:
             return
         if not results and errors:
             return
+        self.latest_results = (step, results)
         metrics = layer_scalars(results)
         metrics.update(summary_scalars(summary))
         if self.log_callback_metrics and results:

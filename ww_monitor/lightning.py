@@ -14,9 +14,14 @@ from __future__ import annotations
 from lightning.pytorch import Callback
 
 from . import alpha_drift
+from .balancing.callback import build as _build_balancers
 from .callback import WeightWatcherMixin, _build  # noqa: F401  (the shared logic, re-exported)
 
-__all__ = ["WeightWatcherCallback", "AlphaDriftEarlyStopping"]
+__all__ = ["WeightWatcherCallback", "AlphaDriftEarlyStopping", "SpectralBalancer", "TempBalance", "AlphaDecay"]
 
 WeightWatcherCallback = _build(Callback, __name__)
 AlphaDriftEarlyStopping = alpha_drift._build(Callback, __name__)
+_balancers = _build_balancers(Callback, __name__)
+SpectralBalancer = _balancers["SpectralBalancer"]
+TempBalance = _balancers["TempBalance"]
+AlphaDecay = _balancers["AlphaDecay"]

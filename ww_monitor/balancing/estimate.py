@@ -1,0 +1,108 @@
+"""Alpha of every balanced unit: computed here (cheap) or taken from a WeightWatcherCallback.
+
+Two estimators:
+
+* ``"hill_median"`` (the papers'): :func:`ww_monitor.functional.hill.hill_alpha` with xmin at
+  the median eigenvalue (``xmin_pos=2``).
+* ``"ww"``: ww_monitor's weightwatcher-compatible fit (:func:`ww_monitor.fit_power_law`, xmin by
+  the smallest KS distance, near-zero eigenvalues below the precision-aware rank tolerance left
+  out, as in :func:`ww_monitor.analyze`).
+
+Computed here, the eigenvalues are those of the Gram matrix W^T W in float64
+(:func:`ww_monitor.functional.eigenvalues.batched_eigenvalues`, ``eigvalsh``; conv kernels pooled
+over kernel positions with each slice scaled by sqrt(1/2), as weightwatcher and TempBalance do).
+A unit whose ESD has fewer than ``min_evals`` eigenvalues, or whose fit failed, is *unreliable*
+and keeps factor 1. A unit with several ESDs (attention q/k/v, RNN gates) gets the mean alpha of
+its reliable ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..functional.eigenvalues import batched_eigenvalues
+from ..functional.hill import hill_alpha
+from ..functional.power_law import DEFAULT_MIN_EIGENVALUE, fit_power_law
+from ..functional.spectral_metrics import rank_tolerance
+from .groups import Unit
+
+__all__ = ["ESTIMATORS", "MIN_BALANCE_EVALS", "EsdAlpha", "own_alphas", "monitor_alphas", "unit_alphas"]
+
+ESTIMATORS = ("hill_median", "ww")
+
+#: Fewer eigenvalues than this and a layer keeps factor 1: TempBalance, Model Balancing and
+#: AlphaDecay all skip such layers (``eigs_thresh=50``); with so few eigenvalues the tail above
+#: the median holds < 25 points and alpha is mostly noise.
+MIN_BALANCE_EVALS = 50
+
+
+@dataclass(frozen=True)
+class EsdAlpha:
+    """Alpha of one ESD and whether it may steer its layer."""
+
+    name: str
+    alpha: float
+    num_evals: int
+    reliable: bool
+
+
+def _esd_alpha(name: str, evals: np.ndarray, estimator: str, xmin_pos: float, min_evals: int,
+               n: int, m: int, dtype) -> EsdAlpha:
+    if estimator == "hill_median":
+        alpha, ok = hill_alpha(evals, xmin_pos), True
+    else:
+        lam_max = float(evals[-1]) if evals.size else 0.0
+        fit = fit_power_law(evals, min_eigenvalue=max(DEFAULT_MIN_EIGENVALUE, rank_tolerance(lam_max, n, m, dtype)))
+        alpha, ok = fit.alpha, fit.ok
+    reliable = ok and math.isfinite(alpha) and alpha > 1.0 and evals.size >= min_evals
+    return EsdAlpha(name, float(alpha), int(evals.size), bool(reliable))
+
+
+def own_alphas(units: Sequence[Unit], estimator: str, xmin_pos: float, min_evals: int,
+               method: str = "auto") -> list[EsdAlpha]:
+    """Eigenvalues of every unit's ESDs (batched, float64, read-only) and their alphas."""
+    mats = [m for u in units for m in u.matrices]
+    with torch.no_grad():
+        evals = batched_eigenvalues([m.weight.detach() for m in mats], method=method)
+    return [_esd_alpha(m.name, ev * m.eig_scale, estimator, xmin_pos, min_evals, m.N, m.M, m.weight.dtype)
+            for m, ev in zip(mats, evals)]
+
+
+def monitor_alphas(results, estimator: str, xmin_pos: float, min_evals: int) -> list[EsdAlpha]:
+    """Alphas from a WeightWatcherCallback's latest results (``LayerResult`` list).
+
+    ``"ww"`` takes the monitor's own fit; a ``reliable`` flag on the result, where the monitor
+    provides one, decides, else ``fit_ok`` and ``min_evals``. ``"hill_median"`` recomputes the
+    Hill estimate from the result's eigenvalues (kept by the monitor), no eigensolve.
+    """
+    out = []
+    for r in results:
+        if estimator == "ww":
+            flag = getattr(r, "reliable", None)
+            ok = bool(r.fit_ok) and math.isfinite(r.alpha) and r.num_evals >= min_evals
+            reliable = ok if flag is None else (bool(flag) and math.isfinite(r.alpha))
+            out.append(EsdAlpha(r.name, float(r.alpha), int(r.num_evals), reliable))
+        elif r.eigenvalues is not None:
+            alpha = hill_alpha(r.eigenvalues, xmin_pos)
+            reliable = math.isfinite(alpha) and alpha > 1.0 and r.num_evals >= min_evals
+            out.append(EsdAlpha(r.name, float(alpha), int(r.num_evals), reliable))
+    return out
+
+
+def unit_alphas(units: Sequence[Unit], esds: Sequence[EsdAlpha]) -> tuple[list[float], list[bool]]:
+    """Per unit: the mean alpha of its reliable ESDs and whether it has one (for a unit without,
+    the mean of its finite alphas, shown but not used; NaN if none)."""
+    by_name = {e.name: e for e in esds}
+    alphas, reliable = [], []
+    for u in units:
+        found = [by_name[m.name] for m in u.matrices if m.name in by_name]
+        good = [e.alpha for e in found if e.reliable]
+        shown = good or [e.alpha for e in found if math.isfinite(e.alpha)]
+        alphas.append(float(np.mean(shown)) if shown else math.nan)
+        reliable.append(bool(good))
+    return alphas, reliable
