@@ -9,7 +9,6 @@ mapping of the alphas, and the alphas with the Hill estimate of the weights' SVD
 import csv
 import math
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -373,3 +372,19 @@ def test_config_file_instantiates_and_runs(tmp_path):
     assert 1 <= len(balancer.history) <= 3 and balancer.stats["failures"] == 0
     assert all(r.source == "hill_median" or r.source.startswith("monitor:hill_median@") for r in balancer.history)
     assert balancer.group_layers() == ["encoder.0", "encoder.2", "head"]
+
+
+def test_example_prints_its_table(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "balancing.py"))
+    figure = tmp_path / "balancing.png"
+    table = example["main"](["--seeds", "2", "--epochs", "1", "--tasks", "teacher-student", "--plot", str(figure)])
+    out = capsys.readouterr().out
+    assert "test acc (mean +- std)" in out and "6 runs, 1 epochs each" in out
+    assert [(t["task"], t["method"], t["n"]) for t in table] == [
+        ("teacher-student", m, 2) for m in ("baseline", "TempBalance", "AlphaDecay")]
+    assert all(0.0 <= t["acc_mean"] <= 1.0 and math.isfinite(t["alpha_mean"]) for t in table)
+    assert figure.stat().st_size > 10_000

@@ -96,10 +96,10 @@ class SpectralBalancerMixin:
         import pytorch_lightning as pl          # or lightning.pytorch, with ww_monitor.lightning
         from ww_monitor import TempBalance, AlphaDecay, SpectralBalancer
 
-        trainer = pl.Trainer(max_epochs=50, callbacks=[TempBalance()])   # lr, every epoch
-        trainer = pl.Trainer(callbacks=[AlphaDecay()])                   # weight decay, every 500 steps
-        trainer = pl.Trainer(callbacks=[SpectralBalancer(scale="lr", mapping="sigmoid")])
-        trainer.fit(model, datamodule=dm)
+        balancer = TempBalance()                # lr factors in [0.5, 1.5], every epoch
+        # or AlphaDecay() (weight decay, every 500 steps), SpectralBalancer(mapping="sigmoid") ...
+        trainer = pl.Trainer(max_epochs=50, callbacks=[balancer])
+        trainer.fit(model, datamodule=dm)      # configure_optimizers / schedulers unchanged
         balancer.history.to_pandas()            # step, layer, alpha, factor of every update
 
     In a LightningCLI config::

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -76,7 +75,3 @@ class BalanceHistory:
     def load_state_dict(self, state: dict) -> None:
         self.records = [BalanceRecord.from_state(d) for d in state.get("records", [])]
 
-
-def finite_or_nan(x) -> float:
-    x = float(x)
-    return x if math.isfinite(x) else math.nan
