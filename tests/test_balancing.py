@@ -388,3 +388,29 @@ def test_example_prints_its_table(tmp_path, capsys):
         ("teacher-student", m, 2) for m in ("baseline", "TempBalance", "AlphaDecay")]
     assert all(0.0 <= t["acc_mean"] <= 1.0 and math.isfinite(t["alpha_mean"]) for t in table)
     assert figure.stat().st_size > 10_000
+
+
+def test_conv_kernels_pool_like_tempbalance_and_norms_follow():
+    """Conv ESD = TempBalance's: flatten kernel positions, scale by sqrt(1/2), pool the slices' eigenvalues."""
+    from ww_monitor.balancing.estimate import monitor_alphas, own_alphas, unit_alphas
+    from ww_monitor.results import LayerResult
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32),
+                        nn.Flatten(), nn.Linear(32, 10))
+    units = find_units(net)
+    assert [(u.name, u.followers) for u in units] == [("0", ["1"]), ("3", ["4"]), ("6", [])]
+    assert units[1].num_evals == 16 * 9
+    esds = own_alphas(units, "hill_median", 2.0, 50)
+    w = net[3].weight.detach().double()
+    slices = (w.flatten(start_dim=2) * math.sqrt(0.5)).permute(2, 0, 1)  # 9 x (32 x 16)
+    evals = torch.linalg.svdvals(slices).square().flatten().numpy()
+    assert esds[1].alpha == pytest.approx(hill_alpha(evals), rel=1e-9) and esds[1].reliable
+    assert not esds[0].reliable  # 3 x 9 = 27 eigenvalues < 50
+    # a monitor result flagged unreliable is not used, whatever its fit says
+    res = LayerResult(name="3", kind="conv2d", N=32, M=16, Q=2.0, num_evals=144, alpha=3.0, fit_ok=True)
+    assert monitor_alphas([res], "ww", 2.0, 50)[0].reliable
+    res.reliable = False
+    assert not monitor_alphas([res], "ww", 2.0, 50)[0].reliable
+    alphas, reliable = unit_alphas(units, monitor_alphas([res], "ww", 2.0, 50))
+    assert reliable == [False, False, False] and alphas[1] == 3.0
