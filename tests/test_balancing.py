@@ -362,14 +362,14 @@ def test_config_file_instantiates_and_runs(tmp_path):
     assert classes == ["ww_monitor.WeightWatcherCallback", "ww_monitor.TempBalance"]
     ww_monitor.TempBalance(**cfg["trainer"]["callbacks"][1]["init_args"])
     main = runpy.run_path(str(root / "examples" / "train_cli.py"))["main"]
-    cli = main(["fit", "--config", str(root / "configs" / "tempbalance.yaml"), "--trainer.max_epochs=2",
+    cli = main(["fit", "--config", str(root / "configs" / "tempbalance.yaml"), "--trainer.max_epochs=1",
                 f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
                 "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
                 "--trainer.callbacks.init_args.every_n_epochs=1"])
     balancer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "TempBalance")
-    # train start (the monitor's baseline may still be in its background worker) + each epoch end
-    # that brought a new snapshot
-    assert 1 <= len(balancer.history) <= 3 and balancer.stats["failures"] == 0
+    # train start (the monitor's baseline may still be in its background worker) + the epoch end
+    # if it brought a new snapshot
+    assert 1 <= len(balancer.history) <= 2 and balancer.stats["failures"] == 0
     assert all(r.source == "hill_median" or r.source.startswith("monitor:hill_median@") for r in balancer.history)
     assert balancer.group_layers() == ["encoder.0", "encoder.2", "head"]
 

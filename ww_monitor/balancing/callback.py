@@ -265,6 +265,9 @@ class SpectralBalancerMixin:
         for s in self._scalers:  # the groups stay split (harmless); the factors stop applying
             s.remove()
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
