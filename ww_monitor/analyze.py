@@ -20,6 +20,7 @@ from .functional.eigenvalues import METHODS, batched_eigenvalues
 from .functional.correlation_traps import count_correlation_traps
 from .functional.marchenko_pastur import fit_marchenko_pastur
 from .functional.power_law import DEFAULT_MIN_EIGENVALUE, PowerLawFit, fit_power_law
+from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from .functional.spectral_metrics import alpha_metrics, matrix_entropy, matrix_rank, norm_metrics, rank_tolerance
 from .layers import (
     CONV_MODES,
@@ -31,6 +32,8 @@ from .layers import (
     size_problem,
 )
 from .loading import load_state_dict
+from .adapters import ZERO_UPDATE_REASON, adapters_from_state_dict, check_peft, with_adapters
+from . import options as _options
 from .phases import phase_from_spectrum
 from .results import LayerResult, Report, SkippedLayer
 
@@ -60,6 +63,15 @@ class AnalysisConfig:
     traps: bool = False
     seed: int = 0
     keep_eigenvalues: bool = True
+    # weightwatcher 0.7.7's options (see :mod:`.options`); their columns stay None when off.
+    detX: bool = False
+    fix_fingers: str | None = None
+    max_fingers: int = DEFAULT_MAX_FINGERS
+    finger_thresh: float = DEFAULT_FINGER_THRESH
+    xmin_max: float | None = None
+    fit: str = "PL"
+    randomize: bool = False
+    peft: bool | str = False
 
     def __post_init__(self):
         sel = LayerSelection.build(self.include, self.exclude, self.kinds)
@@ -76,6 +88,8 @@ class AnalysisConfig:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise WWMonitorError(f"{key} must be a positive int or None, got {v!r}")
+        _options.validate_options(self)
+        check_peft(self.peft)
 
     @property
     def selection(self) -> LayerSelection:
@@ -89,9 +103,10 @@ def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], 
     callback can select once and copy at every snapshot.
     """
     if isinstance(source, nn.Module):
-        found = matrices_from_module(source, config.conv_mode)
+        found = with_adapters(matrices_from_module(source, config.conv_mode), source, config.peft)
     elif isinstance(source, Mapping):
-        found = matrices_from_state_dict(source, config.conv_mode)
+        rest, adapters = adapters_from_state_dict(source, config.peft)
+        found = [*matrices_from_state_dict(rest, config.conv_mode), *adapters]
     else:
         raise WWMonitorError(f"expected an nn.Module or a state dict, got {type(source).__name__}")
 
@@ -136,6 +151,8 @@ def analyze_matrices(matrices: Sequence[LayerMatrix], config: AnalysisConfig) ->
     for m in matrices:
         if not bool(torch.isfinite(m.weight).all()):
             skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), "non-finite weights (NaN or Inf)"))
+        elif m.kind == "lora" and not bool(m.weight.any()):
+            skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), ZERO_UPDATE_REASON))
         else:
             good.append(m)
     try:
@@ -172,14 +189,21 @@ def layer_result(m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> L
 
     # Near-zero eigenvalues (below the precision-aware rank tolerance, or weightwatcher's 1e-5)
     # are not part of any tail.
-    fit = fit_power_law(evals, min_eigenvalue=max(DEFAULT_MIN_EIGENVALUE, tol))
+    floor = max(DEFAULT_MIN_EIGENVALUE, tol)
+    fit = fit_power_law(evals, min_eigenvalue=floor)
+    fit = _options.fingers_fit(res, evals, fit, floor, config)
     res.fit_ok, res.fit_reason = fit.ok, fit.reason
     res.alpha, res.xmin, res.xmax, res.D, res.sigma = fit.alpha, fit.xmin, fit.xmax, fit.D, fit.sigma
     res.num_pl_spikes = fit.num_pl_spikes
-    for key, value in alpha_metrics(evals, fit.alpha, res.lambda_max).items():
+    _options.apply_tpl(res, evals, fit, config)
+    for key, value in alpha_metrics(evals, res.alpha, res.lambda_max).items():
         setattr(res, key, value)
 
     _rmt_diagnostics(res, m, evals, fit, config)
+    if config.detX:
+        _options.apply_detx(res, evals)
+    if config.randomize:
+        _options.apply_randomize(res, m, evals, config)
     if config.keep_eigenvalues:
         res.eigenvalues = evals
     return res
@@ -227,6 +251,15 @@ def analyze(
     keep_eigenvalues: bool = True,
     weights_only: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    detX: bool = False,
+    ERG: bool = False,
+    fix_fingers: str | None = None,
+    max_fingers: int = DEFAULT_MAX_FINGERS,
+    finger_thresh: float = DEFAULT_FINGER_THRESH,
+    xmin_max: float | None = None,
+    fit: str = "PL",
+    randomize: bool = False,
+    peft: bool | str = False,
 ) -> Report:
     """Analyse every weight matrix of a model, state dict or checkpoint file/folder.
 
@@ -253,11 +286,28 @@ def analyze(
             only for files you trust.
         progress: called as ``progress(done, total)`` (layers) as the analysis advances; the
             layers are then solved in small groups of one shape, with the same results.
+
+    weightwatcher 0.7.7's options, same names and meanings (details in :mod:`.options`):
+
+    Args:
+        detX / ERG: the det X = 1 tail of SETOL: ``detX_num``, ``detX_val``, ``ERG_gap``
+            (``ERG`` is an alias).
+        fix_fingers: ``"clip_xmax"`` (refit without the top eigenvalues when that lowers alpha
+            by more than ``finger_thresh``, at most ``max_fingers``) or ``"xmin_peak"`` (xmin
+            searched near the ESD's peak, up to ``xmin_max``).
+        fit: ``"PL"`` (power law), ``"TPL"`` (truncated power law: alpha and ``Lambda``) or
+            ``"E_TPL"`` (TPL on the ``xmin_peak`` tail).
+        randomize: compare with the ESD of the shuffled weights (``rand_distance``,
+            ``max_rand_eval``, ``rand_num_spikes``, ``ww_softrank``, ``ww_maxdist``), seeded by ``seed``.
+        peft: LoRA adapters: ``False`` (base weights), ``True``/``"peft_only"`` (only the
+            updates ``scaling * B @ A``), ``"with_base"`` (all layers, updates and merged weights).
     """
     config = AnalysisConfig(
         include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=min_evals,
         max_evals=max_evals, max_n=max_n, max_matrix_bytes=max_matrix_bytes, method=method,
-        traps=traps, seed=seed, keep_eigenvalues=keep_eigenvalues,
+        traps=traps, seed=seed, keep_eigenvalues=keep_eigenvalues, detX=bool(detX) or bool(ERG),
+        fix_fingers=fix_fingers or None, max_fingers=max_fingers, finger_thresh=finger_thresh, xmin_max=xmin_max,
+        fit=fit, randomize=randomize, peft=peft,
     )
     source = model
     if isinstance(model, (str, os.PathLike)):

@@ -28,7 +28,8 @@ __all__ = [
 ]
 
 #: Layer kinds users can select with ``kinds=``.
-KINDS = ("linear", "conv1d_hf", "embedding", "conv1d", "conv2d", "conv3d", "attention", "rnn", "other")
+KINDS = ("linear", "conv1d_hf", "embedding", "conv1d", "conv2d", "conv3d", "attention", "rnn", "other",
+         "lora")  # lora: adapter updates, see ww_monitor.adapters
 CONV_MODES = ("pooled", "slices")
 
 #: weightwatcher's default ``conv2d_norm``: each kernel slice is scaled by sqrt(1/2), which halves

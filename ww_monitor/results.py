@@ -55,6 +55,21 @@ class LayerResult:
     mp_softrank: float = math.nan
     num_traps: int | None = None
     phase: Phase | None = None
+    # weightwatcher 0.7.7 options (None when not computed; see ww_monitor.options)
+    detX_num: int | None = None
+    detX_val: float | None = None
+    ERG_gap: int | None = None
+    num_fingers: int | None = None
+    raw_alpha: float | None = None
+    Lambda: float | None = None
+    rand_distance: float | None = None
+    max_rand_eval: float | None = None
+    rand_num_spikes: int | None = None
+    ww_softrank: float | None = None
+    ww_maxdist: float | None = None
+    # training-time only (the callback): relative distance to the baseline snapshot, ESD shift
+    distance_from_init: float | None = None
+    esd_shift: float | None = None
     # bookkeeping
     num_slices: int = 1
     dtype: str = ""
