@@ -7,6 +7,7 @@ does not import Lightning; :class:`WeightWatcherCallback` is loaded on first acc
 from __future__ import annotations
 
 from .analyze import analyze
+from .model_distances import Distances, LayerDistance, distances
 from .errors import CheckpointError, WWMonitorError
 from .functional.power_law import PowerLawFit, fit_power_law
 from .phases import Phase
@@ -18,6 +19,8 @@ __all__ = [
     "AlphaDecay",
     "AlphaDriftEarlyStopping",
     "CheckpointError",
+    "Distances",
+    "LayerDistance",
     "LayerResult",
     "Phase",
     "PowerLawFit",
@@ -28,6 +31,7 @@ __all__ = [
     "WWMonitorError",
     "WeightWatcherCallback",
     "analyze",
+    "distances",
     "classify_phase",
     "fit_power_law",
 ]

@@ -58,7 +58,10 @@ import torch
 from .alerts import Alert, AlertConfig, AlertTracker, dispatch_alerts
 from .analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, AnalysisConfig
 from .distributed import all_gather_object, collect_into, is_initialized
+from .adapters import ZERO_UPDATE_REASON
 from .errors import WWMonitorError
+from .functional.distances import esd_shift as esd_shift_distance
+from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from .history import History, SnapshotRecord
 from .layers import CONV_MODES, KINDS
 from .results import Report
@@ -212,6 +215,23 @@ class WeightWatcherMixin:
             Alerts fire when a layer enters a state and are resolved when it leaves.
         on_alert: called with each :class:`~ww_monitor.alerts.Alert` (rank 0) for rules whose
             actions include ``"callback"`` (the default).
+        detX, fix_fingers, max_fingers, finger_thresh, fit, randomize: weightwatcher 0.7.7's
+            options, as in :func:`ww_monitor.analyze`. Cost per layer and snapshot: ``detX``
+            nothing measurable; ``fix_fingers="clip_xmax"`` up to ``max_fingers`` extra power-law
+            fits, ``"xmin_peak"`` about one; ``fit="TPL"`` one small 2-parameter fit (~10-50 ms);
+            ``randomize`` 2 (6 below 100 eigenvalues) extra eigensolves: it roughly triples the
+            analysis time.
+        peft: LoRA adapters (see :mod:`ww_monitor.adapters`): ``False`` analyses the base
+            weights, ``True``/``"peft_only"`` only the adapter updates ``scaling * B @ A`` (from an
+            r x r core: cheap), ``"with_base"`` everything plus the merged weights. Zero updates
+            (``lora_B`` right after initialisation) are skipped with a reason, never a rank collapse.
+        distance_from_init: log ``ww/distance_from_init/<layer>`` = ``||W_t - W_0||_F / ||W_0||_F``
+            relative to the baseline snapshot (train start). Keeps one copy of the analysed
+            weights (the baseline) for the whole run; not available after resuming from a
+            checkpoint (the baseline is not saved). Adapter updates (kind ``lora``) have none.
+        esd_shift: log ``ww/esd_shift/<layer>``: the 1-Wasserstein distance between the
+            log10-eigenvalue distributions of this and the previous snapshot (in decades; 0 for
+            an unchanged ESD). Costs one sort of the eigenvalues; keeps the previous ESDs.
 
     ``callback.stats`` counts what the monitor did and cost: ``snapshots_taken``/``_skipped``/
     ``_failed``, ``copy_seconds`` (weight copies), ``analysis_seconds`` (worker wall time),
@@ -248,6 +268,15 @@ class WeightWatcherMixin:
         drain_timeout: float = 600.0,
         alerts: AlertConfig | bool = True,
         on_alert: Callable[[Alert], None] | None = None,
+        detX: bool = False,
+        fix_fingers: str | None = None,
+        max_fingers: int = DEFAULT_MAX_FINGERS,
+        finger_thresh: float = DEFAULT_FINGER_THRESH,
+        fit: str = "PL",
+        randomize: bool = False,
+        peft: bool | str = False,
+        distance_from_init: bool = False,
+        esd_shift: bool = True,
     ) -> None:
         super().__init__()
         _check_int("every_n_epochs", every_n_epochs, 0, allow_none=True)
@@ -283,7 +312,13 @@ class WeightWatcherMixin:
         self.config = AnalysisConfig(
             include=include_t or (), exclude=exclude_t or (), kinds=kinds_t, conv_mode=conv_mode,
             min_evals=min_evals, max_evals=max_evals, max_n=max_n, method=method, keep_eigenvalues=True,
+            detX=detX, fix_fingers=fix_fingers or None, max_fingers=max_fingers, finger_thresh=finger_thresh,
+            fit=fit, randomize=randomize, peft=peft,
         )
+        _check_bool("distance_from_init", distance_from_init)
+        _check_bool("esd_shift", esd_shift)
+        self.distance_from_init = distance_from_init
+        self.esd_shift = esd_shift
         if figure_t:
             AnalysisConfig(include=figure_t)  # same regex validation
 
@@ -336,6 +371,8 @@ class WeightWatcherMixin:
         #: ``(step, results)`` of the latest completed snapshot (each ``LayerResult`` with its
         #: eigenvalues), e.g. for :class:`ww_monitor.SpectralBalancer`; None before the first.
         self.latest_results: tuple[int, list] | None = None
+        self._baseline: dict[str, torch.Tensor] | None = None  # weights at snapshot 0 (distance_from_init)
+        self._prev_esd: dict[str, Any] = {}  # layer -> eigenvalues of its previous snapshot (esd_shift)
         self.stats: dict[str, Any] = {
             "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
@@ -581,8 +618,14 @@ class WeightWatcherMixin:
         }
         if snap.events:
             self._guard = snap
+        if self.distance_from_init and index == 0 and self._baseline is None:
+            # The one extra copy this feature keeps: the baseline snapshot's matrices.
+            self._baseline = {m.name: m.weight.clone() for m in snap.matrices() if m.kind != "lora"}
+            if self._worker.mode == "process":
+                for t in self._baseline.values():
+                    t.share_memory_()
         # Histograms are binned by the worker too: the training thread only writes them.
-        args = (snap, self.config, self._rank, CHUNK_BYTES, self.log_histograms)
+        args = (snap, self.config, self._rank, CHUNK_BYTES, self.log_histograms, self._baseline)
         self._worker.submit("analysis", index, analyze_snapshot, args, nbytes=snap.nbytes)
 
     def _drain(self, trainer, kinds, reason: str) -> None:
@@ -673,7 +716,9 @@ class WeightWatcherMixin:
             warnings.warn(f"WeightWatcherCallback: analysis of the snapshot at step {step} failed: "
                           + "; ".join(errors), RuntimeWarning, stacklevel=2)
         for s in skipped:
-            if s.name not in self._warned_layers:
+            if s.reason == ZERO_UPDATE_REASON:  # expected at the start of LoRA training, not a problem
+                log.info("ww_monitor: %s not analysed at step %d: %s", s.name, step, s.reason)
+            elif s.name not in self._warned_layers:
                 self._warned_layers.add(s.name)
                 _rank_zero_warn(f"WeightWatcherCallback: layer {s.name} not analysed at step {step}: {s.reason}",
                                 RuntimeWarning)
@@ -687,6 +732,8 @@ class WeightWatcherMixin:
         if not results and errors:
             return
         self.latest_results = (step, results)
+        if self.esd_shift:
+            self._esd_shifts(results)
         metrics = layer_scalars(results)
         metrics.update(summary_scalars(summary))
         if self.log_callback_metrics and results:
@@ -710,6 +757,16 @@ class WeightWatcherMixin:
             self._unfigured = (step, strip_eigenvalues(results, esd), esd)
             if meta and meta["figures"]:
                 self._submit_figures()
+
+    def _esd_shifts(self, results) -> None:
+        """``esd_shift`` of each layer against its previous snapshot (training thread; ESDs are small)."""
+        for r in results:
+            if r.eigenvalues is None:
+                continue
+            prev = self._prev_esd.get(r.name)
+            if prev is not None:
+                r.esd_shift = esd_shift_distance(prev, r.eigenvalues)
+            self._prev_esd[r.name] = r.eigenvalues
 
     def _handle_alerts(self, trainer, loggers, results, skipped, step: int, epoch: int) -> None:
         """Evaluate the alert rules on a completed snapshot and carry out their actions.

@@ -23,6 +23,7 @@ import sys
 from typing import Sequence
 
 from .errors import WWMonitorError
+from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 
 __all__ = ["main"]
 
@@ -38,6 +39,12 @@ _TABLE_COLUMNS = (
 )
 
 
+_OPTION_COLUMNS = (
+    ("detX_num", "detX_num"), ("ERG_gap", "ERG_gap"), ("num_fingers", "fingers"), ("Lambda", "Lambda"),
+    ("rand_distance", "rand_dist"), ("ww_softrank", "ww_softrank"),
+)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ww-monitor", description="Spectral (ESD) analysis of neural network weights.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +55,21 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--exclude", action="append", default=None, metavar="REGEX", help="skip layers whose name matches (repeatable)")
     a.add_argument("--conv-mode", choices=("pooled", "slices"), default="pooled", help="one ESD per conv layer, or per kernel position")
     a.add_argument("--traps", action="store_true", help="also count correlation traps (slower)")
+    # weightwatcher 0.7.7's options, same names (see ww_monitor.analyze)
+    a.add_argument("--detX", "--ERG", dest="detX", action="store_true",
+                   help="det X = 1 tail (SETOL): detX_num, detX_val, ERG_gap columns")
+    a.add_argument("--fix-fingers", choices=("xmin_peak", "clip_xmax"), default=None,
+                   help="fix power-law fits thrown off by a few outlying eigenvalues")
+    a.add_argument("--max-fingers", type=_positive, default=DEFAULT_MAX_FINGERS, metavar="N",
+                   help=f"with --fix-fingers clip_xmax: most eigenvalues clipped (default: {DEFAULT_MAX_FINGERS})")
+    a.add_argument("--finger-thresh", type=float, default=DEFAULT_FINGER_THRESH, metavar="X",
+                   help=f"with --fix-fingers clip_xmax: alpha must drop by more than X (default: {DEFAULT_FINGER_THRESH})")
+    a.add_argument("--fit", choices=("PL", "TPL", "E_TPL"), default="PL",
+                   help="power law (default), truncated power law (adds Lambda), or TPL on the xmin_peak tail")
+    a.add_argument("--randomize", action="store_true",
+                   help="compare with the ESD of the shuffled weights (rand_distance, ...); slower")
+    a.add_argument("--peft", choices=("peft_only", "with_base"), default=None,
+                   help="LoRA adapters: only their updates, or all layers plus updates and merged weights")
     a.add_argument("--unsafe-load", action="store_true",
                    help="load pickled checkpoints with weights_only=False; can run code: only for files you trust")
     a.add_argument("--plot", metavar="DIR", default=None,
@@ -71,6 +93,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -90,10 +119,14 @@ def _fmt(value) -> str:
 
 
 def format_table(report) -> str:
-    """Fixed-width text table, one row per analysed layer, then skipped layers and the summary."""
-    rows = [[header for _, header in _TABLE_COLUMNS]]
-    for layer in report.to_dicts():
-        rows.append([_fmt(layer[key]) for key, _ in _TABLE_COLUMNS])
+    """Fixed-width text table, one row per analysed layer, then skipped layers and the summary.
+
+    Columns of the options (``--detX``, ``--fit TPL``, ...) are added when any layer has them."""
+    dicts = report.to_dicts()
+    columns = list(_TABLE_COLUMNS) + [(k, h) for k, h in _OPTION_COLUMNS if any(d.get(k) is not None for d in dicts)]
+    rows = [[header for _, header in columns]]
+    for layer in dicts:
+        rows.append([_fmt(layer[key]) for key, _ in columns])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     if report.skipped:
@@ -149,7 +182,9 @@ def _analyze(args) -> int:
         raise WWMonitorError(f"{args.plot}: exists and is not a folder (--plot wants a folder)")
     report = run_analysis(
         args.path, include=args.include, exclude=args.exclude, conv_mode=args.conv_mode,
-        traps=args.traps, weights_only=not args.unsafe_load,
+        traps=args.traps, weights_only=not args.unsafe_load, detX=args.detX, fix_fingers=args.fix_fingers,
+        max_fingers=args.max_fingers, finger_thresh=args.finger_thresh, fit=args.fit, randomize=args.randomize,
+        peft=args.peft or False,
     )
     if not report.layers and not report.skipped:
         raise WWMonitorError(f"{args.path}: no weight matrices found")

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 #: Per-layer metrics logged as ``ww/<metric>/<layer>``.
 LAYER_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes")
+#: Per-layer metrics logged as ``ww/<metric>/<layer>`` only when computed (options that are on).
+OPTIONAL_LAYER_METRICS = ("distance_from_init", "esd_shift", "detX_num", "ERG_gap", "num_fingers", "Lambda",
+                          "rand_distance", "ww_softrank")
 #: Ordinal of each phase for ``ww/phase/<layer>``.
 PHASE_ORDER = {p: i for i, p in enumerate(Phase)}
 SUMMARY_COUNTS = ("num_layers", "num_failed_fits", "num_skipped")
@@ -72,6 +75,9 @@ def layer_scalars(results: Iterable[LayerResult]) -> dict[str, float]:
     for r in results:
         for m in LAYER_METRICS:
             out[f"ww/{m}/{r.name}"] = _finite_or_nan(getattr(r, m, math.nan))
+        for m in OPTIONAL_LAYER_METRICS:
+            if getattr(r, m, None) is not None:
+                out[f"ww/{m}/{r.name}"] = _finite_or_nan(getattr(r, m))
         if r.phase is not None:
             try:
                 out[f"ww/phase/{r.name}"] = float(PHASE_ORDER[Phase(r.phase)])

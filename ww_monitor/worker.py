@@ -107,10 +107,13 @@ def _chunks(matrices, limit: int):
 
 
 def analyze_snapshot(snapshot: Snapshot, config, rank: int = 0, chunk_bytes: int = CHUNK_BYTES,
-                     histograms: bool = False) -> AnalysisOutput:
+                     histograms: bool = False, baseline: dict | None = None) -> AnalysisOutput:
     """The analysis job: metrics of every matrix in ``snapshot`` (and, with ``histograms``, the
-    binned ESD of each for TensorBoard); frees the snapshot's buffers when done."""
+    binned ESD of each for TensorBoard); frees the snapshot's buffers when done. With
+    ``baseline`` ({layer: weights at the baseline snapshot}) each result also gets
+    ``distance_from_init = ||W - W_0||_F / ||W_0||_F``."""
     from .analyze import analyze_matrices
+    from .functional.distances import relative_distance
     from .tensorboard_writer import esd_histogram
 
     t0 = time.perf_counter()
@@ -118,10 +121,17 @@ def analyze_snapshot(snapshot: Snapshot, config, rank: int = 0, chunk_bytes: int
     results, skipped = [], []
     try:
         with torch.no_grad():
-            for group in _chunks(snapshot.matrices(), chunk_bytes):
+            matrices = snapshot.matrices()
+            for group in _chunks(matrices, chunk_bytes):
                 res, skip = analyze_matrices(group, config)
                 results.extend(res)
                 skipped.extend(skip)
+            if baseline:
+                current = {m.name: m.weight for m in matrices}
+                for r in results:
+                    ref = baseline.get(r.name)
+                    if ref is not None and r.name in current and tuple(ref.shape) == tuple(current[r.name].shape):
+                        r.distance_from_init = relative_distance(ref, current[r.name])
     finally:
         snapshot.release()
     hists = {r.name: esd_histogram(r.eigenvalues) for r in results} if histograms else {}

@@ -1,0 +1,137 @@
+"""``wwm.distances(a, b)``: how far apart two versions of a model are, layer by layer
+(weightwatcher 0.7.7 ``WeightWatcher.distances``; formulas in :mod:`.functional.distances`)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import WWMonitorError
+from .functional.distances import cka_similarity, euclidean_distance, relative_distance
+from .layers import clean_name
+from .loading import load_state_dict
+from .results import SkippedLayer
+
+__all__ = ["LayerDistance", "Distances", "distances"]
+
+
+@dataclass
+class LayerDistance:
+    """Distances between the two versions of one layer (``delta_b``: None without biases)."""
+
+    name: str
+    kind: str
+    N: int
+    M: int
+    euclidean: float
+    relative: float
+    cka: float
+    delta_b: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Distances:
+    """What :func:`distances` returns: one :class:`LayerDistance` per layer found in both models."""
+
+    layers: list[LayerDistance] = field(default_factory=list)
+    unmatched: list[SkippedLayer] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerDistance:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r}; compared: {[l.name for l in self.layers]}")
+
+    def mean(self) -> dict[str, float]:
+        """Means over layers (weightwatcher's ``avg_dW``/``avg_db`` are ``euclidean``/``delta_b``)."""
+        out = {}
+        for key in ("euclidean", "relative", "cka", "delta_b"):
+            vals = [getattr(l, key) for l in self.layers if getattr(l, key) is not None]
+            out[key] = float(np.mean(vals)) if vals else math.nan
+        return out
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame([l.to_dict() for l in self.layers],
+                            columns=[f for f in LayerDistance.__dataclass_fields__])
+
+
+def _tensors(source) -> dict[str, torch.Tensor]:
+    if isinstance(source, nn.Module):
+        named = dict(source.named_parameters())
+        named.update(dict(source.named_buffers()))
+    else:
+        named = dict(source)
+    return {clean_name(k): v for k, v in named.items() if isinstance(v, torch.Tensor)}
+
+
+def distances(
+    a,
+    b,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    *,
+    kinds: Sequence[str] | None = None,
+    conv_mode: str = "pooled",
+    weights_only: bool = True,
+) -> Distances:
+    """Per-layer euclidean distance, relative distance and CKA overlap between two models.
+
+    Example::
+
+        d = wwm.distances(model_before, model_after)
+        print(d.mean()["relative"], d.to_pandas())
+
+    Args:
+        a, b: ``nn.Module``, state dict, or checkpoint path/folder (loaded with ``weights_only``).
+        include / exclude / kinds / conv_mode: layer selection, as for :func:`ww_monitor.analyze`
+            (no size limits: every selected matrix is compared).
+    Layers missing from one model, or of different shapes, are listed in ``unmatched``.
+    """
+    from .analyze import AnalysisConfig, select_matrices
+
+    config = AnalysisConfig(include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=2,
+                            max_evals=None, max_n=None)
+    sources = []
+    for src in (a, b):
+        if isinstance(src, (str, os.PathLike)):
+            src = load_state_dict(src, weights_only=weights_only)
+        if not isinstance(src, (nn.Module, Mapping)):
+            raise WWMonitorError(f"distances() expects modules, state dicts or paths, got {type(src).__name__}")
+        sources.append(src)
+    out = Distances()
+    with torch.no_grad():
+        (ma, _), (mb, _) = (select_matrices(s, config) for s in sources)
+        ta, tb = (_tensors(s) for s in sources)
+        by_name = {m.name: m for m in mb}
+        for m1 in ma:
+            m2 = by_name.pop(m1.name, None)
+            if m2 is None or tuple(m2.weight.shape) != tuple(m1.weight.shape):
+                why = "not in the second model" if m2 is None else f"shape {tuple(m2.weight.shape)} in the second model"
+                out.unmatched.append(SkippedLayer(m1.name, m1.kind, tuple(m1.weight.shape), why))
+                continue
+            b1, b2 = ta.get(m1.name + ".bias"), tb.get(m1.name + ".bias")
+            delta_b = None
+            if isinstance(b1, torch.Tensor) and isinstance(b2, torch.Tensor) and b1.shape == b2.shape:
+                delta_b = float(torch.linalg.vector_norm(b1.double() - b2.double()))
+            out.layers.append(LayerDistance(
+                name=m1.name, kind=m1.kind, N=m1.N, M=m1.M, euclidean=euclidean_distance(m1.weight, m2.weight),
+                relative=relative_distance(m1.weight, m2.weight), cka=cka_similarity(m1.weight, m2.weight),
+                delta_b=delta_b,
+            ))
+        for m2 in by_name.values():
+            out.unmatched.append(SkippedLayer(m2.name, m2.kind, tuple(m2.weight.shape), "not in the first model"))
+    return out
