@@ -216,11 +216,10 @@ class WeightWatcherMixin:
         on_alert: called with each :class:`~ww_monitor.alerts.Alert` (rank 0) for rules whose
             actions include ``"callback"`` (the default).
         detX, fix_fingers, max_fingers, finger_thresh, fit, randomize: weightwatcher 0.7.7's
-            options, as in :func:`ww_monitor.analyze`. Cost per layer and snapshot: ``detX``
-            nothing measurable; ``fix_fingers="clip_xmax"`` up to ``max_fingers`` extra power-law
-            fits, ``"xmin_peak"`` about one; ``fit="TPL"`` one small 2-parameter fit (~10-50 ms);
-            ``randomize`` 2 (6 below 100 eigenvalues) extra eigensolves: it roughly triples the
-            analysis time.
+            options, as in :func:`ww_monitor.analyze`. Analysis time next to the plain one
+            (``benchmarks/bench_options.py``): ``detX`` 1.01x, ``fix_fingers="xmin_peak"`` 1.05x,
+            ``"clip_xmax"`` 1.2x, ``fit="TPL"`` 1.2x, ``"E_TPL"`` 1.3x, ``randomize`` ~6x
+            (two to six extra eigensolves per layer).
         peft: LoRA adapters (see :mod:`ww_monitor.adapters`): ``False`` analyses the base
             weights, ``True``/``"peft_only"`` only the adapter updates ``scaling * B @ A`` (from an
             r x r core: cheap), ``"with_base"`` everything plus the merged weights. Zero updates
