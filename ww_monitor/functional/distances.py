@@ -21,7 +21,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.stats import wasserstein_distance
 
 __all__ = ["euclidean_distance", "relative_distance", "cka_similarity", "esd_shift", "CKA_FLOOR"]
 
@@ -73,4 +72,6 @@ def esd_shift(eigenvalues_a, eigenvalues_b) -> float:
         if x.size == 0:
             return math.nan
         out.append(np.log10(x))
+    from scipy.stats import wasserstein_distance  # lazy: scipy.stats costs ~0.5 s to import
+
     return float(wasserstein_distance(out[0], out[1]))

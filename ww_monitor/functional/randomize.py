@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.spatial.distance import jensenshannon
 
 from .eigenvalues import batched_eigenvalues
 
@@ -60,6 +59,8 @@ def shuffled(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def randomized_esd(weight: torch.Tensor, eigenvalues: np.ndarray, *, eig_scale: float = 1.0, seed: int = 0,
                    method: str = "auto") -> RandomizedESD:
     """Randomized-ESD metrics of one layer; ``eigenvalues`` is its (scaled) ESD."""
+    from scipy.spatial.distance import jensenshannon  # lazy: keeps `import ww_monitor` light
+
     gen = torch.Generator().manual_seed(int(seed))
     w = weight.detach()
     replicas = FEW_EVALS_REPLICAS if eigenvalues.size < FEW_EVALS else 1

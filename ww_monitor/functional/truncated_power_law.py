@@ -32,7 +32,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import integrate
 
 __all__ = ["TruncatedPowerLawFit", "fit_truncated_power_law", "FITS"]
 
@@ -70,6 +69,8 @@ _EXP_MAX = 700.0
 def _moments(alpha: float, c: float, full: bool = True):
     """``ln Z`` and, with ``full``, the mean of (u, y) and their covariance under
     ``y^-alpha e^(-c y)`` on ``y >= 1`` (u = ln y)."""
+    from scipy import integrate  # lazy: keeps `import ww_monitor` light
+
     s = 1.0 - alpha
     # Peak of the log-integrand g(u) = s u - c e^u over u >= 0, used as a shift so exp stays finite.
     u_star = max(math.log(s / c), 0.0) if (c > 0 and s > 0) else 0.0
