@@ -164,5 +164,7 @@ def test_cli_flags_add_their_columns(tmp_path):
     assert {"detX_num", "ERG_gap", "fingers", "Lambda"} <= set(header) and "rand_dist" not in header
     rows = list(csv.DictReader(io.StringIO(_cli("analyze", path, "--ERG", "--randomize", "--format", "csv").stdout)))
     assert rows and all(r["detX_num"] and r["rand_distance"] for r in rows)
+    same = json.loads(_cli("analyze", path, "--base-model", path, "--format", "json").stdout)
+    assert not same["layers"] and len(same["skipped"]) == 2 and "identical to base_model" in same["skipped"][0]["reason"]
     bad = _cli("analyze", path, "--max-fingers", "0")
     assert bad.returncode == 2 and "must be >= 1" in bad.stderr

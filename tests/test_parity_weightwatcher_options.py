@@ -86,11 +86,11 @@ def build_net(seed=0) -> SmallNet:
     return net
 
 
-def _ww(model, **kwargs):
+def _ww(model, base_model=None, **kwargs):
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ww.WeightWatcher(model=model).analyze(**kwargs)
+        return ww.WeightWatcher(model=model, base_model=base_model).analyze(**kwargs)
 
 
 @contextlib.contextmanager
@@ -266,3 +266,21 @@ def test_distances_match_weightwatcher(net):
     # Same model: 0 apart, CKA 1.
     same = wwm.distances(net, net.state_dict())
     assert all(l.euclidean == 0 and l.relative == 0 and l.cka == pytest.approx(1.0) for l in same.layers)
+
+
+def test_base_model_deltas_match_weightwatcher(net):
+    """``WeightWatcher(model, base_model).analyze()`` analyses W - W_base like ours."""
+    base = build_net(seed=1)
+    with _single_threaded():
+        ours = wwm.analyze(net, base_model=base)
+        theirs = _ww(net, base_model=base)
+    fits = 0
+    for layer, row in _rows(ours, theirs):
+        for key in ("log_norm", "log_spectral_norm", "stable_rank"):
+            assert _rel(getattr(layer, key), row[key]) <= RTOL, (layer.name, key)
+        if int(row["num_pl_spikes"]) >= MIN_TAIL:
+            assert _rel(layer.alpha, row["alpha"]) <= RTOL, layer.name
+            fits += 1
+    assert fits >= 3
+    same = wwm.analyze(net, base_model=net.state_dict())
+    assert not same.layers and {s.reason for s in same.skipped} == {"identical to base_model (the difference is exactly zero)"}

@@ -92,7 +92,8 @@ def test_distance_from_init_and_esd_shift_on_a_layer_moved_by_a_known_amount(tmp
 
     for t in (2, 4):
         assert shift[t] == pytest.approx(wasserstein_distance(log_esd(t - 2), log_esd(t)), rel=1e-4), t
-    assert cb._baseline is not None and set(cb._baseline) == {"fc"}  # the one extra copy
+    assert set(cb._baseline) == {"fc"}  # the one extra copy: the analysed weights at the baseline
+    assert cb.stats["baseline_bytes"] == 64 * 32 * 4
 
 
 def test_options_in_the_callback_are_logged(tmp_path):

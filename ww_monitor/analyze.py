@@ -260,6 +260,7 @@ def analyze(
     fit: str = "PL",
     randomize: bool = False,
     peft: bool | str = False,
+    base_model=None,
 ) -> Report:
     """Analyse every weight matrix of a model, state dict or checkpoint file/folder.
 
@@ -301,6 +302,9 @@ def analyze(
             ``max_rand_eval``, ``rand_num_spikes``, ``ww_softrank``, ``ww_maxdist``), seeded by ``seed``.
         peft: LoRA adapters: ``False`` (base weights), ``True``/``"peft_only"`` (only the
             updates ``scaling * B @ A``), ``"with_base"`` (all layers, updates and merged weights).
+        base_model: a model, state dict or path with the same layers: analyse ``W - W_base``
+            (a fine-tuning or training delta). Layers missing from it, of another shape, or
+            identical to it are reported in ``skipped``.
     """
     config = AnalysisConfig(
         include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=min_evals,
@@ -314,6 +318,11 @@ def analyze(
         source = load_state_dict(model, weights_only=weights_only)
     with torch.no_grad():
         matrices, skipped = select_matrices(source, config)
+        if base_model is not None:
+            from .model_distances import subtract_base
+
+            matrices, unmatched = subtract_base(matrices, base_model, config, weights_only=weights_only)
+            skipped = skipped + unmatched
         if progress is None:
             results, failed = analyze_matrices(matrices, config)
         else:

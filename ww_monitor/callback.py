@@ -235,7 +235,8 @@ class WeightWatcherMixin:
     ``callback.stats`` counts what the monitor did and cost: ``snapshots_taken``/``_skipped``/
     ``_failed``, ``copy_seconds`` (weight copies), ``analysis_seconds`` (worker wall time),
     ``train_thread_seconds`` (time spent in this callback's hooks on the training thread:
-    copies, logging and any waits), ``peak_inflight_bytes`` and ``lag_waits``.
+    copies, logging and any waits), ``peak_inflight_bytes``, ``lag_waits`` and ``baseline_bytes``
+    (the baseline copy kept for ``distance_from_init``).
     """
 
     def __init__(
@@ -375,7 +376,7 @@ class WeightWatcherMixin:
         self.stats: dict[str, Any] = {
             "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
-            "lag_waits": 0, "train_thread_seconds": 0.0,
+            "lag_waits": 0, "train_thread_seconds": 0.0, "baseline_bytes": 0,
         }
 
     # ------------------------------------------------------------------ Lightning plumbing
@@ -623,6 +624,7 @@ class WeightWatcherMixin:
             if self._worker.mode == "process":
                 for t in self._baseline.values():
                     t.share_memory_()
+            self.stats["baseline_bytes"] = sum(t.numel() * t.element_size() for t in self._baseline.values())
         # Histograms are binned by the worker too: the training thread only writes them.
         args = (snap, self.config, self._rank, CHUNK_BYTES, self.log_histograms, self._baseline)
         self._worker.submit("analysis", index, analyze_snapshot, args, nbytes=snap.nbytes)

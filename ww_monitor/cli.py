@@ -70,6 +70,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="compare with the ESD of the shuffled weights (rand_distance, ...); slower")
     a.add_argument("--peft", choices=("peft_only", "with_base"), default=None,
                    help="LoRA adapters: only their updates, or all layers plus updates and merged weights")
+    a.add_argument("--base-model", metavar="PATH", default=None,
+                   help="analyse the difference W - W_base to this checkpoint (a fine-tuning delta)")
     a.add_argument("--unsafe-load", action="store_true",
                    help="load pickled checkpoints with weights_only=False; can run code: only for files you trust")
     a.add_argument("--plot", metavar="DIR", default=None,
@@ -184,7 +186,7 @@ def _analyze(args) -> int:
         args.path, include=args.include, exclude=args.exclude, conv_mode=args.conv_mode,
         traps=args.traps, weights_only=not args.unsafe_load, detX=args.detX, fix_fingers=args.fix_fingers,
         max_fingers=args.max_fingers, finger_thresh=args.finger_thresh, fit=args.fit, randomize=args.randomize,
-        peft=args.peft or False,
+        peft=args.peft or False, base_model=args.base_model,
     )
     if not report.layers and not report.skipped:
         raise WWMonitorError(f"{args.path}: no weight matrices found")

@@ -18,7 +18,10 @@ from .layers import clean_name
 from .loading import load_state_dict
 from .results import SkippedLayer
 
-__all__ = ["LayerDistance", "Distances", "distances"]
+__all__ = ["LayerDistance", "Distances", "distances", "subtract_base", "IDENTICAL_REASON"]
+
+#: Reason a layer is skipped by ``analyze(..., base_model=...)`` when it equals the base exactly.
+IDENTICAL_REASON = "identical to base_model (the difference is exactly zero)"
 
 
 @dataclass
@@ -105,13 +108,7 @@ def distances(
 
     config = AnalysisConfig(include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=2,
                             max_evals=None, max_n=None)
-    sources = []
-    for src in (a, b):
-        if isinstance(src, (str, os.PathLike)):
-            src = load_state_dict(src, weights_only=weights_only)
-        if not isinstance(src, (nn.Module, Mapping)):
-            raise WWMonitorError(f"distances() expects modules, state dicts or paths, got {type(src).__name__}")
-        sources.append(src)
+    sources = [_as_source(src, weights_only) for src in (a, b)]
     out = Distances()
     with torch.no_grad():
         (ma, _), (mb, _) = (select_matrices(s, config) for s in sources)
@@ -135,3 +132,39 @@ def distances(
         for m2 in by_name.values():
             out.unmatched.append(SkippedLayer(m2.name, m2.kind, tuple(m2.weight.shape), "not in the first model"))
     return out
+
+
+def _as_source(src, weights_only: bool):
+    if isinstance(src, (str, os.PathLike)):
+        src = load_state_dict(src, weights_only=weights_only)
+    if not isinstance(src, (nn.Module, Mapping)):
+        raise WWMonitorError(f"distances()/base_model expects an nn.Module, a state dict or a path, got {type(src).__name__}")
+    return src
+
+
+def subtract_base(matrices, base_model, config, *, weights_only: bool = True):
+    """``analyze(model, base_model=...)``: each selected matrix minus the same layer of ``base_model``
+    (weightwatcher 0.7.7's ``base_model``: the fine-tuning or training delta is analysed).
+
+    Returns (delta matrices, skipped): layers missing from the base or of another shape, and
+    deltas that are exactly zero, are skipped with the reason.
+    """
+    from .analyze import select_matrices
+    from .layers import LayerMatrix
+
+    base, _ = select_matrices(_as_source(base_model, weights_only), config)
+    by_name = {m.name: m for m in base}
+    out, skipped = [], []
+    for m in matrices:
+        ref = by_name.get(m.name)
+        shape = tuple(m.weight.shape)
+        if ref is None or tuple(ref.weight.shape) != shape:
+            why = "no layer of that name in base_model" if ref is None else f"shape {tuple(ref.weight.shape)} in base_model"
+            skipped.append(SkippedLayer(m.name, m.kind, shape, why))
+            continue
+        delta = m.weight.detach() - ref.weight.detach().to(device=m.weight.device, dtype=m.weight.dtype)
+        if not bool(delta.any()):
+            skipped.append(SkippedLayer(m.name, m.kind, shape, IDENTICAL_REASON))
+            continue
+        out.append(LayerMatrix(m.name, m.kind, delta, m.eig_scale))
+    return out, skipped
