@@ -215,11 +215,16 @@ class WeightWatcherMixin:
             Alerts fire when a layer enters a state and are resolved when it leaves.
         on_alert: called with each :class:`~ww_monitor.alerts.Alert` (rank 0) for rules whose
             actions include ``"callback"`` (the default).
-        detX, fix_fingers, max_fingers, finger_thresh, fit, randomize: weightwatcher 0.7.7's
-            options, as in :func:`ww_monitor.analyze`. Analysis time next to the plain one
-            (``benchmarks/bench_options.py``): ``detX`` 1.01x, ``fix_fingers="xmin_peak"`` 1.05x,
-            ``"clip_xmax"`` 1.2x, ``fit="TPL"`` 1.2x, ``"E_TPL"`` 1.3x, ``randomize`` ~6x
-            (two to six extra eigensolves per layer).
+        detX: the det X = 1 tail of SETOL (``detX_num``, ``detX_val``, ``ERG_gap``); cost ~1%.
+        fix_fingers: ``"clip_xmax"`` or ``"xmin_peak"``: power-law fits not thrown off by a few
+            outlying eigenvalues (analysis time 1.2x / 1.05x).
+        max_fingers: ``clip_xmax``: most top eigenvalues clipped.
+        finger_thresh: ``clip_xmax``: a clip must lower alpha by more than this.
+        fit: ``"PL"``, ``"TPL"`` (truncated power law: alpha and ``Lambda``; 1.2x) or ``"E_TPL"``
+            (TPL on the ``xmin_peak`` tail; 1.3x).
+        randomize: randomized-ESD columns (``rand_distance``, ...): two to six extra eigensolves
+            per layer, ~6x the analysis time. These five are weightwatcher 0.7.7's options, as in
+            :func:`ww_monitor.analyze`; times from ``benchmarks/bench_options.py``.
         peft: LoRA adapters (see :mod:`ww_monitor.adapters`): ``False`` analyses the base
             weights, ``True``/``"peft_only"`` only the adapter updates ``scaling * B @ A`` (from an
             r x r core: cheap), ``"with_base"`` everything plus the merged weights. Zero updates
