@@ -290,7 +290,6 @@ def analyze(
 
     weightwatcher 0.7.7's options, same names and meanings (details in :mod:`.options`):
 
-    Args:
         detX / ERG: the det X = 1 tail of SETOL: ``detX_num``, ``detX_val``, ``ERG_gap``
             (``ERG`` is an alias).
         fix_fingers: ``"clip_xmax"`` (refit without the top eigenvalues when that lowers alpha
@@ -309,7 +308,7 @@ def analyze(
     config = AnalysisConfig(
         include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=min_evals,
         max_evals=max_evals, max_n=max_n, max_matrix_bytes=max_matrix_bytes, method=method,
-        traps=traps, seed=seed, keep_eigenvalues=keep_eigenvalues, detX=bool(detX) or bool(ERG),
+        traps=traps, seed=seed, keep_eigenvalues=keep_eigenvalues, detX=detX or ERG,
         fix_fingers=fix_fingers or None, max_fingers=max_fingers, finger_thresh=finger_thresh, xmin_max=xmin_max,
         fit=fit, randomize=randomize, peft=peft,
     )
