@@ -92,6 +92,9 @@ def test_distance_from_init_and_esd_shift_on_a_layer_moved_by_a_known_amount(tmp
 
     for t in (2, 4):
         assert shift[t] == pytest.approx(wasserstein_distance(log_esd(t - 2), log_esd(t)), rel=1e-4), t
+    df = cb.history.to_pandas()
+    assert df["distance_from_init"].tolist() == pytest.approx([distance[t] for t in (0, 2, 4)])
+    assert df["esd_shift"].tolist()[1:] == pytest.approx([shift[2], shift[4]]) and math.isnan(df["esd_shift"][0])
     assert set(cb._baseline) == {"fc"}  # the one extra copy: the analysed weights at the baseline
     assert cb.stats["baseline_bytes"] == 64 * 32 * 4
 

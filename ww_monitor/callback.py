@@ -235,7 +235,9 @@ class WeightWatcherMixin:
             checkpoint (the baseline is not saved). Adapter updates (kind ``lora``) have none.
         esd_shift: log ``ww/esd_shift/<layer>``: the 1-Wasserstein distance between the
             log10-eigenvalue distributions of this and the previous snapshot (in decades; 0 for
-            an unchanged ESD). Costs one sort of the eigenvalues; keeps the previous ESDs.
+            an unchanged ESD). Costs one sort of the eigenvalues; keeps the previous ESDs (saved
+            in checkpoints, so it continues across a resume). Both are also columns of
+            ``history.to_pandas()``.
 
     ``callback.stats`` counts what the monitor did and cost: ``snapshots_taken``/``_skipped``/
     ``_failed``, ``copy_seconds`` (weight copies), ``analysis_seconds`` (worker wall time),
@@ -497,6 +499,8 @@ class WeightWatcherMixin:
             "owed": list(self._owed_now(trainer) or []) if trainer is not None and self._active else [],
             "stats": {k: v for k, v in self.stats.items() if isinstance(v, (int, float))},
             "alerts": self.alert_tracker.state_dict() if self.alert_tracker is not None else {},
+            # The previous ESDs, so esd_shift continues across a resume (tensors: weights_only loads).
+            "prev_esd": {k: torch.as_tensor(v, dtype=torch.float64) for k, v in self._prev_esd.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -508,6 +512,7 @@ class WeightWatcherMixin:
         self._owed = (int(owed[0]), int(owed[1])) if owed else None
         if self.alert_tracker is not None and state_dict.get("alerts"):
             self.alert_tracker.load_state_dict(state_dict["alerts"])
+        self._prev_esd = {k: torch.as_tensor(v).double().numpy() for k, v in state_dict.get("prev_esd", {}).items()}
         for k in ("snapshots_taken", "snapshots_skipped", "snapshots_failed"):  # run totals, not per rank
             if k in state_dict.get("stats", {}):
                 self.stats[k] = int(state_dict["stats"][k])
@@ -728,6 +733,8 @@ class WeightWatcherMixin:
                 self._warned_layers.add(s.name)
                 _rank_zero_warn(f"WeightWatcherCallback: layer {s.name} not analysed at step {step}: {s.reason}",
                                 RuntimeWarning)
+        if self.esd_shift:
+            self._esd_shifts(results)
         report = Report(layers=results, skipped=list(skipped) + list(meta["selection_skipped"] if meta else []))
         summary = report.summary()
         record = SnapshotRecord.from_results(index, step, epoch, results, ranks, skipped=skipped, seconds=seconds,
@@ -738,8 +745,6 @@ class WeightWatcherMixin:
         if not results and errors:
             return
         self.latest_results = (step, results)
-        if self.esd_shift:
-            self._esd_shifts(results)
         metrics = layer_scalars(results)
         metrics.update(summary_scalars(summary))
         if self.log_callback_metrics and results:

@@ -26,6 +26,7 @@ HISTORY_METRICS = (
     "lambda_max", "log_norm", "log_spectral_norm", "stable_rank", "matrix_rank", "rank_loss", "entropy",
     "alpha", "xmin", "xmax", "D", "sigma", "num_pl_spikes", "alpha_weighted", "log_alpha_norm", "fit_ok",
     "lambda_plus", "mp_sigma", "mp_ks", "num_spikes", "mp_softrank", "num_traps",
+    "distance_from_init", "esd_shift",  # training-time extras (NaN when off)
 )
 
 _STATE_VERSION = 1
