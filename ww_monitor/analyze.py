@@ -149,27 +149,29 @@ def analyze_matrices(matrices: Sequence[LayerMatrix], config: AnalysisConfig) ->
     skipped: list[SkippedLayer] = []
     good: list[LayerMatrix] = []
     for m in matrices:
-        if not bool(torch.isfinite(m.weight).all()):
-            skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), "non-finite weights (NaN or Inf)"))
-        elif m.kind == "lora" and not bool(m.weight.any()):
+        if m.kind == "lora" and not bool(m.weight.any()):
             skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), ZERO_UPDATE_REASON))
         else:
             good.append(m)
-    try:
-        all_evals = batched_eigenvalues([m.weight for m in good], method=config.method)
+    weights = [m.weight for m in good]
+    try:  # non-finite weights come back as None (detected on the way, no separate pass)
+        all_evals = batched_eigenvalues(weights, method=config.method, check_finite=True)
     except Exception as err:  # one bad matrix must not cost the others: retry one at a time
         log.debug("batched eigensolve failed (%s); retrying per matrix", err)
         all_evals = []
-        for m in good:
+        for w in weights:
             try:
-                all_evals.append(batched_eigenvalues([m.weight], method=config.method)[0])
+                all_evals.append(batched_eigenvalues([w], method=config.method, check_finite=True)[0])
             except Exception as one_err:
                 all_evals.append(one_err)
     for m, evals in zip(good, all_evals):
+        if evals is None:
+            skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), "non-finite weights (NaN or Inf)"))
+            continue
         if isinstance(evals, Exception):
             skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), f"eigensolver failed: {evals}"))
             continue
-        results.append(layer_result(m, evals * m.eig_scale, config))
+        results.append(layer_result(m, evals if m.eig_scale == 1.0 else evals * m.eig_scale, config))
     return results, skipped
 
 

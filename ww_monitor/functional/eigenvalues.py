@@ -3,33 +3,56 @@
 Two exact strategies:
 
 * ``"gram"``: form the M x M Gram matrix W^T W in float64 (after orienting so M <= N) and take
-  ``torch.linalg.eigvalsh``. One GEMM (only its lower triangle, which is all ``eigvalsh`` reads)
-  plus a symmetric eigensolve: 1.6-3.4x faster than an SVD on CPU (see
+  its symmetric eigenvalues. One rank-k update (only the lower triangle, which is all the
+  eigensolver reads) plus a symmetric eigensolve: 1.6-3.4x faster than an SVD on CPU (see
   ``benchmarks/bench_eigensolver.py``). Squaring the matrix costs precision only below
   ~ M * eps(float64) * lambda_max; float32/bf16/fp16 weights carry ~ eps(float32) relative
   error already, a million times more, so for them the Gram route loses nothing measurable.
 * ``"svd"``: ``torch.linalg.svdvals`` in float64, squared. Used for float64 weights by
   ``"auto"``, whose own precision is finer than the Gram floor.
 
-Matrices of the same shape are stacked and solved in one batched call (less per-layer Python
-and dispatch overhead). Work happens on the tensors' device, so CUDA weights stay on CUDA.
+On CPU the Gram route calls LAPACK through SciPy (``dsyrk`` + ``dsyevd``, one matrix at a time,
+no copy beyond the float64 upcast): on the benchmark machine (AMD EPYC) numpy/SciPy's OpenBLAS
+runs it 1.3-1.6x faster than the MKL bundled with PyTorch wheels, which takes slow generic code
+paths on non-Intel CPUs (``bench_eigensolver.py`` prints both; :data:`CPU_BACKEND` switches).
+Elsewhere (CUDA) matrices of the same shape are stacked and solved in one batched ``torch`` call
+(less per-layer dispatch overhead, the device stays busy) and nothing leaves the device but the
+eigenvalues.
+
+Non-finite weights are detected for free on the Gram route (a NaN/Inf entry makes its column's
+diagonal Gram entry non-finite), so callers need no separate O(N M) ``isfinite`` pass:
+``check_finite=True`` returns ``None`` for such matrices instead of raising.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["eigenvalues", "batched_eigenvalues", "choose_method", "gram_noise_floor", "METHODS"]
+__all__ = [
+    "eigenvalues",
+    "batched_eigenvalues",
+    "choose_method",
+    "gram_noise_floor",
+    "METHODS",
+    "CPU_BACKENDS",
+]
 
 METHODS = ("auto", "gram", "svd")
+#: LAPACK used by the CPU Gram route: ``"scipy"`` (numpy/SciPy's OpenBLAS) or ``"torch"`` (the
+#: LAPACK bundled with PyTorch, MKL in the x86 wheels). Both are exact float64 solvers; they agree
+#: to ~1e-15 lambda_max. ``"scipy"`` is the default because it was faster at every measured shape
+#: (``benchmarks/bench_eigensolver.py``, one thread, AMD EPYC: 768x768 28 vs 47 ms).
+CPU_BACKENDS = ("scipy", "torch")
+CPU_BACKEND = "scipy"
 
-# Keep each batched float64 stack below this many bytes. On CPU a batch only saves Python and
-# dispatch overhead (LAPACK loops over it anyway), and buffers under glibc's 32 MiB mmap ceiling
-# are recycled from the heap instead of being page-faulted in afresh on every call (~5% of
-# analyze time on BERT-sized layers). On CUDA bigger batches keep the device busy.
+# Keep each batched float64 stack below this many bytes (torch route). On CPU a batch only saves
+# Python and dispatch overhead (LAPACK loops over it anyway), and buffers under glibc's 32 MiB
+# mmap ceiling are recycled from the heap instead of being page-faulted in afresh on every call.
+# On CUDA bigger batches keep the device busy.
 _BATCH_BYTES = 24 * 1024 * 1024
 _BATCH_BYTES_CUDA = 256 * 1024 * 1024
 
@@ -73,17 +96,98 @@ def _orient(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(-1, -2) if t.shape[-2] < t.shape[-1] else t
 
 
-def batched_eigenvalues(mats: Sequence, method: str = "auto") -> list[np.ndarray]:
+def batched_eigenvalues(mats: Sequence, method: str = "auto", *, check_finite: bool = False) -> list:
     """Eigenvalues for many matrices (2-D, or 3-D stacks of slices whose eigenvalues pool).
 
     Each input may be a 2-D (rows x cols) matrix or a 3-D (k x rows x cols) stack, whose
     k * min(rows, cols) eigenvalues are returned together. Output order matches input order;
     each array is float64, sorted ascending, clipped at 0 (eigvalsh can return -1e-17).
+
+    Non-finite weights (NaN/Inf) raise ``ValueError``; with ``check_finite=True`` their entry is
+    ``None`` instead and the other matrices are still solved.
     """
     tensors = [_as_tensor(m) for m in mats]
     for t in tensors:
         if t.ndim not in (2, 3):
             raise ValueError(f"expected 2-D or 3-D weights, got shape {tuple(t.shape)}")
+    out: list = [None] * len(tensors)
+    on_torch: list[int] = []
+    cpu_gram: list[int] = []
+    for i, t in enumerate(tensors):
+        if t.device.type == "cpu" and CPU_BACKEND == "scipy" and choose_method(t.dtype, method) == "gram":
+            cpu_gram.append(i)
+        elif bool(torch.isfinite(t).all()):
+            on_torch.append(i)
+    if cpu_gram:
+        with _blas_threads(torch.get_num_threads()):
+            for i in cpu_gram:
+                out[i] = _cpu_gram_eigenvalues(tensors[i])
+    if on_torch:
+        for i, ev in zip(on_torch, _torch_eigenvalues([tensors[i] for i in on_torch], method)):
+            out[i] = ev
+    if not check_finite and any(ev is None for ev in out):
+        raise ValueError("non-finite weights (NaN or Inf)")
+    return out
+
+
+def _cpu_gram_eigenvalues(t: torch.Tensor) -> np.ndarray | None:
+    """SciPy route for one matrix or slice stack: float64 upcast, ``dsyrk``, ``dsyevd``.
+
+    The upcast copy is C-contiguous in the stored layout; ``dsyrk`` forms whichever of
+    ``W^T W`` / ``W W^T`` is the smaller side without transposing anything (its Fortran view of
+    a C array is the transpose). ``None`` when an entry is NaN/Inf: it shows on the diagonal.
+    """
+    from scipy.linalg import blas, lapack
+
+    stack = t if t.ndim == 3 else t.unsqueeze(0)
+    if stack.dtype == torch.float64 and stack.is_contiguous():
+        arr = stack.numpy()  # neither LAPACK call writes to its input
+    else:
+        arr = torch.empty(stack.shape, dtype=torch.float64).copy_(stack).numpy()
+    rows, cols = arr.shape[-2:]
+    # arr[k].T is F-contiguous (cols x rows): trans=0 gives arr^T arr (cols x cols), 1 gives arr arr^T.
+    trans = 0 if rows >= cols else 1
+    parts = []
+    for k in range(arr.shape[0]):
+        gram = blas.dsyrk(1.0, arr[k].T, trans=trans, lower=1)
+        if not np.isfinite(np.diagonal(gram)).all():
+            return None
+        ev, _, info = lapack.dsyevd(gram, compute_v=0, lower=1, overwrite_a=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dsyevd failed (info={info})")
+        parts.append(ev)
+    ev = parts[0] if len(parts) == 1 else np.sort(np.concatenate(parts))
+    np.maximum(ev, 0.0, out=ev)
+    return ev
+
+
+_THREADPOOLS = []  # one threadpoolctl controller per process, created on first use
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int):
+    """Run numpy/SciPy BLAS with ``n`` threads, like the calling thread's torch ops.
+
+    OpenBLAS' thread count is process-wide, so the analysis worker's one-thread budget would
+    not reach it otherwise. Without ``threadpoolctl`` the libraries' own setting is kept.
+    """
+    if not _THREADPOOLS:
+        try:
+            import threadpoolctl
+        except ImportError:  # optional: only the thread count is affected
+            _THREADPOOLS.append(None)
+        else:
+            _THREADPOOLS.append(threadpoolctl.ThreadpoolController())
+    ctl = _THREADPOOLS[0]
+    if ctl is None:
+        yield
+        return
+    with ctl.limit(limits=max(int(n), 1), user_api="blas"):
+        yield
+
+
+def _torch_eigenvalues(tensors: Sequence[torch.Tensor], method: str) -> list[np.ndarray]:
+    """torch route (CUDA, ``"svd"``, or ``CPU_BACKEND = "torch"``): batched by shape."""
     # Group slices by (device, oriented shape, method) so each group is one batched call.
     groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
     for i, t in enumerate(tensors):
