@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from .errors import WWMonitorError
+from .estimate import estimated_layer_result, wants_estimate
 from .functional.eigenvalues import METHODS, batched_eigenvalues
 from .functional.correlation_traps import count_correlation_traps
+from .functional.sampled import DEFAULT_SAMPLES, DEFAULT_SAMPLE_SIZE
 from .functional.marchenko_pastur import fit_marchenko_pastur
 from .functional.power_law import DEFAULT_MIN_EIGENVALUE, PowerLawFit, fit_power_law
 from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
@@ -40,6 +42,12 @@ from .results import LayerResult, Report, SkippedLayer
 __all__ = ["analyze", "AnalysisConfig", "select_matrices", "analyze_matrices"]
 
 log = logging.getLogger(__name__)
+
+#: A mixed-precision (float32) ESD is kept only if its absolute error bound is at most this
+#: fraction of the fitted xmin: every tail eigenvalue is then known to 1e-4 relative, which moves
+#: alpha = 1 + n / sum ln(x / xmin) by < ~2e-4 / mean ln(x / xmin), inside the 1e-3 parity with
+#: weightwatcher. Otherwise (a tail reaching far below lambda_max) it is solved in float64.
+MIXED_TAIL_RTOL = 1e-4
 
 #: weightwatcher's defaults: at least 8 eigenvalues, at most 15000, N at most 50000.
 DEFAULT_MIN_EVALS = 8
@@ -72,6 +80,10 @@ class AnalysisConfig:
     fit: str = "PL"
     randomize: bool = False
     peft: bool | str = False
+    # Opt-in sampled estimate for matrices above a size budget (see :mod:`.estimate`).
+    estimate_above: int | None = None
+    estimate_size: int = DEFAULT_SAMPLE_SIZE
+    estimate_samples: int = DEFAULT_SAMPLES
 
     def __post_init__(self):
         sel = LayerSelection.build(self.include, self.exclude, self.kinds)
@@ -84,12 +96,16 @@ class AnalysisConfig:
             raise WWMonitorError(f"method must be one of {METHODS}, got {self.method!r}")
         if not isinstance(self.min_evals, int) or self.min_evals < 2:
             raise WWMonitorError(f"min_evals must be an int >= 2, got {self.min_evals!r}")
-        for key in ("max_evals", "max_n", "max_matrix_bytes"):
+        for key in ("max_evals", "max_n", "max_matrix_bytes", "estimate_above"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise WWMonitorError(f"{key} must be a positive int or None, got {v!r}")
         _options.validate_options(self)
         check_peft(self.peft)
+        for key, low in (("estimate_size", 2), ("estimate_samples", 1)):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise WWMonitorError(f"{key} must be an int >= {low}, got {v!r}")
 
     @property
     def selection(self) -> LayerSelection:
@@ -145,8 +161,13 @@ def analyze_matrices(matrices: Sequence[LayerMatrix], config: AnalysisConfig) ->
 
     Non-finite weights and solver failures are reported as skipped, never raised.
     """
-    results: list[LayerResult] = []
+    results: list[tuple[LayerMatrix, LayerResult]] = []
     skipped: list[SkippedLayer] = []
+    order = {id(m): i for i, m in enumerate(matrices)}
+    if config.estimate_above is not None:
+        large = [m for m in matrices if wants_estimate(m, config.estimate_above)]
+        matrices = [m for m in matrices if not wants_estimate(m, config.estimate_above)]
+        results = _estimate_each(large, config, skipped)
     good: list[LayerMatrix] = []
     for m in matrices:
         if m.kind == "lora" and not bool(m.weight.any()):
@@ -154,25 +175,48 @@ def analyze_matrices(matrices: Sequence[LayerMatrix], config: AnalysisConfig) ->
         else:
             good.append(m)
     weights = [m.weight for m in good]
+    errors: list[float] = []  # absolute error bound per matrix (> 0: float32 eigensolve)
     try:  # non-finite weights come back as None (detected on the way, no separate pass)
-        all_evals = batched_eigenvalues(weights, method=config.method, check_finite=True)
+        all_evals = batched_eigenvalues(weights, method=config.method, check_finite=True, errors=errors)
     except Exception as err:  # one bad matrix must not cost the others: retry one at a time
         log.debug("batched eigensolve failed (%s); retrying per matrix", err)
-        all_evals = []
+        all_evals, errors = [], []
         for w in weights:
             try:
-                all_evals.append(batched_eigenvalues([w], method=config.method, check_finite=True)[0])
+                all_evals.append(batched_eigenvalues([w], method=config.method, check_finite=True, errors=errors)[0])
             except Exception as one_err:
                 all_evals.append(one_err)
-    for m, evals in zip(good, all_evals):
+                errors.append(0.0)
+    for m, evals, error in zip(good, all_evals, errors):
         if evals is None:
             skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), "non-finite weights (NaN or Inf)"))
             continue
         if isinstance(evals, Exception):
             skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), f"eigensolver failed: {evals}"))
             continue
-        results.append(layer_result(m, evals if m.eig_scale == 1.0 else evals * m.eig_scale, config))
-    return results, skipped
+        res = layer_result(m, evals if m.eig_scale == 1.0 else evals * m.eig_scale, config)
+        if error > 0 and not error * m.eig_scale <= MIXED_TAIL_RTOL * res.xmin:
+            # The float32 eigenvalues are not precise enough at this fit's xmin: solve in float64.
+            evals = batched_eigenvalues([m.weight], method="gram")[0]
+            res = layer_result(m, evals if m.eig_scale == 1.0 else evals * m.eig_scale, config)
+        results.append((m, res))
+    return [res for _, res in sorted(results, key=lambda pair: order[id(pair[0])])], skipped
+
+
+def _estimate_each(large, config, skipped: list) -> list:
+    """(matrix, result) pairs of sampled estimates (:mod:`.estimate`); failures go to ``skipped``."""
+    results = []
+    for m in large:
+        try:
+            res = estimated_layer_result(m, config)
+        except Exception as err:
+            skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), f"sampled estimate failed: {err}"))
+            continue
+        if res is None:
+            skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), "non-finite weights (NaN or Inf)"))
+        else:
+            results.append((m, res))
+    return results
 
 
 def layer_result(m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> LayerResult:
@@ -251,6 +295,9 @@ def analyze(
     traps: bool = False,
     seed: int = 0,
     keep_eigenvalues: bool = True,
+    estimate_above: int | None = None,
+    estimate_size: int = DEFAULT_SAMPLE_SIZE,
+    estimate_samples: int = DEFAULT_SAMPLES,
     weights_only: bool = True,
     progress: Callable[[int, int], None] | None = None,
     detX: bool = False,
@@ -285,6 +332,10 @@ def analyze(
         method: eigensolver, ``"auto"`` | ``"gram"`` | ``"svd"`` (see :mod:`.functional.eigenvalues`).
         traps: also count correlation traps (one extra eigensolve per layer, seeded by ``seed``).
         keep_eigenvalues: keep each layer's ESD on its result (``LayerResult.eigenvalues``).
+        estimate_above: opt-in for models too large to analyse whole: 2-D matrices whose smaller
+            side exceeds this are not decomposed; alpha is estimated from ``estimate_samples``
+            random submatrices with ``estimate_size`` columns and the matrix's aspect ratio
+            (``method="sampled"`` on the result; see :mod:`ww_monitor.estimate`).
         weights_only: load checkpoint files with PyTorch's safe unpickler (default). Set False
             only for files you trust.
         progress: called as ``progress(done, total)`` (layers) as the analysis advances; the
@@ -312,7 +363,8 @@ def analyze(
         max_evals=max_evals, max_n=max_n, max_matrix_bytes=max_matrix_bytes, method=method,
         traps=traps, seed=seed, keep_eigenvalues=keep_eigenvalues, detX=detX or ERG,
         fix_fingers=fix_fingers or None, max_fingers=max_fingers, finger_thresh=finger_thresh, xmin_max=xmin_max,
-        fit=fit, randomize=randomize, peft=peft,
+        fit=fit, randomize=randomize, peft=peft, estimate_above=estimate_above,
+        estimate_size=estimate_size, estimate_samples=estimate_samples,
     )
     source = model
     if isinstance(model, (str, os.PathLike)):

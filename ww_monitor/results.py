@@ -73,6 +73,9 @@ class LayerResult:
     # bookkeeping
     num_slices: int = 1
     dtype: str = ""
+    #: "full" (exact eigendecomposition) or "sampled" (alpha estimated from submatrices, see
+    #: ww_monitor.estimate: no rank, entropy, MP fit or phase).
+    method: str = "full"
     eigenvalues: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self, *, eigenvalues: bool = False) -> dict[str, Any]:

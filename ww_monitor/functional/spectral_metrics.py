@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["rank_tolerance", "matrix_rank", "norm_metrics", "alpha_metrics", "matrix_entropy"]
+__all__ = ["rank_tolerance", "matrix_rank", "norm_metrics", "norms_from", "alpha_metrics", "matrix_entropy"]
 
 
 def rank_tolerance(lambda_max: float, n: int, m: int, dtype: torch.dtype = torch.float32) -> float:
@@ -59,8 +59,11 @@ def matrix_entropy(evals: np.ndarray, rank: int) -> float:
 def norm_metrics(evals: np.ndarray) -> dict:
     """lambda_max, log_norm = log10(sum lambda), log_spectral_norm, stable_rank."""
     ev = np.asarray(evals, dtype=np.float64)
-    lambda_max = float(ev[-1]) if ev.size else math.nan
-    total = float(ev.sum())
+    return norms_from(float(ev.sum()), float(ev[-1]) if ev.size else math.nan)
+
+
+def norms_from(total: float, lambda_max: float) -> dict:
+    """:func:`norm_metrics` from sum(lambda) (= squared Frobenius norm) and lambda_max alone."""
     return {
         "lambda_max": lambda_max,
         "log_norm": math.log10(total) if total > 0 else math.nan,
