@@ -65,6 +65,7 @@ from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from .history import History, SnapshotRecord
 from .layers import CONV_MODES, KINDS
 from .results import Report
+from .device import resolve_analysis_device, staging_budget, validate_analysis_device
 from .snapshot import SnapshotBuilder
 from .tensorboard_writer import (
     LoggerWriter,
@@ -205,7 +206,12 @@ class WeightWatcherMixin:
         figure_layers: regex or list of regexes selecting the layers that get an ESD figure;
             ``None`` picks ``max_figure_layers`` layers spread over the depth.
         max_figure_layers: most ESD figures per snapshot.
-        method: eigensolver, ``"auto"``, ``"gram"`` or ``"svd"``.
+        method: eigensolver, ``"auto"``, ``"gram"``, ``"svd"`` or ``"mixed"``.
+        analysis_device: where the eigensolves run: ``"auto"`` (the weights' device when it is a
+            GPU, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. On a GPU the snapshot stays
+            on the device within a quarter of its free memory, the solves run on a low-priority
+            stream, only eigenvalues come to the host, and an out-of-memory error falls back to
+            the CPU with a warning (:mod:`ww_monitor.device`).
         drain_timeout: seconds to wait for outstanding analyses at train end and when a
             checkpoint is saved before giving up with a warning.
         alerts: alert rules (:class:`ww_monitor.alerts.AlertConfig`: thresholds, enabled rules,
@@ -272,6 +278,7 @@ class WeightWatcherMixin:
         figure_layers: str | list[str] | None = None,
         max_figure_layers: int = 3,
         method: str = "auto",
+        analysis_device: str = "auto",
         drain_timeout: float = 600.0,
         alerts: AlertConfig | bool = True,
         on_alert: Callable[[Alert], None] | None = None,
@@ -309,6 +316,7 @@ class WeightWatcherMixin:
             raise WWMonitorError(f"`on_alert` must be callable or None, got {on_alert!r}.")
         if conv_mode not in CONV_MODES:
             raise WWMonitorError(f"`conv_mode` must be one of {CONV_MODES}, got {conv_mode!r}.")
+        self.analysis_device = validate_analysis_device(analysis_device)
         kinds_t = _as_tuple(kinds, "kinds")
         if kinds_t is not None and any(k not in KINDS for k in kinds_t):
             raise WWMonitorError(f"`kinds` must be a subset of {list(KINDS)}, got {list(kinds_t)!r}.")
@@ -595,7 +603,9 @@ class WeightWatcherMixin:
 
     def _take(self, trainer, pl_module, epoch: int, final: bool) -> None:
         index, step = self._next_index, trainer.global_step
-        builder = SnapshotBuilder(index, step, epoch, share_memory=self._worker.mode == "process")
+        device = resolve_analysis_device(self.analysis_device, getattr(pl_module, "device", None))
+        builder = SnapshotBuilder(index, step, epoch, share_memory=self._worker.mode == "process", device=device,
+                                  device_budget=staging_budget(device))
         root = getattr(trainer.strategy, "model", None)
         try:
             owners, selection_skipped = collect_into(builder, pl_module, self.config, self._rank, self._world, root)
@@ -636,7 +646,7 @@ class WeightWatcherMixin:
                     t.share_memory_()
             self.stats["baseline_bytes"] = sum(t.numel() * t.element_size() for t in self._baseline.values())
         # Histograms are binned by the worker too: the training thread only writes them.
-        args = (snap, self.config, self._rank, CHUNK_BYTES, self.log_histograms, self._baseline)
+        args = (snap, self.config, self._rank, CHUNK_BYTES, self.log_histograms, self._baseline, str(device))
         self._worker.submit("analysis", index, analyze_snapshot, args, nbytes=snap.nbytes)
 
     def _drain(self, trainer, kinds, reason: str) -> None:

@@ -14,7 +14,10 @@ step and before the next one), under :func:`torch.no_grad`:
   :func:`take_snapshot` returns.
 * CUDA weights: the copy into *pinned* host buffers runs asynchronously on a side stream that
   first waits for the current stream (so it sees the weights after the optimizer step). The
-  training thread does not wait for it. Before the next optimizer step may overwrite the
+  training thread does not wait for it. With ``device=`` (the callback's ``analysis_device``
+  on a GPU) the buffers stay on that device instead, as long as they fit ``device_budget``
+  bytes (:func:`~ww_monitor.device.staging_budget`); groups beyond it go to pinned host memory
+  and are streamed back to the device for their analysis. Before the next optimizer step may overwrite the
   weights, :meth:`Snapshot.guard_writes` makes the current stream wait for the copy (an
   on-device dependency, no host synchronisation), and the analysis calls :meth:`Snapshot.wait`
   before it reads the buffers.
@@ -28,6 +31,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .device import copy_stream, on_stream, record_event
 from .layers import LayerMatrix
 
 __all__ = ["MatrixSpec", "Snapshot", "SnapshotBuilder", "take_snapshot"]
@@ -68,7 +72,7 @@ class Snapshot:
 
     @property
     def nbytes(self) -> int:
-        """Host bytes held by the copied weights."""
+        """Bytes held by the copied weights (host, or device for a device-resident snapshot)."""
         return sum(b.numel() * b.element_size() for chunk in self.buffers for b in chunk.values())
 
     def __len__(self) -> int:
@@ -109,10 +113,6 @@ class Snapshot:
         return state
 
 
-#: One side stream per CUDA device for snapshot copies, created on first use.
-_SIDE_STREAMS: dict = {}
-
-
 def _dtype_key(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -124,9 +124,12 @@ class SnapshotBuilder:
     while its parameters are materialised, into its own buffers.
     """
 
-    def __init__(self, index: int, step: int, epoch: int, *, share_memory: bool = False):
+    def __init__(self, index: int, step: int, epoch: int, *, share_memory: bool = False,
+                 device: torch.device | None = None, device_budget: int | None = None):
         self.snapshot = Snapshot(index=index, step=step, epoch=epoch)
         self.share_memory = share_memory
+        self.device = device if device is not None and device.type == "cuda" and not share_memory else None
+        self.device_left = device_budget or 0
         self._t0 = time.perf_counter()
 
     def add(self, matrices: Sequence[LayerMatrix]) -> None:
@@ -149,8 +152,16 @@ class SnapshotBuilder:
         # Pinned host memory lets CUDA copies run asynchronously; a process worker needs shared
         # memory instead (its copies are then synchronous).
         pin = any_cuda and torch.cuda.is_available() and not self.share_memory
+        nbytes = sum(total * dtypes[key].itemsize for key, total in totals.items())
+        on_device = (self.device is not None and nbytes <= self.device_left
+                     and all(m.weight.device == self.device for m in matrices))
+        if on_device:
+            self.device_left -= nbytes
         buffers = {}
         for key, total in totals.items():
+            if on_device:
+                buffers[key] = torch.empty(total, dtype=dtypes[key], device=self.device)
+                continue
             buf = torch.empty(total, dtype=dtypes[key], pin_memory=pin)
             if self.share_memory:
                 buf.share_memory_()
@@ -159,7 +170,7 @@ class SnapshotBuilder:
             cuda_jobs = []
             for m, spec in zip(matrices, specs):
                 dst = buffers[spec.dtype][spec.offset : spec.offset + spec.numel].view(spec.shape)
-                if m.weight.is_cuda and pin:
+                if m.weight.is_cuda and (pin or on_device):
                     cuda_jobs.append((dst, m.weight))
                 else:
                     dst.copy_(m.weight.detach())
@@ -173,16 +184,12 @@ class SnapshotBuilder:
         for dst, src in jobs:
             by_device.setdefault(src.device, []).append((dst, src))
         for device, pairs in by_device.items():
-            stream = _SIDE_STREAMS.get(device)
-            if stream is None:
-                stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+            stream = copy_stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
+            with on_stream(stream):
                 for dst, src in pairs:
                     dst.copy_(src.detach(), non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-            self.snapshot.events.append((device, event))
+            self.snapshot.events.append((device, record_event(stream)))
 
     def finish(self) -> Snapshot:
         self.snapshot.copy_seconds = time.perf_counter() - self._t0
