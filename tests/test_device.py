@@ -68,3 +68,38 @@ def test_streamed_groups_give_the_same_results_as_one_pass():
     snap = take_snapshot(mats)
     out = analyze_snapshot(snap, config, device="cpu")
     assert [r.alpha for r in out.results] == [r.alpha for r in whole] and out.error is None
+
+
+def test_cost_model_scales_with_shape_and_is_calibrated_once():
+    from ww_monitor.cost import calibration, estimate_seconds
+
+    per_eig, per_gram = calibration()
+    assert per_eig > 0 and per_gram > 0 and calibration() == (per_eig, per_gram)  # cached
+    one = estimate_seconds([(256, 128)])
+    assert estimate_seconds([(256, 128), (128, 256)]) == pytest.approx(2 * one)
+    assert estimate_seconds([(9, 128, 64)]) == pytest.approx(9 * estimate_seconds([(128, 64)]))
+    assert estimate_seconds([(1024, 1024)]) > 100 * estimate_seconds([(128, 128)])
+
+
+def test_callback_estimates_snapshot_time_and_warns_when_the_schedule_cannot_keep_up(tmp_path):
+    import pytorch_lightning as pl
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.big = nn.Linear(600, 600)
+
+        def training_step(self, batch, _):
+            return self.big(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 600)), batch_size=2)
+    cb = wwm.WeightWatcherCallback(every_n_epochs=None, every_n_train_steps=1, figures_every_n_snapshots=None,
+                                   log_histograms=False, analysis_device="cpu")
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="cannot keep up"):
+        trainer.fit(Net(), data)
+    assert cb.estimated_snapshot_seconds > 0

@@ -65,6 +65,7 @@ from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from .history import History, SnapshotRecord
 from .layers import CONV_MODES, KINDS
 from .results import Report
+from .cost import estimate_seconds
 from .device import resolve_analysis_device, staging_budget, validate_analysis_device
 from .snapshot import SnapshotBuilder
 from .tensorboard_writer import (
@@ -388,6 +389,9 @@ class WeightWatcherMixin:
         self.latest_results: tuple[int, list] | None = None
         self._baseline: dict[str, torch.Tensor] | None = None  # weights at snapshot 0 (distance_from_init)
         self._prev_esd: dict[str, Any] = {}  # layer -> eigenvalues of its previous snapshot (esd_shift)
+        #: Estimated analysis seconds of one snapshot on this machine (CPU analysis; :mod:`.cost`).
+        self.estimated_snapshot_seconds: float | None = None
+        self._schedule = {"last_due": None, "warned": False}
         self.stats: dict[str, Any] = {
             "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
@@ -574,6 +578,8 @@ class WeightWatcherMixin:
         """
         if self._worker is None:
             return
+        if snapshot:
+            self._check_schedule()
         if self._world > 1:
             busy = self._gather(trainer) >= self.max_pending
         else:
@@ -619,6 +625,12 @@ class WeightWatcherMixin:
             self._worker.submit("analysis", index, failed_analysis, (index, step, epoch, self._rank, error))
             return
         snap = builder.finish()
+        if self.estimated_snapshot_seconds is None and device.type == "cpu" and snap.specs:
+            # The cost model is calibrated for CPU analysis; said once, up front.
+            self.estimated_snapshot_seconds = estimate_seconds(s.shape for s in snap.specs)
+            if self._rank == 0:
+                log.info("ww_monitor: one snapshot (%d matrices) will take about %.1f s of analysis here",
+                         len(snap.specs), self.estimated_snapshot_seconds)
         self._next_index += 1
         self._last_step = step
         self.stats["snapshots_taken"] += 1
@@ -648,6 +660,19 @@ class WeightWatcherMixin:
         # Histograms are binned by the worker too: the training thread only writes them.
         args = (snap, self.config, self._rank, CHUNK_BYTES, self.log_histograms, self._baseline, str(device))
         self._worker.submit("analysis", index, analyze_snapshot, args, nbytes=snap.nbytes)
+
+    def _check_schedule(self) -> None:
+        """Warn once when snapshots fall due faster than one takes to analyse (:mod:`.cost`)."""
+        now = time.monotonic()
+        last, self._schedule["last_due"] = self._schedule["last_due"], now
+        estimate = self.estimated_snapshot_seconds
+        if estimate is None or last is None or self._schedule["warned"] or estimate <= now - last:
+            return
+        self._schedule["warned"] = True
+        _rank_zero_warn(
+            f"WeightWatcherCallback: one snapshot takes about {estimate:.2f} s to analyse here but snapshots are "
+            f"due {now - last:.2f} s apart, so the analysis cannot keep up (snapshots will be skipped or training "
+            f"will wait, see on_lag). Take snapshots less often or narrow the layer selection.", RuntimeWarning)
 
     def _drain(self, trainer, kinds, reason: str) -> None:
         if self._worker is None:
