@@ -12,6 +12,10 @@ matrix). Repeats are interleaved (every repeat runs every variant, in a rotating
 medians are reported, so a noisy neighbour slows all variants alike. It also prints how far the
 Gram eigenvalues are from the SVD ones, relative to lambda_max, to show the precision cost.
 
+A second table compares the CPU routes ``batched_eigenvalues`` can take: torch's LAPACK vs SciPy's
+(both float64, the reason for ``CPU_BACKEND = "scipy"``) and the mixed-precision ``"auto"`` route
+(float32 eigensolve of the exact Gram for M >= 512) with its error relative to lambda_max.
+
 Threads: ``--threads`` (default 1) is applied to torch, MKL, OpenBLAS and OpenMP before torch
 is imported, as in ``bench_analyze.py``; ``--threads 0`` keeps the library defaults. On
 oversubscribed or steal-heavy VMs multi-threaded LAPACK can be 10x slower than one thread.
@@ -40,6 +44,7 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # (label, batch size, rows, cols): rows x cols is the stored (out, in) weight; batch = how many
@@ -87,12 +92,20 @@ def ww_monitor_solver(stack):
     return batched_eigenvalues([stack])
 
 
+def ww_monitor_float64(stack):
+    """The CPU route's exact float64 path (SciPy dsyrk + dsyevd; "auto" below M = 512)."""
+    from ww_monitor.functional import batched_eigenvalues
+
+    return batched_eigenvalues([stack], method="gram")
+
+
 VARIANTS = {
     "svdvals batched": svd_batched,
     "svdvals looped": svd_looped,
     "gram+eigvalsh batched": gram_batched,
     "gram+eigvalsh looped": gram_looped,
     "ww_monitor": ww_monitor_solver,
+    "ww_monitor float64": ww_monitor_float64,
 }
 
 
@@ -138,6 +151,7 @@ def main(argv=None) -> None:
           "| svd/gram (batched) | svd/gram (looped) | looped/batched (gram) | gram error / lambda_max "
           "| svd/gram batched, wall | ww_monitor solver | svd batched / ww_monitor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    routes = []
     for label, batch, rows, cols in CASES:
         if args.quick and label in QUICK_SKIP:
             continue
@@ -155,6 +169,18 @@ def main(argv=None) -> None:
             f"| {t['svdvals batched'] / t['ww_monitor']:.2f}x |",
             flush=True,
         )
+        auto = np.sort(ww_monitor_solver(stack[:1])[0])
+        exact = np.sort(ww_monitor_float64(stack[:1])[0])
+        routes.append((label, t["gram+eigvalsh looped"], t["ww_monitor float64"], t["ww_monitor"],
+                       float(np.abs(auto - exact).max() / exact.max())))
+    print("\nCPU routes, CPU seconds per batch: torch's LAPACK (MKL in the wheels) vs SciPy's (OpenBLAS), "
+          "float64, and ww_monitor's 'auto' (float32 eigensolve of the exact Gram for M >= 512):\n")
+    print("| shape | torch gram+eigvalsh | SciPy float64 | torch / SciPy | auto | float64 / auto "
+          "| auto error / lambda_max |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, torch_t, f64, auto_t, err in routes:
+        print(f"| {label} | {torch_t:.3f} | {f64:.3f} | {torch_t / f64:.2f}x | {auto_t:.3f} | {f64 / auto_t:.2f}x "
+              f"| {err:.1e} |")
     print("\nsvd/gram > 1: the Gram route is faster. looped/batched > 1: batching helps. The 'gram' "
           "variants are the plain W^T W + eigvalsh; 'ww_monitor solver' is batched_eigenvalues() "
           "(lower-triangle product, UPLO='U', sorted numpy output; ww_monitor/functional/eigenvalues.py).")
