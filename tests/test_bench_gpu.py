@@ -16,7 +16,7 @@ def test_bench_gpu_cpu_mode_prints_its_table():
                          capture_output=True, text=True, timeout=240, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| bench_gpu on CPU")
-    labels = [r.split(" | ")[0] for r in rows[2:]]
+    labels = [r.split(" | ")[0] for r in rows[1:]]  # the |---| separator does not start with "| "
     assert labels == ["| 64x64 float32", "| 64x64 float64", "| 192x64 float32", "| 192x64 float64",
                       "| tiny-shaped stack (14 matrices)", "| training loop, 32-wide MLP, snapshot every 3 steps"]
     assert "3 snapshots" in rows[-1]
