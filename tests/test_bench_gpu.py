@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,4 +20,5 @@ def test_bench_gpu_cpu_mode_prints_its_table():
     labels = [r.split(" | ")[0] for r in rows[1:]]  # the |---| separator does not start with "| "
     assert labels == ["| 64x64 float32", "| 64x64 float64", "| 192x64 float32", "| 192x64 float64",
                       "| tiny-shaped stack (14 matrices)", "| training loop, 32-wide MLP, snapshot every 3 steps"]
-    assert "3 snapshots" in rows[-1]
+    # Snapshots due while the worker still runs are skipped (on_lag="skip"), so at least the final one.
+    assert int(re.search(r"; (\d+) snapshots\)", rows[-1]).group(1)) >= 1
