@@ -13,7 +13,7 @@ Two exact strategies:
 
 On CPU the Gram route calls LAPACK through SciPy (``dsyrk`` + ``dsyevd``, one matrix at a time,
 no copy beyond the float64 upcast): on the benchmark machine (AMD EPYC) numpy/SciPy's OpenBLAS
-runs it 1.3-1.6x faster than the MKL bundled with PyTorch wheels, which takes slow generic code
+runs it 1.2-1.5x faster than the MKL bundled with PyTorch wheels, which takes slow generic code
 paths on non-Intel CPUs (``bench_eigensolver.py`` prints both; :data:`CPU_BACKEND` switches).
 Elsewhere (CUDA) matrices of the same shape are stacked and solved in one batched ``torch`` call
 (less per-layer dispatch overhead, the device stays busy) and nothing leaves the device but the
@@ -46,13 +46,14 @@ METHODS = ("auto", "gram", "svd", "mixed")
 #: LAPACK used by the CPU Gram route: ``"scipy"`` (numpy/SciPy's OpenBLAS) or ``"torch"`` (the
 #: LAPACK bundled with PyTorch, MKL in the x86 wheels). Both are exact float64 solvers; they agree
 #: to ~1e-15 lambda_max. ``"scipy"`` is the default because it was faster at every measured shape
-#: (``benchmarks/bench_eigensolver.py``, one thread, AMD EPYC: 768x768 28 vs 47 ms).
+#: (``benchmarks/bench_eigensolver.py --quick``, one thread, AMD EPYC: 1.2-1.5x less CPU time).
 CPU_BACKENDS = ("scipy", "torch")
 CPU_BACKEND = "scipy"
 
 #: ``"auto"`` solves float32/16-bit matrices with M >= MIXED_MIN_M in mixed precision (below):
-#: there the float32 eigensolve saves 30-50% of the solve (``bench_eigensolver.py``: 768x768
-#: 28 -> 19 ms, 512x512 11 -> 7.5 ms); below it the float64 solve costs a few ms and stays exact.
+#: there the float32 eigensolve cuts the CPU time per shape by 6-19% (``bench_eigensolver.py
+#: --quick``: 768x768 and FFN 3072x768 1.19x, 4096x1024 1.17x, 512x512 conv slices 1.06x); below
+#: it the float64 solve costs a few ms and stays exact.
 MIXED_MIN_M = 512
 #: Bound on the float32 eigensolver's absolute error: MIXED_ERROR_FACTOR * sqrt(M) * eps32 * ||G||_F.
 #: Measured max |error| / (eps32 ||G||_F) on Gaussian (Q = 1, 4), power-law, Student-t and
