@@ -1,6 +1,6 @@
-"""Eigenvalues of W^T W (squared singular values of W), exact, in float64, batched.
+"""Eigenvalues of W^T W (squared singular values of W), batched.
 
-Two exact strategies:
+Two exact (float64) strategies and one mixed-precision one:
 
 * ``"gram"``: form the M x M Gram matrix W^T W in float64 (after orienting so M <= N) and take
   its symmetric eigenvalues. One rank-k update (only the lower triangle, which is all the
@@ -10,11 +10,14 @@ Two exact strategies:
   error already, a million times more, so for them the Gram route loses nothing measurable.
 * ``"svd"``: ``torch.linalg.svdvals`` in float64, squared. Used for float64 weights by
   ``"auto"``, whose own precision is finer than the Gram floor.
+* ``"mixed"``: the exact float64 Gram, a float32 eigensolve, the rank decided in float64 (see
+  :func:`_mixed_eigenvalues`); the absolute error bound comes back through ``errors=``. Used by
+  ``"auto"`` for float32/16-bit weights with M >= :data:`MIXED_MIN_M` on the CPU route.
 
 On CPU the Gram route calls LAPACK through SciPy (``dsyrk`` + ``dsyevd``, one matrix at a time,
 no copy beyond the float64 upcast): on the benchmark machine (AMD EPYC) numpy/SciPy's OpenBLAS
-runs it 1.2-1.5x faster than the MKL bundled with PyTorch wheels, which takes slow generic code
-paths on non-Intel CPUs (``bench_eigensolver.py`` prints both; :data:`CPU_BACKEND` switches).
+runs it 1.2-1.5x faster than the MKL bundled with PyTorch wheels, which is known to pick slower
+code paths on non-Intel CPUs (``bench_eigensolver.py`` prints both; :data:`CPU_BACKEND` switches).
 Elsewhere (CUDA) matrices of the same shape are stacked and solved in one batched ``torch`` call
 (less per-layer dispatch overhead, the device stays busy) and nothing leaves the device but the
 eigenvalues.
