@@ -101,7 +101,25 @@ def test_zero_matrix_gives_failed_fit_excluded_from_summary():
     assert not zero.fit_ok and zero.fit_reason and math.isnan(zero.alpha)
     s = r.summary()
     assert s["num_failed_fits"] == 1 and s["num_layers"] == 2
-    assert s["alpha"] == pytest.approx(r["fc"].alpha)
+    # 32 eigenvalues each: both unreliable, so left out of the default alpha mean (issue 10) ...
+    assert s["num_unreliable"] == 2 and s["num_undetermined"] == 2 and math.isnan(s["alpha"])
+    # ... and the plain mean over the successful fits on request.
+    assert r.summary(include_unreliable=True)["alpha"] == pytest.approx(r["fc"].alpha)
+
+
+def test_tiny_layers_are_unreliable_undetermined_and_left_out_of_the_summary():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 10))
+    r = wwm.analyze(model)
+    big, head = r["0"], r["2"]
+    assert big.num_evals == 128 and big.reliable and big.phase is not None
+    assert head.num_evals == 10 and not head.reliable and head.phase is None
+    s = r.summary()
+    assert s["alpha"] == pytest.approx(big.alpha) and s["num_unreliable"] == 1 and s["num_undetermined"] == 1
+    assert r.summary(include_unreliable=True)["alpha"] == pytest.approx(np.mean([big.alpha, head.alpha]))
+    assert s["log_norm"] == pytest.approx(np.mean([big.log_norm, head.log_norm]))  # exact at any size: all layers
+    row = r.to_pandas().set_index("name")
+    assert bool(row.loc["2", "reliable"]) is False and row.loc["2", "num_evals"] == 10
 
 
 def test_report_outputs():
@@ -111,7 +129,9 @@ def test_report_outputs():
     payload = json.loads(r.to_json())
     assert [l["name"] for l in payload["layers"]] == ["0", "1"]
     assert payload["skipped"][0]["reason"].startswith("4 eigenvalues")
-    assert payload["summary"]["alpha"] == pytest.approx(np.mean([l.alpha for l in r.layers]))
+    # 32 and 16 eigenvalues: unreliable, so the default alpha mean is empty (issue 10)
+    assert math.isnan(payload["summary"]["alpha"]) and payload["summary"]["num_unreliable"] == 2
+    assert r.summary(include_unreliable=True)["alpha"] == pytest.approx(np.mean([l.alpha for l in r.layers]))
     df = r.to_pandas()
     assert list(df["name"]) == ["0", "1"] and "alpha_weighted" in df.columns and "eigenvalues" not in df.columns
     with pytest.raises(KeyError, match="no analysed layer"):

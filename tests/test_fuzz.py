@@ -96,8 +96,9 @@ def test_analyze_random_shapes_and_dtypes(n, m, dtype, seed, content):
         else:
             assert math.isnan(l.alpha) and l.fit_reason
     summary = report.summary()
-    ok = [l.alpha for l in report.layers if l.fit_ok]
+    ok = [l.alpha for l in report.layers if l.fit_ok and l.reliable]
     assert summary["num_failed_fits"] == sum(not l.fit_ok for l in report.layers)
+    assert summary["num_unreliable"] == sum(not l.reliable for l in report.layers)
     if ok:
         assert summary["alpha"] == pytest.approx(np.mean(ok))
     else:

@@ -54,7 +54,8 @@ def test_to_pandas_and_metric():
     assert wide.loc[10, "b"] == pytest.approx(5.0)
     names, steps, grid = h.phases()
     assert names == ["a", "b"] and steps == [0, 5, 10]
-    assert grid[0] == [Phase.HEAVY_TAILED] * 3 and grid[1] == [None] * 3
+    # Analysed without a phase: shown as undetermined (issue 10), not as missing.
+    assert grid[0] == [Phase.HEAVY_TAILED] * 3 and grid[1] == ["undetermined"] * 3
     assert len(History().to_pandas()) == 0
 
 

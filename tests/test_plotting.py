@@ -50,7 +50,8 @@ def test_plot_esd_draws_histogram_mp_and_power_law(report, tmp_path):
     assert mp_line.get_xdata().max() == pytest.approx(layer.lambda_plus)
     pl_line = next(l for l in ax.get_lines() if l.get_label().startswith("power law"))
     assert pl_line.get_xdata().min() == pytest.approx(layer.xmin)
-    assert ax.get_title() == "0"
+    # Issue 10: the title says how much the fit rests on.
+    assert ax.get_title() == f"0: 200 eigenvalues, {layer.num_pl_spikes} in the tail"
     path = tmp_path / "esd.png"
     fig.savefig(path)
     assert path.read_bytes()[:8] == PNG_MAGIC
@@ -83,10 +84,14 @@ def test_plot_alpha_per_layer(report, tmp_path):
     fig = plot_alpha_per_layer(layers)
     (ax,) = fig.axes
     names = [t.get_text() for t in ax.get_xticklabels()]
-    assert names == [l.name for l in layers]
+    # Issue 10: each label carries the eigenvalue and tail counts; unreliable fits are a second, grey bar set.
+    assert names == [f"{l.name} ({l.num_evals}/{l.num_pl_spikes})" for l in layers]
     bars = [p for p in ax.patches if p.get_label() != "$\\alpha \\in [2, 4]$"]
-    heights = sorted(p.get_height() for p in ax.containers[0])
+    heights = sorted(p.get_height() for c in ax.containers for p in c)
     assert heights == sorted(l.alpha for l in report.layers if math.isfinite(l.alpha))
+    assert sorted(p.get_height() for p in ax.containers[0]) == sorted(
+        l.alpha for l in report.layers if math.isfinite(l.alpha) and l.reliable)
+    assert not report["2"].reliable and report["2"].phase is None  # the 10-eigenvalue head
     assert len(bars) >= len(heights)
     band = [p for p in ax.patches if "[2, 4]" in p.get_label()]
     assert len(band) == 1

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ww_monitor.tensorboard_writer import ESD_HISTOGRAM_BINS, LoggerWriter, esd_histogram
+from ww_monitor.tensorboard_writer import LoggerWriter, esd_bins, esd_histogram
 
 
 def test_esd_histogram_bins_log10_of_the_finite_positive_eigenvalues():
@@ -12,12 +12,18 @@ def test_esd_histogram_bins_log10_of_the_finite_positive_eigenvalues():
     h = esd_histogram(ev)
     kept = np.log10(ev[np.isfinite(ev) & (ev > 0)])
     assert h.num == kept.size == 500 and sum(h.bucket_counts) == 500
-    assert len(h.bucket_counts) == len(h.bucket_limits) == ESD_HISTOGRAM_BINS
+    assert len(h.bucket_counts) == len(h.bucket_limits) == esd_bins(500) == 16  # ceil(2 * 500^(1/3))
     assert h.min == pytest.approx(kept.min()) and h.max == pytest.approx(kept.max())
     assert h.bucket_limits[-1] == pytest.approx(kept.max())
     assert h.sum == pytest.approx(kept.sum()) and h.sum_squares == pytest.approx((kept**2).sum())
-    expected, _ = np.histogram(kept, bins=ESD_HISTOGRAM_BINS, range=(kept.min(), kept.max()))
+    expected, _ = np.histogram(kept, bins=esd_bins(500), range=(kept.min(), kept.max()))
     assert list(h.bucket_counts) == expected.tolist()
+
+
+def test_esd_bins_grow_with_the_eigenvalue_count():
+    """Issue 10: a 10-eigenvalue head gets 5 buckets, not a comb of 64."""
+    assert [esd_bins(n) for n in (1, 10, 64, 512, 4096, 10**6)] == [5, 5, 8, 16, 32, 64]
+    assert len(esd_histogram(np.geomspace(1.0, 100.0, 10)).bucket_counts) == 5
 
 
 def test_esd_histogram_degenerate_inputs():

@@ -1,8 +1,9 @@
-"""Alert rules on snapshot results, with deduplication.
+"""Alert rules on snapshot results, with confirmation (hysteresis) and deduplication.
 
 An alert fires when a layer *enters* a bad state and a resolved notice when it leaves; nothing
 is repeated while a layer stays put. The rules are pure: :class:`AlertTracker` turns a snapshot
 (layer results + skipped layers) into :class:`Alert` objects; the callback carries out actions.
+What each rule means and what to do about it: ``docs/alerts.md`` (linked from every message).
 
 Default thresholds and why:
 
@@ -11,31 +12,40 @@ Default thresholds and why:
   (very heavy tails), alpha > 4 little learned correlation.
 * ``alpha_high_warmup = 5`` snapshots: every layer starts random-like with a large alpha, so the
   high-alpha rule only speaks once training had time to move the spectrum.
-* ``alpha_min_evals = 50``: the alpha rules ignore layers with fewer eigenvalues (a 10-class
-  head has 10): a power-law fit on a handful of points swings by several units between
-  snapshots, and an alert on it would be noise.
+* ``alpha_min_evals = 50``: the alpha rules ignore layers with fewer eigenvalues, and layers
+  whose fit is not reliable (:mod:`ww_monitor.reliability`): a power-law fit on a handful of
+  points swings by several units between snapshots, and an alert on it would be noise.
+* ``alpha_confirm_snapshots = 2``: alpha must be outside the band on this many consecutive
+  snapshots to fire, and back inside on as many to resolve, so a layer hugging a boundary
+  (alpha 1.99, 2.01, 1.98 ...) neither flaps nor fires on one noisy fit.
 * ``rank_loss_fraction = 0.1``: a tenth of a layer's directions below the precision-aware rank
   tolerance is far beyond what healthy layers show (they lose none) yet well before collapse.
-* ``phase_regression_steps = 2``: a layer at least two phases behind the furthest phase it has
-  reached (e.g. heavy-tailed -> bulk+spikes), or in rank-collapse after having been in another
-  phase; one-step jitter between neighbouring phases is normal. Active while the layer stays
-  there, so it fires once.
+  Fires at once: zeros are not a fit, so there is no noise to confirm away.
+* ``phase_regression_steps = 2`` and ``phase_confirm_snapshots = 2``: a phase counts once the
+  layer showed it on two consecutive snapshots (a one-snapshot excursion across a rule's
+  boundary is not a change); the rule fires when the confirmed phase is at least two phases
+  behind the furthest confirmed phase (e.g. heavy-tailed -> bulk+spikes), or in rank-collapse
+  after another phase. Active while the layer stays there, so it fires once.
+
+Rules that explain each other are ordered: a layer whose rank collapsed (rank_collapse holds)
+gets no alpha_high/alpha_low advice (zeros distort the fit; "under-trained?" would point the
+wrong way) and no phase_regression into rank-collapse (the same finding twice).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 from .phases import Phase
 from .results import LayerResult, SkippedLayer
+from .user_warnings import warn_user
 
 __all__ = [
-    "Alert", "AlertConfig", "AlertTracker", "AlertError", "WWMonitorAlert", "dispatch_alerts",
-    "RULES", "ACTIONS", "NON_FINITE_REASON",
+    "Alert", "AlertConfig", "AlertTracker", "AlertError", "WWMonitorAlert", "dispatch_alerts", "alerts_markdown",
+    "RULES", "ACTIONS", "NON_FINITE_REASON", "ALERT_DOCS",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,17 +62,34 @@ class AlertError(RuntimeError):
         super().__init__(alert.message)
         self.alert = alert
 
-RULES = ("rank_collapse", "alpha_low", "alpha_high", "non_finite", "phase_regression", "correlation_traps")
+# Ordered by severity: alerts of one snapshot are reported in this order.
+RULES = ("non_finite", "rank_collapse", "phase_regression", "alpha_low", "alpha_high", "correlation_traps")
 ACTIONS = ("log", "warn", "tensorboard", "callback", "raise", "stop")
 # "log" is opt-in: with "warn" on too, an unconfigured logging setup would print each alert twice.
 DEFAULT_ACTIONS = ("warn", "tensorboard", "callback")
 NON_FINITE_REASON = "non-finite weights"
+#: Where each rule's meaning, likely causes and remedies are explained (anchor = rule name).
+ALERT_DOCS = "docs/alerts.md"
+#: Most decimals used to print a value against its threshold (see :func:`format_vs`).
+_MAX_DECIMALS = 6
 
 # Position of each phase along training (rank-collapse is the "+1", handled separately).
 _PHASE_ORDER = {
     Phase.RANDOM_LIKE: 0, Phase.BLEEDING_OUT: 1, Phase.BULK_PLUS_SPIKES: 2,
     Phase.BULK_DECAY: 3, Phase.HEAVY_TAILED: 4,
 }
+
+
+def format_vs(value: float, threshold: float, decimals: int = 2) -> str:
+    """``value`` with the fewest decimals (at least ``decimals``) that keep it on the same side
+    of ``threshold`` as printed: 1.9996 vs 2.0 prints "1.9996", never "2.00 < 2.0"."""
+    if not (math.isfinite(value) and math.isfinite(threshold)):
+        return f"{value}"
+    for d in range(decimals, _MAX_DECIMALS + 1):
+        shown = round(value, d)
+        if (shown < threshold) == (value < threshold) and (shown > threshold) == (value > threshold):
+            return f"{value:.{d}f}"
+    return f"{value:.{_MAX_DECIMALS}g}"
 
 
 @dataclass(frozen=True)
@@ -81,6 +108,11 @@ class Alert:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def docs(self) -> str:
+        """Link to what to do about this rule."""
+        return f"{ALERT_DOCS}#{self.rule}"
+
 
 @dataclass(frozen=True)
 class AlertConfig:
@@ -95,6 +127,8 @@ class AlertConfig:
     max_traps: int = 0
     enabled: tuple[str, ...] = RULES
     actions: dict = field(default_factory=dict)  # rule -> tuple of actions; missing: DEFAULT_ACTIONS
+    alpha_confirm_snapshots: int = 2
+    phase_confirm_snapshots: int = 2
 
     def __post_init__(self):
         if not self.alpha_low < self.alpha_high:
@@ -103,6 +137,8 @@ class AlertConfig:
             raise ValueError(f"rank_loss_fraction must be in (0, 1], got {self.rank_loss_fraction}")
         if self.alpha_min_evals < 0 or self.alpha_high_warmup < 0 or self.phase_regression_steps < 1 or self.max_traps < 0:
             raise ValueError("alpha_high_warmup and max_traps must be >= 0, phase_regression_steps >= 1")
+        if self.alpha_confirm_snapshots < 1 or self.phase_confirm_snapshots < 1:
+            raise ValueError("alpha_confirm_snapshots and phase_confirm_snapshots must be >= 1")
         enabled = tuple(self.enabled)
         unknown = [r for r in enabled if r not in RULES] + [r for r in self.actions if r not in RULES]
         if unknown:
@@ -117,6 +153,10 @@ class AlertConfig:
     def actions_for(self, rule: str) -> tuple[str, ...]:
         return self.actions.get(rule, DEFAULT_ACTIONS)
 
+    def confirm_for(self, rule: str) -> int:
+        """Consecutive snapshots a condition must hold to fire (and be clear to resolve)."""
+        return self.alpha_confirm_snapshots if rule in ("alpha_low", "alpha_high") else 1
+
 
 class AlertTracker:
     """Evaluates the rules snapshot after snapshot and remembers which conditions are active."""
@@ -124,72 +164,120 @@ class AlertTracker:
     def __init__(self, config: AlertConfig | None = None):
         self.config = config or AlertConfig()
         self.active: dict[tuple[str, str], Alert] = {}
-        self.best_phase: dict[str, str] = {}  # furthest phase each layer has reached
+        self.best_phase: dict[str, str] = {}  # furthest confirmed phase each layer has reached
+        self.confirmed_phase: dict[str, str] = {}  # the layer's phase once seen on enough consecutive snapshots
+        self.phase_run: dict[str, list] = {}  # layer -> [latest phase, consecutive snapshots showing it]
+        self.held: dict[tuple[str, str], int] = {}  # condition -> consecutive snapshots it held (not yet fired)
+        self.cleared: dict[tuple[str, str], int] = {}  # active alert -> consecutive snapshots it was clear
         self.snapshots_seen = 0
         self.num_fired = 0
 
-    def update(self, layers: Sequence[LayerResult], skipped: Iterable[SkippedLayer], step: int, epoch: int) -> list[Alert]:
-        """Alerts that start or end with this snapshot."""
-        self.snapshots_seen += 1
-        now: dict[tuple[str, str], tuple[float, float, str]] = {}
-        for cond in self._conditions(layers, skipped):
-            rule, layer, value, threshold, message = cond
-            if rule in self.config.enabled:
-                now[(rule, layer)] = (value, threshold, message)
+    def _confirm_phases(self, layers: Sequence[LayerResult]) -> None:
+        """Hysteresis: a layer's first phase is taken as it is; a *change* of phase is confirmed
+        once the new phase was shown on ``phase_confirm_snapshots`` snapshots in a row."""
+        need = self.config.phase_confirm_snapshots
         for layer in layers:
             if layer.phase is None:
                 continue
-            cur, best = Phase(layer.phase), self.best_phase.get(layer.name)
-            if best is None or _PHASE_ORDER.get(cur, -1) > _PHASE_ORDER.get(Phase(best), -1):
-                self.best_phase[layer.name] = cur.value
+            cur = Phase(layer.phase).value
+            run = self.phase_run.get(layer.name)
+            run = [cur, run[1] + 1] if run is not None and run[0] == cur else [cur, 1]
+            self.phase_run[layer.name] = run
+            if run[1] >= need or layer.name not in self.confirmed_phase:
+                self.confirmed_phase[layer.name] = cur
+                best = self.best_phase.get(layer.name)
+                if best is None or _PHASE_ORDER.get(Phase(cur), -1) > _PHASE_ORDER.get(Phase(best), -1):
+                    self.best_phase[layer.name] = cur
 
-        out: list[Alert] = []
+    def update(self, layers: Sequence[LayerResult], skipped: Iterable[SkippedLayer], step: int, epoch: int) -> list[Alert]:
+        """Alerts that start or end with this snapshot, most severe first, raised before resolved."""
+        self.snapshots_seen += 1
+        skipped = list(skipped)
+        self._confirm_phases(layers)
+        now: dict[tuple[str, str], tuple[float, float, str]] = {}
+        for rule, layer, value, threshold, message in self._conditions(layers, skipped):
+            if rule in self.config.enabled:
+                now[(rule, layer)] = (value, threshold, message)
+
+        raised: list[Alert] = []
+        resolved: list[Alert] = []
         for key, (value, threshold, message) in now.items():
-            if key not in self.active:
+            self.cleared.pop(key, None)
+            if key in self.active:
+                continue
+            self.held[key] = self.held.get(key, 0) + 1
+            if self.held[key] >= self.config.confirm_for(key[0]):
+                self.held.pop(key)
                 alert = Alert(key[0], key[1], value, threshold, step, epoch, message)
                 self.active[key] = alert
-                out.append(alert)
+                raised.append(alert)
         seen = {l.name for l in layers} | {s.name for s in skipped}
-        for key in list(self.active):
-            # A condition ends when the layer was analysed again and no longer meets it.
+        for key in list(self.held):
             if key not in now and key[1] in seen:
-                old = self.active.pop(key)
-                out.append(Alert(old.rule, old.layer, math.nan, old.threshold, step, epoch,
-                                 f"resolved: {old.rule} on {old.layer}", resolved=True))
-        self.num_fired += sum(not a.resolved for a in out)
-        return out
+                self.held.pop(key)  # the streak is broken
+        for key in list(self.active):
+            # A condition ends when the layer was analysed again and no longer meets it (for as
+            # many consecutive snapshots as it took to fire).
+            if key not in now and key[1] in seen:
+                self.cleared[key] = self.cleared.get(key, 0) + 1
+                if self.cleared[key] >= self.config.confirm_for(key[0]):
+                    self.cleared.pop(key)
+                    old = self.active.pop(key)
+                    resolved.append(Alert(old.rule, old.layer, math.nan, old.threshold, step, epoch,
+                                          f"resolved: {old.rule} on {old.layer}", resolved=True))
+        order = {r: i for i, r in enumerate(RULES)}
+        raised.sort(key=lambda a: order.get(a.rule, len(order)))
+        resolved.sort(key=lambda a: order.get(a.rule, len(order)))
+        self.num_fired += len(raised)
+        return raised + resolved
 
     def _conditions(self, layers, skipped):
         c = self.config
         for s in skipped:
             if s.reason.startswith(NON_FINITE_REASON):
-                yield ("non_finite", s.name, math.nan, math.nan, f"layer {s.name} has NaN/Inf weights")
+                yield ("non_finite", s.name, math.nan, math.nan, _with_docs(
+                    f"layer {s.name} has NaN/Inf weights", "non_finite"))
         for l in layers:
             frac = l.rank_loss / l.num_evals if l.num_evals else 0.0
+            collapsed = frac > c.rank_loss_fraction and "rank_collapse" in c.enabled
             if frac > c.rank_loss_fraction:
-                yield ("rank_collapse", l.name, frac, c.rank_loss_fraction,
-                       f"rank collapse in {l.name}: {l.rank_loss}/{l.num_evals} eigenvalues are ~0 "
-                       f"({frac:.0%} > {c.rank_loss_fraction:.0%}); too much regularization?")
-            alpha_ok = l.fit_ok and l.num_evals >= c.alpha_min_evals
+                yield ("rank_collapse", l.name, frac, c.rank_loss_fraction, _with_docs(
+                    f"rank collapse in {l.name}: {l.rank_loss}/{l.num_evals} eigenvalues are ~0 "
+                    f"({frac:.1%} > {c.rank_loss_fraction:.0%}); too much regularization (weight decay) or dead "
+                    "units?", "rank_collapse"))
+            is_collapsed_phase = l.phase is not None and Phase(l.phase) == Phase.RANK_COLLAPSE
+            alpha_ok = (l.fit_ok and l.reliable and l.num_evals >= c.alpha_min_evals and not collapsed
+                        and not is_collapsed_phase)
             if alpha_ok and l.alpha < c.alpha_low:
-                yield ("alpha_low", l.name, l.alpha, c.alpha_low,
-                       f"alpha={l.alpha:.2f} < {c.alpha_low} in {l.name}: very heavy-tailed, possibly over-trained")
+                yield ("alpha_low", l.name, l.alpha, c.alpha_low, _with_docs(
+                    f"alpha={format_vs(l.alpha, c.alpha_low)} < {c.alpha_low:g} in {l.name}: very heavy-tailed, "
+                    "possibly over-trained", "alpha_low"))
             if alpha_ok and l.alpha > c.alpha_high and self.snapshots_seen > c.alpha_high_warmup:
-                yield ("alpha_high", l.name, l.alpha, c.alpha_high,
-                       f"alpha={l.alpha:.2f} > {c.alpha_high} in {l.name}: little correlation learned (under-trained?)")
+                yield ("alpha_high", l.name, l.alpha, c.alpha_high, _with_docs(
+                    f"alpha={format_vs(l.alpha, c.alpha_high)} > {c.alpha_high:g} in {l.name}: little correlation "
+                    "learned (under-trained?)", "alpha_high"))
             if l.num_traps is not None and l.num_traps > c.max_traps:
-                yield ("correlation_traps", l.name, float(l.num_traps), float(c.max_traps),
-                       f"{l.num_traps} correlation trap(s) in {l.name}: a few huge weights dominate the spectrum")
-            best = self.best_phase.get(l.name)
-            if best is not None and l.phase is not None and _regressed(Phase(best), Phase(l.phase), c.phase_regression_steps):
-                yield ("phase_regression", l.name, float(_PHASE_ORDER.get(Phase(l.phase), -1)),
-                       float(_PHASE_ORDER.get(Phase(best), -1)),
-                       f"{l.name} regressed from {best} to {Phase(l.phase).value}")
+                yield ("correlation_traps", l.name, float(l.num_traps), float(c.max_traps), _with_docs(
+                    f"{l.num_traps} correlation trap(s) in {l.name}: a few huge weights dominate the spectrum",
+                    "correlation_traps"))
+            best, cur = self.best_phase.get(l.name), self.confirmed_phase.get(l.name)
+            if best is None or cur is None or not _regressed(Phase(best), Phase(cur), c.phase_regression_steps):
+                continue
+            if collapsed and Phase(cur) == Phase.RANK_COLLAPSE:
+                continue  # rank_collapse already says it
+            yield ("phase_regression", l.name, float(_PHASE_ORDER.get(Phase(cur), -1)),
+                   float(_PHASE_ORDER.get(Phase(best), -1)),
+                   _with_docs(f"{l.name} regressed from {best} to {cur} (confirmed on "
+                              f"{c.phase_confirm_snapshots} consecutive snapshots)", "phase_regression"))
 
     def state_dict(self) -> dict:
         return {
             "active": [a.to_dict() for a in self.active.values()],
             "best_phase": dict(self.best_phase),
+            "confirmed_phase": dict(self.confirmed_phase),
+            "phase_run": {k: list(v) for k, v in self.phase_run.items()},
+            "held": [[r, l, n] for (r, l), n in self.held.items()],
+            "cleared": [[r, l, n] for (r, l), n in self.cleared.items()],
             "snapshots_seen": self.snapshots_seen,
             "num_fired": self.num_fired,
         }
@@ -197,8 +285,17 @@ class AlertTracker:
     def load_state_dict(self, state: dict) -> None:
         self.active = {(a["rule"], a["layer"]): Alert(**a) for a in state.get("active", [])}
         self.best_phase = dict(state.get("best_phase", {}))
+        # States saved before confirmation existed: their best phase is taken as confirmed.
+        self.confirmed_phase = dict(state.get("confirmed_phase", self.best_phase))
+        self.phase_run = {k: [v[0], int(v[1])] for k, v in state.get("phase_run", {}).items()}
+        self.held = {(r, l): int(n) for r, l, n in state.get("held", [])}
+        self.cleared = {(r, l): int(n) for r, l, n in state.get("cleared", [])}
         self.snapshots_seen = int(state.get("snapshots_seen", 0))
         self.num_fired = int(state.get("num_fired", 0))
+
+
+def _with_docs(message: str, rule: str) -> str:
+    return f"{message} [what to do: {ALERT_DOCS}#{rule}]"
 
 
 def _regressed(best: Phase, cur: Phase, steps: int) -> bool:
@@ -209,16 +306,31 @@ def _regressed(best: Phase, cur: Phase, steps: int) -> bool:
     return _PHASE_ORDER[best] - _PHASE_ORDER[cur] >= steps
 
 
+def alerts_markdown(alerts: Sequence[Alert], step: int, active: int | None = None) -> str:
+    """All alerts of one snapshot as one markdown list (TensorBoard's Text tab renders it)."""
+    lines = [f"**{len([a for a in alerts if not a.resolved])} alert(s) at step {step}**"
+             + (f" ({active} active)" if active is not None else "")]
+    for a in alerts:
+        if a.resolved:
+            lines.append(f"* resolved: **{a.rule}** `{a.layer}`")
+        else:
+            lines.append(f"* **{a.rule}** `{a.layer}`: {a.message}")
+    return "\n".join(lines)
+
+
 def dispatch_alerts(alerts: Sequence[Alert], config: AlertConfig, *, tensorboard_writers=(), on_alert=None,
-                    rank: int = 0) -> bool:
+                    rank: int = 0, active: int | None = None) -> bool:
     """Carry out each alert's actions. Returns True when one asks to stop training.
 
     Every rank computes the same alerts from the same gathered results, so ``raise`` and
     ``stop`` act on every rank alike; messages, warnings and TensorBoard text come from rank 0
-    only. ``tensorboard_writers`` are SummaryWriter-like objects (``add_text``).
+    only. ``tensorboard_writers`` are SummaryWriter-like objects (``add_text``); all alerts of
+    the snapshot go into one ``ww/alerts`` text entry (several entries at one step would
+    replace each other in TensorBoard's Text tab). Warnings point at the user's code.
     """
     stop = False
     to_raise: Alert | None = None
+    for_tensorboard: list[Alert] = []
     for alert in alerts:
         actions = config.actions_for(alert.rule)
         text = alert.message if not alert.resolved else f"resolved: {alert.rule} on {alert.layer}"
@@ -227,25 +339,27 @@ def dispatch_alerts(alerts: Sequence[Alert], config: AlertConfig, *, tensorboard
                 log.log(logging.INFO if alert.resolved else logging.WARNING, "ww_monitor alert (step %d): %s",
                         alert.step, text)
             if "warn" in actions and not alert.resolved:
-                warnings.warn(f"ww_monitor alert at step {alert.step}: {text}", WWMonitorAlert, stacklevel=3)
+                warn_user(f"ww_monitor alert at step {alert.step}: {text}", WWMonitorAlert)
             if "tensorboard" in actions:
-                for writer in tensorboard_writers:
-                    try:
-                        writer.add_text("ww/alerts", f"**{alert.rule}** `{alert.layer}`: {text}", alert.step)
-                    except Exception as err:  # a closed writer must not end training
-                        log.warning("ww_monitor: could not write alert to TensorBoard: %s", err)
+                for_tensorboard.append(alert)
             if "callback" in actions and on_alert is not None:
                 try:
                     on_alert(alert)
                 except Exception as err:
-                    warnings.warn(f"ww_monitor: on_alert callback raised {type(err).__name__}: {err}",
-                                  RuntimeWarning, stacklevel=3)
+                    warn_user(f"ww_monitor: on_alert callback raised {type(err).__name__}: {err}", RuntimeWarning)
         if alert.resolved:
             continue
         if "stop" in actions:
             stop = True
         if "raise" in actions and to_raise is None:
             to_raise = alert
+    if rank == 0 and for_tensorboard:
+        text = alerts_markdown(for_tensorboard, for_tensorboard[0].step, active)
+        for writer in tensorboard_writers:
+            try:
+                writer.add_text("ww/alerts", text, for_tensorboard[0].step)
+            except Exception as err:  # a closed writer must not end training
+                log.warning("ww_monitor: could not write alerts to TensorBoard: %s", err)
     if to_raise is not None:
         raise AlertError(to_raise)
     return stop

@@ -37,6 +37,7 @@ from .loading import load_state_dict
 from .adapters import ZERO_UPDATE_REASON, adapters_from_state_dict, check_peft, with_adapters
 from . import options as _options
 from .phases import phase_from_spectrum
+from .reliability import is_reliable, phase_determined
 from .results import LayerResult, Report, SkippedLayer
 
 __all__ = ["analyze", "AnalysisConfig", "select_matrices", "analyze_matrices"]
@@ -242,6 +243,7 @@ def layer_result(m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> L
     res.alpha, res.xmin, res.xmax, res.D, res.sigma = fit.alpha, fit.xmin, fit.xmax, fit.D, fit.sigma
     res.num_pl_spikes = fit.num_pl_spikes
     _options.apply_tpl(res, evals, fit, config)
+    res.reliable = is_reliable(res.num_evals, res.num_pl_spikes, res.fit_ok)
     for key, value in alpha_metrics(evals, res.alpha, res.lambda_max).items():
         setattr(res, key, value)
 
@@ -262,7 +264,8 @@ def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, fit: P
     and mp_sigma describe the reported ESD; for pooled conv layers mp_sigma is the entry scale
     of the slices after the sqrt(eig_scale) normalisation. Traps are counted on the raw
     weights (the count is scale invariant). A failure is logged at debug level and leaves the
-    fields at their defaults (NaN / None), never raised.
+    fields at their defaults (NaN / None), never raised. Layers with fewer than
+    :data:`~ww_monitor.reliability.RELIABLE_MIN_EVALS` eigenvalues get no phase.
     """
     try:
         mp = fit_marchenko_pastur(evals, m.N, m.M, num_slices=m.num_slices)
@@ -272,7 +275,9 @@ def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, fit: P
         log.debug("MP fit / phase failed for %s: %s", res.name, err, exc_info=True)
     else:
         res.lambda_plus, res.mp_sigma, res.mp_ks = mp.lambda_plus, mp.sigma, mp.ks
-        res.num_spikes, res.mp_softrank, res.phase = mp.num_spikes, mp.mp_softrank, phase
+        res.num_spikes, res.mp_softrank = mp.num_spikes, mp.mp_softrank
+        # Too few eigenvalues to resolve a bulk edge: the phase is undetermined (None), not a guess.
+        res.phase = phase if phase_determined(res.num_evals) else None
     if config.traps:
         try:
             res.num_traps = count_correlation_traps(m.weight, seed=config.seed)

@@ -50,7 +50,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -68,6 +67,7 @@ from .results import Report
 from .cost import estimate_seconds
 from .device import resolve_analysis_device, staging_budget, validate_analysis_device
 from .snapshot import SnapshotBuilder
+from .user_warnings import warn_user
 from .tensorboard_writer import (
     LoggerWriter,
     choose_figure_layers,
@@ -87,10 +87,11 @@ _STATE_VERSION = 1
 
 
 def _rank_zero_warn(message: str, category=UserWarning) -> None:
+    """Warn once per process group (rank 0), attributed to the user's line, not to ours."""
     from lightning_utilities.core.rank_zero import rank_zero_only
 
     if getattr(rank_zero_only, "rank", 0) == 0:
-        warnings.warn(message, category, stacklevel=3)
+        warn_user(message, category)
 
 
 def _on_training_thread(hook):
@@ -245,6 +246,10 @@ class WeightWatcherMixin:
             an unchanged ESD). Costs one sort of the eigenvalues; keeps the previous ESDs (saved
             in checkpoints, so it continues across a resume). Both are also columns of
             ``history.to_pandas()``.
+        summary_include_unreliable: also average layers whose fit is not reliable (too few
+            eigenvalues or tail points, :mod:`ww_monitor.reliability`) into the fit-based
+            ``ww/summary/*`` means. Default False: they are left out and counted in
+            ``ww/summary/num_unreliable``.
 
     ``callback.stats`` counts what the monitor did and cost: ``snapshots_taken``/``_skipped``/
     ``_failed``, ``copy_seconds`` (weight copies), ``analysis_seconds`` (worker wall time),
@@ -292,13 +297,15 @@ class WeightWatcherMixin:
         peft: bool | str = False,
         distance_from_init: bool = False,
         esd_shift: bool = True,
+        summary_include_unreliable: bool = False,
     ) -> None:
         super().__init__()
         _check_int("every_n_epochs", every_n_epochs, 0, allow_none=True)
         _check_int("every_n_train_steps", every_n_train_steps, 1, allow_none=True)
         for name, flag in (("background", background), ("blocking", blocking), ("worker_idle", worker_idle),
                            ("log_histograms", log_histograms),
-                           ("log_text", log_text), ("log_callback_metrics", log_callback_metrics)):
+                           ("log_text", log_text), ("log_callback_metrics", log_callback_metrics),
+                           ("summary_include_unreliable", summary_include_unreliable)):
             _check_bool(name, flag)
         if worker_type not in _WORKER_TYPES:
             raise WWMonitorError(f"`worker_type` must be one of {_WORKER_TYPES}, got {worker_type!r}.")
@@ -355,6 +362,7 @@ class WeightWatcherMixin:
         self.figure_layers = figure_t
         self.max_figure_layers = max_figure_layers
         self.drain_timeout = float(drain_timeout)
+        self.summary_include_unreliable = summary_include_unreliable
 
         self._alert_config = alerts if isinstance(alerts, AlertConfig) else AlertConfig()
         self._alerts_on = alerts is not False
@@ -478,8 +486,8 @@ class WeightWatcherMixin:
             self._submit_figures()  # the final snapshot always gets figures
             figures = self._figure_worker or self._worker  # never start a renderer just to wait on it
             if figures is not None and not figures.wait(timeout=self.drain_timeout, kinds=("figures",)):
-                warnings.warn("WeightWatcherCallback: rendering the figures did not finish within drain_timeout="
-                              f"{self.drain_timeout:g}s; they are dropped.", RuntimeWarning, stacklevel=2)
+                warn_user("WeightWatcherCallback: rendering the figures did not finish within drain_timeout="
+                          f"{self.drain_timeout:g}s; they are dropped.", RuntimeWarning)
             self._log_figures(trainer)
             self._writer.flush(trainer.loggers)
         finally:
@@ -678,9 +686,9 @@ class WeightWatcherMixin:
         if self._worker is None:
             return
         if not self._worker.wait(timeout=self.drain_timeout, kinds=kinds):
-            warnings.warn(
+            warn_user(
                 f"WeightWatcherCallback: background analysis did not finish within drain_timeout="
-                f"{self.drain_timeout:g}s before {reason}; its results are dropped.", RuntimeWarning, stacklevel=3)
+                f"{self.drain_timeout:g}s before {reason}; its results are dropped.", RuntimeWarning)
 
     # worker -> results -------------------------------------------------------
     def _outputs_from(self, finished) -> list[AnalysisOutput]:
@@ -717,8 +725,8 @@ class WeightWatcherMixin:
         try:
             everyone = all_gather_object({"rank": self._rank, "outputs": local, "pending": pending}, self._world)
         except Exception as err:
-            warnings.warn(f"WeightWatcherCallback: gathering results across ranks failed ({type(err).__name__}: "
-                          f"{err}); distributed analysis results are incomplete.", RuntimeWarning, stacklevel=3)
+            warn_user(f"WeightWatcherCallback: gathering results across ranks failed ({type(err).__name__}: "
+                      f"{err}); distributed analysis results are incomplete.", RuntimeWarning)
             everyone = [{"rank": self._rank, "outputs": local, "pending": pending}]
         for payload in everyone:
             for out in payload["outputs"]:
@@ -759,8 +767,8 @@ class WeightWatcherMixin:
         ranks = [p[1] for p in pairs]
         if errors:
             self.stats["snapshots_failed"] += 1
-            warnings.warn(f"WeightWatcherCallback: analysis of the snapshot at step {step} failed: "
-                          + "; ".join(errors), RuntimeWarning, stacklevel=2)
+            warn_user(f"WeightWatcherCallback: analysis of the snapshot at step {step} failed: "
+                      + "; ".join(errors), RuntimeWarning)
         for s in skipped:
             if s.reason == ZERO_UPDATE_REASON:  # expected at the start of LoRA training, not a problem
                 log.info("ww_monitor: %s not analysed at step %d: %s", s.name, step, s.reason)
@@ -771,7 +779,7 @@ class WeightWatcherMixin:
         if self.esd_shift:
             self._esd_shifts(results)
         report = Report(layers=results, skipped=list(skipped) + list(meta["selection_skipped"] if meta else []))
-        summary = report.summary()
+        summary = report.summary(include_unreliable=self.summary_include_unreliable)
         record = SnapshotRecord.from_results(index, step, epoch, results, ranks, skipped=skipped, seconds=seconds,
                                              errors=errors, summary=summary)
         if not self.history.add(record):
@@ -823,14 +831,15 @@ class WeightWatcherMixin:
         if self.alert_tracker is None:
             return
         alerts = self.alert_tracker.update(results, skipped, step, epoch)
+        active = len(self.alert_tracker.active)
+        if self._rank == 0:  # at every snapshot, so the curve has its 0 baseline
+            self._writer.log_scalars(loggers, {"ww/alerts/active": float(active)}, step)
         if not alerts:
             return
         self.alerts_fired.extend(a for a in alerts if not a.resolved)
         writers = [exp for _, exp in self._writer._tb_writers(loggers)] if self._rank == 0 else []
-        if self._rank == 0:
-            self._writer.log_scalars(loggers, {"ww/alerts/active": float(len(self.alert_tracker.active))}, step)
         if dispatch_alerts(alerts, self.alert_tracker.config, tensorboard_writers=writers,
-                           on_alert=self.on_alert, rank=self._rank):
+                           on_alert=self.on_alert, rank=self._rank, active=active):
             first = next(a for a in alerts if not a.resolved and "stop" in self.alert_tracker.config.actions_for(a.rule))
             log.info("WeightWatcherCallback: stopping training on alert %s: %s", first.rule, first.message)
             trainer.should_stop = True

@@ -25,7 +25,7 @@ HISTORY_METRICS = (
     "N", "M", "Q", "num_evals", "num_slices",
     "lambda_max", "log_norm", "log_spectral_norm", "stable_rank", "matrix_rank", "rank_loss", "entropy",
     "alpha", "xmin", "xmax", "D", "sigma", "num_pl_spikes", "alpha_weighted", "log_alpha_norm", "fit_ok",
-    "lambda_plus", "mp_sigma", "mp_ks", "num_spikes", "mp_softrank", "num_traps",
+    "lambda_plus", "mp_sigma", "mp_ks", "num_spikes", "mp_softrank", "num_traps", "reliable",
     "distance_from_init", "esd_shift",  # training-time extras (NaN when off)
 )
 
@@ -167,8 +167,10 @@ class History:
         return out
 
     def phases(self, layers: Sequence[str] | None = None) -> tuple[list[str], list[int], list[list]]:
-        """``(layer_names, steps, phases[layer][snapshot])`` for a phase heatmap (None if unknown)."""
-        from .phases import Phase
+        """``(layer_names, steps, phases[layer][snapshot])`` for a phase heatmap: a
+        :class:`~ww_monitor.Phase`, ``"undetermined"`` for a layer analysed without a phase (too
+        few eigenvalues), None where the layer was not analysed."""
+        from .phases import UNDETERMINED, Phase
 
         names = list(layers) if layers is not None else self.layer_names
         grid = []
@@ -178,8 +180,9 @@ class History:
                 try:
                     p = r.phases[r.layers.index(name)]
                 except ValueError:
-                    p = None
-                row.append(Phase(p) if p is not None else None)
+                    row.append(None)
+                    continue
+                row.append(Phase(p) if p is not None else UNDETERMINED)
             grid.append(row)
         return names, self.steps, grid
 

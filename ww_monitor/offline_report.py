@@ -36,16 +36,17 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import WWMonitorError
-from .phases import Phase
+from .phases import UNDETERMINED, Phase
 
 __all__ = ["RunData", "EsdSnapshot", "load_run", "render_html", "write_report", "write_figures",
            "plot_alpha_over_training", "plot_esd_evolution"]
 
 #: Per-layer TensorBoard metrics shown in the table (the callback's ``LAYER_METRICS``).
-_TB_TABLE_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "rank_loss",
-                     "num_spikes")
+_TB_TABLE_METRICS = ("num_evals", "num_pl_spikes", "reliable", "alpha", "alpha_weighted", "log_norm",
+                     "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes")
 #: Columns of the table when the full per-layer results are known (checkpoint or model).
-_FULL_TABLE_COLUMNS = ("kind", "N", "M", "alpha", "alpha_weighted", "D", "num_pl_spikes", "log_norm",
+_FULL_TABLE_COLUMNS = ("kind", "N", "M", "num_evals", "num_pl_spikes", "reliable", "alpha", "alpha_weighted", "D",
+                       "log_norm",
                        "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes", "phase")
 _SIZE_GUIDANCE = {k: 0 for k in ("compressedHistograms", "images", "audio", "scalars", "histograms", "tensors")}
 # Bins per decade of eigenvalue for the re-binned ESD overlays (as in plotting.plot_esd).
@@ -201,7 +202,9 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
             for s in phase_steps:
                 v = by_step.get(s)
                 ok = v is not None and math.isfinite(v) and 0 <= round(v) < len(order)
-                row.append(order[int(round(v))] if ok else None)
+                # A negative ordinal: analysed, but too few eigenvalues for a phase.
+                undetermined = v is not None and math.isfinite(v) and round(v) < 0
+                row.append(order[int(round(v))] if ok else (UNDETERMINED if undetermined else None))
             grid.append(row)
         data.phases = (phase_layers, phase_steps, grid)
 
@@ -231,7 +234,7 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
                 row[m] = dict(zip(*scalars.get(f"ww/{m}/{layer}", ([], [])))).get(last, math.nan)
             if data.phases is not None and layer in data.phases[0] and last in data.phases[1]:
                 p = data.phases[2][data.phases[0].index(layer)][data.phases[1].index(last)]
-                row["phase"] = p.value if p is not None else None
+                row["phase"] = getattr(p, "value", p)
             data.table.append(row)
         for t, (steps, values) in scalars.items():
             if t.startswith("ww/summary/") and steps:
@@ -335,7 +338,8 @@ def _from_weights(p: Path, weights_only: bool, esd_layers, max_esd_layers: int, 
                               "weights only")
         step = step if step is not None else 0
         data.num_snapshots = 1
-        data.phases = ([r.name for r in report.layers], [step], [[r.phase] for r in report.layers])
+        data.phases = ([r.name for r in report.layers], [step],
+                       [[r.phase if r.phase is not None else UNDETERMINED] for r in report.layers])
         data.table_step = step
         data.table_columns = _FULL_TABLE_COLUMNS
         data.table = [_row_from_result(r) for r in report.layers]
@@ -386,7 +390,7 @@ def _fill_from_history(data: RunData, history) -> None:
     data.table_step = last.step
     data.table_columns = _FULL_TABLE_COLUMNS
     for i, name in enumerate(last.layers):
-        row: dict = {"layer": name, "kind": last.kinds[i], "phase": last.phases[i]}
+        row: dict = {"layer": name, "kind": last.kinds[i], "phase": last.phases[i] or UNDETERMINED}
         for c in _FULL_TABLE_COLUMNS:
             if c in last.columns:
                 row[c] = float(last.values[i, last.columns.index(c)])
@@ -408,6 +412,7 @@ def _results_from_record(rec) -> list:
             name=name, kind=rec.kinds[i], N=_int(v.get("N")), M=_int(v.get("M")), Q=v.get("Q", math.nan),
             num_evals=num_evals, alpha=v.get("alpha", math.nan), rank_loss=_int(v.get("rank_loss")),
             fit_ok=bool(v.get("fit_ok", 0.0) == 1.0), num_traps=int(traps) if math.isfinite(traps) else None,
+            num_pl_spikes=_int(v.get("num_pl_spikes")), reliable=bool(v.get("reliable", 1.0) != 0.0),
             phase=Phase(rec.phases[i]) if rec.phases[i] is not None else None,
         ))
     return out
@@ -439,6 +444,8 @@ def _row_from_result(r) -> dict:
     d = r.to_dict()
     row = {"layer": r.name}
     row.update({c: d.get(c) for c in _FULL_TABLE_COLUMNS})
+    if row.get("phase") is None:
+        row["phase"] = UNDETERMINED
     return row
 
 
@@ -553,6 +560,12 @@ def _fmt(v) -> str:
     return html.escape(str(getattr(v, "value", v)))
 
 
+def _cell(column: str, v) -> str:
+    if column == "reliable" and v is not None and not (isinstance(v, float) and math.isnan(v)):
+        return "yes" if bool(v) else "no"
+    return _fmt(v)
+
+
 def _img(b64: str, alt: str, caption: str | None = None) -> str:
     tag = f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
     if caption is None:
@@ -595,6 +608,12 @@ def render_html(data: RunData, title: str | None = None) -> str:
                    + "".join(f"<td>{_fmt(v)}</td>" for v in data.summary.values()) + "</tr></table>")
         if data.table_step is not None:
             out.append(f'<p class="note">Model-level means at step {data.table_step}.</p>')
+        if "num_unreliable" in data.summary:
+            from .reliability import RELIABLE_MIN_EVALS, RELIABLE_MIN_TAIL
+
+            out.append(f'<p class="note">The alpha means leave out {_fmt(data.summary["num_unreliable"])} unreliable '
+                       f"layer(s) (fewer than {RELIABLE_MIN_EVALS} eigenvalues or {RELIABLE_MIN_TAIL} in the power-law "
+                       "tail); those get no phase when under the eigenvalue count (<em>undetermined</em>).</p>")
     else:
         out.append('<p class="note">No summary logged.</p>')
     out.append("</section>")
@@ -652,7 +671,8 @@ def render_html(data: RunData, title: str | None = None) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
         out.append(f'<table><tr><th class="l">layer</th>{head}</tr>')
         for row in data.table:
-            cells = "".join(f'<td{" class=l" if c in ("kind", "phase") else ""}>{_fmt(row.get(c))}</td>' for c in cols)
+            cells = "".join(f'<td{" class=l" if c in ("kind", "phase") else ""}>{_cell(c, row.get(c))}</td>'
+                            for c in cols)
             out.append(f'<tr><td class="l">{html.escape(row["layer"])}</td>{cells}</tr>')
         out.append("</table>")
     else:
@@ -676,6 +696,34 @@ def render_html(data: RunData, title: str | None = None) -> str:
     return "\n".join(out)
 
 
+_MD_INLINE = ((re.compile(r"\*\*(.+?)\*\*"), r"<strong>\1</strong>"), (re.compile(r"`([^`]+)`"), r"<code>\1</code>"))
+
+
+def markdown_html(text: str) -> str:
+    """The small markdown subset the alert texts use (paragraphs, ``* `` bullet lists,
+    ``**bold**``, ```code```), escaped and rendered as HTML, as TensorBoard's Text tab shows it."""
+    out: list[str] = []
+    in_list = False
+    for line in text.splitlines():
+        body = html.escape(line.strip())
+        for pattern, repl in _MD_INLINE:
+            body = pattern.sub(repl, body)
+        if line.lstrip().startswith("* "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{body[2:]}</li>")
+            continue
+        if in_list:
+            out.append("</ul>")
+            in_list = False
+        if body:
+            out.append(f"<p>{body}</p>")
+    if in_list:
+        out.append("</ul>")
+    return "\n".join(out)
+
+
 def _alerts_html(data: RunData) -> str:
     if not data.alerts:
         if data.source_kind == "tensorboard":
@@ -684,7 +732,7 @@ def _alerts_html(data: RunData) -> str:
     parts = [f'<p class="note">Source: {html.escape(data.alerts_origin)}.</p>']
     if "text" in data.alerts[0]:
         for a in data.alerts:
-            parts.append(f"<h4>step {a['step']}</h4><pre>{html.escape(a['text'])}</pre>")
+            parts.append(f"<h4>step {a['step']}</h4>{markdown_html(a['text'])}")
         return "\n".join(parts)
     parts.append('<table><tr><th>step</th><th class="l">status</th><th class="l">rule</th><th class="l">layer</th>'
                  '<th class="l">message</th></tr>')

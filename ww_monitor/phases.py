@@ -43,6 +43,7 @@ import numpy as np
 
 __all__ = [
     "Phase",
+    "UNDETERMINED",
     "PhaseEvidence",
     "classify_phase",
     "phase_evidence",
@@ -72,6 +73,11 @@ class Phase(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+#: Shown instead of a phase for a layer that was analysed but has too few eigenvalues for one
+#: (``LayerResult.phase is None``; :data:`ww_monitor.reliability.RELIABLE_MIN_EVALS`).
+UNDETERMINED = "undetermined"
 
 
 #: Share of (near-)zero eigenvalues (below the precision-aware rank tolerance) that makes a

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .functional.marchenko_pastur import mp_density, mp_edges
-from .phases import Phase
+from .phases import UNDETERMINED, Phase
 
 __all__ = ["plot_esd", "plot_alpha_per_layer", "plot_phase_heatmap", "PHASE_COLORS"]
 
@@ -33,6 +33,10 @@ PHASE_COLORS = {
 }
 #: Cells of the heatmap without a phase (layer not analysed at that snapshot).
 _MISSING_COLOR = "#ffffff"
+#: Cells of a layer analysed without a phase (too few eigenvalues: undetermined).
+_UNDETERMINED_COLOR = "#dddddd"
+#: Colour of the bars of layers whose fit is not reliable (too few eigenvalues or tail points).
+_UNRELIABLE_COLOR = "#bbbbbb"
 #: The band of alpha that 80-90% of well-trained layers fall into (Martin & Mahoney 2021).
 ALPHA_GOOD_BAND = (2.0, 4.0)
 # Histogram bins per decade of eigenvalue: enough to see the MP shape for M ~ 100-10,000.
@@ -104,27 +108,41 @@ def plot_esd(result, ax=None) -> Figure:
     ax.set_ylim(shown.min() / _Y_MARGIN, shown.max() * _Y_MARGIN)
     ax.set_xlabel("eigenvalue $\\lambda$ of $W^TW$")
     ax.set_ylabel("density")
-    ax.set_title(result.name)
+    ax.set_title(f"{result.name}: {_counts(result)}", fontsize="medium")
     ax.legend(loc="best", fontsize="small")
     return fig
+
+
+def _counts(result) -> str:
+    """How much a layer's fit rests on, for titles and labels."""
+    n, tail = getattr(result, "num_evals", 0), getattr(result, "num_pl_spikes", 0)
+    flag = "" if getattr(result, "reliable", True) else ", unreliable"
+    return f"{n} eigenvalues, {tail} in the tail{flag}"
 
 
 def plot_alpha_per_layer(layers: Sequence, ax=None) -> Figure:
     """Power-law alpha of each layer (in order) as bars, with the [2, 4] band shaded.
 
     ``layers`` is a sequence of :class:`~ww_monitor.results.LayerResult`; layers whose fit
-    failed (NaN alpha) keep their slot and are marked with an ``x`` on the axis.
+    failed (NaN alpha) keep their slot and are marked with an ``x`` on the axis. Layers whose
+    fit is not reliable are drawn hatched in grey, and every tick label carries the eigenvalue
+    count and tail count (``n/tail``) the fit rests on.
     """
     layers = list(layers)
     fig, ax = _figure_and_axes(ax, (max(4.0, 0.35 * len(layers) + 2.0), 4.0))
     x = np.arange(len(layers))
     alphas = np.array([l.alpha if _finite(l.alpha) else np.nan for l in layers], dtype=np.float64)
     ok = np.isfinite(alphas)
+    sure = ok & np.array([bool(getattr(l, "reliable", True)) for l in layers], dtype=bool)
     ax.axhspan(*ALPHA_GOOD_BAND, color="#55a868", alpha=0.15, label="$\\alpha \\in [2, 4]$")
-    ax.bar(x[ok], alphas[ok], color="#4c72b0", label="$\\alpha$")
+    ax.bar(x[sure], alphas[sure], color="#4c72b0", label="$\\alpha$")
+    if (ok & ~sure).any():
+        ax.bar(x[ok & ~sure], alphas[ok & ~sure], color=_UNRELIABLE_COLOR, hatch="//", edgecolor="#777777",
+               label="$\\alpha$ (unreliable: few eigenvalues)")
     if (~ok).any():
         ax.plot(x[~ok], np.zeros((~ok).sum()), "x", color="#c44e52", label="fit failed")
-    ax.set_xticks(x, [l.name for l in layers], rotation=90, fontsize="small")
+    ax.set_xticks(x, [f"{l.name} ({l.num_evals}/{l.num_pl_spikes})" for l in layers], rotation=90, fontsize="small")
+    ax.set_xlabel("layer (eigenvalues / tail eigenvalues)")
     ax.set_ylabel("$\\alpha$")
     ax.set_title("power-law $\\alpha$ per layer")
     ax.legend(loc="best", fontsize="small")
@@ -136,8 +154,9 @@ def plot_phase_heatmap(
 ) -> Figure:
     """Phase of each layer (rows) at each snapshot (columns), one fixed colour per phase.
 
-    ``phases[i][j]`` is the :class:`~ww_monitor.phases.Phase` (or its string value, or None
-    when not analysed) of ``layer_names[i]`` at training step ``steps[j]``.
+    ``phases[i][j]`` is the :class:`~ww_monitor.phases.Phase` (or its string value,
+    ``"undetermined"`` when analysed with too few eigenvalues for a phase, or None when not
+    analysed) of ``layer_names[i]`` at training step ``steps[j]``.
     """
     if len(phases) != len(layer_names):
         raise ValueError(f"phases has {len(phases)} rows for {len(layer_names)} layer names")
@@ -145,14 +164,15 @@ def plot_phase_heatmap(
         if len(row) != len(steps):
             raise ValueError(f"row {i} of phases has {len(row)} entries for {len(steps)} steps")
     order = list(Phase)
+    undetermined = len(order) + 1
     codes = np.zeros((len(layer_names), len(steps)), dtype=np.int64)  # 0 = missing
     for i, row in enumerate(phases):
         for j, p in enumerate(row):
             if p is not None:
-                codes[i, j] = order.index(Phase(p)) + 1
-    cmap = ListedColormap([_MISSING_COLOR] + [PHASE_COLORS[p] for p in order])
+                codes[i, j] = undetermined if p == UNDETERMINED else order.index(Phase(p)) + 1
+    cmap = ListedColormap([_MISSING_COLOR] + [PHASE_COLORS[p] for p in order] + [_UNDETERMINED_COLOR])
     fig, ax = _figure_and_axes(ax, (max(4.0, 0.5 * len(steps) + 4.0), max(3.0, 0.3 * len(layer_names) + 1.5)))
-    ax.imshow(codes, cmap=cmap, vmin=-0.5, vmax=len(order) + 0.5, aspect="auto", interpolation="nearest")
+    ax.imshow(codes, cmap=cmap, vmin=-0.5, vmax=undetermined + 0.5, aspect="auto", interpolation="nearest")
     ax.set_xticks(np.arange(len(steps)), [str(s) for s in steps], rotation=90, fontsize="small")
     ax.set_yticks(np.arange(len(layer_names)), layer_names, fontsize="small")
     ax.set_xlabel("training step")
@@ -160,5 +180,8 @@ def plot_phase_heatmap(
     handles = [Patch(facecolor=PHASE_COLORS[p], edgecolor="black", label=p.value) for p in order]
     if (codes == 0).any():
         handles.append(Patch(facecolor=_MISSING_COLOR, edgecolor="black", label="not analysed"))
+    if (codes == undetermined).any():
+        handles.append(Patch(facecolor=_UNDETERMINED_COLOR, edgecolor="black",
+                             label=f"{UNDETERMINED} (too few eigenvalues)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return fig

@@ -11,10 +11,14 @@ import numpy as np
 
 from .phases import Phase
 
-__all__ = ["LayerResult", "SkippedLayer", "Report", "SUMMARY_METRICS", "LAYER_COLUMNS"]
+__all__ = ["LayerResult", "SkippedLayer", "Report", "SUMMARY_METRICS", "SUMMARY_COUNTS", "LAYER_COLUMNS"]
 
-#: Model-level means (SPEC section 3); failed fits are excluded from the alpha-based ones.
+#: Model-level means; failed fits and (by default) unreliable layers are excluded from the
+#: fit-based ones (:mod:`ww_monitor.reliability`).
 SUMMARY_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank")
+#: Counts that come with every summary (how many layers the means rest on, and why not more).
+SUMMARY_COUNTS = ("num_layers", "num_failed_fits", "num_unreliable", "num_undetermined", "num_random_like",
+                  "num_skipped")
 _FIT_DEPENDENT = {"alpha", "alpha_weighted", "log_alpha_norm"}
 
 
@@ -47,6 +51,9 @@ class LayerResult:
     log_alpha_norm: float = math.nan
     fit_ok: bool = False
     fit_reason: str = ""
+    #: The fit rests on enough eigenvalues (``num_evals``) and tail points (``num_pl_spikes``):
+    #: :func:`ww_monitor.reliability.is_reliable`. Set by the analysis.
+    reliable: bool = True
     # random-matrix diagnostics and phase
     lambda_plus: float = math.nan
     mp_sigma: float = math.nan
@@ -121,17 +128,28 @@ class Report:
                 return layer
         raise KeyError(f"no analysed layer named {name!r}; analysed: {[l.name for l in self.layers]}")
 
-    def summary(self) -> dict[str, float]:
-        """Means over analysed layers; layers whose power-law fit failed are left out of the
-        alpha-based means and counted in ``num_failed_fits``."""
+    def summary(self, include_unreliable: bool = False) -> dict[str, float]:
+        """Means over analysed layers, with the counts they rest on.
+
+        The fit-based means (alpha, alpha_weighted, log_alpha_norm) leave out layers whose
+        power-law fit failed (``num_failed_fits``) and, unless ``include_unreliable``, layers
+        whose fit rests on too few eigenvalues (``num_unreliable``, see
+        :mod:`ww_monitor.reliability`). The norm means use every analysed layer (exact at any
+        size). ``num_undetermined`` counts layers without a phase, ``num_random_like`` those
+        still in the random-like phase.
+        """
         out: dict[str, float] = {}
+        fitted = [l for l in self.layers if l.fit_ok and (l.reliable or include_unreliable)]
         for metric in SUMMARY_METRICS:
-            pool = [l for l in self.layers if l.fit_ok] if metric in _FIT_DEPENDENT else self.layers
+            pool = fitted if metric in _FIT_DEPENDENT else self.layers
             vals = [getattr(l, metric) for l in pool]
             vals = [v for v in vals if v is not None and math.isfinite(v)]
             out[metric] = float(np.mean(vals)) if vals else math.nan
         out["num_layers"] = len(self.layers)
         out["num_failed_fits"] = sum(not l.fit_ok for l in self.layers)
+        out["num_unreliable"] = sum(not l.reliable for l in self.layers)
+        out["num_undetermined"] = sum(l.phase is None for l in self.layers)
+        out["num_random_like"] = sum(l.phase is not None and Phase(l.phase) == Phase.RANDOM_LIKE for l in self.layers)
         out["num_skipped"] = len(self.skipped)
         return out
 

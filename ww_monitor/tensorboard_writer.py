@@ -6,7 +6,7 @@
   - ``ww/<metric>/<layer>`` for :data:`LAYER_METRICS`,
   - ``ww/phase/<layer>``: the phase as an ordinal, its position in :class:`~ww_monitor.Phase`
     (0 random-like, 1 bleeding-out, 2 bulk+spikes, 3 bulk-decay, 4 heavy-tailed,
-    5 rank-collapse); not logged while a layer has no phase,
+    5 rank-collapse), -1 (:data:`PHASE_UNDETERMINED`) for a layer too small for a phase,
   - ``ww/summary/<metric>``: the model-level means of ``Report.summary()`` and the counts.
 
 * TensorBoard-only extras go to the ``SummaryWriter`` of each TensorBoard logger
@@ -26,24 +26,28 @@ import logging
 import math
 import re
 import sys
-import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .phases import Phase
-from .results import SUMMARY_METRICS, LayerResult
+from .phases import UNDETERMINED, Phase
+from .reliability import RELIABLE_MIN_EVALS, RELIABLE_MIN_TAIL
+from .results import SUMMARY_COUNTS, SUMMARY_METRICS, LayerResult
+from .user_warnings import warn_user
 
 __all__ = [
     "LAYER_METRICS",
     "PHASE_ORDER",
+    "PHASE_UNDETERMINED",
     "LoggerWriter",
     "layer_scalars",
     "summary_scalars",
     "esd_log10",
     "EsdHistogram",
     "esd_histogram",
+    "esd_bins",
+    "ESD_AXES",
     "custom_scalars_layout",
     "render_figures",
     "choose_figure_layers",
@@ -53,13 +57,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Per-layer metrics logged as ``ww/<metric>/<layer>``.
-LAYER_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes")
+LAYER_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes",
+                 "num_evals", "num_pl_spikes", "reliable")
 #: Per-layer metrics logged as ``ww/<metric>/<layer>`` only when computed (options that are on).
 OPTIONAL_LAYER_METRICS = ("distance_from_init", "esd_shift", "detX_num", "ERG_gap", "num_fingers", "Lambda",
                           "rand_distance", "ww_softrank")
 #: Ordinal of each phase for ``ww/phase/<layer>``.
 PHASE_ORDER = {p: i for i, p in enumerate(Phase)}
-SUMMARY_COUNTS = ("num_layers", "num_failed_fits", "num_skipped")
+#: ``ww/phase/<layer>`` of a layer analysed without a phase (too few eigenvalues).
+PHASE_UNDETERMINED = -1.0
 
 
 def _finite_or_nan(v) -> float:
@@ -78,11 +84,13 @@ def layer_scalars(results: Iterable[LayerResult]) -> dict[str, float]:
         for m in OPTIONAL_LAYER_METRICS:
             if getattr(r, m, None) is not None:
                 out[f"ww/{m}/{r.name}"] = _finite_or_nan(getattr(r, m))
-        if r.phase is not None:
-            try:
-                out[f"ww/phase/{r.name}"] = float(PHASE_ORDER[Phase(r.phase)])
-            except (ValueError, KeyError):
-                pass
+        if r.phase is None:
+            out[f"ww/phase/{r.name}"] = PHASE_UNDETERMINED
+            continue
+        try:
+            out[f"ww/phase/{r.name}"] = float(PHASE_ORDER[Phase(r.phase)])
+        except (ValueError, KeyError):
+            pass
     return out
 
 
@@ -101,11 +109,25 @@ def esd_log10(eigenvalues) -> np.ndarray | None:
     return np.log10(ev)
 
 
-#: Buckets of an ESD histogram: uniform in log10(lambda) between the smallest and largest
-#: eigenvalue. TensorBoard's default (exponentially spaced buckets around zero, made for
-#: weights) resolves the few decades an ESD spans coarsely; 64 even buckets show the bulk and
-#: the tail of a 512-eigenvalue ESD.
-ESD_HISTOGRAM_BINS = 64
+#: Bucket count of an ESD histogram, from the number n of eigenvalues by the Rice rule
+#: ceil(2 n^(1/3)) (the bin count that keeps the count per bin growing with n, so a histogram of
+#: 10 eigenvalues is not a comb of isolated ones and one of 4,096 still resolves the bulk edge),
+#: clipped to [ESD_MIN_BINS, ESD_MAX_BINS]: n = 10 -> 5, 64 -> 8, 512 -> 16, 4,096 -> 32.
+#: Buckets are uniform in log10(lambda) between the smallest and largest eigenvalue.
+ESD_MIN_BINS = 5
+ESD_MAX_BINS = 64
+#: Kept for compatibility: the most buckets an ESD histogram gets.
+ESD_HISTOGRAM_BINS = ESD_MAX_BINS
+#: What the axes of the ``ww/esd/<layer>`` histograms mean (shown with the ``ww/layers`` table).
+ESD_AXES = ("ESD histograms `ww/esd/<layer>` (Histograms tab): x axis = log10(lambda), lambda an eigenvalue of "
+            "W^T W (squared singular value of the weight matrix); height = number of eigenvalues per bucket; "
+            f"buckets = ceil(2 n^(1/3)) for n eigenvalues, between {ESD_MIN_BINS} and {ESD_MAX_BINS}. "
+            "A heavy tail shows as a long ridge to the right.")
+
+
+def esd_bins(num_evals: int) -> int:
+    """Buckets of the ESD histogram of ``num_evals`` eigenvalues (Rice rule, clipped)."""
+    return int(min(ESD_MAX_BINS, max(ESD_MIN_BINS, math.ceil(2.0 * max(int(num_evals), 1) ** (1.0 / 3.0)))))
 
 
 @dataclass(frozen=True)
@@ -121,14 +143,16 @@ class EsdHistogram:
     bucket_counts: tuple[int, ...]
 
 
-def esd_histogram(eigenvalues, bins: int = ESD_HISTOGRAM_BINS) -> EsdHistogram | None:
-    """Histogram of log10 of the finite, positive eigenvalues (None when nothing is left).
+def esd_histogram(eigenvalues, bins: int | None = None) -> EsdHistogram | None:
+    """Histogram of log10 of the finite, positive eigenvalues (None when nothing is left);
+    ``bins`` defaults to :func:`esd_bins` of their count.
 
     Pure and cheap, so the background worker computes it and the training thread only writes.
     """
     values = esd_log10(eigenvalues)
     if values is None:
         return None
+    bins = esd_bins(values.size) if bins is None else int(bins)
     vmin, vmax = float(values.min()), float(values.max())
     lo, hi = (vmin - 0.5, vmax + 0.5) if vmax - vmin < 1e-12 else (vmin, vmax)  # one value: a bucket around it
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
@@ -147,15 +171,22 @@ def custom_scalars_layout() -> dict:
 
 
 def layers_markdown(results: Sequence[LayerResult]) -> str:
-    head = "| layer | kind | alpha | alpha_weighted | log_spectral_norm | stable_rank | rank_loss | phase |\n"
-    head += "|---|---|---|---|---|---|---|---|\n"
+    """The per-layer table of one snapshot, with the counts each fit rests on and a legend."""
+    head = ("| layer | kind | eigenvalues | tail | reliable | alpha | alpha_weighted | log_spectral_norm "
+            "| stable_rank | rank_loss | phase |\n")
+    head += "|---|---|---|---|---|---|---|---|---|---|---|\n"
     rows = []
     for r in results:
         rows.append(
-            f"| {r.name} | {r.kind} | {r.alpha:.3f} | {r.alpha_weighted:.3f} | {r.log_spectral_norm:.3f} "
-            f"| {r.stable_rank:.2f} | {r.rank_loss} | {r.phase if r.phase is not None else '-'} |"
+            f"| {r.name} | {r.kind} | {r.num_evals} | {r.num_pl_spikes} | {'yes' if r.reliable else 'no'} "
+            f"| {r.alpha:.3f} | {r.alpha_weighted:.3f} | {r.log_spectral_norm:.3f} "
+            f"| {r.stable_rank:.2f} | {r.rank_loss} | {r.phase if r.phase is not None else UNDETERMINED} |"
         )
-    return head + "\n".join(rows)
+    legend = (f"\n\n*tail* = eigenvalues in the power-law fit; a layer is *reliable* with >= {RELIABLE_MIN_EVALS} "
+              f"eigenvalues and >= {RELIABLE_MIN_TAIL} in the tail. Unreliable layers are left out of the "
+              f"`ww/summary/alpha*` means (counted in `ww/summary/num_unreliable`); layers under "
+              f"{RELIABLE_MIN_EVALS} eigenvalues get no phase (*{UNDETERMINED}*).\n\n{ESD_AXES}")
+    return head + "\n".join(rows) + legend
 
 
 def is_tensorboard_logger(logger) -> bool:
@@ -244,7 +275,7 @@ class LoggerWriter:
             log.debug(message)
             return
         self._warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warn_user(message, RuntimeWarning)
 
     @staticmethod
     def _tb_writers(loggers) -> list[tuple[Any, Any]]:
