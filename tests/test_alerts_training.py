@@ -113,7 +113,8 @@ def test_alerts_can_be_disabled():
 )
 def test_alpha_drift_early_stopping_modes(kwargs, criterion):
     ww = wwm.WeightWatcherCallback(every_n_epochs=1, blocking=True, figures_every_n_snapshots=None, alerts=False)
-    stopper = wwm.AlphaDriftEarlyStopping(min_snapshots=1, **kwargs)
+    # warmup=False: these modes are checked from the first snapshot (the warm-up has its own tests).
+    stopper = wwm.AlphaDriftEarlyStopping(min_snapshots=1, warmup=False, **kwargs)
     t = trainer([ww, stopper], epochs=30)
     t.fit(MLP(lr=0.5), loader())
     assert t.current_epoch < 30, "did not stop"
@@ -160,7 +161,7 @@ DDP_SCRIPT = textwrap.dedent(
         data = TensorDataset(torch.randn(128, 32, generator=g), torch.randint(0, 10, (128,), generator=g))
         ww = ww_monitor.WeightWatcherCallback(every_n_epochs=1, blocking=True, figures_every_n_snapshots=None,
                                               alerts=False)
-        stop = ww_monitor.AlphaDriftEarlyStopping(floor=100.0, min_snapshots=2)
+        stop = ww_monitor.AlphaDriftEarlyStopping(floor=100.0, min_snapshots=2, warmup=False)
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=20, logger=False,
                              callbacks=[ww, stop], enable_progress_bar=False, enable_model_summary=False,
                              enable_checkpointing=False)

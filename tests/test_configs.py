@@ -140,7 +140,8 @@ def test_early_stopping_config_stops_on_alpha(tmp_path):
 def test_alpha_drift_config_stops_on_the_floor(tmp_path):
     """AlphaDriftEarlyStopping with a floor every model is under stops once `min_snapshots`
     snapshots were seen."""
-    trainer, stopper = fit_tweaked(tmp_path, "alpha_drift", {"floor": 100.0}, max_epochs=10)
+    # warmup off: this checks min_snapshots alone (the warm-up has its own tests in test_signals.py).
+    trainer, stopper = fit_tweaked(tmp_path, "alpha_drift", {"floor": 100.0, "warmup": False}, max_epochs=10)
     assert trainer.should_stop and "floor" in stopper.stopped_reason
     assert len(stopper.seen_steps) == 3  # the baseline + two epoch ends: min_snapshots
     assert trainer.current_epoch == 2

@@ -5,6 +5,20 @@ Reads the values :class:`~ww_monitor.WeightWatcherCallback` puts into
 ``ww/snapshot_step`` to recognise a new snapshot) and applies
 :class:`~ww_monitor.early_stopping.AlphaDriftRule` once per snapshot.
 
+Warm-up (``warmup=True``, the default): right after initialisation every layer is random-like
+and its alpha is large and noisy; in the first epochs mean alpha typically *rises* before it
+falls (the quickstart: 5.0 -> 7.9 -> 3.5 ...), which a "rose above its best" rule would read as
+degradation. So no decision is taken, and no best value recorded, until the spectra have left
+their initial state: the first snapshot at which fewer than half of the layers that have a phase
+are random-like (``WARMUP_MAX_RANDOM_SHARE``; the counts come from ``ww/summary/num_random_like``,
+``ww/summary/num_layers`` and ``ww/summary/num_undetermined``). If no layer has a phase (all
+too small), the criterion cannot speak and only ``min_snapshots`` applies.
+
+Stop reason: when it stops training it says why in a warning (shown without any logging
+configuration, rank 0 only, attributed to the user's ``trainer.fit`` line) and, with a
+TensorBoard logger, as text ``ww/early_stopping`` at the snapshot's step; ``stopped_reason``
+keeps it.
+
 Lag: in background mode a snapshot's result arrives one or more hooks after it was taken (at
 the next batch/epoch end, or the next sync point under DDP), so the stop happens then; with
 ``WeightWatcherCallback(blocking=True)`` it happens at the snapshot. Under DDP every rank has the
@@ -19,12 +33,27 @@ from typing import Any
 
 from .early_stopping import AlphaDriftRule
 from .errors import WWMonitorError
+from .user_warnings import warn_user
 
-__all__ = ["AlphaDriftEarlyStoppingMixin", "AlphaDriftEarlyStopping"]
+__all__ = ["AlphaDriftEarlyStoppingMixin", "AlphaDriftEarlyStopping", "WARMUP_MAX_RANDOM_SHARE",
+           "spectra_left_random_state"]
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_KEY = "ww/snapshot_step"
+#: Warm-up ends once the share of phase-determined layers still random-like falls below this:
+#: most of the network then shows learned structure (spikes, a decaying edge or a heavy tail),
+#: while a minority of layers that barely train (a frozen embedding, a tiny layer) cannot hold
+#: the decision back forever.
+WARMUP_MAX_RANDOM_SHARE = 0.5
+_COUNT_KEYS = ("ww/summary/num_layers", "ww/summary/num_undetermined", "ww/summary/num_random_like")
+
+
+def spectra_left_random_state(num_layers: float, num_undetermined: float, num_random_like: float) -> bool:
+    """The warm-up criterion: fewer than ``WARMUP_MAX_RANDOM_SHARE`` of the layers with a phase
+    are random-like (True also when no layer has a phase: the criterion cannot speak)."""
+    phased = num_layers - num_undetermined
+    return phased <= 0 or num_random_like / phased < WARMUP_MAX_RANDOM_SHARE
 
 
 class AlphaDriftEarlyStoppingMixin:
@@ -48,11 +77,15 @@ class AlphaDriftEarlyStoppingMixin:
         patience: snapshots of no change that count as converged.
         min_snapshots: never stop before this many snapshots were seen (the baseline at train
             start is one); Lightning's own ``Trainer(min_epochs=...)`` is honoured as well.
-        verbose: log the decision at INFO level.
+        warmup: take no decision (and record no best value) before the spectra have left their
+            initial random-like state (module docstring). ``False``: decide from the first snapshot.
+        verbose: also log the decision and the end of the warm-up at INFO level (the stop reason
+            is always shown as a warning).
     """
 
     def __init__(self, monitor: str = "ww/summary/alpha", floor: float | None = 2.0, max_rise: float | None = None,
-                 min_delta: float | None = None, patience: int = 3, min_snapshots: int = 2, verbose: bool = True) -> None:
+                 min_delta: float | None = None, patience: int = 3, min_snapshots: int = 2, verbose: bool = True,
+                 warmup: bool = True) -> None:
         super().__init__()
         if not isinstance(monitor, str) or not monitor.startswith("ww/"):
             raise WWMonitorError(f"`monitor` must be a ww/ metric key such as 'ww/summary/alpha', got {monitor!r}.")
@@ -63,9 +96,14 @@ class AlphaDriftEarlyStoppingMixin:
                                        monitor=monitor)
         except ValueError as err:
             raise WWMonitorError(f"AlphaDriftEarlyStopping: {err}") from None
+        if not isinstance(warmup, bool):
+            raise WWMonitorError(f"`warmup` must be True or False, got {warmup!r}.")
         self.monitor = monitor
         self.min_snapshots = min_snapshots
         self.verbose = verbose
+        self.warmup = warmup
+        self.warmup_done = not warmup
+        self.warmup_end_step: int | None = None
         self.seen_steps: list[int] = []
         self.stopped_reason = ""
         self.stopped_step: int | None = None
@@ -84,14 +122,39 @@ class AlphaDriftEarlyStoppingMixin:
         if step in self.seen_steps:
             return
         self.seen_steps.append(step)
+        if not self.warmup_done:
+            counts = [cm.get(k) for k in _COUNT_KEYS]
+            if any(c is None for c in counts) or spectra_left_random_state(*(float(c) for c in counts)):
+                self.warmup_done, self.warmup_end_step = True, step
+                if self.verbose and trainer.global_rank == 0:
+                    log.info("AlphaDriftEarlyStopping: warm-up over at step %d (the spectra left their random-like "
+                             "initial state); decisions start now", step)
+            else:
+                return
         decision = self.rule.update(float(value))
         if decision.stop and len(self.seen_steps) >= self.min_snapshots and not self._want_stop:
             self._want_stop = True
             self.stopped_reason = decision.reason
             self.stopped_step = step
-            if self.verbose and trainer.global_rank == 0:
-                log.info("AlphaDriftEarlyStopping: stopping (%s) on the snapshot of step %d: %s",
-                         decision.criterion, step, decision.reason)
+            if trainer.global_rank == 0:
+                self._announce(trainer, decision.criterion, step)
+
+    def _announce(self, trainer, criterion: str, step: int) -> None:
+        """Say why training stops: a warning (no logging setup needed) and TensorBoard text."""
+        text = (f"AlphaDriftEarlyStopping: stopping training ({criterion}) on the snapshot of step {step}: "
+                f"{self.stopped_reason}")
+        warn_user(text, UserWarning)
+        if self.verbose:
+            log.info(text)
+        from .tensorboard_writer import is_tensorboard_logger
+
+        for lg in getattr(trainer, "loggers", None) or []:
+            if not is_tensorboard_logger(lg):
+                continue
+            try:
+                lg.experiment.add_text("ww/early_stopping", text, global_step=step)
+            except Exception as err:  # a closed logger must not turn a stop into a crash
+                log.debug("could not write the stop reason to TensorBoard: %s", err)
 
     def _apply(self, trainer, reduce: bool) -> None:
         stop = self._want_stop
@@ -112,13 +175,16 @@ class AlphaDriftEarlyStoppingMixin:
 
     def state_dict(self) -> dict[str, Any]:
         return {"rule": self.rule.state_dict(), "seen_steps": list(self.seen_steps),
-                "stopped_reason": self.stopped_reason, "stopped_step": self.stopped_step}
+                "stopped_reason": self.stopped_reason, "stopped_step": self.stopped_step,
+                "warmup_done": self.warmup_done, "warmup_end_step": self.warmup_end_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rule.load_state_dict(state_dict.get("rule", {}))
         self.seen_steps = [int(s) for s in state_dict.get("seen_steps", [])]
         self.stopped_reason = state_dict.get("stopped_reason", "")
         self.stopped_step = state_dict.get("stopped_step")
+        self.warmup_done = bool(state_dict.get("warmup_done", self.warmup_done))
+        self.warmup_end_step = state_dict.get("warmup_end_step")
 
 
 def _build(base: type, module: str) -> type:
