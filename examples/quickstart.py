@@ -74,22 +74,28 @@ def print_table(history, val_acc: float | None) -> None:
     df = history.to_pandas()
     last = df[df["step"] == df["step"].max()]
     first = df[df["step"] == df["step"].min()].set_index("layer")
-    cols = ["layer", "kind", "N", "M", "alpha", "alpha_weighted", "log_spectral_norm", "stable_rank",
-            "rank_loss", "phase"]
+    cols = ["layer", "kind", "N", "M", "num_evals", "num_pl_spikes", "reliable", "alpha", "alpha_weighted",
+            "log_spectral_norm", "stable_rank", "rank_loss", "phase"]
     print(f"\nPer-layer summary at step {int(last['step'].iloc[0])} (snapshot {len(history)} of {len(history)};"
           f" alpha at the baseline in brackets):")
-    header = f"{'layer':<8}{'kind':<8}{'N x M':>10}{'alpha':>16}{'alpha_w':>9}{'log_spec':>10}{'st_rank':>9}" \
-             f"{'rk_loss':>8}  phase"
+    header = f"{'layer':<8}{'kind':<8}{'N x M':>10}{'evals/tail':>12}{'alpha':>17}{'alpha_w':>9}{'log_spec':>10}" \
+             f"{'st_rank':>9}{'rk_loss':>8}  phase"
     print(header)
     print("-" * len(header))
     for _, row in last[cols].iterrows():
         a0 = first.loc[row["layer"], "alpha"] if row["layer"] in first.index else math.nan
         nm = f"{int(row['N'])}x{int(row['M'])}"
-        print(f"{row['layer']:<8}{row['kind']:<8}{nm:>10}{row['alpha']:>8.2f} ({a0:>5.2f}){row['alpha_weighted']:>9.2f}"
-              f"{row['log_spectral_norm']:>10.2f}{row['stable_rank']:>9.1f}{int(row['rank_loss']):>8}  "
-              f"{row['phase'] if row['phase'] else '-'}")
+        counts = f"{int(row['num_evals'])}/{int(row['num_pl_spikes'])}"
+        mark = " " if row["reliable"] else "*"  # * : too few eigenvalues for a trusted fit
+        phase = row["phase"] if isinstance(row["phase"], str) else "undetermined"
+        print(f"{row['layer']:<8}{row['kind']:<8}{nm:>10}{counts:>12}{row['alpha']:>8.2f}{mark}({a0:>5.2f})"
+              f"{row['alpha_weighted']:>9.2f}{row['log_spectral_norm']:>10.2f}{row['stable_rank']:>9.1f}"
+              f"{int(row['rank_loss']):>8}  {phase}")
     mean = history[-1].summary
-    print(f"\nmean alpha {mean.get('alpha', math.nan):.2f}, mean alpha_weighted {mean.get('alpha_weighted', math.nan):.2f}"
+    used = int(mean.get("num_layers", 0) - mean.get("num_unreliable", 0))
+    print("\n* unreliable fit (fewer than 50 eigenvalues or 10 in the tail): no phase, left out of the means.")
+    print(f"mean alpha {mean.get('alpha', math.nan):.2f}, mean alpha_weighted {mean.get('alpha_weighted', math.nan):.2f}"
+          f" (over the {used} reliable layers)"
           + (f", validation accuracy {val_acc:.3f}" if val_acc is not None else ""))
 
 
