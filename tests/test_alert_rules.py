@@ -160,3 +160,18 @@ def test_unreliable_layer_gets_no_alpha_alert_and_alerts_come_in_severity_order(
     out = t.update([small, layer(alpha=1.5, rank_loss=0), layer("fc2", rank_loss=50)],
                    [SkippedLayer("fc3", "linear", (4, 4), "non-finite weights (NaN or Inf)")], 0, 0)
     assert [(a.rule, a.layer) for a in out] == [("non_finite", "fc3"), ("rank_collapse", "fc2"), ("alpha_low", "fc")]
+
+
+def test_diverging_layer_gets_diverging_not_rank_collapse_advice():
+    def snap(log_spec, rank_loss=0, alpha=3.0):
+        r = layer(alpha=alpha, rank_loss=rank_loss)
+        r.log_spectral_norm = log_spec
+        return [r]
+
+    t = AlertTracker(AlertConfig(alpha_confirm_snapshots=1))
+    for step, v in enumerate((0.2, 0.5, 0.9, 1.0)):  # healthy growth: < 2 decades per snapshot
+        assert t.update(snap(v), [], step, 0) == []
+    out = t.update(snap(30.0, rank_loss=95, alpha=1.2), [], 4, 0)  # the learning rate blew up
+    assert fired(out) == [("diverging", "fc", False)] and "learning rate" in out[0].message
+    assert t.update(snap(30.5, rank_loss=95, alpha=1.2), [], 5, 0) == []  # stays diverging, nothing else
+    assert fired(t.update(snap(1.1), [], 6, 0)) == [("diverging", "fc", True)]

@@ -27,7 +27,15 @@ Default thresholds and why:
   behind the furthest confirmed phase (e.g. heavy-tailed -> bulk+spikes), or in rank-collapse
   after another phase. Active while the layer stays there, so it fires once.
 
-Rules that explain each other are ordered: a layer whose rank collapsed (rank_collapse holds)
+* ``diverging_decades = 2.0``: lambda_max (the squared spectral norm) of a layer grew more than
+  100x above its last value before the jump. Healthy training moves log10(lambda_max) by at
+  most ~0.6 between epoch snapshots (measured on the four families of ``bench_signals.py``); a
+  learning rate that diverges moves it by 6-30 decades in one snapshot. Fires at once and stays
+  until lambda_max is back within the factor of that reference.
+
+Rules that explain each other are ordered: a diverging layer gets no rank_collapse ("too much
+regularization" would point the wrong way: one exploding direction makes the rest look like
+zeros next to it), alpha_low or phase_regression; a layer whose rank collapsed (rank_collapse holds)
 gets no alpha_high/alpha_low advice (zeros distort the fit; "under-trained?" would point the
 wrong way) and no phase_regression into rank-collapse (the same finding twice).
 """
@@ -63,7 +71,8 @@ class AlertError(RuntimeError):
         self.alert = alert
 
 # Ordered by severity: alerts of one snapshot are reported in this order.
-RULES = ("non_finite", "rank_collapse", "phase_regression", "alpha_low", "alpha_high", "correlation_traps")
+RULES = ("non_finite", "diverging", "rank_collapse", "phase_regression", "alpha_low", "alpha_high",
+         "correlation_traps")
 ACTIONS = ("log", "warn", "tensorboard", "callback", "raise", "stop")
 # "log" is opt-in: with "warn" on too, an unconfigured logging setup would print each alert twice.
 DEFAULT_ACTIONS = ("warn", "tensorboard", "callback")
@@ -129,6 +138,7 @@ class AlertConfig:
     actions: dict = field(default_factory=dict)  # rule -> tuple of actions; missing: DEFAULT_ACTIONS
     alpha_confirm_snapshots: int = 2
     phase_confirm_snapshots: int = 2
+    diverging_decades: float = 2.0
 
     def __post_init__(self):
         if not self.alpha_low < self.alpha_high:
@@ -139,6 +149,8 @@ class AlertConfig:
             raise ValueError("alpha_high_warmup and max_traps must be >= 0, phase_regression_steps >= 1")
         if self.alpha_confirm_snapshots < 1 or self.phase_confirm_snapshots < 1:
             raise ValueError("alpha_confirm_snapshots and phase_confirm_snapshots must be >= 1")
+        if not self.diverging_decades > 0:
+            raise ValueError(f"diverging_decades must be > 0, got {self.diverging_decades}")
         enabled = tuple(self.enabled)
         unknown = [r for r in enabled if r not in RULES] + [r for r in self.actions if r not in RULES]
         if unknown:
@@ -169,6 +181,7 @@ class AlertTracker:
         self.phase_run: dict[str, list] = {}  # layer -> [latest phase, consecutive snapshots showing it]
         self.held: dict[tuple[str, str], int] = {}  # condition -> consecutive snapshots it held (not yet fired)
         self.cleared: dict[tuple[str, str], int] = {}  # active alert -> consecutive snapshots it was clear
+        self.norm_ref: dict[str, float] = {}  # layer -> log10(lambda_max) before any divergence
         self.snapshots_seen = 0
         self.num_fired = 0
 
@@ -198,6 +211,9 @@ class AlertTracker:
         for rule, layer, value, threshold, message in self._conditions(layers, skipped):
             if rule in self.config.enabled:
                 now[(rule, layer)] = (value, threshold, message)
+        for l in layers:  # the reference of the diverging rule follows the layer until it jumps
+            if math.isfinite(l.log_spectral_norm) and ("diverging", l.name) not in now:
+                self.norm_ref[l.name] = float(l.log_spectral_norm)
 
         raised: list[Alert] = []
         resolved: list[Alert] = []
@@ -238,6 +254,15 @@ class AlertTracker:
                 yield ("non_finite", s.name, math.nan, math.nan, _with_docs(
                     f"layer {s.name} has NaN/Inf weights", "non_finite"))
         for l in layers:
+            ref = self.norm_ref.get(l.name)
+            jump = l.log_spectral_norm - ref if ref is not None and math.isfinite(l.log_spectral_norm) else 0.0
+            diverging = jump > c.diverging_decades and "diverging" in c.enabled
+            if jump > c.diverging_decades:
+                yield ("diverging", l.name, jump, c.diverging_decades, _with_docs(
+                    f"{l.name} is diverging: its largest eigenvalue grew {10 ** jump:.3g}x (log10 +{jump:.2f} > "
+                    f"{c.diverging_decades:g}) since before the jump; learning rate too high?", "diverging"))
+            if diverging:
+                continue  # everything else on this layer is a consequence of the explosion
             frac = l.rank_loss / l.num_evals if l.num_evals else 0.0
             collapsed = frac > c.rank_loss_fraction and "rank_collapse" in c.enabled
             if frac > c.rank_loss_fraction:
@@ -278,6 +303,7 @@ class AlertTracker:
             "phase_run": {k: list(v) for k, v in self.phase_run.items()},
             "held": [[r, l, n] for (r, l), n in self.held.items()],
             "cleared": [[r, l, n] for (r, l), n in self.cleared.items()],
+            "norm_ref": dict(self.norm_ref),
             "snapshots_seen": self.snapshots_seen,
             "num_fired": self.num_fired,
         }
@@ -290,6 +316,7 @@ class AlertTracker:
         self.phase_run = {k: [v[0], int(v[1])] for k, v in state.get("phase_run", {}).items()}
         self.held = {(r, l): int(n) for r, l, n in state.get("held", [])}
         self.cleared = {(r, l): int(n) for r, l, n in state.get("cleared", [])}
+        self.norm_ref = {k: float(v) for k, v in state.get("norm_ref", {}).items()}
         self.snapshots_seen = int(state.get("snapshots_seen", 0))
         self.num_fired = int(state.get("num_fired", 0))
 

@@ -413,6 +413,7 @@ def _results_from_record(rec) -> list:
             num_evals=num_evals, alpha=v.get("alpha", math.nan), rank_loss=_int(v.get("rank_loss")),
             fit_ok=bool(v.get("fit_ok", 0.0) == 1.0), num_traps=int(traps) if math.isfinite(traps) else None,
             num_pl_spikes=_int(v.get("num_pl_spikes")), reliable=bool(v.get("reliable", 1.0) != 0.0),
+            log_spectral_norm=v.get("log_spectral_norm", math.nan),
             phase=Phase(rec.phases[i]) if rec.phases[i] is not None else None,
         ))
     return out

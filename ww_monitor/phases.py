@@ -27,10 +27,14 @@ above lambda_+ + 4 tw.
    (``alpha <= HEAVY_TAILED_MAX_ALPHA``), else **bulk-decay**.
 4. **random-like** if there is no spike: an MP bulk, lambda_max within Tracy-Widom
    fluctuations of lambda_+.
-5. A few spikes over an MP bulk: **bulk+spikes** if the largest is well separated, i.e. a
-   rank-one signal would need ``t >= SEPARATED_BBP_RATIO * Q^(-1/4)`` to put it there (BBP
-   inversion, :func:`~ww_monitor.functional.marchenko_pastur.bbp_ratio`), else
-   **bleeding-out** (eigenvalues just leaving the edge).
+5. A few spikes over an MP bulk whose largest is well separated, i.e. a rank-one signal would
+   need ``t >= SEPARATED_BBP_RATIO * Q^(-1/4)`` to put it there (BBP inversion,
+   :func:`~ww_monitor.functional.marchenko_pastur.bbp_ratio`): a **decaying ladder** (at least
+   ``LADDER_MIN_SPIKES`` spikes whose weakest is *not* separated, i.e. strengths falling from
+   well above the threshold down into the edge, no clean gap) is **bulk-decay**; isolated
+   spikes that all clear the edge by the separation margin are **bulk+spikes**.
+6. Otherwise (a few spikes, none well separated): **bleeding-out** (eigenvalues just leaving
+   the edge).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ __all__ = [
     "HEAVY_TAILED_MAX_SOFTRANK",
     "HEAVY_TAILED_MAX_ALPHA",
     "SEPARATED_BBP_RATIO",
+    "LADDER_MIN_SPIKES",
 ]
 
 
@@ -122,6 +127,15 @@ HEAVY_TAILED_MAX_ALPHA = 6.0
 #: at M = 256. Just-leaking outliers (1.3-1.6x threshold) sit 7-25% above the edge.
 SEPARATED_BBP_RATIO = 2.0
 
+#: Martin & Mahoney's bulk-decay is a *continuum* leaving the edge; bulk+spikes a few isolated
+#: spikes with a clean gap to it. With at least this many spikes, the strongest separated and
+#: the weakest not (BBP ratio < SEPARATED_BBP_RATIO: within ~50% of lambda_+), the spikes form a
+#: ladder from far out down into the edge: bulk-decay. Generated ladders (5-10 outliers decaying
+#: geometrically from 3-5x the threshold to ~1.05x) show 3-8 counted spikes with the weakest at
+#: 1.15-1.55x; graded spikes (bulk+spikes) keep the weakest at >= 3x. Two spikes do not make a
+#: ladder (a strong and a weak signal are just two signals).
+LADDER_MIN_SPIKES = 3
+
 
 @dataclass(frozen=True)
 class PhaseEvidence:
@@ -137,6 +151,7 @@ class PhaseEvidence:
     mp_softrank: float
     spike_bbp_ratio: float
     alpha: float
+    weakest_spike_bbp_ratio: float = math.nan
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -169,10 +184,13 @@ def phase_evidence(evals, n: int, m: int, *, num_slices: int = 1, rank_loss: int
     spikes = int(mp.num_spikes)
     misplaced = float(mp.ks) * m - spikes / k
     sep = (bbp_ratio(lam_max, q, mp.sigma, n) / bbp_threshold(q)) if math.isfinite(mp.sigma) else math.nan
+    weakest = math.nan
+    if spikes > 0 and math.isfinite(mp.sigma) and spikes <= ev.size:
+        weakest = bbp_ratio(float(np.partition(ev, ev.size - spikes)[ev.size - spikes]), q, mp.sigma, n) / bbp_threshold(q)
 
     def done(phase: Phase, rule: str) -> PhaseEvidence:
         return PhaseEvidence(phase, rule, zero_frac, float(mp.ks), misplaced, spikes, few, float(mp.mp_softrank),
-                             sep, alpha)
+                             sep, alpha, weakest)
 
     if zero_frac >= RANK_COLLAPSE_FRACTION:
         return done(Phase.RANK_COLLAPSE, "rank loss")
@@ -187,6 +205,8 @@ def phase_evidence(evals, n: int, m: int, *, num_slices: int = 1, rank_loss: int
     if spikes == 0:
         return done(Phase.RANDOM_LIKE, "MP bulk, no spike")
     if sep >= SEPARATED_BBP_RATIO:
+        if spikes >= LADDER_MIN_SPIKES and weakest < SEPARATED_BBP_RATIO:
+            return done(Phase.BULK_DECAY, "ladder of spikes into the edge")
         return done(Phase.BULK_PLUS_SPIKES, "few separated spikes")
     return done(Phase.BLEEDING_OUT, "few spikes at the edge")
 

@@ -22,6 +22,8 @@ generator                phase it shows
 :func:`bleeding_out`     bleeding-out (graded spikes 1.3-1.6 x threshold)
 :func:`graded_spikes`    bulk+spikes (graded spikes 3-8 x threshold)
 :func:`bulk_decay`       bulk-decay (~20% of the directions form a shoulder above the edge)
+:func:`decaying_ladder`  bulk-decay (5-10 outliers whose strengths fall smoothly from well
+                         above the BBP threshold down into the edge)
 :func:`heavy_tailed`     heavy-tailed (Student-t / Pareto entries with tail index mu < 4)
 :func:`power_law_spectrum`  heavy-tailed (singular values with a power-law ESD)
 :func:`low_rank`         rank-collapse (product of two thin factors)
@@ -43,6 +45,7 @@ __all__ = [
     "GENERATORS",
     "bleeding_out",
     "bulk_decay",
+    "decaying_ladder",
     "gaussian",
     "graded_spikes",
     "heavy_tailed",
@@ -63,6 +66,12 @@ GRADED_SPIKE_RATIOS = (3.0, 8.0)
 #: relative to the BBP threshold: a dense continuum from the edge to ~1.5x lambda_+.
 BULK_DECAY_FRACTION = 0.2
 BULK_DECAY_RATIOS = (0.8, 2.0)
+#: Defaults of :func:`decaying_ladder`: 8 outliers, the strongest 4x the BBP threshold (far out,
+#: like a bulk+spikes spike), each next one's excess over the threshold 0.6x the previous one's,
+#: so the weakest (1 + 3 * 0.6^7 = 1.08x) sits just above lambda_+.
+LADDER_OUTLIERS = 8
+LADDER_TOP_RATIO = 4.0
+LADDER_DECAY = 0.6
 
 
 def _rng(seed, generator) -> np.random.Generator:
@@ -184,6 +193,27 @@ def bulk_decay(
                   dtype=dtype)
 
 
+def decaying_ladder(
+    n: int, m: int, num_outliers: int = LADDER_OUTLIERS, *, top: float = LADDER_TOP_RATIO, decay: float = LADDER_DECAY,
+    sigma: float = 1.0, seed=None, generator=None, dtype=np.float32,
+) -> np.ndarray:
+    """**bulk-decay**: a decaying ladder of outliers, Martin & Mahoney's continuum leaving the bulk.
+
+    ``num_outliers`` orthogonal rank-one signals with strengths (multiples of the BBP threshold)
+    t_i = 1 + (top - 1) decay^i, i = 0 .. num_outliers - 1: the strongest well separated, each
+    next one closer to the edge, the weakest just above it. Unlike :func:`graded_spikes` (a few
+    isolated spikes with a clean gap to lambda_+) there is no gap: the outliers fill the range
+    from the edge outwards. Rates ``decay`` in [0.5, 0.7] keep 3-8 of them above Tracy-Widom
+    noise for M >= 256.
+    """
+    if not 0 < decay < 1:
+        raise ValueError(f"decay must be in (0, 1), got {decay}")
+    if not top > 1:
+        raise ValueError(f"top must be > 1 (a multiple of the BBP threshold), got {top}")
+    t = 1.0 + (top - 1.0) * decay ** np.arange(int(num_outliers))
+    return spiked(n, m, t, sigma=sigma, relative=True, seed=seed, generator=generator, dtype=dtype)
+
+
 def heavy_tailed(
     n: int, m: int, *, mu: float = 2.0, distribution: str = "student-t", scale: float = 1.0, seed=None,
     generator=None, dtype=np.float32,
@@ -268,6 +298,7 @@ GENERATORS = {
     "bleeding_out": (bleeding_out, "bleeding-out"),
     "graded_spikes": (graded_spikes, "bulk+spikes"),
     "bulk_decay": (bulk_decay, "bulk-decay"),
+    "decaying_ladder": (decaying_ladder, "bulk-decay"),
     "heavy_tailed": (heavy_tailed, "heavy-tailed"),
     "power_law_spectrum": (power_law_spectrum, "heavy-tailed"),
     "low_rank": (low_rank, "rank-collapse"),
