@@ -43,10 +43,6 @@ CASES = [
     (P.BULK_PLUS_SPIKES, "graded_spikes(6)", lambda n, m, s: S.graded_spikes(n, m, 6, seed=s), 0),
     (P.BULK_DECAY, "bulk_decay(0.1)", lambda n, m, s: S.bulk_decay(n, m, fraction=0.1, seed=s), 256),
     (P.BULK_DECAY, "bulk_decay(0.2)", lambda n, m, s: S.bulk_decay(n, m, fraction=0.2, seed=s), 256),
-    (P.BULK_DECAY, "ladder(8, 0.5)", lambda n, m, s: S.decaying_ladder(n, m, 8, decay=0.5, seed=s), 256),
-    (P.BULK_DECAY, "ladder(8, 0.6)", lambda n, m, s: S.decaying_ladder(n, m, 8, decay=0.6, seed=s), 256),
-    (P.BULK_DECAY, "ladder(10, 0.7, top 5)", lambda n, m, s: S.decaying_ladder(n, m, 10, top=5.0, decay=0.7, seed=s),
-     256),
     (P.HEAVY_TAILED, "student_t(1.5)", lambda n, m, s: S.heavy_tailed(n, m, mu=1.5, seed=s), 128),
     (P.HEAVY_TAILED, "student_t(2)", lambda n, m, s: S.heavy_tailed(n, m, mu=2.0, seed=s), 256),
     (P.HEAVY_TAILED, "pareto(2)", lambda n, m, s: S.heavy_tailed(n, m, mu=2.0, distribution="pareto", seed=s), 256),
@@ -57,6 +53,11 @@ CASES = [
     (P.RANK_COLLAPSE, "low_rank(M/2)", lambda n, m, s: S.low_rank(n, m, seed=s), 0),
     (P.RANK_COLLAPSE, "low_rank(M/4)", lambda n, m, s: S.low_rank(n, m, min(n, m) // 4, seed=s), 0),
     (P.RANK_COLLAPSE, "zeroed_columns(0.2)", lambda n, m, s: S.zeroed_columns(n, m, 0.2, seed=s), 0),
+    # Added with the ladder rule; appended so the matrices of the cases above keep their seeds.
+    (P.BULK_DECAY, "ladder(8, 0.5)", lambda n, m, s: S.decaying_ladder(n, m, 8, decay=0.5, seed=s), 256),
+    (P.BULK_DECAY, "ladder(8, 0.6)", lambda n, m, s: S.decaying_ladder(n, m, 8, decay=0.6, seed=s), 256),
+    (P.BULK_DECAY, "ladder(10, 0.7, top 5)", lambda n, m, s: S.decaying_ladder(n, m, 10, top=5.0, decay=0.7, seed=s),
+     256),
 ]
 
 FULL = dict(ms=(64, 128, 256, 512, 1024), qs=(1.0, 2.0, 4.0), seeds=3)

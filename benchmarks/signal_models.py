@@ -229,8 +229,8 @@ def bottleneck(seed: int):
     return Classifier(net, lr=0.05), *digits(seed)
 
 
-def overfit(seed: int, train_size: int = 64):
-    """The MLP on ``train_size`` digits (one batch per epoch), no regularisation."""
+def overfit(seed: int, train_size: int = 32, batch_size: int = 4, lr: float = 0.1):
+    """The MLP on ``train_size`` digits in batches of ``batch_size``, no regularisation."""
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
-    return Classifier(net, lr=0.05), *digits(seed, train_size=train_size)
+    return Classifier(net, lr=lr), *digits(seed, train_size=train_size, batch_size=batch_size)
