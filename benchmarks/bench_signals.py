@@ -194,8 +194,9 @@ def main(argv=None) -> int:
             healthy_ok += ok
             counts = Counter(a.rule for a in run.alerts if not a.resolved)
             rules = ", ".join(f"{r} {n}" for r, n in sorted(counts.items())) or "none"
-            layers = sorted({a.layer for a in run.alerts if not a.resolved})
-            rules += f" ({', '.join(layers)})" if layers else ""
+            where = sorted({f"{a.layer} {a.value:.2f}" if a.rule in BAND_RULES else a.layer
+                            for a in run.alerts if not a.resolved})
+            rules += f" ({', '.join(where)})" if where else ""
             verdict = "ok" if ok else f"FALSE ALARM: {why}"
             print(f"| {fam} | {seed} | {run.val_acc:.3f} | {len(run.steps)} | {rules} | {verdict} |", flush=True)
     n_healthy = len(families) * args.seeds
