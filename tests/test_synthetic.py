@@ -101,3 +101,17 @@ def test_invalid_arguments():
         synthetic.power_law_spectrum(10, 5, alpha=1.0)
     with pytest.raises(ValueError):
         synthetic.low_rank(10, 5, rank=0)
+
+
+@pytest.mark.parametrize("m", [256, 512, 1024])
+@pytest.mark.parametrize("q", [1, 2, 4])
+def test_decaying_ladder_is_bulk_decay_over_sizes_and_aspect_ratios(m, q):
+    """Issue 10: a ladder of outliers decaying from well above the BBP threshold into the edge
+    is Martin & Mahoney's bulk-decay, not bulk+spikes (a few isolated spikes with a clean gap)."""
+    # Three ladders (outliers, strongest, decay rate), one per cell in rotation: 3 of each over the grid.
+    settings = ((8, 4.0, 0.6), (6, 3.0, 0.5), (10, 5.0, 0.7))
+    num, top, decay = settings[([256, 512, 1024].index(m) + q) % 3]
+    w = synthetic.decaying_ladder(m * q, m, num, top=top, decay=decay, seed=m + q)
+    assert classify_phase(w) is Phase.BULK_DECAY, (m, q, num, top, decay)
+    if m == 256:  # strong spikes without the rungs near the edge stay isolated: bulk+spikes
+        assert classify_phase(synthetic.graded_spikes(m * q, m, 3, seed=0)) is Phase.BULK_PLUS_SPIKES
