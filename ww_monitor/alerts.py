@@ -269,8 +269,8 @@ class AlertTracker:
             if frac > c.rank_loss_fraction:
                 yield ("rank_collapse", l.name, frac, c.rank_loss_fraction, _with_docs(
                     f"rank collapse in {l.name}: {l.rank_loss}/{l.num_evals} eigenvalues are ~0 "
-                    f"({frac:.1%} > {c.rank_loss_fraction:.0%}); too much regularization (weight decay) or dead "
-                    "units?", "rank_collapse"))
+                    f"({format_vs(100 * frac, 100 * c.rank_loss_fraction, 1)}% > {100 * c.rank_loss_fraction:g}%); "
+                    "too much regularization (weight decay) or dead units?", "rank_collapse"))
             is_collapsed_phase = l.phase is not None and Phase(l.phase) == Phase.RANK_COLLAPSE
             alpha_ok = (l.fit_ok and l.reliable and l.num_evals >= c.alpha_min_evals and not collapsed
                         and not is_collapsed_phase)
