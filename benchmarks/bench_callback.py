@@ -28,6 +28,14 @@ rendering is a separate, low-frequency cost reported on its own line.
     python benchmarks/bench_callback.py                 # ~6 minutes on 2 cores
     python benchmarks/bench_callback.py --repeats 5 --epochs 8 --alt-runs 3   # the README's figures
     python benchmarks/bench_callback.py --repeats 3 --epochs 4 --extra nice0 process
+
+5. Short runs at the defaults (``--short-run``, only this part): the quickstart's digits MLP for
+   ``--short-epochs`` epochs (~10 s) with a TensorBoard logger, ``WeightWatcherCallback()`` with
+   every default against no callback, interleaved, ``--repeats`` times; then ``fast_dev_run``
+   and a one-step run (``max_steps=1``): the callback's time on the training thread and the
+   wall-time difference, medians.
+
+    python benchmarks/bench_callback.py --short-run --repeats 7     # the README's short-run figures
 """
 
 from __future__ import annotations
@@ -280,6 +288,62 @@ def _memory(args) -> dict:
     }
 
 
+def _digits_fit(with_callback: bool, logdir: str, **trainer_kw) -> tuple[float, float]:
+    """Wall time of ``trainer.fit`` of the quickstart's digits MLP, and the callback's
+    ``train_thread_seconds`` (0 without it)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from quickstart import digits_loaders, make_model
+
+    from ww_monitor import WeightWatcherCallback
+
+    pl.seed_everything(0, verbose=False)
+    train, val = digits_loaders()
+    cb = WeightWatcherCallback() if with_callback else None  # every default
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(logdir, name="digits"),
+                         callbacks=[cb] if cb else [], enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, log_every_n_steps=5, **trainer_kw)
+    model = make_model(pl)
+    gc.collect()
+    t0 = time.perf_counter()
+    trainer.fit(model, train, val)
+    return time.perf_counter() - t0, (cb.stats["train_thread_seconds"] if cb else 0.0)
+
+
+def _short_runs(args) -> None:
+    """Item 5 of the module docs: short runs and fast_dev_run at the callback's defaults."""
+    cases = {"short": dict(max_epochs=args.short_epochs), "fast_dev_run": dict(fast_dev_run=True),
+             "one step": dict(max_steps=1)}
+    walls = {(c, w): [] for c in cases for w in (False, True)}
+    hooks = {c: [] for c in cases}
+    with tempfile.TemporaryDirectory() as logdir:
+        _digits_fit(True, logdir, max_steps=2)  # warm-up: imports, first-use caches
+        for rep in range(args.repeats):
+            for case, kw in cases.items():
+                for with_cb in ((False, True) if rep % 2 == 0 else (True, False)):
+                    wall, hook = _digits_fit(with_cb, logdir, **kw)
+                    walls[(case, with_cb)].append(wall)
+                    if with_cb:
+                        hooks[case].append(hook)
+            print(f"  repeat {rep + 1}/{args.repeats}: short {walls[('short', False)][-1]:.2f}s without, "
+                  f"{walls[('short', True)][-1]:.2f}s with the callback", flush=True)
+    print(f"\nload average now {os.getloadavg()[0]:.2f}, {_pressure()}")
+    print(f"{'run (digits MLP)':<18}{'without s':>11}{'with s':>9}{'ratio':>8}{'paired':>8}{'extra s':>9}"
+          f"{'hooks s':>9}")
+    for case in cases:
+        a, b = walls[(case, False)], walls[(case, True)]
+        paired = statistics.median(y / x for x, y in zip(a, b))
+        extra = statistics.median(y - x for x, y in zip(a, b))
+        print(f"{case:<18}{statistics.median(a):>11.2f}{statistics.median(b):>9.2f}"
+              f"{statistics.median(b) / statistics.median(a):>8.3f}{paired:>8.3f}{extra:>9.2f}"
+              f"{statistics.median(hooks[case]):>9.3f}")
+    print("ratio: median with / median without; paired: median over repeats of with / without run back to back; "
+          "extra s: median paired wall-time difference; hooks s: median time in the callback's hooks on the "
+          "training thread (stats['train_thread_seconds'])")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=512)
@@ -299,9 +363,14 @@ def main() -> None:
     parser.add_argument("--alt-epochs", type=int, default=20, help="epochs of each adjacent-epoch run")
     parser.add_argument("--alt-extra", nargs="*", default=[], choices=["nice0", "nice19", "idle", "process"],
                         help="more background variants for the adjacent-epoch measurement")
+    parser.add_argument("--short-run", action="store_true", help="only the short-run / fast_dev_run measurement "
+                        "at the callback's defaults (item 5)")
+    parser.add_argument("--short-epochs", type=int, default=6, help="epochs of the short digits run (~10 s)")
     args = parser.parse_args()
     if args.train_threads:
         torch.set_num_threads(args.train_threads)
+
+    import pytorch_lightning  # noqa: F401  before quieting: importing it configures its loggers
 
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -310,6 +379,9 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}, {_pressure()}")
+    if args.short_run:
+        _short_runs(args)
+        return
     model = _build_model(args.width, args.depth)
     t_analysis = _analysis_seconds(model, threads=1)
     t_analysis_all = _analysis_seconds(model, threads=None)

@@ -115,7 +115,10 @@ def main() -> None:
 
     pl.seed_everything(0, verbose=False)
     train, val = digits_loaders()
-    ww = WeightWatcherCallback(every_n_epochs=1, figures_every_n_snapshots=4, max_figure_layers=2)
+    # figures_min_run_seconds=0: this demo is shorter than the default 60 s after which figures are
+    # drawn, and it is here to show them; figures_timeout: wait for them even on a busy machine.
+    ww = WeightWatcherCallback(every_n_epochs=1, figures_every_n_snapshots=4, max_figure_layers=2,
+                               figures_min_run_seconds=0, figures_timeout=300)
     logger = pl.loggers.TensorBoardLogger(args.logdir, name="digits")
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[ww],

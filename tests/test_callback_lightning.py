@@ -29,7 +29,8 @@ def test_lightning_pytorch_tensorboard_and_csv(tmp_path):
 
     from ww_monitor.lightning import WeightWatcherCallback
 
-    cb = WeightWatcherCallback(figures_every_n_snapshots=1, max_figure_layers=1, max_pending=4)
+    cb = WeightWatcherCallback(figures_every_n_snapshots=1, max_figure_layers=1, max_pending=4,
+                               figures_min_run_seconds=0, figures_timeout=300)
     assert isinstance(cb, L.Callback)
     tb = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     csv_logger = CSVLogger(str(tmp_path), name="csv", version=0)

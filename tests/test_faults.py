@@ -287,7 +287,7 @@ def test_training_step_exception_with_analysis_in_flight_stops_the_worker(tmp_pa
             trainer(tmp_path, [cb], max_epochs=2).fit(MLP(fail_at_step=2), data())
     assert started.is_set()
     assert time.perf_counter() - t0 < 15
-    assert cb._worker is None and cb._figure_worker is None and not cb._active
+    assert cb._worker is None and not cb._figures.started and not cb._active
     assert len(workers) == 1 and workers[0].closed and not workers[0].alive
     assert not monitor_threads()
     # the same callback object still works for a new run

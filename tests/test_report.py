@@ -56,7 +56,7 @@ def run(tmp_path_factory):
     torch.manual_seed(0)
     # Layers under 50 eigenvalues (unreliable since issue 10) are averaged anyway, so the summary has values.
     ww = WeightWatcherCallback(every_n_epochs=1, blocking=True, figures_every_n_snapshots=2, max_figure_layers=2,
-                               summary_include_unreliable=True)
+                               summary_include_unreliable=True, figures_min_run_seconds=0, figures_timeout=300)
     logger = pl.loggers.TensorBoardLogger(str(root / "tb"), name="tiny")
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=logger, callbacks=[ww],
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

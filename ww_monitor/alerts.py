@@ -142,26 +142,32 @@ class AlertConfig:
     diverging_decades: float = 3.0
 
     def __post_init__(self):
+        from collections.abc import Mapping
+
+        from .errors import WWMonitorError
+        from .validation import check_int, check_names, check_number
+
+        owner = "AlertConfig"
+        check_number("alpha_low", self.alpha_low, owner=owner)
+        check_number("alpha_high", self.alpha_high, owner=owner)
         if not self.alpha_low < self.alpha_high:
-            raise ValueError(f"alpha_low ({self.alpha_low}) must be below alpha_high ({self.alpha_high})")
-        if not 0 < self.rank_loss_fraction <= 1:
-            raise ValueError(f"rank_loss_fraction must be in (0, 1], got {self.rank_loss_fraction}")
-        if self.alpha_min_evals < 0 or self.alpha_high_warmup < 0 or self.phase_regression_steps < 1 or self.max_traps < 0:
-            raise ValueError("alpha_high_warmup and max_traps must be >= 0, phase_regression_steps >= 1")
-        if self.alpha_confirm_snapshots < 1 or self.phase_confirm_snapshots < 1:
-            raise ValueError("alpha_confirm_snapshots and phase_confirm_snapshots must be >= 1")
-        if not self.diverging_decades > 0:
-            raise ValueError(f"diverging_decades must be > 0, got {self.diverging_decades}")
-        enabled = tuple(self.enabled)
-        unknown = [r for r in enabled if r not in RULES] + [r for r in self.actions if r not in RULES]
-        if unknown:
-            raise ValueError(f"unknown alert rule(s) {unknown}; rules are {list(RULES)}")
-        for rule, acts in self.actions.items():
-            bad = [a for a in acts if a not in ACTIONS]
-            if bad:
-                raise ValueError(f"unknown action(s) {bad} for rule {rule!r}; actions are {list(ACTIONS)}")
+            raise WWMonitorError(f"{owner}: `alpha_low` ({self.alpha_low}) must be below `alpha_high` ({self.alpha_high}).")
+        check_number("rank_loss_fraction", self.rank_loss_fraction, above=0.0, at_most=1.0, owner=owner)
+        check_int("alpha_high_warmup", self.alpha_high_warmup, 0, owner=owner)
+        check_int("alpha_min_evals", self.alpha_min_evals, 0, owner=owner)
+        check_int("phase_regression_steps", self.phase_regression_steps, 1, owner=owner)
+        check_int("max_traps", self.max_traps, 0, owner=owner)
+        enabled = check_names("enabled", self.enabled, RULES, "alert rule", owner=owner)
+        if not isinstance(self.actions, Mapping):
+            raise WWMonitorError(f"{owner}: `actions` must be a dict of rule -> actions, got {self.actions!r}.")
+        check_names("actions", tuple(self.actions), RULES, "alert rule", owner=owner)
+        actions = {r: check_names(f"actions[{r!r}]", a, ACTIONS, "action", owner=owner)
+                   for r, a in self.actions.items()}
+        check_int("alpha_confirm_snapshots", self.alpha_confirm_snapshots, 1, owner=owner)
+        check_int("phase_confirm_snapshots", self.phase_confirm_snapshots, 1, owner=owner)
+        check_number("diverging_decades", self.diverging_decades, above=0.0, owner=owner)
         object.__setattr__(self, "enabled", enabled)
-        object.__setattr__(self, "actions", {r: tuple(a) for r, a in self.actions.items()})
+        object.__setattr__(self, "actions", actions)
 
     def actions_for(self, rule: str) -> tuple[str, ...]:
         return self.actions.get(rule, DEFAULT_ACTIONS)

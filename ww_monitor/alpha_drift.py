@@ -34,6 +34,7 @@ from typing import Any
 from .early_stopping import AlphaDriftRule
 from .errors import WWMonitorError
 from .user_warnings import warn_user
+from .validation import check_bool, check_int, check_number
 
 __all__ = ["AlphaDriftEarlyStoppingMixin", "AlphaDriftEarlyStopping", "WARMUP_MAX_RANDOM_SHARE",
            "spectra_left_random_state"]
@@ -87,10 +88,16 @@ class AlphaDriftEarlyStoppingMixin:
                  min_delta: float | None = None, patience: int = 3, min_snapshots: int = 2, verbose: bool = True,
                  warmup: bool = True) -> None:
         super().__init__()
+        owner = "AlphaDriftEarlyStopping"
         if not isinstance(monitor, str) or not monitor.startswith("ww/"):
-            raise WWMonitorError(f"`monitor` must be a ww/ metric key such as 'ww/summary/alpha', got {monitor!r}.")
-        if not isinstance(min_snapshots, int) or min_snapshots < 1:
-            raise WWMonitorError(f"`min_snapshots` must be an int >= 1, got {min_snapshots!r}.")
+            raise WWMonitorError(f"{owner}: `monitor` must be a ww/ metric key such as 'ww/summary/alpha', "
+                                 f"got {monitor!r}.")
+        check_number("floor", floor, allow_none=True, owner=owner)
+        check_number("max_rise", max_rise, allow_none=True, above=0.0, owner=owner)
+        check_number("min_delta", min_delta, allow_none=True, above=0.0, owner=owner)
+        check_int("patience", patience, 1, owner=owner)
+        check_int("min_snapshots", min_snapshots, 1, owner=owner)
+        check_bool("verbose", verbose, owner=owner)
         try:
             self.rule = AlphaDriftRule(floor=floor, max_rise=max_rise, min_delta=min_delta, patience=patience,
                                        monitor=monitor)
@@ -108,14 +115,33 @@ class AlphaDriftEarlyStoppingMixin:
         self.stopped_reason = ""
         self.stopped_step: int | None = None
         self._want_stop = False
+        self._warned_missing = False
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor)  # type: ignore[attr-defined]
 
+    def _warn_missing(self, trainer, cm) -> None:
+        """A snapshot's results arrived without the monitored key: it may be misspelt (or name a
+        layer that is not analysed), and then this callback would never act. Warned once."""
+        if self._warned_missing:
+            return
+        self._warned_missing = True
+        import difflib
+
+        keys = sorted(k for k in cm if isinstance(k, str) and k.startswith("ww/") and k != SNAPSHOT_KEY)
+        close = difflib.get_close_matches(self.monitor, keys, n=3)
+        hint = f"; did you mean {', '.join(repr(k) for k in close)}?" if close else ""
+        if trainer.global_rank == 0:
+            warn_user(f"AlphaDriftEarlyStopping: monitor={self.monitor!r} is not among the metrics "
+                      f"WeightWatcherCallback logged ({len(keys)} ww/ keys){hint} It never stops training "
+                      "while the key is missing.", RuntimeWarning)
+
     def _check(self, trainer) -> None:
         cm = trainer.callback_metrics
         marker, value = cm.get(SNAPSHOT_KEY), cm.get(self.monitor)
+        if marker is not None and value is None:
+            self._warn_missing(trainer, cm)
         if marker is None or value is None:
             return
         step = int(marker)

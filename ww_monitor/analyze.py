@@ -6,6 +6,7 @@ Orchestration only: layer selection lives in :mod:`.layers`, the math in :mod:`.
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from . import options as _options
 from .phases import phase_from_spectrum
 from .reliability import is_reliable, phase_determined
 from .results import LayerResult, Report, SkippedLayer
+from .weight_access import alias_key, analysable
 
 __all__ = ["analyze", "AnalysisConfig", "select_matrices", "analyze_matrices"]
 
@@ -130,6 +132,10 @@ def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], 
     selection = config.selection
     matrices: list[LayerMatrix] = []
     skipped: list[SkippedLayer] = []
+    # alias key -> (owner: LayerMatrix or SkippedLayer index, the tensor). Holding the tensor keeps
+    # its memory from being reused by a later computed weight (parametrizations), which would
+    # otherwise give a false alias.
+    owners: dict = {}
     for name, kind, item in found:
         if isinstance(item, str):
             if selection.why_not(name, kind) is None:
@@ -145,16 +151,45 @@ def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], 
                                  "module type not recognised as a layer; add its name to include= to analyse it")
                 )
                 continue
-            problem = size_problem(m, config.min_evals, config.max_evals, config.max_n)
-            if problem is None and config.max_matrix_bytes is not None and nbytes_float64(m) > config.max_matrix_bytes:
-                problem = f"float64 copy needs {nbytes_float64(m)} bytes > max_matrix_bytes={config.max_matrix_bytes}"
-            if problem is None and m.weight.is_meta:
-                problem = "weights on the meta device (not materialised)"
+            key = alias_key(m.weight)
+            if key is not None and key in owners:  # a tied/shared weight: analysed once, under its first name
+                _add_alias(owners[key][0], m.name, matrices, skipped)
+                continue
+            original = m.weight
+            problem = _selection_problem(m, config)
+            if problem is None:
+                form = analysable(m.weight)
+                if isinstance(form, str):
+                    problem = form
+                else:
+                    m.weight, m.stored_dtype = form[0], (form[1] if form[0] is not m.weight else None)
             if problem is not None:
                 skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), problem))
+                owner = ("skipped", len(skipped) - 1)
             else:
                 matrices.append(m)
+                owner = ("matrix", len(matrices) - 1)
+            if key is not None:
+                owners[key] = (owner, original)
     return matrices, skipped
+
+
+def _selection_problem(m: LayerMatrix, config: AnalysisConfig) -> str | None:
+    """Why ``m`` is outside the configured limits (size, memory, meta device), or None."""
+    problem = size_problem(m, config.min_evals, config.max_evals, config.max_n)
+    if problem is None and config.max_matrix_bytes is not None and nbytes_float64(m) > config.max_matrix_bytes:
+        problem = f"float64 copy needs {nbytes_float64(m)} bytes > max_matrix_bytes={config.max_matrix_bytes}"
+    if problem is None and m.weight.is_meta:
+        problem = "weights on the meta device (not materialised)"
+    return problem
+
+
+def _add_alias(owner: tuple[str, int], alias: str, matrices: list[LayerMatrix], skipped: list[SkippedLayer]) -> None:
+    where, i = owner
+    if where == "matrix":
+        matrices[i].aliases = matrices[i].aliases + (alias,)
+    else:
+        skipped[i] = dataclasses.replace(skipped[i], aliases=skipped[i].aliases + (alias,))
 
 
 def analyze_matrices(matrices: Sequence[LayerMatrix], config: AnalysisConfig) -> tuple[list[LayerResult], list[SkippedLayer]]:
@@ -225,11 +260,11 @@ def layer_result(m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> L
     n, mm = m.N, m.M
     res = LayerResult(
         name=m.name, kind=m.kind, N=n, M=mm, Q=n / mm, num_evals=int(evals.size),
-        num_slices=m.num_slices, dtype=str(m.weight.dtype).replace("torch.", ""),
+        num_slices=m.num_slices, dtype=str(m.precision).replace("torch.", ""), aliases=tuple(m.aliases),
     )
     for key, value in norm_metrics(evals).items():
         setattr(res, key, value)
-    tol = rank_tolerance(res.lambda_max, n, mm, m.weight.dtype)
+    tol = rank_tolerance(res.lambda_max, n, mm, m.precision)
     res.matrix_rank = matrix_rank(evals, tol)
     res.rank_loss = int(evals.size - res.matrix_rank)
     res.entropy = matrix_entropy(evals, res.matrix_rank)

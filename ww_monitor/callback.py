@@ -19,7 +19,8 @@ How it works (the callback only orchestrates; the math lives in :mod:`ww_monitor
    selected matrices are copied into one flat buffer per dtype (:mod:`.snapshot`), at train
    start (baseline), every ``every_n_epochs`` epochs / ``every_n_train_steps`` steps and at
    train end (unless that step was just taken). Never during sanity checking, validation,
-   test or predict.
+   test, predict or ``fast_dev_run`` (which only checks the layer selection). Parametrized
+   weights are read without side effects (:mod:`.weight_access`); tied weights are copied once.
 2. **Analyse** in a background worker (:mod:`.worker`): one daemon thread by default, using one
    intra-op thread at lowered priority so it soaks up idle CPU instead of slowing training.
    At most ``max_pending`` snapshots are in flight; when the worker lags, new snapshots are
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from typing import Any, Callable
 
@@ -61,21 +63,18 @@ from .adapters import ZERO_UPDATE_REASON
 from .errors import WWMonitorError
 from .functional.distances import esd_shift as esd_shift_distance
 from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
+from .validation import check_bool as _check_bool
+from .validation import check_int as _check_int
+from .validation import check_seconds as _check_seconds
 from .history import History, SnapshotRecord
-from .layers import CONV_MODES, KINDS
+from .layers import CONV_MODES, KINDS, available_layer_names, is_size_limit
 from .results import Report
 from .cost import estimate_seconds
 from .device import resolve_analysis_device, staging_budget, validate_analysis_device
+from .figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
 from .snapshot import SnapshotBuilder
 from .user_warnings import warn_user
-from .tensorboard_writer import (
-    LoggerWriter,
-    choose_figure_layers,
-    layer_scalars,
-    render_figures,
-    strip_eigenvalues,
-    summary_scalars,
-)
+from .tensorboard_writer import LoggerWriter, layer_scalars, summary_scalars
 from .worker import CHUNK_BYTES, AnalysisOutput, analyze_snapshot, failed_analysis, make_worker
 
 __all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]
@@ -84,6 +83,8 @@ log = logging.getLogger(__name__)
 
 _WORKER_TYPES = ("thread", "process")
 _STATE_VERSION = 1
+#: Layer names / skipped steps listed in one warning at most (the rest are counted).
+_MAX_LISTED = 20
 
 
 def _rank_zero_warn(message: str, category=UserWarning) -> None:
@@ -107,20 +108,6 @@ def _on_training_thread(hook):
             self.stats["train_thread_seconds"] += time.perf_counter() - t0
 
     return timed
-
-
-def _check_int(name: str, value, minimum: int, allow_none: bool) -> None:
-    ok = value is None and allow_none
-    if not ok and isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
-        ok = True
-    if not ok:
-        none = "None or " if allow_none else ""
-        raise WWMonitorError(f"`{name}` must be {none}an int >= {minimum}, got {value!r}.")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise WWMonitorError(f"`{name}` must be True or False, got {value!r}.")
 
 
 def _as_tuple(value, name: str) -> tuple[str, ...] | None:
@@ -208,6 +195,12 @@ class WeightWatcherMixin:
         figure_layers: regex or list of regexes selecting the layers that get an ESD figure;
             ``None`` picks ``max_figure_layers`` layers spread over the depth.
         max_figure_layers: most ESD figures per snapshot.
+        figures_min_run_seconds: figures are drawn only once training has run this long (default
+            60 s; 0: always). The renderer's start-up costs a few CPU-seconds, more than a short
+            run's training; figures of earlier snapshots are left to ``ww-monitor report``.
+            Figures are drawn only with a TensorBoard logger (other loggers cannot store them).
+        figures_timeout: most seconds the training thread waits at train end for the final
+            figures (default 10; a warm renderer needs 1-2 s); later ones are dropped with a warning.
         method: eigensolver, ``"auto"``, ``"gram"``, ``"svd"`` or ``"mixed"``.
         analysis_device: where the eigensolves run: ``"auto"`` (the weights' device when it is a
             GPU, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. On a GPU the snapshot stays
@@ -283,6 +276,8 @@ class WeightWatcherMixin:
         figures_every_n_snapshots: int | None = 10,
         figure_layers: str | list[str] | None = None,
         max_figure_layers: int = 3,
+        figures_min_run_seconds: float = DEFAULT_MIN_RUN_SECONDS,
+        figures_timeout: float = FINAL_FIGURES_TIMEOUT,
         method: str = "auto",
         analysis_device: str = "auto",
         drain_timeout: float = 600.0,
@@ -316,8 +311,9 @@ class WeightWatcherMixin:
             raise WWMonitorError(f"`on_lag` must be 'skip' or 'wait', got {on_lag!r}.")
         _check_int("figures_every_n_snapshots", figures_every_n_snapshots, 0, allow_none=True)
         _check_int("max_figure_layers", max_figure_layers, 0, allow_none=False)
-        if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) or not drain_timeout > 0:
-            raise WWMonitorError(f"`drain_timeout` must be a positive number of seconds, got {drain_timeout!r}.")
+        _check_seconds("figures_min_run_seconds", figures_min_run_seconds, allow_zero=True)
+        _check_seconds("figures_timeout", figures_timeout, allow_zero=False)
+        _check_seconds("drain_timeout", drain_timeout, allow_zero=False)
         if not isinstance(alerts, (bool, AlertConfig)):
             raise WWMonitorError(f"`alerts` must be True, False or an AlertConfig, got {alerts!r}.")
         if on_alert is not None and not callable(on_alert):
@@ -361,14 +357,18 @@ class WeightWatcherMixin:
         self.figures_every_n_snapshots = figures_every_n_snapshots or None
         self.figure_layers = figure_t
         self.max_figure_layers = max_figure_layers
+        self.figures_min_run_seconds = float(figures_min_run_seconds)
         self.drain_timeout = float(drain_timeout)
         self.summary_include_unreliable = summary_include_unreliable
+        self.figures_timeout = float(figures_timeout)
+        self._figures = FigurePipeline(self.figures_every_n_snapshots, figure_t, max_figure_layers,
+                                       self.figures_min_run_seconds, worker_nice, self.blocking, self.drain_timeout,
+                                       self.figures_timeout)
 
         self._alert_config = alerts if isinstance(alerts, AlertConfig) else AlertConfig()
         self._alerts_on = alerts is not False
         self.on_alert = on_alert
         self._worker = None
-        self._figure_worker = None  # figures render in their own thread so analyses never wait on them
         self._active = False
         self._rank, self._world = 0, 1
         self._guard = None  # snapshot with in-flight CUDA copies
@@ -389,7 +389,6 @@ class WeightWatcherMixin:
         self._owed: tuple[int, int] | None = None  # restored: (step, epoch) of a snapshot due at the checkpoint
         self._meta: dict[int, dict] = {}  # snapshot index -> step, epoch, owners, ... until complete
         self._partials: dict[int, dict[int, AnalysisOutput]] = {}  # DDP: index -> {rank: output}
-        self._unfigured = None  # (step, results, esd layers) of the latest snapshot without figures
         self._warned_layers: set[str] = set()
         self._reported_selection = False
         #: ``(step, results)`` of the latest completed snapshot (each ``LayerResult`` with its
@@ -400,6 +399,7 @@ class WeightWatcherMixin:
         #: Estimated analysis seconds of one snapshot on this machine (CPU analysis; :mod:`.cost`).
         self.estimated_snapshot_seconds: float | None = None
         self._schedule = {"last_due": None, "warned": False}
+        self._skipped_steps: set[int] = set()  # due steps not taken because the worker lagged
         self.stats: dict[str, Any] = {
             "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
@@ -429,6 +429,9 @@ class WeightWatcherMixin:
                 "(the earlier one is discarded); use one callback per run, or keep `callback.history` before "
                 "fitting again.", RuntimeWarning)
             self._new_run()
+        if getattr(trainer, "fast_dev_run", False):
+            self._check_selection_only(pl_module)
+            return
         self._rank, self._world = int(trainer.global_rank), int(trainer.world_size)
         if self._world > 1 and not is_initialized():
             self._world = 1  # no process group (e.g. a custom launcher): analyse everything here
@@ -442,6 +445,20 @@ class WeightWatcherMixin:
             epoch = self._owed[1]
         self._owed = None
         self._sync_point(trainer, pl_module, snapshot=fresh or owed, epoch=epoch)
+
+    def _check_selection_only(self, pl_module) -> None:
+        """``fast_dev_run``: a smoke test of the training code, so no snapshots are taken (the
+        analysis would cost more than the run); the layer selection is still checked and its
+        problems reported, which is what a smoke test is for."""
+        log.info("WeightWatcherCallback: fast_dev_run: no snapshots are taken; checking the layer selection only")
+        if self._reported_selection:
+            return
+        try:
+            owners, skipped = collect_into(None, pl_module, self.config)
+        except Exception as err:  # sharded parameters: their shapes are unknown until gathered
+            log.debug("fast_dev_run selection check not possible: %s", err)
+            return
+        self._report_selection(pl_module, owners, skipped)
 
     @_on_training_thread
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -483,11 +500,12 @@ class WeightWatcherMixin:
             self._drain(trainer, kinds=("analysis",), reason="train end")
             self._exchange(trainer)
             self._finalize_incomplete(trainer)
-            self._submit_figures()  # the final snapshot always gets figures
-            figures = self._figure_worker or self._worker  # never start a renderer just to wait on it
-            if figures is not None and not figures.wait(timeout=self.drain_timeout, kinds=("figures",)):
-                warn_user("WeightWatcherCallback: rendering the figures did not finish within drain_timeout="
-                          f"{self.drain_timeout:g}s; they are dropped.", RuntimeWarning)
+            self._report_skipped_steps()
+            self._submit_figures()  # the final snapshot gets figures (in a run long enough for them)
+            if not self._figures.finish():
+                warn_user("WeightWatcherCallback: the final figures were not rendered within figures_timeout="
+                          f"{self.figures_timeout:g}s; they are dropped (`ww-monitor report` draws them from the "
+                          "logs).", RuntimeWarning)
             self._log_figures(trainer)
             self._writer.flush(trainer.loggers)
         finally:
@@ -546,11 +564,10 @@ class WeightWatcherMixin:
             return
         mode = self.worker_type if self.background else "inline"
         self._worker = make_worker(mode, num_threads=self.worker_threads, nice=self.worker_nice, idle=self.worker_idle)
+        self._figures.start(self._worker)
 
     def _stop_worker(self, cancel: bool) -> None:
-        figures, self._figure_worker = self._figure_worker, None
-        if figures is not None:
-            figures.close(timeout=5.0, cancel=cancel)
+        self._figures.close(cancel=cancel)
         worker, self._worker = self._worker, None
         if worker is None:
             return
@@ -575,8 +592,7 @@ class WeightWatcherMixin:
         return None
 
     def _is_figure_snapshot(self, index: int, final: bool) -> bool:
-        n = self.figures_every_n_snapshots
-        return bool(n) and (final or index % n == 0)
+        return self._figures.due(index, final)
 
     # snapshot -> worker ------------------------------------------------------
     def _sync_point(self, trainer, pl_module, snapshot: bool, epoch: int, final: bool = False) -> None:
@@ -603,20 +619,68 @@ class WeightWatcherMixin:
                 self._collect(trainer)
         if snapshot:
             if busy:
-                self.stats["snapshots_skipped"] += 1
-                _rank_zero_warn(
-                    f"WeightWatcherCallback: skipped the snapshot at step {trainer.global_step} because "
-                    f"{self.max_pending} earlier snapshot(s) are still being analysed (max_pending="
-                    f"{self.max_pending}). Take snapshots less often, raise max_pending, or narrow the "
-                    "layer selection.", RuntimeWarning)
+                self._skip(trainer.global_step)
             else:
                 self._take(trainer, pl_module, epoch, final)
                 if self.blocking:
                     self._drain(trainer, kinds=("analysis",), reason="a blocking snapshot")
                     self._exchange(trainer)
 
+    def _skip(self, step: int) -> None:
+        """Count a due snapshot not taken because the worker lags: once per step (the epoch and
+        step schedules can both ask at one step), warned at the first skip of the run."""
+        if step in self._skipped_steps:
+            return
+        self._skipped_steps.add(step)
+        self.stats["snapshots_skipped"] += 1
+        if len(self._skipped_steps) == 1:
+            _rank_zero_warn(
+                f"WeightWatcherCallback: skipped the snapshot at step {step} because "
+                f"{self.max_pending} earlier snapshot(s) are still being analysed (max_pending="
+                f"{self.max_pending}). Take snapshots less often, raise max_pending, on_lag='wait', or narrow "
+                "the layer selection. Further skips are counted in stats['snapshots_skipped'] and listed at "
+                "train end.", RuntimeWarning)
+
+    def _report_skipped_steps(self) -> None:
+        missing = sorted(s for s in self._skipped_steps if not self.history.has_step(s))
+        if len(missing) > 1:
+            shown = ", ".join(map(str, missing[:_MAX_LISTED])) + (" ..." if len(missing) > _MAX_LISTED else "")
+            _rank_zero_warn(f"WeightWatcherCallback: {len(missing)} scheduled snapshots were skipped because the "
+                            f"analysis lagged (steps {shown}); the history holds {len(self.history)}.",
+                            RuntimeWarning)
+
+    def _selection_message(self, pl_module, selection_skipped) -> str:
+        """Why nothing is analysed: every matching layer was skipped (reasons), or the selection
+        matches no layer (the names there are)."""
+        if selection_skipped:
+            reasons = "; ".join(f"{s.name}: {s.reason}" for s in selection_skipped[:_MAX_LISTED])
+            more = f" (and {len(selection_skipped) - _MAX_LISTED} more)" if len(selection_skipped) > _MAX_LISTED else ""
+            return (f"WeightWatcherCallback: no layer can be analysed: every selected layer was skipped: "
+                    f"{reasons}{more}. Nothing will be analysed; adjust min_evals/max_evals/max_n or the selection.")
+        names = available_layer_names(pl_module, self.config.conv_mode)
+        shown = ", ".join(names[:_MAX_LISTED]) + (f" ... ({len(names)} in all)" if len(names) > _MAX_LISTED else "")
+        return (f"WeightWatcherCallback: no weight matrix matches the selection (include={list(self.config.include)}, "
+                f"exclude={list(self.config.exclude)}, kinds={self.config.kinds}); nothing will be analysed. "
+                f"Layers in the model: {shown or 'none with a weight matrix'}.")
+
+    def _report_selection(self, pl_module, owners, selection_skipped) -> None:
+        """Once per run: what the selection left out, like ``analyze()`` reports it."""
+        self._reported_selection = True
+        if not owners:
+            _rank_zero_warn(self._selection_message(pl_module, selection_skipped), RuntimeWarning)
+            return
+        unexpected = [s for s in selection_skipped if not is_size_limit(s.reason)]
+        for s in selection_skipped:
+            log.info("ww_monitor: layer %s (%s, shape %s) not analysed: %s", s.name, s.kind, s.shape, s.reason)
+        if unexpected:  # size limits are configuration; anything else (dtype, ...) is news
+            _rank_zero_warn("WeightWatcherCallback: " + "; ".join(
+                f"layer {s.name} not analysed: {s.reason}" for s in unexpected[:_MAX_LISTED]), RuntimeWarning)
+
     def _take(self, trainer, pl_module, epoch: int, final: bool) -> None:
         index, step = self._next_index, trainer.global_step
+        if step in self._skipped_steps:  # skipped earlier at this step, taken now (the final snapshot)
+            self._skipped_steps.discard(step)
+            self.stats["snapshots_skipped"] -= 1
         device = resolve_analysis_device(self.analysis_device, getattr(pl_module, "device", None))
         builder = SnapshotBuilder(index, step, epoch, share_memory=self._worker.mode == "process", device=device,
                                   device_budget=staging_budget(device))
@@ -645,13 +709,8 @@ class WeightWatcherMixin:
         self.stats["copy_seconds"] += snap.copy_seconds
         self.stats["snapshot_bytes"] = snap.nbytes
         self.stats["layers_analysed_here"] += len(snap)
-        if not owners and not self._reported_selection:
-            _rank_zero_warn("WeightWatcherCallback: no weight matrix matches the selection (include/exclude/kinds);"
-                            " nothing will be analysed.", RuntimeWarning)
         if not self._reported_selection:
-            self._reported_selection = True
-            for s in selection_skipped:
-                log.info("ww_monitor: layer %s (%s, shape %s) not analysed: %s", s.name, s.kind, s.shape, s.reason)
+            self._report_selection(pl_module, owners, selection_skipped)
         self._meta[index] = {
             "step": step, "epoch": epoch, "order": list(owners), "selection_skipped": selection_skipped,
             "figures": self._is_figure_snapshot(index, final),
@@ -780,8 +839,8 @@ class WeightWatcherMixin:
             self._esd_shifts(results)
         report = Report(layers=results, skipped=list(skipped) + list(meta["selection_skipped"] if meta else []))
         summary = report.summary(include_unreliable=self.summary_include_unreliable)
-        record = SnapshotRecord.from_results(index, step, epoch, results, ranks, skipped=skipped, seconds=seconds,
-                                             errors=errors, summary=summary)
+        record = SnapshotRecord.from_results(index, step, epoch, results, ranks, skipped=report.skipped,
+                                             seconds=seconds, errors=errors, summary=summary)
         if not self.history.add(record):
             log.debug("snapshot at step %d already in the history; not logged again", step)
             return
@@ -806,11 +865,7 @@ class WeightWatcherMixin:
         self._writer.log_scalars(loggers, metrics, step)
         self._writer.log_tensorboard(loggers, step, results, histograms=self.log_histograms, text=self.log_text,
                                      precomputed=histograms)
-        if self.figures_every_n_snapshots and results and loggers:
-            esd = choose_figure_layers([r.name for r in results], self.figure_layers, self.max_figure_layers)
-            self._unfigured = (step, strip_eigenvalues(results, esd), esd)
-            if meta and meta["figures"]:
-                self._submit_figures()
+        self._figures.offer(step, results, loggers, submit=bool(meta and meta["figures"]), phases=self.history.phases)
 
     def _esd_shifts(self, results) -> None:
         """``esd_shift`` of each layer against its previous snapshot (training thread; ESDs are small)."""
@@ -844,47 +899,18 @@ class WeightWatcherMixin:
             log.info("WeightWatcherCallback: stopping training on alert %s: %s", first.rule, first.message)
             trainer.should_stop = True
 
-    def _figures_worker(self):
-        """Where figures render: the analysis worker when it is inline (deterministic) or a
-        process, else a child interpreter started on first use. Rendering is pure-Python
-        matplotlib work: in a thread it would hold the GIL against the training loop (measured:
-        it doubled the quickstart's training time), and in the analysis thread it would delay
-        analyses."""
-        if self._worker is None or self._worker.mode != "thread" or self.blocking:
-            return self._worker
-        if self._figure_worker is None:
-            from .worker import SubprocessWorker
-
-            self._figure_worker = SubprocessWorker(num_threads=1, nice=self.worker_nice)
-        return self._figure_worker
-
     def _submit_figures(self) -> None:
         """Render the figures of the latest complete snapshot in the background (rank 0)."""
-        if self._unfigured is None:
-            return
-        worker = self._figures_worker()
-        if worker is None:
-            return
-        step, results, esd = self._unfigured
-        self._unfigured = None
-        grid = self.history.phases([r.name for r in results])
-        worker.submit("figures", step, render_figures, (results, esd, grid))
-        if self.blocking:
-            worker.wait(timeout=self.drain_timeout, kinds=("figures",))
+        if self._rank == 0:
+            self._figures.submit(self.history.phases)
 
     def _log_figures(self, trainer) -> None:
-        worker = self._figure_worker or self._worker
-        if worker is None or self._rank != 0:
+        if self._rank != 0:
             return
-        for job in worker.poll(("figures",)):
-            if job.error is not None:
-                _rank_zero_warn(f"WeightWatcherCallback: rendering figures for step {job.key} failed: {job.error}",
-                                RuntimeWarning)
-                continue
-            images, errors = job.value
-            for e in errors:
-                _rank_zero_warn(f"WeightWatcherCallback: figure failed at step {job.key}: {e}", RuntimeWarning)
-            self._writer.log_images(list(getattr(trainer, "loggers", []) or []), job.key, images)
+        loggers = list(getattr(trainer, "loggers", []) or [])
+        self._figures.warm_up(loggers)
+        for step, images in self._figures.collect(lambda m: _rank_zero_warn(m, RuntimeWarning)):
+            self._writer.log_images(loggers, step, images)
 
 
 _CLASSES: dict[str, type] = {}

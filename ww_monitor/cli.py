@@ -128,6 +128,8 @@ def format_table(report) -> str:
     columns = list(_TABLE_COLUMNS) + [(k, h) for k, h in _OPTION_COLUMNS if any(d.get(k) is not None for d in dicts)]
     rows = [[header for _, header in columns]]
     for layer in dicts:
+        if layer["aliases"]:  # a tied weight, analysed once: name its other owners too
+            layer["name"] += f" (= {', '.join(layer['aliases'])})"
         rows.append([_fmt(layer[key]) for key, _ in columns])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
@@ -148,6 +150,7 @@ def format_csv(report) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(LAYER_COLUMNS))
     writer.writeheader()
     for row in report.to_dicts():
+        row["aliases"] = ";".join(row["aliases"])  # tied weights: the other names of the tensor
         writer.writerow(row)
     return buf.getvalue()
 
@@ -182,6 +185,11 @@ def run_analysis(source, *, progress: bool | None = None, weights_only: bool = T
 def _analyze(args) -> int:
     if args.plot is not None and os.path.exists(args.plot) and not os.path.isdir(args.plot):
         raise WWMonitorError(f"{args.plot}: exists and is not a folder (--plot wants a folder)")
+    if os.path.isdir(args.path):
+        from .loading import checkpoint_files
+
+        for note in checkpoint_files(args.path)[1]:
+            print(f"ww-monitor: note: {note}", file=sys.stderr)
     report = run_analysis(
         args.path, include=args.include, exclude=args.exclude, conv_mode=args.conv_mode,
         traps=args.traps, weights_only=not args.unsafe_load, detX=args.detX, fix_fingers=args.fix_fingers,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import WWMonitorError
+from .weight_access import read_weight
 
 __all__ = [
     "LayerMatrix",
@@ -64,6 +65,15 @@ class LayerMatrix:
     kind: str
     weight: torch.Tensor
     eig_scale: float = 1.0  # eigenvalues are multiplied by this (conv slice scaling)
+    #: Other names of the same tensor (tied/shared weights): analysed once, under ``name``.
+    aliases: tuple[str, ...] = ()
+    #: Dtype the weight is stored in when ``weight`` is a float copy of it (float8, quantized);
+    #: sets the rank tolerance and the reported ``dtype``. None: ``weight.dtype``.
+    stored_dtype: torch.dtype | None = None
+
+    @property
+    def precision(self) -> torch.dtype:
+        return self.stored_dtype if self.stored_dtype is not None else self.weight.dtype
 
     @property
     def num_slices(self) -> int:
@@ -149,10 +159,12 @@ def _rnn_matrices(prefix: str, pname: str, w: torch.Tensor, gates: int) -> list[
 def _module_matrices(name: str, module: nn.Module, conv_mode: str) -> Iterator[tuple[str, str, object]]:
     """Yield (name, kind, LayerMatrix list or unsupported-reason) for one module's own weights."""
     if isinstance(module, nn.MultiheadAttention):
-        if module.in_proj_weight is not None:
-            yield name, "attention", _split_rows(f"{name}", "attention", module.in_proj_weight, ("q", "k", "v"))
+        in_proj = read_weight(module, "in_proj_weight")
+        if in_proj is not None:
+            yield name, "attention", _split_rows(f"{name}", "attention", in_proj, ("q", "k", "v"))
         else:
-            for tag, p in (("q", module.q_proj_weight), ("k", module.k_proj_weight), ("v", module.v_proj_weight)):
+            for tag in ("q", "k", "v"):
+                p = read_weight(module, f"{tag}_proj_weight")
                 yield name, "attention", [LayerMatrix(f"{name}.{tag}", "attention", p)]
         # out_proj is an nn.Linear child; named_modules() visits it as "<name>.out_proj".
         return
@@ -162,17 +174,18 @@ def _module_matrices(name: str, module: nn.Module, conv_mode: str) -> Iterator[t
             if _RNN_WEIGHT.match(pname):
                 yield name, "rnn", _rnn_matrices(name, pname, p, gates)
         return
-    w = getattr(module, "weight", None)
+    w = read_weight(module)  # parametrizations and quantized modules without side effects
     if isinstance(w, nn.parameter.UninitializedParameter):
         yield name, "other", f"{type(module).__name__} weight not materialised yet (lazy module before its first forward)"
         return
     if not isinstance(w, torch.Tensor) or w.ndim < 2:
         return
-    if isinstance(module, nn.Linear):
+    quantized = _quantized_kind(module, w)
+    if isinstance(module, nn.Linear) or quantized == "linear":
         yield name, "linear", [LayerMatrix(name, "linear", w)]
-    elif isinstance(module, nn.Embedding) or isinstance(module, nn.EmbeddingBag):
+    elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or quantized == "embedding":
         yield name, "embedding", [LayerMatrix(name, "embedding", w)]
-    elif isinstance(module, nn.modules.conv._ConvNd):
+    elif isinstance(module, nn.modules.conv._ConvNd) or quantized == "conv":
         kind = {3: "conv1d", 4: "conv2d", 5: "conv3d"}.get(w.ndim)
         if kind is None:
             yield name, "other", f"convolution weight of shape {tuple(w.shape)} is not supported"
@@ -188,28 +201,80 @@ def _module_matrices(name: str, module: nn.Module, conv_mode: str) -> Iterator[t
         yield name, "other", f"{type(module).__name__} weight of shape {tuple(w.shape)} is not supported"
 
 
+def _quantized_kind(module: nn.Module, w) -> str | None:
+    """Kind of a ``torch.ao`` quantized module (they do not subclass ``nn.Linear`` etc.)."""
+    if not type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+        return None
+    cls = type(module).__name__
+    if cls.startswith("Linear"):
+        return "linear"
+    if cls.startswith("Embedding"):
+        return "embedding"
+    if cls.startswith("Conv") and isinstance(w, torch.Tensor) and w.ndim in (3, 4, 5):
+        return "conv"
+    return None
+
+
 def matrices_from_module(model: nn.Module, conv_mode: str = "pooled") -> Iterator[tuple[str, str, object]]:
     """Walk ``model.named_modules()``; yields (layer name, kind, [LayerMatrix] or reason str)."""
     attention_blocks = set()
-    for raw, module in model.named_modules():
+    # Modules registered under several names are visited under each (their weights become aliases).
+    for raw, module in model.named_modules(remove_duplicate=False):
         name = clean_name(raw)
         if isinstance(module, nn.MultiheadAttention):
             attention_blocks.add(name)
         parent, _, leaf = name.rpartition(".")
         if leaf == "out_proj" and parent in attention_blocks and isinstance(module, nn.Linear):
-            yield name, "attention", [LayerMatrix(name, "attention", module.weight)]
+            yield name, "attention", [LayerMatrix(name, "attention", read_weight(module))]
             continue
         yield from _module_matrices(name, module, conv_mode)
+
+
+#: Leaf names of embeddings whose names do not say "emb" (GPT-2's token and position tables).
+_EMBEDDING_LEAVES = ("wte", "wpe")
+#: Leaf names of Hugging Face ``Conv1D`` layers in GPT-2-style models; used for square weights,
+#: whose orientation the bias cannot tell, once another layer of the state dict is a proven Conv1D.
+_HF_CONV1D_LEAVES = ("c_attn", "c_proj", "c_fc", "q_attn")
+
+
+def _transposed_by_bias(state: Mapping[str, torch.Tensor], raw: str, w: torch.Tensor) -> bool:
+    """A 2-D ``weight`` stored (in, out), as HF ``Conv1D`` stores it: its bias matches the columns."""
+    bias = state.get(raw[: -len("weight")] + "bias")
+    return (isinstance(bias, torch.Tensor) and bias.ndim == 1 and w.shape[0] != w.shape[1]
+            and bias.shape[0] == w.shape[1])
+
+
+def _state_dict_kind(state, raw: str, name: str, w: torch.Tensor, has_conv1d_hf: bool) -> str:
+    leaf = name.rpartition(".")[2]
+    if re.search(r"emb", name, re.IGNORECASE) or leaf in _EMBEDDING_LEAVES:
+        return "embedding"
+    if _transposed_by_bias(state, raw, w) or (has_conv1d_hf and leaf in _HF_CONV1D_LEAVES):
+        return "conv1d_hf"
+    return "linear"
 
 
 def matrices_from_state_dict(state: Mapping[str, torch.Tensor], conv_mode: str = "pooled") -> Iterator[tuple[str, str, object]]:
     """Infer layers from parameter names and shapes when no module is available.
 
-    ``*.weight`` 2-D -> linear (embedding when the name says so), 3/4/5-D -> conv;
-    ``*.in_proj_weight`` -> attention q/k/v; ``*.weight_ih_l*``/``weight_hh_l*`` -> rnn gates.
+    ``*.weight`` 2-D -> linear (embedding when the name says so or is GPT-2's ``wte``/``wpe``;
+    ``conv1d_hf`` when the bias matches the columns, i.e. the weight is stored (in, out) like
+    Hugging Face's ``Conv1D``), 3/4/5-D -> conv; ``*.in_proj_weight`` -> attention q/k/v;
+    ``*.weight_ih_l*``/``weight_hh_l*`` -> rnn gates. Parametrized (``spectral_norm``,
+    ``weight_norm``) entries are rebuilt into the weight the module would use.
     """
+    from .weight_access import effective_state_dict
+
+    state = effective_state_dict(state)
+    has_conv1d_hf = any(
+        isinstance(w, torch.Tensor) and w.ndim == 2 and k.endswith("weight") and _transposed_by_bias(state, k, w)
+        and k.rpartition(".")[0].rpartition(".")[2] in _HF_CONV1D_LEAVES
+        for k, w in state.items()
+    )
     for raw, w in state.items():
-        if not isinstance(w, torch.Tensor) or w.ndim < 2 or not w.is_floating_point():
+        if isinstance(w, str):  # a weight the pre-pass could not rebuild: its reason
+            yield clean_name(raw).rpartition(".")[0], "other", w
+            continue
+        if not isinstance(w, torch.Tensor) or w.ndim < 2:
             continue
         key = clean_name(raw)
         prefix, _, pname = key.rpartition(".")
@@ -227,13 +292,30 @@ def matrices_from_state_dict(state: Mapping[str, torch.Tensor], conv_mode: str =
         elif pname == "weight":
             name = prefix
             if w.ndim == 2:
-                kind = "embedding" if re.search(r"emb", name, re.IGNORECASE) else "linear"
+                kind = _state_dict_kind(state, raw, name, w, has_conv1d_hf)
                 yield name, kind, [LayerMatrix(name, kind, w)]
             elif w.ndim in (3, 4, 5):
                 kind = {3: "conv1d", 4: "conv2d", 5: "conv3d"}[w.ndim]
                 yield name, kind, _conv_matrices(name, kind, w, conv_mode)
             else:
                 yield name, "other", f"weight of shape {tuple(w.shape)} is not supported"
+
+
+def available_layer_names(model: nn.Module, conv_mode: str = "pooled") -> list[str]:
+    """Names of every weight matrix the layer finder sees in ``model`` (for error messages)."""
+    names = []
+    for name, _, item in matrices_from_module(model, conv_mode):
+        names.extend([m.name for m in item] if not isinstance(item, str) else [name])
+    return list(dict.fromkeys(names))
+
+
+#: Start of every reason :func:`size_problem` gives (limits the user configures).
+_SIZE_REASON = re.compile(r"^(empty weight|\d+ eigenvalues [<>]|N=\d+ > max_n|float64 copy needs)")
+
+
+def is_size_limit(reason: str) -> bool:
+    """Whether a skip reason comes from the size limits (configuration, not a problem)."""
+    return bool(_SIZE_REASON.match(reason))
 
 
 def size_problem(m: LayerMatrix, min_evals: int, max_evals: int | None, max_n: int | None) -> str | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -14,7 +16,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["load_state_dict", "TORCH_SUFFIXES", "SAFETENSORS_SUFFIXES", "SUPPORTED_SUFFIXES"]
+__all__ = ["load_state_dict", "checkpoint_files", "TORCH_SUFFIXES", "SAFETENSORS_SUFFIXES", "SUPPORTED_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,15 @@ SUPPORTED_SUFFIXES = TORCH_SUFFIXES + SAFETENSORS_SUFFIXES
 
 # Keys under which trainers nest the model's weights inside a checkpoint dict.
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+#: Files a training framework writes beside the model that hold no model weights (Hugging Face
+#: Trainer's ``checkpoint-N/`` folders, accelerate, DeepSpeed): never read as the model.
+_NOT_MODEL = re.compile(
+    r"^(optimizer|scheduler|scaler|rng_state|training_args|trainer_state|lr_scheduler|random_states)"
+    r"([_.\-].*)?$"
+)
+#: Index files of sharded checkpoints: ``{"weight_map": {tensor name: shard file}}``.
+_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 
 def load_state_dict(path: str | os.PathLike, *, weights_only: bool = True) -> dict[str, torch.Tensor]:
@@ -41,14 +52,67 @@ def load_state_dict(path: str | os.PathLike, *, weights_only: bool = True) -> di
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in SUPPORTED_SUFFIXES)
-        if not files:
-            raise CheckpointError(f"{p}: folder holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
+        files, notes = checkpoint_files(p)
+        for note in notes:
+            log.info("ww_monitor: %s", note)
         merged: dict[str, torch.Tensor] = {}
         for f in files:
             merged.update(_load_file(f, weights_only))
         return merged
     return _load_file(p, weights_only)
+
+
+def checkpoint_files(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """The files of ``folder`` that hold the model, and a note for each file left out.
+
+    One group of files is read, the first that exists of: the shards named by a
+    ``*.safetensors.index.json``; ``model*.safetensors``; any other ``*.safetensors``; the
+    shards of a ``pytorch_model.bin.index.json``; ``pytorch_model*.bin``; the remaining
+    .pt/.pth/.ckpt/.bin files (merged). Optimizer, scheduler, scaler, RNG-state, trainer-state
+    and training-arguments files are never read as the model. So a Hugging Face
+    ``checkpoint-N/`` folder is read as its ``model.safetensors``, without loading (or asking
+    to unsafely load) ``training_args.bin``.
+
+    Raises:
+        CheckpointError: the folder holds no model weight file.
+    """
+    p = Path(folder)
+    entries = sorted(f for f in p.iterdir() if f.is_file())
+    notes = [f"{f.name}: not model weights (optimizer/scheduler/RNG/trainer state); not read"
+             for f in entries if _NOT_MODEL.match(f.name) and (f.suffix in SUPPORTED_SUFFIXES or f.suffix == ".json")]
+    weights = [f for f in entries if f.suffix in SUPPORTED_SUFFIXES and not _NOT_MODEL.match(f.name)]
+    safetensors = [f for f in weights if f.suffix in SAFETENSORS_SUFFIXES]
+    torch_files = [f for f in weights if f.suffix in TORCH_SUFFIXES]
+    groups = [
+        _indexed_shards(p, entries, ".safetensors.index.json"),
+        [f for f in safetensors if f.name.startswith("model")],
+        safetensors,
+        _indexed_shards(p, entries, ".bin.index.json"),
+        [f for f in torch_files if f.name.startswith("pytorch_model")],
+        torch_files,
+    ]
+    chosen = next((g for g in groups if g), [])
+    if not chosen:
+        raise CheckpointError(f"{p}: folder holds no {'/'.join(SUPPORTED_SUFFIXES)} model weight files"
+                              + (f" ({len(notes)} file(s) of optimizer/trainer state only)" if notes else ""))
+    notes += [f"{f.name}: not read (the model is read from {', '.join(c.name for c in chosen[:3])}"
+              f"{' ...' if len(chosen) > 3 else ''})" for f in weights if f not in chosen]
+    return chosen, notes
+
+
+def _indexed_shards(folder: Path, entries: list[Path], suffix: str) -> list[Path]:
+    """Shard files named by the first ``*<suffix>`` index in ``folder`` (empty when none)."""
+    for index in (f for f in entries if f.name.endswith(suffix)):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted({str(v) for v in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index}: not a valid sharded-checkpoint index ({type(err).__name__}: {err})") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard(s) that are missing: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    return []
 
 
 def _load_file(p: Path, weights_only: bool) -> dict[str, torch.Tensor]:

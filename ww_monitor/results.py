@@ -11,7 +11,8 @@ import numpy as np
 
 from .phases import Phase
 
-__all__ = ["LayerResult", "SkippedLayer", "Report", "SUMMARY_METRICS", "SUMMARY_COUNTS", "LAYER_COLUMNS"]
+__all__ = ["LayerResult", "SkippedLayer", "Report", "SUMMARY_METRICS", "SUMMARY_COUNTS", "LAYER_COLUMNS",
+           "strict_json_dumps", "to_strict_json"]
 
 #: Model-level means; failed fits and (by default) unreliable layers are excluded from the
 #: fit-based ones (:mod:`ww_monitor.reliability`).
@@ -83,12 +84,16 @@ class LayerResult:
     #: "full" (exact eigendecomposition) or "sampled" (alpha estimated from submatrices, see
     #: ww_monitor.estimate: no rank, entropy, MP fit or phase).
     method: str = "full"
+    #: Other names of this same tensor (tied/shared weights, e.g. GPT-2's ``lm_head`` of ``wte``):
+    #: the matrix is analysed, counted and copied once, under ``name``.
+    aliases: tuple[str, ...] = ()
     eigenvalues: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self, *, eigenvalues: bool = False) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "eigenvalues"}
         if d["phase"] is not None:
             d["phase"] = str(d["phase"].value)
+        d["aliases"] = list(d["aliases"])
         if eigenvalues and self.eigenvalues is not None:
             d["eigenvalues"] = self.eigenvalues.tolist()
         return d
@@ -105,10 +110,12 @@ class SkippedLayer:
     kind: str
     shape: tuple
     reason: str
+    aliases: tuple[str, ...] = ()  # other names of the same (tied) tensor
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        d["aliases"] = list(self.aliases)
         return d
 
 
@@ -170,10 +177,26 @@ class Report:
             "skipped": [s.to_dict() for s in self.skipped],
             "summary": self.summary(),
         }
-        return json.dumps(payload, default=_json_default, allow_nan=True, **kwargs)
+        return strict_json_dumps(payload, **kwargs)
 
 
-def _json_default(obj):
+def to_strict_json(obj):
+    """``obj`` with non-finite floats (NaN, +-Inf) as None and numpy scalars/arrays as Python
+    values, so ``json.dumps(..., allow_nan=False)`` succeeds: standard JSON has no NaN, and
+    strict parsers (JavaScript's ``JSON.parse``, jq, Go) reject the bare ``NaN`` Python writes."""
+    if isinstance(obj, dict):
+        return {k: to_strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_strict_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_strict_json(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def strict_json_dumps(obj, **kwargs) -> str:
+    """``json.dumps`` of :func:`to_strict_json` (``null`` for non-finite values, never ``NaN``)."""
+    return json.dumps(to_strict_json(obj), allow_nan=False, **kwargs)

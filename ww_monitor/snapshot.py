@@ -48,6 +48,8 @@ class MatrixSpec:
     chunk: int
     offset: int
     eig_scale: float = 1.0
+    aliases: tuple[str, ...] = ()  # other names of this tied tensor (copied once)
+    stored_dtype: torch.dtype | None = None  # see LayerMatrix.stored_dtype
 
     @property
     def numel(self) -> int:
@@ -98,7 +100,8 @@ class Snapshot:
         out = []
         for s in self.specs:
             flat = self.buffers[s.chunk][s.dtype]
-            out.append(LayerMatrix(s.name, s.kind, flat[s.offset : s.offset + s.numel].view(s.shape), s.eig_scale))
+            out.append(LayerMatrix(s.name, s.kind, flat[s.offset : s.offset + s.numel].view(s.shape), s.eig_scale,
+                                   s.aliases, s.stored_dtype))
         return out
 
     def release(self) -> None:
@@ -145,7 +148,8 @@ class SnapshotBuilder:
             key = _dtype_key(m.weight.dtype)
             dtypes[key] = m.weight.dtype
             off = totals.get(key, 0)
-            spec = MatrixSpec(m.name, m.kind, tuple(m.weight.shape), key, chunk_index, off, float(m.eig_scale))
+            spec = MatrixSpec(m.name, m.kind, tuple(m.weight.shape), key, chunk_index, off, float(m.eig_scale),
+                              tuple(m.aliases), m.stored_dtype)
             totals[key] = off + spec.numel
             specs.append(spec)
             any_cuda = any_cuda or m.weight.is_cuda

@@ -551,13 +551,18 @@ class SubprocessWorker(_BaseWorker):
         import subprocess
         import sys
 
+        import tempfile
+
         env = dict(os.environ)
         if num_threads:
             env.update(OMP_NUM_THREADS=str(num_threads), MKL_NUM_THREADS=str(num_threads))
+        # The child's stderr (library warnings, e.g. matplotlib's) goes to a private file, not the
+        # user's terminal; its tail is reported if the child dies.
+        self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             [sys.executable, "-c", "from ww_monitor.worker import _subprocess_main; _subprocess_main()",
              str(int(nice or 0))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env,
         )
         self._outbox: queue.Queue = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="ww-monitor-subprocess-writer", daemon=True)
@@ -595,8 +600,21 @@ class SubprocessWorker(_BaseWorker):
             self._complete(result)
         with self._lock:  # the child is gone: whatever is pending will not come back
             lost = [(i, k) for i, (k, _) in self._pending.items()]
+        detail = self._stderr_tail() if lost else ""
         for job_id, kind in lost:
-            self._complete(JobResult(job_id, kind, None, error="worker subprocess ended"))
+            self._complete(JobResult(job_id, kind, None, error="worker subprocess ended" + detail))
+
+    def _stderr_tail(self, limit: int = 500) -> str:
+        """The end of the child's stderr, for an error message ('' when empty or unreadable)."""
+        try:
+            self._proc.wait(1.0)
+            self._stderr.seek(0, os.SEEK_END)
+            size = self._stderr.tell()
+            self._stderr.seek(max(0, size - limit))
+            text = self._stderr.read().decode("utf-8", "replace").strip()
+        except Exception:
+            return ""
+        return f": {text.splitlines()[-1]}" if text else ""
 
     def submit(self, kind: str, key: Any, fn: Callable, args: tuple = (), nbytes: int = 0) -> int:
         if self.closed:
@@ -621,6 +639,14 @@ class SubprocessWorker(_BaseWorker):
             self._proc.kill()
             try:
                 self._proc.wait(1.0)
+            except Exception:
+                pass
+        self._writer.join(1.0)
+        self._reader.join(1.0)
+        for stream in (self._proc.stdin, self._proc.stdout, self._stderr):  # no unclosed-file warnings
+            try:
+                if stream is not None:
+                    stream.close()
             except Exception:
                 pass
         return self._proc.poll() is not None

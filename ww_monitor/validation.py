@@ -1,0 +1,69 @@
+"""Argument checks for the public constructors: each failure is a :class:`WWMonitorError` that
+names the argument, says what it must be and shows what it got (``floor='2'``, ``floor=nan``)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable
+
+from .errors import WWMonitorError
+
+__all__ = ["check_int", "check_number", "check_bool", "check_seconds", "check_names"]
+
+
+def _fail(owner: str, name: str, must: str, value) -> WWMonitorError:
+    prefix = f"{owner}: " if owner else ""
+    return WWMonitorError(f"{prefix}`{name}` must be {must}, got {value!r} ({type(value).__name__}).")
+
+
+def check_int(name: str, value, minimum: int, allow_none: bool = False, owner: str = "") -> None:
+    """An int (not a bool) >= ``minimum``, or None when allowed."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise _fail(owner, name, f"{'None or ' if allow_none else ''}an int >= {minimum}", value)
+
+
+def check_number(name: str, value, *, allow_none: bool = False, above: float | None = None,
+                 at_least: float | None = None, at_most: float | None = None, owner: str = "") -> None:
+    """A finite real number (not a bool or a string) within the given bounds, or None when allowed."""
+    if value is None and allow_none:
+        return
+    bounds = [f"> {above:g}" if above is not None else "", f">= {at_least:g}" if at_least is not None else "",
+              f"<= {at_most:g}" if at_most is not None else ""]
+    must = ("None or " if allow_none else "") + "a finite number" + "".join(f" {b}" for b in bounds if b)
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if ok and ((above is not None and not value > above) or (at_least is not None and not value >= at_least)
+               or (at_most is not None and not value <= at_most)):
+        ok = False
+    if not ok:
+        raise _fail(owner, name, must, value)
+
+
+def check_bool(name: str, value, owner: str = "") -> None:
+    if not isinstance(value, bool):
+        raise _fail(owner, name, "True or False", value)
+
+
+def check_seconds(name: str, value, allow_zero: bool, owner: str = "") -> None:
+    """A finite number of seconds, > 0 (or >= 0 when ``allow_zero``)."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and (
+        value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise _fail(owner, name, f"a {'non-negative' if allow_zero else 'positive'} number of seconds", value)
+
+
+def check_names(name: str, value, allowed: Iterable[str], what: str = "name", owner: str = "") -> tuple[str, ...]:
+    """A name or an iterable of names, each one of ``allowed``; returned as a tuple."""
+    allowed = tuple(allowed)
+    items = (value,) if isinstance(value, str) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise _fail(owner, name, f"a {what} or a list of them from {list(allowed)}", value) from None
+    bad = [v for v in items if not isinstance(v, str) or v not in allowed]
+    if bad:
+        prefix = f"{owner}: " if owner else ""
+        raise WWMonitorError(f"{prefix}`{name}` has unknown {what}(s) {bad}; choose from {list(allowed)}.")
+    return items
