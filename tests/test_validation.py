@@ -180,3 +180,23 @@ def test_callback_figures_run_leaves_no_renderer(tmp_path):
                                    figures_timeout=300)
     _fit(tmp_path, cb, logger=pl.loggers.TensorBoardLogger(str(tmp_path)))
     assert not cb._figures.started and len(cb.history) == 3
+
+
+def test_a_busy_last_step_is_not_reported_as_skipped(tmp_path, monkeypatch):
+    """The last step's snapshot is due while the previous one is still analysed: the final
+    snapshot takes it, so it is neither warned about nor counted as skipped."""
+    import importlib
+    import time
+
+    analyze_mod = importlib.import_module("ww_monitor.analyze")
+    real = analyze_mod.analyze_matrices
+
+    def slow(matrices, config):
+        time.sleep(0.5)
+        return real(matrices, config)
+
+    monkeypatch.setattr(analyze_mod, "analyze_matrices", slow)
+    cb = wwm.WeightWatcherCallback()
+    _, messages = _fit(tmp_path, cb, max_steps=1)
+    assert cb.history.steps == [0, 1]
+    assert cb.stats["snapshots_skipped"] == 0 and not any("skipped the snapshot" in m for m in messages)

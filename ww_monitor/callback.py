@@ -50,31 +50,30 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from typing import Any, Callable
 
 import torch
 
+from .adapters import ZERO_UPDATE_REASON
 from .alerts import Alert, AlertConfig, AlertTracker, dispatch_alerts
 from .analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, AnalysisConfig
+from .cost import estimate_seconds
+from .device import resolve_analysis_device, staging_budget, validate_analysis_device
 from .distributed import all_gather_object, collect_into, is_initialized
-from .adapters import ZERO_UPDATE_REASON
 from .errors import WWMonitorError
+from .figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
 from .functional.distances import esd_shift as esd_shift_distance
 from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
-from .validation import check_bool as _check_bool
-from .validation import check_int as _check_int
-from .validation import check_seconds as _check_seconds
 from .history import History, SnapshotRecord
 from .layers import CONV_MODES, KINDS, available_layer_names, is_size_limit
 from .results import Report
-from .cost import estimate_seconds
-from .device import resolve_analysis_device, staging_budget, validate_analysis_device
-from .figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
 from .snapshot import SnapshotBuilder
 from .user_warnings import warn_user
 from .tensorboard_writer import LoggerWriter, layer_scalars, summary_scalars
+from .validation import check_bool as _check_bool
+from .validation import check_int as _check_int
+from .validation import check_seconds as _check_seconds
 from .worker import CHUNK_BYTES, AnalysisOutput, analyze_snapshot, failed_analysis, make_worker
 
 __all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]
@@ -108,6 +107,20 @@ def _on_training_thread(hook):
             self.stats["train_thread_seconds"] += time.perf_counter() - t0
 
     return timed
+
+
+def _ends_at_this_step(trainer) -> bool:
+    """Training stops after this step (max_steps reached, or the last batch of the last epoch),
+    so the final snapshot at train end will be taken at it."""
+    max_steps = getattr(trainer, "max_steps", -1)
+    if isinstance(max_steps, int) and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    max_epochs = getattr(trainer, "max_epochs", None)
+    try:
+        last_batch = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+    except AttributeError:
+        return False
+    return isinstance(max_epochs, int) and max_epochs >= 0 and last_batch and trainer.current_epoch + 1 >= max_epochs
 
 
 def _as_tuple(value, name: str) -> tuple[str, ...] | None:
@@ -618,7 +631,9 @@ class WeightWatcherMixin:
             if self._world == 1:
                 self._collect(trainer)
         if snapshot:
-            if busy:
+            if busy and _ends_at_this_step(trainer):
+                pass  # not skipped: the final snapshot at train end takes this step (after a drain)
+            elif busy:
                 self._skip(trainer.global_step)
             else:
                 self._take(trainer, pl_module, epoch, final)
