@@ -129,8 +129,10 @@ def test_report_outputs():
     payload = json.loads(r.to_json())
     assert [l["name"] for l in payload["layers"]] == ["0", "1"]
     assert payload["skipped"][0]["reason"].startswith("4 eigenvalues")
-    # 32 and 16 eigenvalues: unreliable, so the default alpha mean is empty (issue 10)
-    assert math.isnan(payload["summary"]["alpha"]) and payload["summary"]["num_unreliable"] == 2
+    # 32 and 16 eigenvalues: unreliable, so the default alpha mean is empty (issue 10): NaN,
+    # written as null (strict JSON)
+    assert math.isnan(r.summary()["alpha"]) and payload["summary"]["alpha"] is None
+    assert payload["summary"]["num_unreliable"] == 2
     assert r.summary(include_unreliable=True)["alpha"] == pytest.approx(np.mean([l.alpha for l in r.layers]))
     df = r.to_pandas()
     assert list(df["name"]) == ["0", "1"] and "alpha_weighted" in df.columns and "eigenvalues" not in df.columns
