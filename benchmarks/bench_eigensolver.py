@@ -15,6 +15,9 @@ Gram eigenvalues are from the SVD ones, relative to lambda_max, to show the prec
 A second table compares the CPU routes ``batched_eigenvalues`` can take: torch's LAPACK vs SciPy's
 (both float64, the reason for ``CPU_BACKEND = "scipy"``) and the mixed-precision ``"auto"`` route
 (float32 eigensolve of the exact Gram for M >= 512) with its error relative to lambda_max.
+A third table times SciPy's eigenvalues-only ``?syevd`` with the wrapper's default workspace
+(2M + 1: unblocked tridiagonal reduction) against LAPACK's queried optimum (blocked), the reason
+the CPU route passes ``lwork``.
 
 Threads: ``--threads`` (default 1) is applied to torch, MKL, OpenBLAS and OpenMP before torch
 is imported, as in ``bench_analyze.py``; ``--threads 0`` keeps the library defaults. On
@@ -133,6 +136,26 @@ def gram_error(stack: torch.Tensor) -> float:
     return float(((a - b).abs().amax(dim=-1) / b.amax(dim=-1)).max())
 
 
+def syevd_workspace(stack: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median CPU seconds of ``?syevd`` (eigenvalues only) on one Gram: default vs queried lwork."""
+    from scipy.linalg import blas, lapack
+
+    w = _oriented(stack[0]).to(torch.float64).numpy()
+    gram = blas.dsyrk(1.0, w.T, trans=0, lower=1)
+    out: dict[str, list[float]] = {}
+    for prefix, g in (("d", gram), ("s", gram.astype(np.float32))):
+        solver = getattr(lapack, f"{prefix}syevd")
+        lwork = int(getattr(lapack, f"{prefix}syevd_lwork")(g.shape[0], compute_v=0, lower=1)[0])
+        for label, kwargs in (("default", {}), ("queried", {"lwork": lwork})):
+            times = out.setdefault(f"{prefix} {label}", [])
+            for _ in range(repeats):
+                a = g.copy()
+                c0 = time.process_time()
+                solver(a, compute_v=0, lower=1, overwrite_a=1, **kwargs)
+                times.append(time.process_time() - c0)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip the embedding shape, 3 repeats")
@@ -181,6 +204,18 @@ def main(argv=None) -> None:
     for label, torch_t, f64, auto_t, err in routes:
         print(f"| {label} | {torch_t:.3f} | {f64:.3f} | {torch_t / f64:.2f}x | {auto_t:.3f} | {f64 / auto_t:.2f}x "
               f"| {err:.1e} |")
+    print("\nSciPy ?syevd, eigenvalues only, one Gram of each shape: the wrapper's default workspace vs "
+          "LAPACK's queried optimum (CPU seconds, medians):\n")
+    print("| shape | M | dsyevd default | dsyevd queried | speed-up | ssyevd default | ssyevd queried | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, batch, rows, cols in CASES:
+        if args.quick and label in QUICK_SKIP:
+            continue
+        stack = torch.randn(1, rows, cols, generator=gen) / cols**0.5
+        t = syevd_workspace(stack, repeats)
+        print(f"| {label} | {min(rows, cols)} | {t['d default']:.4f} | {t['d queried']:.4f} "
+              f"| {t['d default'] / t['d queried']:.2f}x | {t['s default']:.4f} | {t['s queried']:.4f} "
+              f"| {t['s default'] / t['s queried']:.2f}x |", flush=True)
     print("\nsvd/gram > 1: the Gram route is faster. looped/batched > 1: batching helps. The 'gram' "
           "variants are the plain W^T W + eigvalsh; 'ww_monitor solver' is batched_eigenvalues() "
           "(lower-triangle product, UPLO='U', sorted numpy output; ww_monitor/functional/eigenvalues.py).")
