@@ -97,9 +97,9 @@ def _data(batches: int, batch_size: int, width: int) -> DataLoader:
 def _analysis_seconds(model, threads: int | None, repeats: int = 5) -> float:
     """Fastest wall time of one snapshot + analysis in a ThreadWorker configured like the callback's
     (the fastest of a few: other load on the machine only ever adds time)."""
-    from ww_monitor.analyze import AnalysisConfig, select_matrices
-    from ww_monitor.snapshot import take_snapshot
-    from ww_monitor.worker import CHUNK_BYTES, ThreadWorker, analyze_snapshot
+    from ww_monitor.analysis.analyze import AnalysisConfig, select_matrices
+    from ww_monitor.monitoring.snapshot import take_snapshot
+    from ww_monitor.monitoring.worker import CHUNK_BYTES, ThreadWorker, analyze_snapshot
 
     config = AnalysisConfig()
     worker = ThreadWorker(num_threads=threads, nice=0)
@@ -249,9 +249,9 @@ def _memory_in_fresh_process(args) -> dict:
 
 def _memory(args) -> dict:
     """Peak RSS growth while one snapshot is copied and analysed, relative to the weights."""
-    from ww_monitor.analyze import AnalysisConfig, select_matrices
-    from ww_monitor.snapshot import take_snapshot
-    from ww_monitor.worker import ThreadWorker, analyze_snapshot
+    from ww_monitor.analysis.analyze import AnalysisConfig, select_matrices
+    from ww_monitor.monitoring.snapshot import take_snapshot
+    from ww_monitor.monitoring.worker import ThreadWorker, analyze_snapshot
 
     if not os.path.exists("/proc/self/clear_refs"):
         return {}

@@ -7,7 +7,7 @@ submatrix sizes, over several sampling seeds; prints one table of the relative a
 
 Matrices:
 
-* synthetic, of known alpha (:mod:`ww_monitor.synthetic`): a pure power-law ESD
+* synthetic, of known alpha (:mod:`ww_monitor.analysis.synthetic`): a pure power-law ESD
   (``power_law_spectrum``, alpha 2 / 3 / 4) and i.i.d. Student-t entries (mu 2 / 3);
 * trained: the hidden layers of an MLP trained on scikit-learn's bundled digits (no download),
   ``--hidden`` wide, with Adam at a high learning rate for ``--epochs`` epochs.

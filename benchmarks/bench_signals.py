@@ -4,7 +4,7 @@
     python benchmarks/bench_signals.py --seeds 1    # one seed per family
 
 Real Lightning training on CPU (models, data and faults: ``signal_models.py``). The callback
-runs with its defaults (every epoch, default :class:`~ww_monitor.alerts.AlertConfig`) except
+runs with its defaults (every epoch, default :class:`~ww_monitor.monitoring.alerts.AlertConfig`) except
 ``blocking=True`` (each snapshot's alerts at that snapshot, so latencies are exact and do not
 depend on machine load) and no figures.
 

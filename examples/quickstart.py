@@ -131,7 +131,7 @@ def main() -> None:
     print_table(ww.history, float(acc) if acc is not None else None)
     print(f"\n{len(ww.history)} snapshots in {elapsed:.1f} s of training ({ww.stats['snapshots_skipped']} skipped).")
     print(f"Look at it with:\n    tensorboard --logdir {os.path.abspath(logger.log_dir)}")
-    from ww_monitor.offline_report import write_report
+    from ww_monitor.outputs.offline_report import write_report
 
     report = write_report(logger.log_dir, os.path.join(logger.log_dir, "report.html"))
     print(f"Offline HTML report (alpha over training, phases, ESDs, alerts):\n    {os.path.abspath(report)}")

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ww_monitor import WeightWatcherCallback
-from ww_monitor.alerts import AlertConfig
+from ww_monitor.monitoring.alerts import AlertConfig
 
 
 class Bottleneck(pl.LightningModule):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ww_monitor as wwm
-from ww_monitor.alerts import AlertConfig, AlertError, WWMonitorAlert
+from ww_monitor.monitoring.alerts import AlertConfig, AlertError, WWMonitorAlert
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import rank_collapse  # noqa: E402

@@ -106,7 +106,7 @@ def scalar_steps(acc, tag):
 
 def plotting_available():
     try:
-        importlib.import_module("ww_monitor.plotting")
+        importlib.import_module("ww_monitor.outputs.plotting")
     except ImportError:
         return False
     return True
@@ -314,7 +314,7 @@ def test_broken_logger_warns_and_training_continues(tmp_path):
 
 
 def test_worker_failure_is_a_warning_not_a_crash(tmp_path, monkeypatch):
-    analyze_mod = importlib.import_module("ww_monitor.analyze")  # the package attribute is the function
+    analyze_mod = importlib.import_module("ww_monitor.analysis.analyze")  # the package attribute is the function
 
     calls = []
 
@@ -338,7 +338,7 @@ def test_worker_failure_is_a_warning_not_a_crash(tmp_path, monkeypatch):
 
 
 def test_snapshot_copy_failure_is_a_warning(tmp_path, monkeypatch):
-    import ww_monitor.callback as callback_mod
+    import ww_monitor.integrations.lightning_callback as callback_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError("parameters went away")
@@ -353,7 +353,7 @@ def test_snapshot_copy_failure_is_a_warning(tmp_path, monkeypatch):
 
 
 def test_lagging_worker_skips_snapshots_instead_of_queueing(tmp_path, monkeypatch):
-    analyze_mod = importlib.import_module("ww_monitor.analyze")  # the package attribute is the function
+    analyze_mod = importlib.import_module("ww_monitor.analysis.analyze")  # the package attribute is the function
 
     real = analyze_mod.analyze_matrices
 
@@ -366,7 +366,7 @@ def test_lagging_worker_skips_snapshots_instead_of_queueing(tmp_path, monkeypatc
     def no_renderer(*args, **kwargs):  # figures are off: no renderer process may be started
         raise AssertionError("figure renderer started")
 
-    monkeypatch.setattr(importlib.import_module("ww_monitor.worker"), "SubprocessWorker", no_renderer)
+    monkeypatch.setattr(importlib.import_module("ww_monitor.monitoring.worker"), "SubprocessWorker", no_renderer)
     cb = ww_monitor.WeightWatcherCallback(every_n_epochs=None, every_n_train_steps=1, max_pending=1,
                                           figures_every_n_snapshots=None)
     with pytest.warns(RuntimeWarning, match="skipped the snapshot at step"):
@@ -381,7 +381,7 @@ def test_lagging_worker_skips_snapshots_instead_of_queueing(tmp_path, monkeypatc
 
 
 def test_lagging_worker_with_on_lag_wait_loses_no_snapshot(tmp_path, monkeypatch):
-    analyze_mod = importlib.import_module("ww_monitor.analyze")
+    analyze_mod = importlib.import_module("ww_monitor.analysis.analyze")
     real = analyze_mod.analyze_matrices
 
     def slow(matrices, config):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ww_monitor as wwm
-from ww_monitor.cli import main
+from ww_monitor.outputs.cli import main
 
 transformers = pytest.importorskip("transformers")
 

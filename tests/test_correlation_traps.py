@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ww_monitor import synthetic
+from ww_monitor.analysis import synthetic
 from ww_monitor.functional.correlation_traps import count_correlation_traps, shuffle_entries
 from ww_monitor.functional.eigenvalues import eigenvalues
 from ww_monitor.functional.marchenko_pastur import fit_marchenko_pastur

@@ -114,9 +114,9 @@ FSDP_SCRIPT = textwrap.dedent(
         dist.init_process_group("gloo", rank=rank, world_size=world)
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-        from ww_monitor.analyze import AnalysisConfig, select_matrices
-        from ww_monitor.distributed import collect_into
-        from ww_monitor.snapshot import SnapshotBuilder
+        from ww_monitor.analysis.analyze import AnalysisConfig, select_matrices
+        from ww_monitor.monitoring.distributed import collect_into
+        from ww_monitor.monitoring.snapshot import SnapshotBuilder
 
         report = {}
         for use_orig in (True, False):

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import ww_monitor as wwm
-from ww_monitor import device as dev
-from ww_monitor.analyze import AnalysisConfig, select_matrices
+from ww_monitor.monitoring import device as dev
+from ww_monitor.analysis.analyze import AnalysisConfig, select_matrices
 from ww_monitor.errors import WWMonitorError
-from ww_monitor.snapshot import take_snapshot
-from ww_monitor.worker import analyze_on_device, analyze_snapshot, run_with_cpu_fallback
+from ww_monitor.monitoring.snapshot import take_snapshot
+from ww_monitor.monitoring.worker import analyze_on_device, analyze_snapshot, run_with_cpu_fallback
 
 
 def test_analysis_device_is_validated_and_resolved():
@@ -71,7 +71,7 @@ def test_streamed_groups_give_the_same_results_as_one_pass():
 
 
 def test_cost_model_scales_with_shape_and_is_calibrated_once():
-    from ww_monitor.cost import calibration, estimate_seconds
+    from ww_monitor.monitoring.cost import calibration, estimate_seconds
 
     per_eig, per_gram = calibration()
     assert per_eig > 0 and per_gram > 0 and calibration() == (per_eig, per_gram)  # cached

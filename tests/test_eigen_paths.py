@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ww_monitor as wwm
-from ww_monitor import synthetic
+from ww_monitor.analysis import synthetic
 
 # The module (``ww_monitor.functional.eigenvalues`` is also the name of a function it exports).
 eig = importlib.import_module("ww_monitor.functional.eigenvalues")

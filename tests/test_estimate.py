@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import ww_monitor as wwm
-from ww_monitor import synthetic
+from ww_monitor.analysis import synthetic
 from ww_monitor.errors import WWMonitorError
 from ww_monitor.functional.sampled import submatrix_eigenvalues, top_eigenvalue
 

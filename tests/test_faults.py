@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ww_monitor
-import ww_monitor.callback as callback_mod
+import ww_monitor.integrations.lightning_callback as callback_mod
 from test_callback import ClassifierSteps
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -127,7 +127,7 @@ def test_one_failing_analysis_mid_run_is_a_warning_and_the_rest_is_logged(tmp_pa
 def test_failing_worker_function_in_blocking_mode(tmp_path, monkeypatch):
     """Same through the inline worker (``background=False``): the exception must not reach the
     training loop even though the analysis runs on the training thread."""
-    analyze_mod = importlib.import_module("ww_monitor.analyze")  # the package attribute is the function
+    analyze_mod = importlib.import_module("ww_monitor.analysis.analyze")  # the package attribute is the function
 
     def broken(matrices, config):
         raise RuntimeError("analysis exploded")
@@ -149,7 +149,7 @@ _SIGNAL_SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader, TensorDataset
     import pytorch_lightning as pl
     import ww_monitor
-    import ww_monitor.callback as callback_mod
+    import ww_monitor.integrations.lightning_callback as callback_mod
 
     real = callback_mod.analyze_snapshot
 

@@ -17,7 +17,7 @@ def test_import_changes_no_global_state():
         # Dependencies install their own filters on import (torch, numpy); that is theirs, not ours.
         import numpy, torch, scipy.special
         before = state()
-        import ww_monitor, ww_monitor.functional, ww_monitor.cli
+        import ww_monitor, ww_monitor.functional, ww_monitor.outputs.cli
         after = state()
         assert before[:4] == after[:4], (before[:4], after[:4])
         for name, cfg in after[4].items():

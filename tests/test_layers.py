@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import ww_monitor as wwm
-from ww_monitor.layers import clean_name
+from ww_monitor.analysis.layers import clean_name
 
 
 def _names(report):

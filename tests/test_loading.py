@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ww_monitor as wwm
-from ww_monitor.loading import load_state_dict
+from ww_monitor.analysis.loading import load_state_dict
 
 
 @pytest.fixture

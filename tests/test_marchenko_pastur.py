@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate
 
-from ww_monitor import synthetic
+from ww_monitor.analysis import synthetic
 from ww_monitor.functional.eigenvalues import batched_eigenvalues, eigenvalues
 from ww_monitor.functional.marchenko_pastur import (
     SPIKE_TW_MARGIN,

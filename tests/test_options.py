@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import ww_monitor as wwm
-from ww_monitor.adapters import ZERO_UPDATE_REASON, update_core
+from ww_monitor.analysis.adapters import ZERO_UPDATE_REASON, update_core
 from ww_monitor.errors import WWMonitorError
 from ww_monitor.functional.determinant import detx_constraint
 from ww_monitor.functional.distances import cka_similarity, esd_shift, relative_distance

@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ww_monitor as wwm
-from ww_monitor import phases, synthetic
+from ww_monitor.analysis import phases, synthetic
 from ww_monitor.functional.marchenko_pastur import MPFit, mp_edges, tracy_widom_scale
 from ww_monitor.functional.power_law import PowerLawFit
-from ww_monitor.phases import Phase, classify_phase, phase_evidence, phase_from_spectrum
+from ww_monitor.analysis.phases import Phase, classify_phase, phase_evidence, phase_from_spectrum
 
 # The package re-exports the analyze *function* under the submodule's name.
-analyze_module = importlib.import_module("ww_monitor.analyze")
+analyze_module = importlib.import_module("ww_monitor.analysis.analyze")
 
 
 # --- the decision procedure, branch by branch, on hand-made fits -----------------------------
@@ -202,7 +202,7 @@ def test_rmt_failure_is_contained(monkeypatch, caplog):
 
     monkeypatch.setattr(analyze_module, "fit_marchenko_pastur", boom)
     monkeypatch.setattr(analyze_module, "count_correlation_traps", boom)
-    with caplog.at_level(logging.DEBUG, logger="ww_monitor.analyze"):
+    with caplog.at_level(logging.DEBUG, logger="ww_monitor.analysis.analyze"):
         report = wwm.analyze(nn.Linear(64, 32), traps=True)
     layer = report.layers[0]
     assert math.isnan(layer.lambda_plus) and math.isnan(layer.mp_sigma) and math.isnan(layer.mp_softrank)

@@ -13,9 +13,9 @@ from matplotlib.image import AxesImage
 from torch import nn
 
 import ww_monitor as wwm
-from ww_monitor import synthetic
-from ww_monitor.phases import Phase
-from ww_monitor.plotting import PHASE_COLORS, plot_alpha_per_layer, plot_esd, plot_phase_heatmap
+from ww_monitor.analysis import synthetic
+from ww_monitor.analysis.phases import Phase
+from ww_monitor.outputs.plotting import PHASE_COLORS, plot_alpha_per_layer, plot_esd, plot_phase_heatmap
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -149,8 +149,8 @@ def test_no_pyplot_and_no_backend_change():
     code = (
         "import matplotlib, sys; raw = lambda: dict.__getitem__(matplotlib.rcParams, 'backend');"
         "before = raw();"
-        "import ww_monitor.plotting as p; import numpy as np;"
-        "from ww_monitor.phases import Phase;"
+        "import ww_monitor.outputs.plotting as p; import numpy as np;"
+        "from ww_monitor.analysis.phases import Phase;"
         "fig = p.plot_phase_heatmap(['a'], [0], [[Phase.RANDOM_LIKE]]);"
         "import io; fig.savefig(io.BytesIO(), format='png');"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported';"

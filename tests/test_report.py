@@ -1,4 +1,4 @@
-"""``ww-monitor report`` / :mod:`ww_monitor.offline_report` and ``ww-monitor analyze --plot``.
+"""``ww-monitor report`` / :mod:`ww_monitor.outputs.offline_report` and ``ww-monitor analyze --plot``.
 
 The inputs are real: a short pytorch_lightning run with the callback (blocking, so the result is
 deterministic) writes a TensorBoard log and a checkpoint.
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ww_monitor.cli import main, run_analysis
-from ww_monitor.offline_report import load_run
+from ww_monitor.outputs.cli import main, run_analysis
+from ww_monitor.outputs.offline_report import load_run
 
 pl = pytest.importorskip("pytorch_lightning")
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ww_monitor import Phase, classify_phase, fit_power_law, synthetic
+from ww_monitor import Phase, classify_phase, fit_power_law
+
+from ww_monitor.analysis import synthetic
 from ww_monitor.functional.eigenvalues import eigenvalues
 from ww_monitor.functional.marchenko_pastur import bbp_outlier, bbp_threshold, fit_marchenko_pastur
 from ww_monitor.functional.spectral_metrics import matrix_rank, rank_tolerance

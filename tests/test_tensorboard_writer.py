@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ww_monitor.tensorboard_writer import LoggerWriter, esd_bins, esd_histogram
+from ww_monitor.outputs.tensorboard_writer import LoggerWriter, esd_bins, esd_histogram
 
 
 def test_esd_histogram_bins_log10_of_the_finite_positive_eigenvalues():

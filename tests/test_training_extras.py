@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ww_monitor
-from ww_monitor.adapters import ZERO_UPDATE_REASON
+from ww_monitor.analysis.adapters import ZERO_UPDATE_REASON
 from ww_monitor.errors import WWMonitorError
 
 pl = pytest.importorskip("pytorch_lightning")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from ww_monitor.analyze import AnalysisConfig, analyze_matrices, select_matrices
-from ww_monitor.snapshot import take_snapshot
-from ww_monitor.worker import (
+from ww_monitor.analysis.analyze import AnalysisConfig, analyze_matrices, select_matrices
+from ww_monitor.monitoring.snapshot import take_snapshot
+from ww_monitor.monitoring.worker import (
     AnalysisOutput,
     InlineWorker,
     ProcessWorker,
@@ -154,7 +154,7 @@ def test_subprocess_worker_runs_jobs_without_the_callers_main(tmp_path):
     import math
     import operator
 
-    from ww_monitor.worker import SubprocessWorker
+    from ww_monitor.monitoring.worker import SubprocessWorker
 
     w = SubprocessWorker(num_threads=1, nice=0)
     try:
@@ -176,7 +176,7 @@ def test_subprocess_worker_runs_jobs_without_the_callers_main(tmp_path):
 
 def test_thread_worker_survives_base_exceptions():
     """A SystemExit raised inside a job is reported as that job's error; the thread lives on."""
-    from ww_monitor.worker import ThreadWorker
+    from ww_monitor.monitoring.worker import ThreadWorker
 
     def bad():
         raise SystemExit(3)

@@ -6,12 +6,12 @@ does not import Lightning; :class:`WeightWatcherCallback` is loaded on first acc
 
 from __future__ import annotations
 
-from .analyze import analyze
-from .model_distances import Distances, LayerDistance, distances
+from .analysis.analyze import analyze
+from .analysis.model_distances import Distances, LayerDistance, distances
 from .errors import CheckpointError, WWMonitorError
 from .functional.power_law import PowerLawFit, fit_power_law
-from .phases import Phase
-from .results import LayerResult, Report, SkippedLayer
+from .analysis.phases import Phase
+from .analysis.results import LayerResult, Report, SkippedLayer
 
 __version__ = "0.1.0"
 
@@ -36,9 +36,9 @@ __all__ = [
     "fit_power_law",
 ]
 
-_LAZY = {"WeightWatcherCallback": ("ww_monitor.callback", "WeightWatcherCallback"),
-         "AlphaDriftEarlyStopping": ("ww_monitor.alpha_drift", "AlphaDriftEarlyStopping"),
-         "classify_phase": ("ww_monitor.phases", "classify_phase"),
+_LAZY = {"WeightWatcherCallback": ("ww_monitor.integrations.lightning_callback", "WeightWatcherCallback"),
+         "AlphaDriftEarlyStopping": ("ww_monitor.integrations.alpha_drift", "AlphaDriftEarlyStopping"),
+         "classify_phase": ("ww_monitor.analysis.phases", "classify_phase"),
          "SpectralBalancer": ("ww_monitor.balancing", "SpectralBalancer"),
          "TempBalance": ("ww_monitor.balancing", "TempBalance"),
          "AlphaDecay": ("ww_monitor.balancing", "AlphaDecay")}

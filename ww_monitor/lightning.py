@@ -6,16 +6,16 @@ support mixing the two packages (``isinstance`` checks against the other package
 fail, e.g. in LightningCLI's type validation or ``Trainer(callbacks=cb)``), and importing both
 doubles the import cost. This module imports ``lightning.pytorch`` only, never
 ``pytorch_lightning``. Everything else, including the
-arguments, is shared: see :class:`ww_monitor.callback.WeightWatcherMixin`.
+arguments, is shared: see :class:`ww_monitor.integrations.lightning_callback.WeightWatcherMixin`.
 """
 
 from __future__ import annotations
 
 from lightning.pytorch import Callback
 
-from . import alpha_drift
+from .integrations import alpha_drift
 from .balancing.callback import build as _build_balancers
-from .callback import WeightWatcherMixin, _build  # noqa: F401  (the shared logic, re-exported)
+from .integrations.lightning_callback import WeightWatcherMixin, _build  # noqa: F401  (the shared logic, re-exported)
 
 __all__ = ["WeightWatcherCallback", "AlphaDriftEarlyStopping", "SpectralBalancer", "TempBalance", "AlphaDecay"]
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..callback import WeightWatcherMixin, _as_tuple, _check_bool, _check_int, _rank_zero_warn
-from ..distributed import is_initialized
+from ..integrations.lightning_callback import WeightWatcherMixin, _as_tuple, _check_bool, _check_int, _rank_zero_warn
+from ..monitoring.distributed import is_initialized
 from ..errors import WWMonitorError
 from ..functional.balancing import (
     ALPHADECAY_RANGE,
@@ -31,7 +31,7 @@ from ..functional.balancing import (
     balance_factors,
 )
 from ..functional.hill import DEFAULT_XMIN_POS
-from ..layers import KINDS, LayerSelection
+from ..analysis.layers import KINDS, LayerSelection
 from .estimate import ESTIMATORS, MIN_BALANCE_EVALS, monitor_alphas, own_alphas, unit_alphas
 from .groups import BALANCE_KINDS, StepScaler, check_key, expand_schedulers, find_units, split_param_groups
 from .records import BalanceHistory, BalanceRecord

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import WWMonitorError
-from ..layers import LayerMatrix, LayerSelection, clean_name, matrices_from_module
+from ..analysis.layers import LayerMatrix, LayerSelection, clean_name, matrices_from_module
 
 __all__ = ["Unit", "find_units", "split_param_groups", "expand_schedulers", "StepScaler", "BALANCE_KINDS",
            "NORM_TYPES"]

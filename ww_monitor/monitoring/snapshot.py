@@ -1,7 +1,7 @@
 """Consistent copies of the selected weight matrices, taken on the training thread.
 
 A :class:`Snapshot` owns one flat buffer per (chunk, dtype) holding every selected matrix
-back to back; :meth:`Snapshot.matrices` rebuilds :class:`~ww_monitor.layers.LayerMatrix`
+back to back; :meth:`Snapshot.matrices` rebuilds :class:`~ww_monitor.analysis.layers.LayerMatrix`
 views over it for the analysis. One buffer per dtype (instead of one tensor per layer) keeps
 allocation cheap, makes the memory held by a snapshot exact (``nbytes`` equals the analysed
 weights' size: at most one copy per snapshot in flight) and lets a process worker receive the
@@ -16,7 +16,7 @@ step and before the next one), under :func:`torch.no_grad`:
   first waits for the current stream (so it sees the weights after the optimizer step). The
   training thread does not wait for it. With ``device=`` (the callback's ``analysis_device``
   on a GPU) the buffers stay on that device instead, as long as they fit ``device_budget``
-  bytes (:func:`~ww_monitor.device.staging_budget`); groups beyond it go to pinned host memory
+  bytes (:func:`~ww_monitor.monitoring.device.staging_budget`); groups beyond it go to pinned host memory
   and are streamed back to the device for their analysis. Before the next optimizer step may overwrite the
   weights, :meth:`Snapshot.guard_writes` makes the current stream wait for the copy (an
   on-device dependency, no host synchronisation), and the analysis calls :meth:`Snapshot.wait`
@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .device import copy_stream, on_stream, record_event
-from .layers import LayerMatrix
+from ..analysis.layers import LayerMatrix
 
 __all__ = ["MatrixSpec", "Snapshot", "SnapshotBuilder", "take_snapshot"]
 

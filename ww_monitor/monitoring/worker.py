@@ -42,7 +42,7 @@ from typing import Any, Callable
 import torch
 
 from .device import analysis_stream, is_out_of_memory, on_stream, staging_budget
-from .results import LayerResult, SkippedLayer
+from ..analysis.results import LayerResult, SkippedLayer
 from .snapshot import Snapshot
 
 __all__ = [
@@ -118,8 +118,8 @@ def analyze_snapshot(snapshot: Snapshot, config, rank: int = 0, chunk_bytes: int
     ``baseline`` ({layer: weights at the baseline snapshot}) each result also gets
     ``distance_from_init = ||W - W_0||_F / ||W_0||_F``. ``device`` (e.g. ``"cuda:0"``) runs the
     eigensolves there (:func:`analyze_on_device`)."""
-    from .functional.distances import relative_distance
-    from .tensorboard_writer import esd_histogram
+    from ..functional.distances import relative_distance
+    from ..outputs.tensorboard_writer import esd_histogram
 
     t0 = time.perf_counter()
     nbytes = snapshot.nbytes
@@ -146,12 +146,12 @@ def analyze_on_device(matrices, config, device: torch.device, chunk_bytes: int =
     """Analyse ``matrices`` in groups on ``device``; only eigenvalues come back to the host.
 
     Groups are bounded by ``chunk_bytes`` of float64 copies and, on a GPU, by half of the
-    staging budget (:func:`~ww_monitor.device.staging_budget`: the copy plus its Gram and
+    staging budget (:func:`~ww_monitor.monitoring.device.staging_budget`: the copy plus its Gram and
     workspace). Each group is moved to the device (if the snapshot is elsewhere) and solved on
     the low-priority analysis stream. An out-of-memory failure sends that group and the rest of
     the snapshot to the CPU, with a warning.
     """
-    from .analyze import analyze_matrices
+    from ..analysis.analyze import analyze_matrices
 
     budget = staging_budget(device)
     limit = chunk_bytes if budget is None else max(1, min(chunk_bytes * _DEVICE_CHUNK_FACTOR, budget // 2))
@@ -200,7 +200,7 @@ def run_with_cpu_fallback(job, where: str):
 
 
 def _moved(m, device: torch.device):
-    from .layers import LayerMatrix
+    from ..analysis.layers import LayerMatrix
 
     if m.weight.device == device:
         return m
@@ -536,7 +536,7 @@ def _subprocess_main() -> None:  # pragma: no cover - runs in the child
 
 
 class SubprocessWorker(_BaseWorker):
-    """One child interpreter (``python -m ww_monitor.worker``) running jobs in order.
+    """One child interpreter (``python -m ww_monitor.monitoring.worker``) running jobs in order.
 
     For GIL-heavy jobs that must not compete with the training loop for the interpreter
     (matplotlib figure rendering). Unlike :class:`ProcessWorker` it does not re-import the
@@ -560,7 +560,7 @@ class SubprocessWorker(_BaseWorker):
         # user's terminal; its tail is reported if the child dies.
         self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from ww_monitor.worker import _subprocess_main; _subprocess_main()",
+            [sys.executable, "-c", "from ww_monitor.monitoring.worker import _subprocess_main; _subprocess_main()",
              str(int(nice or 0))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env,
         )

@@ -2,7 +2,7 @@
 
 Martin & Mahoney describe the phases qualitatively and give no numeric boundaries; the
 thresholds below were chosen and calibrated for this project on generated matrices of every
-phase (:mod:`ww_monitor.synthetic`, ``benchmarks/calibrate_phases.py``; numbers and reasoning
+phase (:mod:`ww_monitor.analysis.synthetic`, ``benchmarks/calibrate_phases.py``; numbers and reasoning
 in ``docs/phases.md``). Every quantity the rules read is invariant under W -> cW,
 transposition and row/column permutations, so the phase is too.
 
@@ -81,7 +81,7 @@ class Phase(str, Enum):
 
 
 #: Shown instead of a phase for a layer that was analysed but has too few eigenvalues for one
-#: (``LayerResult.phase is None``; :data:`ww_monitor.reliability.RELIABLE_MIN_EVALS`).
+#: (``LayerResult.phase is None``; :data:`ww_monitor.analysis.reliability.RELIABLE_MIN_EVALS`).
 UNDETERMINED = "undetermined"
 
 
@@ -169,7 +169,7 @@ def phase_evidence(evals, n: int, m: int, *, num_slices: int = 1, rank_loss: int
         power_law: :class:`~ww_monitor.functional.power_law.PowerLawFit` of the ESD.
         mp: :class:`~ww_monitor.functional.marchenko_pastur.MPFit` of the ESD.
     """
-    from .functional.marchenko_pastur import bbp_ratio, bbp_threshold
+    from ..functional.marchenko_pastur import bbp_ratio, bbp_threshold
 
     n, m = (n, m) if n >= m else (m, n)
     q = n / m
@@ -220,10 +220,10 @@ def _spectrum_fits(w):
     """Scale-normalised eigenvalues, shape, rank loss and both fits of one 2-D matrix."""
     import torch
 
-    from .functional.eigenvalues import eigenvalues
-    from .functional.marchenko_pastur import fit_marchenko_pastur
-    from .functional.power_law import DEFAULT_MIN_EIGENVALUE, fit_power_law
-    from .functional.spectral_metrics import matrix_rank, rank_tolerance
+    from ..functional.eigenvalues import eigenvalues
+    from ..functional.marchenko_pastur import fit_marchenko_pastur
+    from ..functional.power_law import DEFAULT_MIN_EIGENVALUE, fit_power_law
+    from ..functional.spectral_metrics import matrix_rank, rank_tolerance
 
     t = w.detach() if isinstance(w, torch.Tensor) else torch.as_tensor(np.asarray(w))
     if t.ndim != 2:

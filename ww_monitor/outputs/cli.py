@@ -4,7 +4,7 @@
   ``--plot`` also PNG figures (alpha per layer, ESD with fits of up to ``--max-plots`` layers).
 * ``ww-monitor report LOGDIR_OR_CKPT [--out report.html]``: a self-contained HTML report of a
   monitored run (TensorBoard log folder, checkpoint with the callback's history, or model file);
-  see :mod:`ww_monitor.offline_report`.
+  see :mod:`ww_monitor.outputs.offline_report`.
 
 While layers are analysed a progress bar is drawn on stderr, only when stderr is a terminal.
 Results go to stdout; notes (files written) to stderr. User errors (missing, unreadable,
@@ -22,8 +22,8 @@ import os
 import sys
 from typing import Sequence
 
-from .errors import WWMonitorError
-from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
+from ..errors import WWMonitorError
+from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 
 __all__ = ["main"]
 
@@ -144,7 +144,7 @@ def format_table(report) -> str:
 
 
 def format_csv(report) -> str:
-    from .results import LAYER_COLUMNS
+    from ..analysis.results import LAYER_COLUMNS
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(LAYER_COLUMNS))
@@ -165,7 +165,7 @@ def _show_progress() -> bool:
 def run_analysis(source, *, progress: bool | None = None, weights_only: bool = True, **options):
     """``wwm.analyze(source, **options)``, with a per-layer progress bar on stderr when
     ``progress`` (default: stderr is a terminal)."""
-    from .analyze import analyze
+    from ..analysis.analyze import analyze
 
     if progress is None:
         progress = _show_progress()
@@ -186,7 +186,7 @@ def _analyze(args) -> int:
     if args.plot is not None and os.path.exists(args.plot) and not os.path.isdir(args.plot):
         raise WWMonitorError(f"{args.plot}: exists and is not a folder (--plot wants a folder)")
     if os.path.isdir(args.path):
-        from .loading import checkpoint_files
+        from ..analysis.loading import checkpoint_files
 
         for note in checkpoint_files(args.path)[1]:
             print(f"ww-monitor: note: {note}", file=sys.stderr)

@@ -15,7 +15,7 @@ __all__ = ["LayerResult", "SkippedLayer", "Report", "SUMMARY_METRICS", "SUMMARY_
            "strict_json_dumps", "to_strict_json"]
 
 #: Model-level means; failed fits and (by default) unreliable layers are excluded from the
-#: fit-based ones (:mod:`ww_monitor.reliability`).
+#: fit-based ones (:mod:`ww_monitor.analysis.reliability`).
 SUMMARY_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank")
 #: Counts that come with every summary (how many layers the means rest on, and why not more).
 SUMMARY_COUNTS = ("num_layers", "num_failed_fits", "num_unreliable", "num_undetermined", "num_random_like",
@@ -53,7 +53,7 @@ class LayerResult:
     fit_ok: bool = False
     fit_reason: str = ""
     #: The fit rests on enough eigenvalues (``num_evals``) and tail points (``num_pl_spikes``):
-    #: :func:`ww_monitor.reliability.is_reliable`. Set by the analysis.
+    #: :func:`ww_monitor.analysis.reliability.is_reliable`. Set by the analysis.
     reliable: bool = True
     # random-matrix diagnostics and phase
     lambda_plus: float = math.nan
@@ -63,7 +63,7 @@ class LayerResult:
     mp_softrank: float = math.nan
     num_traps: int | None = None
     phase: Phase | None = None
-    # weightwatcher 0.7.7 options (None when not computed; see ww_monitor.options)
+    # weightwatcher 0.7.7 options (None when not computed; see ww_monitor.analysis.options)
     detX_num: int | None = None
     detX_val: float | None = None
     ERG_gap: int | None = None
@@ -82,7 +82,7 @@ class LayerResult:
     num_slices: int = 1
     dtype: str = ""
     #: "full" (exact eigendecomposition) or "sampled" (alpha estimated from submatrices, see
-    #: ww_monitor.estimate: no rank, entropy, MP fit or phase).
+    #: ww_monitor.analysis.estimate: no rank, entropy, MP fit or phase).
     method: str = "full"
     #: Other names of this same tensor (tied/shared weights, e.g. GPT-2's ``lm_head`` of ``wte``):
     #: the matrix is analysed, counted and copied once, under ``name``.
@@ -141,7 +141,7 @@ class Report:
         The fit-based means (alpha, alpha_weighted, log_alpha_norm) leave out layers whose
         power-law fit failed (``num_failed_fits``) and, unless ``include_unreliable``, layers
         whose fit rests on too few eigenvalues (``num_unreliable``, see
-        :mod:`ww_monitor.reliability`). The norm means use every analysed layer (exact at any
+        :mod:`ww_monitor.analysis.reliability`). The norm means use every analysed layer (exact at any
         size). ``num_undetermined`` counts layers without a phase, ``num_random_like`` those
         still in the random-like phase.
         """

@@ -3,7 +3,7 @@
 Rendering (alpha per layer, ESDs with fits, phase heatmap) is pure-Python matplotlib work: in a
 thread of the training process it would hold the GIL against the training loop (measured: it
 doubled the quickstart's training time), so it runs in a child interpreter
-(:class:`~ww_monitor.worker.SubprocessWorker`), or in the analysis process when
+(:class:`~ww_monitor.monitoring.worker.SubprocessWorker`), or in the analysis process when
 ``worker_type="process"``. The rules that keep its cost bounded:
 
 * **Only when the figures can be stored**: rank 0, with a TensorBoard logger (CSV, MLflow and
@@ -93,7 +93,7 @@ class FigurePipeline:
         if self._process_worker is not None:
             return self._process_worker
         if self._renderer is None and start:
-            from .worker import SubprocessWorker
+            from ..monitoring.worker import SubprocessWorker
 
             self._renderer = SubprocessWorker(num_threads=1, nice=self.nice)
         return self._renderer

@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .functional.marchenko_pastur import bbp_threshold
+from ..functional.marchenko_pastur import bbp_threshold
 
 __all__ = [
     "GENERATORS",
@@ -291,7 +291,7 @@ def zeroed_columns(
 
 
 #: Name -> (generator, phase value it is built to show) for calibration and tests. Values
-#: are :class:`~ww_monitor.phases.Phase` values (strings) to keep this module import-light.
+#: are :class:`~ww_monitor.analysis.phases.Phase` values (strings) to keep this module import-light.
 GENERATORS = {
     "gaussian": (gaussian, "random-like"),
     "uniform": (uniform, "random-like"),

@@ -3,7 +3,7 @@
 ``fix_fingers`` (:mod:`.functional.fingers`), ``fit="TPL"|"E_TPL"``
 (:mod:`.functional.truncated_power_law`), ``detX``/``ERG`` (:mod:`.functional.determinant`) and
 ``randomize`` (:mod:`.functional.randomize`). :mod:`.analyze` calls these; the columns they fill
-stay ``None`` on :class:`~ww_monitor.results.LayerResult` when an option is off.
+stay ``None`` on :class:`~ww_monitor.analysis.results.LayerResult` when an option is off.
 
 As in weightwatcher, the fit options replace the power-law columns: with ``fix_fingers`` alpha,
 xmin, D, ... are those of the fingers-fixed fit; with ``fit="TPL"`` ``alpha`` is the truncated
@@ -19,12 +19,12 @@ import numbers
 
 import numpy as np
 
-from .errors import WWMonitorError
-from .functional.determinant import detx_constraint
-from .functional.fingers import FIX_FINGERS, fit_clip_xmax, fit_xmin_peak
-from .functional.power_law import PowerLawFit
-from .functional.randomize import randomized_esd
-from .functional.truncated_power_law import FITS, fit_truncated_power_law
+from ..errors import WWMonitorError
+from ..functional.determinant import detx_constraint
+from ..functional.fingers import FIX_FINGERS, fit_clip_xmax, fit_xmin_peak
+from ..functional.power_law import PowerLawFit
+from ..functional.randomize import randomized_esd
+from ..functional.truncated_power_law import FITS, fit_truncated_power_law
 
 __all__ = ["validate_options", "fingers_fit", "apply_tpl", "apply_detx", "apply_randomize"]
 
@@ -87,7 +87,7 @@ def apply_detx(res, evals: np.ndarray) -> None:
 
 def apply_randomize(res, m, evals: np.ndarray, config) -> None:
     """Randomized ESD columns; a failure leaves them None (logged at debug level)."""
-    from .functional.marchenko_pastur import fit_marchenko_pastur
+    from ..functional.marchenko_pastur import fit_marchenko_pastur
 
     try:
         r = randomized_esd(m.weight, evals, eig_scale=m.eig_scale, seed=config.seed, method=config.method)

@@ -1,4 +1,4 @@
-"""``wwm.analyze``: weights in, a :class:`~ww_monitor.results.Report` out.
+"""``wwm.analyze``: weights in, a :class:`~ww_monitor.analysis.results.Report` out.
 
 Orchestration only: layer selection lives in :mod:`.layers`, the math in :mod:`.functional`.
 """
@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import WWMonitorError
+from ..errors import WWMonitorError
 from .estimate import estimated_layer_result, wants_estimate
-from .functional.eigenvalues import METHODS, batched_eigenvalues
-from .functional.correlation_traps import count_correlation_traps
-from .functional.sampled import DEFAULT_SAMPLES, DEFAULT_SAMPLE_SIZE
-from .functional.marchenko_pastur import fit_marchenko_pastur
-from .functional.power_law import DEFAULT_MIN_EIGENVALUE, PowerLawFit, fit_power_law
-from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
-from .functional.spectral_metrics import alpha_metrics, matrix_entropy, matrix_rank, norm_metrics, rank_tolerance
+from ..functional.eigenvalues import METHODS, batched_eigenvalues
+from ..functional.correlation_traps import count_correlation_traps
+from ..functional.sampled import DEFAULT_SAMPLES, DEFAULT_SAMPLE_SIZE
+from ..functional.marchenko_pastur import fit_marchenko_pastur
+from ..functional.power_law import DEFAULT_MIN_EIGENVALUE, PowerLawFit, fit_power_law
+from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
+from ..functional.spectral_metrics import alpha_metrics, matrix_entropy, matrix_rank, norm_metrics, rank_tolerance
 from .layers import (
     CONV_MODES,
     LayerMatrix,
@@ -300,7 +300,7 @@ def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, fit: P
     of the slices after the sqrt(eig_scale) normalisation. Traps are counted on the raw
     weights (the count is scale invariant). A failure is logged at debug level and leaves the
     fields at their defaults (NaN / None), never raised. Layers with fewer than
-    :data:`~ww_monitor.reliability.RELIABLE_MIN_EVALS` eigenvalues get no phase.
+    :data:`~ww_monitor.analysis.reliability.RELIABLE_MIN_EVALS` eigenvalues get no phase.
     """
     try:
         mp = fit_marchenko_pastur(evals, m.N, m.M, num_slices=m.num_slices)
@@ -364,7 +364,7 @@ def analyze(
         model: ``nn.Module``, ``{name: tensor}`` state dict, or a path (.pt/.pth/.ckpt/.bin loaded
             with ``weights_only``, .safetensors, or a folder of them).
         include / exclude: regex (or list) matched with ``re.search`` against layer names.
-        kinds: restrict to these layer kinds (see :data:`ww_monitor.layers.KINDS`).
+        kinds: restrict to these layer kinds (see :data:`ww_monitor.analysis.layers.KINDS`).
         conv_mode: ``"pooled"`` (one ESD per conv layer from all kernel positions, each slice
             scaled by sqrt(1/2), weightwatcher's default) or ``"slices"`` (one ESD per position).
         min_evals / max_evals / max_n: size limits; layers outside are reported in ``skipped``.
@@ -375,7 +375,7 @@ def analyze(
         estimate_above: opt-in for models too large to analyse whole: 2-D matrices whose smaller
             side exceeds this are not decomposed; alpha is estimated from ``estimate_samples``
             random submatrices with ``estimate_size`` columns and the matrix's aspect ratio
-            (``method="sampled"`` on the result; see :mod:`ww_monitor.estimate`).
+            (``method="sampled"`` on the result; see :mod:`ww_monitor.analysis.estimate`).
         weights_only: load checkpoint files with PyTorch's safe unpickler (default). Set False
             only for files you trust.
         progress: called as ``progress(done, total)`` (layers) as the analysis advances; the

@@ -13,7 +13,7 @@ Default thresholds and why:
 * ``alpha_high_warmup = 5`` snapshots: every layer starts random-like with a large alpha, so the
   high-alpha rule only speaks once training had time to move the spectrum.
 * ``alpha_min_evals = 50``: the alpha rules ignore layers with fewer eigenvalues, and layers
-  whose fit is not reliable (:mod:`ww_monitor.reliability`): a power-law fit on a handful of
+  whose fit is not reliable (:mod:`ww_monitor.analysis.reliability`): a power-law fit on a handful of
   points swings by several units between snapshots, and an alert on it would be noise.
 * ``alpha_confirm_snapshots = 2``: alpha must be outside the band on this many consecutive
   snapshots to fire, and back inside on as many to resolve, so a layer hugging a boundary
@@ -48,9 +48,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-from .phases import Phase
-from .results import LayerResult, SkippedLayer
-from .user_warnings import warn_user
+from ..analysis.phases import Phase
+from ..analysis.results import LayerResult, SkippedLayer
+from ..user_warnings import warn_user
 
 __all__ = [
     "Alert", "AlertConfig", "AlertTracker", "AlertError", "WWMonitorAlert", "dispatch_alerts", "alerts_markdown",
@@ -144,8 +144,8 @@ class AlertConfig:
     def __post_init__(self):
         from collections.abc import Mapping
 
-        from .errors import WWMonitorError
-        from .validation import check_int, check_names, check_number
+        from ..errors import WWMonitorError
+        from ..validation import check_int, check_names, check_number
 
         owner = "AlertConfig"
         check_number("alpha_low", self.alpha_low, owner=owner)

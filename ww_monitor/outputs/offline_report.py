@@ -8,8 +8,8 @@ Sources, in order of preference for the over-training views:
   :class:`~ww_monitor.Phase`), the ESD evolution from the histograms ``ww/esd/<layer>``, alerts
   from the text ``ww/alerts`` and the per-layer table at the last snapshot;
 * a **Lightning checkpoint** (``.ckpt``) holding the callback's state: the same views from the
-  stored :class:`~ww_monitor.history.History`, alerts replayed over that history with the default
-  :class:`~ww_monitor.alerts.AlertConfig`, and ESDs with their fits from an analysis of the
+  stored :class:`~ww_monitor.monitoring.history.History`, alerts replayed over that history with the default
+  :class:`~ww_monitor.monitoring.alerts.AlertConfig`, and ESDs with their fits from an analysis of the
   checkpoint's final weights;
 * a **plain model file** (state dict, ``.safetensors``, or a folder of them): the analysis of
   that one model.
@@ -35,8 +35,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import WWMonitorError
-from .phases import UNDETERMINED, Phase
+from ..errors import WWMonitorError
+from ..analysis.phases import UNDETERMINED, Phase
 
 __all__ = ["RunData", "EsdSnapshot", "load_run", "render_html", "write_report", "write_figures",
            "plot_alpha_over_training", "plot_esd_evolution"]
@@ -121,7 +121,7 @@ def load_run(
     if p.is_dir():
         if _event_files(p):
             return _from_tensorboard(p, esd_layers, max_esd_layers, max_esd_snapshots)
-        from .loading import SUPPORTED_SUFFIXES
+        from ..analysis.loading import SUPPORTED_SUFFIXES
 
         if not any(f.is_file() and f.suffix in SUPPORTED_SUFFIXES for f in p.iterdir()):
             raise WWMonitorError(f"{p}: holds no TensorBoard event files and no checkpoint files")
@@ -302,8 +302,8 @@ def _decode_text(tensor_proto) -> str:
 
 
 def _from_weights(p: Path, weights_only: bool, esd_layers, max_esd_layers: int, analyze_fn) -> RunData:
-    from .history import History
-    from .loading import load_state_dict
+    from ..monitoring.history import History
+    from ..analysis.loading import load_state_dict
 
     state = load_state_dict(p, weights_only=weights_only)
     history = History()
@@ -316,7 +316,7 @@ def _from_weights(p: Path, weights_only: bool, esd_layers, max_esd_layers: int, 
         if isinstance(raw.get("global_step"), int):
             step = raw["global_step"]
     if analyze_fn is None:
-        from .analyze import analyze
+        from ..analysis.analyze import analyze
 
         def analyze_fn(source):
             return analyze(source)
@@ -351,7 +351,7 @@ def _from_weights(p: Path, weights_only: bool, esd_layers, max_esd_layers: int, 
 
 def _raw_checkpoint(p: Path, weights_only: bool):
     """The checkpoint's top-level object (memory-mapped where possible: the weights were
-    already read and validated by :func:`~ww_monitor.loading.load_state_dict`)."""
+    already read and validated by :func:`~ww_monitor.analysis.loading.load_state_dict`)."""
     import torch
 
     for mmap in (True, False):
@@ -401,7 +401,7 @@ def _fill_from_history(data: RunData, history) -> None:
 
 
 def _results_from_record(rec) -> list:
-    from .results import LayerResult
+    from ..analysis.results import LayerResult
 
     out = []
     for i, name in enumerate(rec.layers):
@@ -420,7 +420,7 @@ def _results_from_record(rec) -> list:
 
 
 def _skipped_from_record(rec) -> list:
-    from .results import SkippedLayer
+    from ..analysis.results import SkippedLayer
 
     return [SkippedLayer(name, "", (), reason) for name, reason in rec.skipped]
 
@@ -430,7 +430,7 @@ def _int(v) -> int:
 
 
 def _replay_alerts(snapshots) -> list[dict]:
-    from .alerts import AlertTracker
+    from ..monitoring.alerts import AlertTracker
 
     tracker = AlertTracker()
     out = []
@@ -610,7 +610,7 @@ def render_html(data: RunData, title: str | None = None) -> str:
         if data.table_step is not None:
             out.append(f'<p class="note">Model-level means at step {data.table_step}.</p>')
         if "num_unreliable" in data.summary:
-            from .reliability import RELIABLE_MIN_EVALS, RELIABLE_MIN_TAIL
+            from ..analysis.reliability import RELIABLE_MIN_EVALS, RELIABLE_MIN_TAIL
 
             out.append(f'<p class="note">The alpha means leave out {_fmt(data.summary["num_unreliable"])} unreliable '
                        f"layer(s) (fewer than {RELIABLE_MIN_EVALS} eigenvalues or {RELIABLE_MIN_TAIL} in the power-law "
@@ -769,7 +769,7 @@ def _safe_filename(name: str) -> str:
 def write_figures(report, folder: str | os.PathLike, max_esd: int = 12, dpi: int = 100) -> list[Path]:
     """Save ``alpha_per_layer.png`` and one ``esd_<layer>.png`` (ESD with its MP and power-law
     fits) for at most ``max_esd`` analysed layers spread over the depth (0: none) into
-    ``folder``. ``report`` is a :class:`~ww_monitor.results.Report` analysed with eigenvalues
+    ``folder``. ``report`` is a :class:`~ww_monitor.analysis.results.Report` analysed with eigenvalues
     kept. Returns the files written."""
     from . import plotting
 

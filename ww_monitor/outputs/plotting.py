@@ -16,8 +16,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .functional.marchenko_pastur import mp_density, mp_edges
-from .phases import UNDETERMINED, Phase
+from ..functional.marchenko_pastur import mp_density, mp_edges
+from ..analysis.phases import UNDETERMINED, Phase
 
 __all__ = ["plot_esd", "plot_alpha_per_layer", "plot_phase_heatmap", "PHASE_COLORS"]
 
@@ -60,7 +60,7 @@ def _finite(x) -> bool:
 def plot_esd(result, ax=None) -> Figure:
     """Histogram of a layer's ESD on log-log axes with the MP density and the power-law fit.
 
-    ``result`` is a :class:`~ww_monitor.results.LayerResult` analysed with
+    ``result`` is a :class:`~ww_monitor.analysis.results.LayerResult` analysed with
     ``keep_eigenvalues=True``. Drawn: the density-normalised histogram of the positive
     eigenvalues (log-spaced bins), the Marchenko-Pastur density for ``mp_sigma`` with its
     edge ``lambda_plus`` (dashed), and the fitted power law ``rho ~ lambda^-alpha`` above
@@ -123,7 +123,7 @@ def _counts(result) -> str:
 def plot_alpha_per_layer(layers: Sequence, ax=None) -> Figure:
     """Power-law alpha of each layer (in order) as bars, with the [2, 4] band shaded.
 
-    ``layers`` is a sequence of :class:`~ww_monitor.results.LayerResult`; layers whose fit
+    ``layers`` is a sequence of :class:`~ww_monitor.analysis.results.LayerResult`; layers whose fit
     failed (NaN alpha) keep their slot and are marked with an ``x`` on the axis. Layers whose
     fit is not reliable are drawn hatched in grey, and every tick label carries the eigenvalue
     count and tail count (``n/tail``) the fit rests on.
@@ -154,7 +154,7 @@ def plot_phase_heatmap(
 ) -> Figure:
     """Phase of each layer (rows) at each snapshot (columns), one fixed colour per phase.
 
-    ``phases[i][j]`` is the :class:`~ww_monitor.phases.Phase` (or its string value,
+    ``phases[i][j]`` is the :class:`~ww_monitor.analysis.phases.Phase` (or its string value,
     ``"undetermined"`` when analysed with too few eigenvalues for a phase, or None when not
     analysed) of ``layer_names[i]`` at training step ``steps[j]``.
     """

@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from .functional.power_law import DEFAULT_MIN_EIGENVALUE, fit_power_law
-from .functional.sampled import submatrix_eigenvalues, top_eigenvalue
-from .functional.spectral_metrics import norms_from, rank_tolerance
+from ..functional.power_law import DEFAULT_MIN_EIGENVALUE, fit_power_law
+from ..functional.sampled import submatrix_eigenvalues, top_eigenvalue
+from ..functional.spectral_metrics import norms_from, rank_tolerance
 from .layers import LayerMatrix
 from .results import LayerResult
 

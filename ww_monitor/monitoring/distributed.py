@@ -6,7 +6,7 @@
   first, ties to the lowest rank). A rank copies and analyses only the matrices it owns.
 * **Gathering.** :func:`all_gather_object` over the default process group (gloo or NCCL).
   The callback calls it only at hook points every rank reaches at the same time (see
-  :mod:`ww_monitor.callback`), never from the worker thread.
+  :mod:`ww_monitor.integrations.lightning_callback`), never from the worker thread.
 * **Sharded parameters.** Under FSDP the full weights exist only inside
   ``FullyShardedDataParallel.summon_full_params``: the snapshot is built one FSDP unit at a
   time (``recurse=False``), so at most one unit's full parameters are materialised at once.
@@ -26,9 +26,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .analyze import AnalysisConfig, select_matrices
-from .layers import LayerMatrix
-from .results import SkippedLayer
+from ..analysis.analyze import AnalysisConfig, select_matrices
+from ..analysis.layers import LayerMatrix
+from ..analysis.results import SkippedLayer
 from .snapshot import SnapshotBuilder
 
 __all__ = [

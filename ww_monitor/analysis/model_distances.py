@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import WWMonitorError
-from .functional.distances import cka_similarity, euclidean_distance, relative_distance
+from ..errors import WWMonitorError
+from ..functional.distances import cka_similarity, euclidean_distance, relative_distance
 from .layers import clean_name
 from .loading import load_state_dict
 from .results import SkippedLayer

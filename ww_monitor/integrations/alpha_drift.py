@@ -3,7 +3,7 @@
 Reads the values :class:`~ww_monitor.WeightWatcherCallback` puts into
 ``trainer.callback_metrics`` (``ww/summary/<metric>``, ``ww/<metric>/<layer>``, and
 ``ww/snapshot_step`` to recognise a new snapshot) and applies
-:class:`~ww_monitor.early_stopping.AlphaDriftRule` once per snapshot.
+:class:`~ww_monitor.monitoring.early_stopping.AlphaDriftRule` once per snapshot.
 
 Warm-up (``warmup=True``, the default): right after initialisation every layer is random-like
 and its alpha is large and noisy; in the first epochs mean alpha typically *rises* before it
@@ -31,10 +31,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .early_stopping import AlphaDriftRule
-from .errors import WWMonitorError
-from .user_warnings import warn_user
-from .validation import check_bool, check_int, check_number
+from ..monitoring.early_stopping import AlphaDriftRule
+from ..errors import WWMonitorError
+from ..user_warnings import warn_user
+from ..validation import check_bool, check_int, check_number
 
 __all__ = ["AlphaDriftEarlyStoppingMixin", "AlphaDriftEarlyStopping", "WARMUP_MAX_RANDOM_SHARE",
            "spectra_left_random_state"]
@@ -172,7 +172,7 @@ class AlphaDriftEarlyStoppingMixin:
         warn_user(text, UserWarning)
         if self.verbose:
             log.info(text)
-        from .tensorboard_writer import is_tensorboard_logger
+        from ..outputs.tensorboard_writer import is_tensorboard_logger
 
         for lg in getattr(trainer, "loggers", None) or []:
             if not is_tensorboard_logger(lg):

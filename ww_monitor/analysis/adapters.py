@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import WWMonitorError
+from ..errors import WWMonitorError
 from .layers import LayerMatrix, clean_name
 
 __all__ = ["PEFT_MODES", "ZERO_UPDATE_REASON", "check_peft", "lora_layers", "update_core", "with_adapters",

@@ -16,11 +16,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .results import LayerResult, SkippedLayer
+from ..analysis.results import LayerResult, SkippedLayer
 
 __all__ = ["HISTORY_METRICS", "SnapshotRecord", "History"]
 
-#: Numeric :class:`~ww_monitor.results.LayerResult` fields kept per layer and snapshot.
+#: Numeric :class:`~ww_monitor.analysis.results.LayerResult` fields kept per layer and snapshot.
 HISTORY_METRICS = (
     "N", "M", "Q", "num_evals", "num_slices",
     "lambda_max", "log_norm", "log_spectral_norm", "stable_rank", "matrix_rank", "rank_loss", "entropy",
@@ -170,7 +170,7 @@ class History:
         """``(layer_names, steps, phases[layer][snapshot])`` for a phase heatmap: a
         :class:`~ww_monitor.Phase`, ``"undetermined"`` for a layer analysed without a phase (too
         few eigenvalues), None where the layer was not analysed."""
-        from .phases import UNDETERMINED, Phase
+        from ..analysis.phases import UNDETERMINED, Phase
 
         names = list(layers) if layers is not None else self.layer_names
         grid = []

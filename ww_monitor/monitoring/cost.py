@@ -25,7 +25,7 @@ _PROBE_REPEATS = 3
 
 @functools.lru_cache(maxsize=None)
 def _calibrate(threads: int) -> tuple[float, float]:
-    from .functional.eigenvalues import batched_eigenvalues
+    from ..functional.eigenvalues import batched_eigenvalues
 
     g = torch.Generator().manual_seed(0)
     square = torch.randn(_PROBE_M, _PROBE_M, generator=g)

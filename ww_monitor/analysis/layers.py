@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import WWMonitorError
+from ..errors import WWMonitorError
 from .weight_access import read_weight
 
 __all__ = [
@@ -30,7 +30,7 @@ __all__ = [
 
 #: Layer kinds users can select with ``kinds=``.
 KINDS = ("linear", "conv1d_hf", "embedding", "conv1d", "conv2d", "conv3d", "attention", "rnn", "other",
-         "lora")  # lora: adapter updates, see ww_monitor.adapters
+         "lora")  # lora: adapter updates, see ww_monitor.analysis.adapters
 CONV_MODES = ("pooled", "slices")
 
 #: weightwatcher's default ``conv2d_norm``: each kernel slice is scaled by sqrt(1/2), which halves

@@ -4,7 +4,7 @@ Two flavours share all logic (:class:`WeightWatcherMixin`), differing only in th
 package whose ``Callback`` they subclass (Lightning does not support mixing ``lightning`` and
 ``pytorch_lightning`` objects: ``isinstance`` checks against the other package's classes fail):
 
-* ``ww_monitor.WeightWatcherCallback`` / ``ww_monitor.callback.WeightWatcherCallback`` for
+* ``ww_monitor.WeightWatcherCallback`` / ``ww_monitor.integrations.lightning_callback.WeightWatcherCallback`` for
   ``import pytorch_lightning as pl``;
 * ``ww_monitor.lightning.WeightWatcherCallback`` for ``import lightning.pytorch as pl``
   (or ``import lightning as L``).
@@ -13,7 +13,7 @@ Importing this module does not import any Lightning package; the ``pytorch_light
 class is built on first access, so ``ww_monitor.lightning`` never pulls in
 ``pytorch_lightning`` and vice versa.
 
-How it works (the callback only orchestrates; the math lives in :mod:`ww_monitor.analyze`):
+How it works (the callback only orchestrates; the math lives in :mod:`ww_monitor.analysis.analyze`):
 
 1. **Snapshot** (training thread, between optimizer steps, under ``torch.no_grad``): the
    selected matrices are copied into one flat buffer per dtype (:mod:`.snapshot`), at train
@@ -55,26 +55,26 @@ from typing import Any, Callable
 
 import torch
 
-from .adapters import ZERO_UPDATE_REASON
-from .alerts import Alert, AlertConfig, AlertTracker, dispatch_alerts
-from .analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, AnalysisConfig
-from .cost import estimate_seconds
-from .device import resolve_analysis_device, staging_budget, validate_analysis_device
-from .distributed import all_gather_object, collect_into, is_initialized
-from .errors import WWMonitorError
-from .figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
-from .functional.distances import esd_shift as esd_shift_distance
-from .functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
-from .history import History, SnapshotRecord
-from .layers import CONV_MODES, KINDS, available_layer_names, is_size_limit
-from .results import Report
-from .snapshot import SnapshotBuilder
-from .user_warnings import warn_user
-from .tensorboard_writer import LoggerWriter, layer_scalars, summary_scalars
-from .validation import check_bool as _check_bool
-from .validation import check_int as _check_int
-from .validation import check_seconds as _check_seconds
-from .worker import CHUNK_BYTES, AnalysisOutput, analyze_snapshot, failed_analysis, make_worker
+from ..analysis.adapters import ZERO_UPDATE_REASON
+from ..monitoring.alerts import Alert, AlertConfig, AlertTracker, dispatch_alerts
+from ..analysis.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, AnalysisConfig
+from ..monitoring.cost import estimate_seconds
+from ..monitoring.device import resolve_analysis_device, staging_budget, validate_analysis_device
+from ..monitoring.distributed import all_gather_object, collect_into, is_initialized
+from ..errors import WWMonitorError
+from ..outputs.figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
+from ..functional.distances import esd_shift as esd_shift_distance
+from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
+from ..monitoring.history import History, SnapshotRecord
+from ..analysis.layers import CONV_MODES, KINDS, available_layer_names, is_size_limit
+from ..analysis.results import Report
+from ..monitoring.snapshot import SnapshotBuilder
+from ..user_warnings import warn_user
+from ..outputs.tensorboard_writer import LoggerWriter, layer_scalars, summary_scalars
+from ..validation import check_bool as _check_bool
+from ..validation import check_int as _check_int
+from ..validation import check_seconds as _check_seconds
+from ..monitoring.worker import CHUNK_BYTES, AnalysisOutput, analyze_snapshot, failed_analysis, make_worker
 
 __all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]
 
@@ -219,15 +219,15 @@ class WeightWatcherMixin:
             GPU, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. On a GPU the snapshot stays
             on the device within a quarter of its free memory, the solves run on a low-priority
             stream, only eigenvalues come to the host, and an out-of-memory error falls back to
-            the CPU with a warning (:mod:`ww_monitor.device`).
+            the CPU with a warning (:mod:`ww_monitor.monitoring.device`).
         drain_timeout: seconds to wait for outstanding analyses at train end and when a
             checkpoint is saved before giving up with a warning.
-        alerts: alert rules (:class:`ww_monitor.alerts.AlertConfig`: thresholds, enabled rules,
+        alerts: alert rules (:class:`ww_monitor.monitoring.alerts.AlertConfig`: thresholds, enabled rules,
             per-rule actions ``log``/``warn``/``tensorboard``/``callback``/``raise``/``stop``);
             ``True`` for the defaults (rank collapse, alpha outside [2, 4] after a warm-up,
             non-finite weights, phase regression, correlation traps), ``False`` to disable.
             Alerts fire when a layer enters a state and are resolved when it leaves.
-        on_alert: called with each :class:`~ww_monitor.alerts.Alert` (rank 0) for rules whose
+        on_alert: called with each :class:`~ww_monitor.monitoring.alerts.Alert` (rank 0) for rules whose
             actions include ``"callback"`` (the default).
         detX: the det X = 1 tail of SETOL (``detX_num``, ``detX_val``, ``ERG_gap``); cost ~1%.
         fix_fingers: ``"clip_xmax"`` or ``"xmin_peak"``: power-law fits not thrown off by a few
@@ -239,7 +239,7 @@ class WeightWatcherMixin:
         randomize: randomized-ESD columns (``rand_distance``, ...): two to six extra eigensolves
             per layer, ~6x the analysis time. These five are weightwatcher 0.7.7's options, as in
             :func:`ww_monitor.analyze`; times from ``benchmarks/bench_options.py``.
-        peft: LoRA adapters (see :mod:`ww_monitor.adapters`): ``False`` analyses the base
+        peft: LoRA adapters (see :mod:`ww_monitor.analysis.adapters`): ``False`` analyses the base
             weights, ``True``/``"peft_only"`` only the adapter updates ``scaling * B @ A`` (from an
             r x r core: cheap), ``"with_base"`` everything plus the merged weights. Zero updates
             (``lora_B`` right after initialisation) are skipped with a reason, never a rank collapse.
@@ -253,7 +253,7 @@ class WeightWatcherMixin:
             in checkpoints, so it continues across a resume). Both are also columns of
             ``history.to_pandas()``.
         summary_include_unreliable: also average layers whose fit is not reliable (too few
-            eigenvalues or tail points, :mod:`ww_monitor.reliability`) into the fit-based
+            eigenvalues or tail points, :mod:`ww_monitor.analysis.reliability`) into the fit-based
             ``ww/summary/*`` means. Default False: they are left out and counted in
             ``ww/summary/num_unreliable``.
 
@@ -390,7 +390,7 @@ class WeightWatcherMixin:
     def _new_run(self) -> None:
         """The per-run state, fresh: history, alert state, counters (at construction, and when
         the callback is reused for a new run)."""
-        #: Every analysed snapshot (:class:`ww_monitor.history.History`).
+        #: Every analysed snapshot (:class:`ww_monitor.monitoring.history.History`).
         self.history = History()
         #: Alert state (``None`` when alerts are off); ``alerts_fired`` lists every alert raised.
         self.alert_tracker = AlertTracker(self._alert_config) if self._alerts_on else None

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["load_state_dict", "checkpoint_files", "TORCH_SUFFIXES", "SAFETENSORS_SUFFIXES", "SUPPORTED_SUFFIXES"]
 

@@ -19,7 +19,7 @@ What follows from it (documented in the README, "Reliability"):
 * a layer with fewer than ``RELIABLE_MIN_EVALS`` eigenvalues gets **no phase** (``phase is
   None``: undetermined); the phase reads the MP fit, so the eigenvalue count alone decides;
 * unreliable layers are left out of the fit-based model means (alpha, alpha_weighted,
-  log_alpha_norm) of :meth:`~ww_monitor.results.Report.summary` by default and counted in
+  log_alpha_norm) of :meth:`~ww_monitor.analysis.results.Report.summary` by default and counted in
   ``num_unreliable``; ``summary(include_unreliable=True)`` restores the plain means;
 * the alpha alert rules ignore them.
 """

@@ -31,10 +31,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .phases import UNDETERMINED, Phase
-from .reliability import RELIABLE_MIN_EVALS, RELIABLE_MIN_TAIL
-from .results import SUMMARY_COUNTS, SUMMARY_METRICS, LayerResult
-from .user_warnings import warn_user
+from ..analysis.phases import UNDETERMINED, Phase
+from ..analysis.reliability import RELIABLE_MIN_EVALS, RELIABLE_MIN_TAIL
+from ..analysis.results import SUMMARY_COUNTS, SUMMARY_METRICS, LayerResult
+from ..user_warnings import warn_user
 
 __all__ = [
     "LAYER_METRICS",

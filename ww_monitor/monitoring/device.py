@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from .errors import WWMonitorError
+from ..errors import WWMonitorError
 
 __all__ = [
     "DEVICE_MEMORY_FRACTION",
