@@ -338,7 +338,7 @@ def test_worker_failure_is_a_warning_not_a_crash(tmp_path, monkeypatch):
 
 
 def test_snapshot_copy_failure_is_a_warning(tmp_path, monkeypatch):
-    import ww_monitor.integrations.lightning_callback as callback_mod
+    import ww_monitor.core.engine as callback_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError("parameters went away")

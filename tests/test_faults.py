@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ww_monitor
-import ww_monitor.integrations.lightning_callback as callback_mod
+import ww_monitor.core.engine as callback_mod
 from test_callback import ClassifierSteps
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -149,7 +149,7 @@ _SIGNAL_SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader, TensorDataset
     import pytorch_lightning as pl
     import ww_monitor
-    import ww_monitor.integrations.lightning_callback as callback_mod
+    import ww_monitor.core.engine as callback_mod
 
     real = callback_mod.analyze_snapshot
 

@@ -22,6 +22,7 @@ __all__ = [
     "Distances",
     "LayerDistance",
     "LayerResult",
+    "Monitor",
     "Phase",
     "PowerLawFit",
     "Report",
@@ -36,7 +37,8 @@ __all__ = [
     "fit_power_law",
 ]
 
-_LAZY = {"WeightWatcherCallback": ("ww_monitor.integrations.lightning_callback", "WeightWatcherCallback"),
+_LAZY = {"Monitor": ("ww_monitor.core.monitor", "Monitor"),
+         "WeightWatcherCallback": ("ww_monitor.integrations.lightning_callback", "WeightWatcherCallback"),
          "AlphaDriftEarlyStopping": ("ww_monitor.integrations.alpha_drift", "AlphaDriftEarlyStopping"),
          "classify_phase": ("ww_monitor.analysis.phases", "classify_phase"),
          "SpectralBalancer": ("ww_monitor.balancing", "SpectralBalancer"),

@@ -190,7 +190,10 @@ def layers_markdown(results: Sequence[LayerResult]) -> str:
 
 
 def is_tensorboard_logger(logger) -> bool:
-    """A Lightning TensorBoardLogger of either package (no import of either)."""
+    """A Lightning TensorBoardLogger of either package (no import of either), or a sink that
+    writes to a ``SummaryWriter`` (``writes_tensorboard``, :mod:`ww_monitor.core.sinks`)."""
+    if getattr(logger, "writes_tensorboard", False) is True:
+        return True
     return any(c.__name__ == "TensorBoardLogger" for c in type(logger).__mro__)
 
 

@@ -1,0 +1,11 @@
+"""The framework-agnostic monitor, and the plain-loop front door.
+
+* :mod:`.engine`: :class:`~ww_monitor.core.engine.MonitorEngine`: schedule, snapshot, analyse,
+  collect/gather, complete, alert, write, resumable state; no training framework in it;
+* :mod:`.sinks`: where results go without a framework's loggers (``SummaryWriter``, callables)
+  and the *host* protocol the engine talks to (a Lightning ``Trainer`` is one);
+* :mod:`.monitor`: ``ww_monitor.Monitor``, the engine driven by ``step()`` / ``close()``.
+
+The framework front doors are ``ww_monitor.WeightWatcherCallback`` / ``ww_monitor.lightning``
+(:mod:`ww_monitor.integrations`) and ``ww_monitor.huggingface``.
+"""

@@ -1,0 +1,151 @@
+"""``ww_monitor.Monitor``: spectral monitoring for plain PyTorch loops and Lightning Fabric.
+
+The same engine as ``WeightWatcherCallback`` (:class:`~ww_monitor.core.engine.MonitorEngine`),
+driven by two calls instead of a trainer's hooks: :meth:`Monitor.step` after each optimizer
+step and :meth:`Monitor.close` at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import WWMonitorError
+from ..validation import check_int
+from .engine import MonitorEngine, _on_training_thread
+from .sinks import LoopHost, as_sinks
+
+__all__ = ["Monitor"]
+
+#: Arguments of the Lightning callback that a plain loop has no use for.
+_NOT_HERE = {"every_n_epochs": "every_n_steps", "every_n_train_steps": "every_n_steps"}
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the default ``torch.distributed`` process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Monitor(MonitorEngine):
+    """Watch the eigenvalue spectra of a model's weights in any training loop.
+
+    The first :meth:`step` takes the baseline snapshot; then one every ``every_n_steps`` steps,
+    and a final one at :meth:`close`. Each is analysed in the background and written at its
+    step: ``ww/<metric>/<layer>`` and ``ww/summary/<metric>`` scalars to every sink, plus ESD
+    histograms ``ww/esd/<layer>``, the ``ww/layers`` table and figures to a ``SummaryWriter``.
+    Every snapshot is kept in :attr:`history`; :attr:`metrics` holds the latest scalars;
+    :meth:`state_dict` / :meth:`load_state_dict` resume without gaps. Under ``torch.distributed``
+    every rank calls :meth:`step` with the same steps (each analyses its share of the layers;
+    rank 0 writes).
+
+    Example::
+
+        from torch.utils.tensorboard import SummaryWriter
+        import ww_monitor
+
+        monitor = ww_monitor.Monitor(SummaryWriter("tb_logs"), every_n_steps=100)
+        for step, (x, y) in enumerate(loader, start=1):
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if monitor.step(model, step):  # True once an alert with action "stop" fired
+                break
+        monitor.close(model, step)
+        df = monitor.history.to_pandas()
+
+    Args:
+        sinks: where results go: a ``SummaryWriter``, any callable ``fn(metrics, step)``, an object
+            with ``log_metrics(metrics, step)`` (e.g. a Lightning logger), or a list of these.
+            ``None`` keeps them in :attr:`history` and :attr:`metrics` only.
+        every_n_steps: take a snapshot every this many steps (``step % every_n_steps == 0``).
+        **options: any other argument of :class:`ww_monitor.WeightWatcherCallback` (``include``,
+            ``exclude``, ``kinds``, ``background``, ``blocking``, ``alerts``, ``on_alert``,
+            ``esd_shift``, ...), with the same meaning.
+    """
+
+    def __init__(self, sinks=None, every_n_steps: int = 100, **options: Any) -> None:
+        for name, instead in _NOT_HERE.items():
+            if name in options:
+                raise WWMonitorError(f"Monitor: `{name}` is not an argument here; use `{instead}`.")
+        check_int("every_n_steps", every_n_steps, 1, owner="Monitor")
+        super().__init__(every_n_epochs=None, every_n_train_steps=every_n_steps, **options)
+        self._host = LoopHost(as_sinks(sinks))
+
+    @property
+    def every_n_steps(self) -> int:
+        return self.every_n_train_steps
+
+    @property
+    def sinks(self) -> list:
+        return self._host.loggers
+
+    @property
+    def should_stop(self) -> bool:
+        """True once an alert whose action is ``stop`` fired (also what :meth:`step` returns)."""
+        return self._host.should_stop
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The latest snapshot's ``ww/...`` scalars (also in the sinks)."""
+        return {k: float(v) for k, v in self._host.callback_metrics.items()}
+
+    @_on_training_thread
+    def step(self, model, step: int, epoch: int = 0) -> bool:
+        """Call after each optimizer step (every rank alike). Takes the snapshot when one is due,
+        writes finished results, and returns :attr:`should_stop`."""
+        self._check_step(model, step)
+        host = self._host
+        host.global_step = step
+        if not self._active:
+            self._check_reuse(step)
+            rank, world = _distributed()
+            self._start_run(host, model, rank, world, epoch)
+        elif step % self.every_n_train_steps == 0 and step != self._checked_step:
+            self._checked_step = step
+            self._sync_point(host, model, snapshot=step != self._last_step, epoch=epoch)
+        elif self._world == 1:
+            self._collect(host)
+        if self._guard is not None:  # CUDA copies must finish before the next optimizer step
+            self._guard.guard_writes()
+            self._guard = None
+        return host.should_stop
+
+    @_on_training_thread
+    def close(self, model=None, step: int | None = None, epoch: int = 0) -> None:
+        """End of training: a final snapshot of ``model`` at ``step`` (unless that step was just
+        taken; none without ``model``), wait for the analyses, write everything, stop the worker."""
+        if not self._active:
+            return
+        host = self._host
+        if model is None:
+            host.global_step = self._last_step
+        else:
+            self._check_step(model, step if step is not None else host.global_step)
+            if step is not None:
+                host.global_step = step
+        self._finish_run(host, model, epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history, alert state and schedule, for ``torch.save`` next to the model's
+        (tensors and plain types only: loads with ``weights_only=True``)."""
+        return self._engine_state(self._host if self._active else None, None)
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort_run()
+
+    @staticmethod
+    def _check_step(model, step) -> None:
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise WWMonitorError(f"Monitor: `model` must be a torch.nn.Module, got {type(model).__name__}.")
+        check_int("step", step, 0, owner="Monitor")
