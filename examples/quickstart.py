@@ -130,7 +130,10 @@ def main() -> None:
     acc = trainer.callback_metrics.get("val/acc")
     print_table(ww.history, float(acc) if acc is not None else None)
     print(f"\n{len(ww.history)} snapshots in {elapsed:.1f} s of training ({ww.stats['snapshots_skipped']} skipped).")
-    print(f"Look at it with:\n    tensorboard --logdir {os.path.abspath(logger.log_dir)}")
+    # --logdir at the logger's root, not at version_N: TensorBoard names each run by its path below
+    # --logdir, so this run shows as "digits/version_0" (pointing at the run itself shows it as ".").
+    run_name = os.path.relpath(logger.log_dir, logger.save_dir)
+    print(f"Look at it with (run {run_name!r}):\n    tensorboard --logdir {os.path.abspath(logger.save_dir)}")
     from ww_monitor.outputs.offline_report import write_report
 
     report = write_report(logger.log_dir, os.path.join(logger.log_dir, "report.html"))

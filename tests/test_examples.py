@@ -41,7 +41,8 @@ def test_quickstart(tmp_path_factory):
     res, logdir = run_quickstart(tmp_path_factory)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Per-layer summary at step" in res.stdout and "2 snapshots in" in res.stdout
-    assert "tensorboard --logdir" in res.stdout
+    # The printed command points at the logger's root, so the run is listed by name (not as ".").
+    assert f"tensorboard --logdir {logdir}" in res.stdout and "run 'digits/version_0'" in res.stdout
     for layer in ("fc1", "fc2", "out"):
         assert any(line.startswith(layer) for line in res.stdout.splitlines())
     assert list(logdir.rglob("events.out.tfevents*"))

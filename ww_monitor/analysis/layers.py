@@ -1,6 +1,6 @@
 """Which weight matrices are analysed, and how each layer type becomes one or more ESDs.
 
-SPEC section 2. A :class:`LayerMatrix` is one ESD: a 2-D matrix, or a stack of k slices whose
+A :class:`LayerMatrix` is one ESD: a 2-D matrix, or a stack of k slices whose
 eigenvalues are pooled (convolutions: one slice per kernel position, each out x in).
 """
 

@@ -1,5 +1,13 @@
 """Load weights from disk safely: .pt/.pth/.ckpt/.bin with ``weights_only=True``, .safetensors,
-or a folder of them (sharded checkpoints are merged)."""
+or a folder of them (sharded checkpoints are merged).
+
+Order of the tensors (and so of the rows of every report): a PyTorch file keeps the order it was
+saved in, which is the module's own order (``state_dict()``). A safetensors file does not store
+the module order (its header is sorted by name), so its tensors are put in **natural order** of
+the dotted name, numeric parts compared as numbers (``layers.2`` before ``layers.10``): that is
+the module order for stacks of numbered blocks; differently named siblings (``features`` and
+``classifier``) still come alphabetically. The files of a folder are read in natural order too.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["load_state_dict", "checkpoint_files", "TORCH_SUFFIXES", "SAFETENSORS_SUFFIXES", "SUPPORTED_SUFFIXES"]
+__all__ = ["load_state_dict", "checkpoint_files", "natural_key", "TORCH_SUFFIXES", "SAFETENSORS_SUFFIXES",
+           "SUPPORTED_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +86,7 @@ def checkpoint_files(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
         CheckpointError: the folder holds no model weight file.
     """
     p = Path(folder)
-    entries = sorted(f for f in p.iterdir() if f.is_file())
+    entries = sorted((f for f in p.iterdir() if f.is_file()), key=lambda f: natural_key(f.name))
     notes = [f"{f.name}: not model weights (optimizer/scheduler/RNG/trainer state); not read"
              for f in entries if _NOT_MODEL.match(f.name) and (f.suffix in SUPPORTED_SUFFIXES or f.suffix == ".json")]
     weights = [f for f in entries if f.suffix in SUPPORTED_SUFFIXES and not _NOT_MODEL.match(f.name)]
@@ -105,7 +114,7 @@ def _indexed_shards(folder: Path, entries: list[Path], suffix: str) -> list[Path
     for index in (f for f in entries if f.name.endswith(suffix)):
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted({str(v) for v in weight_map.values()})
+            shards = sorted({str(v) for v in weight_map.values()}, key=natural_key)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{index}: not a valid sharded-checkpoint index ({type(err).__name__}: {err})") from None
         missing = [s for s in shards if not (folder / s).is_file()]
@@ -113,6 +122,12 @@ def _indexed_shards(folder: Path, entries: list[Path], suffix: str) -> list[Path
             raise CheckpointError(f"{index}: names shard(s) that are missing: {', '.join(missing)}")
         return [folder / s for s in shards]
     return []
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that compares the digit runs of ``name`` as numbers: ``layers.2.fc`` sorts before
+    ``layers.10.fc`` (plain string order puts 10 first)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
 
 
 def _load_file(p: Path, weights_only: bool) -> dict[str, torch.Tensor]:
@@ -149,9 +164,10 @@ def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(p), device="cpu")
+        tensors = load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{p}: corrupt or not a safetensors file ({err})") from None
+    return {k: tensors[k] for k in sorted(tensors, key=natural_key)}
 
 
 def _flatten(obj, p: Path) -> dict[str, torch.Tensor]:

@@ -117,7 +117,7 @@ MISFIT_MIN = 3.0
 #: any edge. A decaying shoulder of BBP outliers of strength <= 2x threshold ends at ~1.5-1.6
 #: lambda_+ (softrank >= 0.63 measured); Student-t(mu <= 2) entries give softrank <= 0.22 (M >= 256).
 HEAVY_TAILED_MAX_SOFTRANK = 0.5
-#: Largest power-law alpha still called heavy-tailed (SPEC: alpha <= ~4-6 heavy, > 6 the fit is
+#: Largest power-law alpha still called heavy-tailed (Martin & Mahoney 2021: alpha <= ~4-6 heavy, > 6 the fit is
 #: unreliable and the layer is random-like or bulk-decay). Pure power-law ESDs with alpha = 4
 #: are fitted at 3.5-5.6 for M >= 128.
 HEAVY_TAILED_MAX_ALPHA = 6.0

@@ -25,7 +25,7 @@ _FIT_DEPENDENT = {"alpha", "alpha_weighted", "log_alpha_norm"}
 
 @dataclass
 class LayerResult:
-    """Metrics of one layer's ESD; every metric has its SPEC section 3 name."""
+    """Metrics of one layer's ESD; every metric has its weightwatcher name."""
 
     name: str
     kind: str

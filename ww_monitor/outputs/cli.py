@@ -31,18 +31,22 @@ EXIT_USER_ERROR = 2
 #: ``analyze --plot``: ESD figures for at most this many layers unless ``--max-plots`` says otherwise.
 DEFAULT_MAX_PLOTS = 12
 
-_TABLE_COLUMNS = (
-    ("name", "layer"), ("kind", "kind"), ("N", "N"), ("M", "M"), ("alpha", "alpha"),
-    ("alpha_weighted", "alpha_w"), ("D", "D"), ("num_pl_spikes", "n_tail"), ("log_norm", "log_norm"),
-    ("log_spectral_norm", "log_spec"), ("stable_rank", "stable_rank"), ("rank_loss", "rank_loss"),
-    ("num_spikes", "spikes"), ("phase", "phase"),
-)
+#: Columns of ``--format table``: a subset of the CSV/JSON columns (``Report.to_dicts()`` keys),
+#: under the same names and in the same order, so one vocabulary serves every format.
+_TABLE_COLUMNS = ("name", "kind", "N", "M", "num_evals", "num_pl_spikes", "reliable", "log_norm",
+                  "log_spectral_norm", "stable_rank", "rank_loss", "alpha", "D", "alpha_weighted", "num_spikes",
+                  "phase")
+#: Columns of the options (``--detX``, ``--fit TPL``, ...), shown in the table when any layer has them.
+_OPTION_COLUMNS = ("detX_num", "ERG_gap", "num_fingers", "Lambda", "rand_distance", "ww_softrank")
 
 
-_OPTION_COLUMNS = (
-    ("detX_num", "detX_num"), ("ERG_gap", "ERG_gap"), ("num_fingers", "fingers"), ("Lambda", "Lambda"),
-    ("rand_distance", "rand_dist"), ("ww_softrank", "ww_softrank"),
-)
+def table_columns(dicts) -> list[str]:
+    """Columns of the table for these rows: :data:`_TABLE_COLUMNS`, then the option columns any row
+    has, all ordered as in :data:`ww_monitor.results.LAYER_COLUMNS` (the CSV/JSON order)."""
+    from ..analysis.results import LAYER_COLUMNS
+
+    wanted = set(_TABLE_COLUMNS) | {k for k in _OPTION_COLUMNS if any(d.get(k) is not None for d in dicts)}
+    return [c for c in LAYER_COLUMNS if c in wanted]
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -121,16 +125,17 @@ def _fmt(value) -> str:
 
 
 def format_table(report) -> str:
-    """Fixed-width text table, one row per analysed layer, then skipped layers and the summary.
+    """Fixed-width text table, one row per analysed layer (model order), then skipped layers and the
+    summary. Column headers are the CSV/JSON names (:func:`table_columns`).
 
     Columns of the options (``--detX``, ``--fit TPL``, ...) are added when any layer has them."""
     dicts = report.to_dicts()
-    columns = list(_TABLE_COLUMNS) + [(k, h) for k, h in _OPTION_COLUMNS if any(d.get(k) is not None for d in dicts)]
-    rows = [[header for _, header in columns]]
+    columns = table_columns(dicts)
+    rows = [list(columns)]
     for layer in dicts:
         if layer["aliases"]:  # a tied weight, analysed once: name its other owners too
             layer["name"] += f" (= {', '.join(layer['aliases'])})"
-        rows.append([_fmt(layer[key]) for key, _ in columns])
+        rows.append([_fmt(layer[key]) for key in columns])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     if report.skipped:

@@ -1,4 +1,4 @@
-"""Write snapshot results to Lightning loggers (SPEC section 7 layout).
+"""Write snapshot results to Lightning loggers.
 
 * Scalars go to **every** logger through ``logger.log_metrics(metrics, step=snapshot_step)``
   (TensorBoard, CSV, MLflow, W&B, ...):
