@@ -238,4 +238,4 @@ def test_progress_bar_only_on_a_terminal(run):
         proc.wait(timeout=120)
     assert proc.returncode == 0
     assert b"analysing" in err and b"layer" in err
-    assert proc.stdout.read().decode().splitlines()[0].split()[:2] == ["layer", "kind"]
+    assert proc.stdout.read().decode().splitlines()[0].split()[:2] == ["name", "kind"]

@@ -62,6 +62,7 @@ from ..outputs.figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIM
 from ..functional.distances import esd_shift as esd_shift_distance
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from ..monitoring.history import History, SnapshotRecord
+from ..outputs.layer_groups import group_scalars
 from ..analysis.layers import CONV_MODES, KINDS, available_layer_names, is_size_limit
 from ..analysis.results import Report
 from ..monitoring.snapshot import SnapshotBuilder
@@ -661,6 +662,7 @@ class MonitorEngine:
             return
         self.latest_results = (step, results)
         metrics = layer_scalars(results)
+        metrics.update(group_scalars(results))
         metrics.update(summary_scalars(summary))
         if self.log_callback_metrics and results:
             try:
@@ -678,7 +680,8 @@ class MonitorEngine:
         self._writer.log_scalars(loggers, metrics, step)
         self._writer.log_tensorboard(loggers, step, results, histograms=self.log_histograms, text=self.log_text,
                                      precomputed=histograms)
-        self._figures.offer(step, results, loggers, submit=bool(meta and meta["figures"]), phases=self.history.phases)
+        self._figures.offer(step, results, loggers, submit=bool(meta and meta["figures"]),
+                            grids=self.history.figure_grids)
 
     def _esd_shifts(self, results) -> None:
         """``esd_shift`` of each layer against its previous snapshot (training thread; ESDs are small)."""
@@ -715,7 +718,7 @@ class MonitorEngine:
     def _submit_figures(self) -> None:
         """Render the figures of the latest complete snapshot in the background (rank 0)."""
         if self._rank == 0:
-            self._figures.submit(self.history.phases)
+            self._figures.submit(self.history.figure_grids)
 
     def _log_figures(self, host) -> None:
         if self._rank != 0:

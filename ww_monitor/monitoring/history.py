@@ -186,6 +186,26 @@ class History:
             grid.append(row)
         return names, self.steps, grid
 
+    def grid(self, metric: str, layers: Sequence[str] | None = None) -> tuple[list[str], list[int], np.ndarray]:
+        """``(layer_names, steps, values[layer, snapshot])`` of one metric of
+        :data:`HISTORY_METRICS` for a heatmap; NaN where the layer was not analysed."""
+        names = list(layers) if layers is not None else self.layer_names
+        j = HISTORY_METRICS.index(metric)
+        values = np.full((len(names), len(self.records)), np.nan)
+        row = {n: i for i, n in enumerate(names)}
+        for k, r in enumerate(self.records):
+            for i_rec, layer in enumerate(r.layers):
+                i = row.get(layer)
+                if i is not None:
+                    values[i, k] = r.values[i_rec, j]
+        return names, self.steps, values
+
+    def figure_grids(self, layers: Sequence[str]) -> tuple[tuple, tuple]:
+        """``(phase_grid, alpha_grid)`` of :func:`~ww_monitor.tensorboard_writer.render_figures`:
+        :meth:`phases` and ``(names, steps, alpha, reliable)`` from :meth:`grid`."""
+        names, steps, alpha = self.grid("alpha", layers)
+        return self.phases(layers), (names, steps, alpha, self.grid("reliable", layers)[2])
+
     def to_pandas(self):
         """Long format: one row per (snapshot, layer) with step, epoch, layer, kind, rank, phase
         and every metric of :data:`HISTORY_METRICS`."""

@@ -105,23 +105,24 @@ class FigurePipeline:
             self._worker(start=True)
 
     # work ------------------------------------------------------------------
-    def offer(self, step: int, results, loggers, submit: bool, phases: Callable) -> None:
+    def offer(self, step: int, results, loggers, submit: bool, grids: Callable) -> None:
         """A complete snapshot: keep it as the latest without figures; render it when ``submit``."""
         if not results or not self.wanted(loggers):
             return
         esd = choose_figure_layers([r.name for r in results], self.layers, self.max_layers)
         self._pending = (step, strip_eigenvalues(results, esd), esd)
         if submit:
-            self.submit(phases)
+            self.submit(grids)
 
-    def submit(self, phases: Callable) -> None:
-        """Render the latest snapshot without figures (if figures are worth it by now)."""
+    def submit(self, grids: Callable) -> None:
+        """Render the latest snapshot without figures (if figures are worth it by now);
+        ``grids(layer_names)`` gives the heatmaps' ``(phase_grid, alpha_grid)`` over the history."""
         if self._pending is None or not self.ripe():
             return
         worker = self._worker(start=True)
         step, results, esd = self._pending
         self._pending = None
-        worker.submit("figures", step, render_figures, (results, esd, phases([r.name for r in results])))
+        worker.submit("figures", step, render_figures, (results, esd, *grids([r.name for r in results])))
         if self.blocking:
             worker.wait(timeout=self.drain_timeout, kinds=("figures",))
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import WWMonitorError
 from ..analysis.phases import UNDETERMINED, Phase
+from .tensorboard_writer import MAX_LAYERS_PER_CHART
 
 __all__ = ["RunData", "EsdSnapshot", "load_run", "render_html", "write_report", "write_figures",
            "plot_alpha_over_training", "plot_esd_evolution"]
@@ -52,6 +53,27 @@ _SIZE_GUIDANCE = {k: 0 for k in ("compressedHistograms", "images", "audio", "sca
 # Bins per decade of eigenvalue for the re-binned ESD overlays (as in plotting.plot_esd).
 _BINS_PER_DECADE = 12
 _MAX_TB_FIGURES = 12
+#: Scalars Lightning logs that are not the run's metrics (the epoch counter, the hparams placeholder).
+_NOT_TRAINING_SCALARS = ("epoch", "hp_metric")
+#: Layers named in the report's "farthest outside the band" line.
+_WORST_LISTED = 5
+
+
+def _alpha_grid(data: "RunData") -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
+    """``(layers, steps, alpha[layer, step], reliable[layer, step])`` from the per-layer series
+    (NaN alpha where a layer has no value at a step; reliable where not logged)."""
+    names = list(data.alpha)
+    steps = sorted({s for st, _ in data.alpha.values() for s in st})
+    col = {s: j for j, s in enumerate(steps)}
+    values = np.full((len(names), len(steps)), np.nan)
+    reliable = np.ones((len(names), len(steps)), dtype=bool)
+    for i, name in enumerate(names):
+        for s, v in zip(*data.alpha[name]):
+            values[i, col[s]] = v
+        for s, v in zip(*data.reliable.get(name, ([], []))):
+            if s in col and math.isfinite(v):
+                reliable[i, col[s]] = v > 0.5
+    return names, steps, values, reliable
 
 
 @dataclass
@@ -85,6 +107,11 @@ class RunData:
     logged_figures: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # tag -> (step, PNG bytes)
     num_snapshots: int = 0
     notes: list[str] = field(default_factory=list)
+    reliable: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # 1/0 per layer and step
+    summary_series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # ww/summary/* over steps
+    training_scalars: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # the run's own
+    runs: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # run -> mean alpha over steps
+    esd_snapshots_total: int = 0  # ESD histograms logged per layer (some may be left out of the figures)
 
 
 # --------------------------------------------------------------------------- loading
@@ -179,10 +206,20 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
     data = RunData(source=str(run), source_kind="tensorboard")
     if len(found) > 1:
         others = ", ".join(str(r) for r, _ in found[:-1])
-        data.notes.append(f"{len(found)} runs with ww/ tags under {target}; this report shows the most recent "
-                          f"({run}). Point the report at one run folder for another: {others}")
+        data.notes.append(f"{len(found)} runs with ww/ tags under {target}; the detailed sections show the most "
+                          f"recent ({run}), the section Runs compares them all. Point the report at one run folder "
+                          f"for the details of another: {others}")
+        for r, a in found:
+            if "ww/summary/alpha" in a.Tags().get("scalars", []):
+                name = str(r.relative_to(target)) if target.is_dir() and r != target else r.name
+                data.runs[name] = _dedupe_steps(a.Scalars("ww/summary/alpha"))
     tags = acc.Tags()
     scalars = {t: _dedupe_steps(acc.Scalars(t)) for t in tags.get("scalars", []) if t.startswith("ww/")}
+    # the run's own metrics (losses, accuracies) from the same event files, shown beside alpha
+    data.training_scalars = {t: _dedupe_steps(acc.Scalars(t)) for t in tags.get("scalars", [])
+                             if not t.startswith("ww") and t not in _NOT_TRAINING_SCALARS}
+    data.summary_series = {t[len("ww/summary/"):]: v for t, v in scalars.items() if t.startswith("ww/summary/")}
+    data.reliable = {t[len("ww/reliable/"):]: v for t, v in scalars.items() if t.startswith("ww/reliable/")}
 
     layers = [t[len("ww/alpha/"):] for t in scalars if t.startswith("ww/alpha/")]
     for layer in layers:
@@ -211,6 +248,7 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
     hist_layers = [t[len("ww/esd/"):] for t in tags.get("histograms", []) if t.startswith("ww/esd/")]
     for layer in _choose_layers(hist_layers, esd_layers, max_esd_layers):
         events = _dedupe_events(acc.Histograms(f"ww/esd/{layer}"))
+        data.esd_snapshots_total = max(data.esd_snapshots_total, len(events))
         snaps = [_esd_from_histogram(e.step, e.histogram_value) for e in _spread(events, max_esd_snapshots)]
         data.esd_evolution[layer] = [s for s in snaps if s is not None]
 
@@ -379,12 +417,17 @@ def _callback_history_state(raw: Mapping) -> dict | None:
 def _fill_from_history(data: RunData, history) -> None:
     data.num_snapshots = len(history)
     for name in history.layer_names:
-        steps, values = [], []
-        for rec in history:
-            if name in rec.layers:
-                steps.append(rec.step)
-                values.append(rec.metric("alpha")[name])
-        data.alpha[name] = (steps, values)
+        for metric, target in (("alpha", data.alpha), ("reliable", data.reliable)):
+            steps, values = [], []
+            for rec in history:
+                if name in rec.layers:
+                    steps.append(rec.step)
+                    values.append(rec.metric(metric)[name])
+            target[name] = (steps, values)
+    for key in ("alpha", "num_layers", "num_unreliable"):
+        points = [(rec.step, float(rec.summary[key])) for rec in history if key in rec.summary]
+        if points:
+            data.summary_series[key] = ([p[0] for p in points], [p[1] for p in points])
     data.phases = history.phases()
     last = history[-1]
     data.table_step = last.step
@@ -457,6 +500,7 @@ def plot_alpha_over_training(series: Mapping[str, tuple[Sequence[int], Sequence[
     from matplotlib.figure import Figure
 
     from .plotting import ALPHA_GOOD_BAND
+    from .report_views import plot_with_outliers, robust_limits
 
     if ax is None:
         fig = Figure(figsize=(8.0, 4.5), layout="constrained")
@@ -465,10 +509,16 @@ def plot_alpha_over_training(series: Mapping[str, tuple[Sequence[int], Sequence[
     names = list(series)
     cmap = colormaps["viridis"] if len(names) > 10 else colormaps["tab10"]
     ax.axhspan(*ALPHA_GOOD_BAND, color="#55a868", alpha=0.12, label="$\\alpha \\in [2, 4]$")
+    limits = robust_limits([v for _, values in series.values() for v in values], ALPHA_GOOD_BAND)
+    outside = 0
     for i, name in enumerate(names):
         steps, values = series[name]
         color = cmap(i / max(len(names) - 1, 1)) if len(names) > 10 else cmap(i % 10)
-        ax.plot(steps, values, marker="o", ms=3, lw=1.5, color=color, label=name)
+        outside += plot_with_outliers(ax, steps, values, limits, marker="o", ms=3, lw=1.5, color=color, label=name)
+    ax.set_ylim(*limits)
+    if outside:
+        ax.text(0.01, 0.01, f"{outside} point(s) beyond the axis, drawn as triangles on its edge",
+                transform=ax.transAxes, fontsize="small")
     ax.set_xlabel("training step")
     ax.set_ylabel("$\\alpha$")
     ax.set_title("power-law $\\alpha$ per layer over training")
@@ -586,6 +636,7 @@ def _figure_html(fn, *args, alt: str, caption: str | None = None, errors: list[s
 def render_html(data: RunData, title: str | None = None) -> str:
     """One self-contained HTML page (inline CSS, figures as base64 PNG, no external assets)."""
     from . import plotting
+    from .report_views import MAX_TRAINING_PANELS, plot_esd_density, plot_run_overview, plot_runs_compared
 
     if title is None:
         parts = Path(data.source).parts
@@ -619,11 +670,46 @@ def render_html(data: RunData, title: str | None = None) -> str:
         out.append('<p class="note">No summary logged.</p>')
     out.append("</section>")
 
+    # over training: model level, and the runs of the folder
+    if data.summary_series:
+        out.append('<section id="overview"><h2>Over training: mean alpha, reliable layers, the run&#39;s metrics'
+                   '</h2>')
+        shown = list(data.training_scalars)[:MAX_TRAINING_PANELS]
+        more = len(data.training_scalars) - len(shown)
+        out.append(f'<p class="note">Run metrics from the same event files: {html.escape(", ".join(shown) or "none")}'
+                   + (f" ({more} more not shown)" if more > 0 else "") + ".</p>")
+        out.append(_figure_html(plot_run_overview, data.summary_series, data.training_scalars,
+                                alt="mean alpha over training", errors=errors))
+        out.append("</section>")
+    if len(data.runs) > 1:
+        out.append(f'<section id="runs"><h2>Runs in this folder ({len(data.runs)})</h2>')
+        out.append(_figure_html(plot_runs_compared, data.runs, alt="runs compared", errors=errors))
+        out.append('<table><tr><th class="l">run</th><th>snapshots</th><th>last step</th><th>mean alpha (last)</th>'
+                   "</tr>" + "".join(
+                       f'<tr><td class="l">{html.escape(name)}</td><td>{len(steps)}</td>'
+                       f"<td>{_fmt(steps[-1] if steps else None)}</td><td>{_fmt(values[-1] if values else None)}</td></tr>"
+                       for name, (steps, values) in data.runs.items()) + "</table></section>")
+
     # alpha over training
     out.append('<section id="alpha"><h2>Alpha per layer over training</h2>')
     multi = any(len(steps) > 1 for steps, _ in data.alpha.values())
     if data.alpha and (multi or data.source_kind != "model"):
-        out.append(_figure_html(plot_alpha_over_training, data.alpha, alt="alpha over training", errors=errors))
+        names, steps, values, reliable = _alpha_grid(data)
+        worst = plotting.worst_layers(names, values[:, -1].tolist(), count=_WORST_LISTED)
+        if worst:
+            out.append(f'<p>Farthest outside the [{plotting.ALPHA_GOOD_BAND[0]:g}, {plotting.ALPHA_GOOD_BAND[1]:g}] '
+                       f"band at step {steps[-1]}: " + ", ".join(
+                           f"<code>{html.escape(n)}</code> ({a:.2f})" for n, a in worst) + ".</p>")
+        else:
+            out.append(f'<p>Every layer is inside the [{plotting.ALPHA_GOOD_BAND[0]:g}, '
+                       f"{plotting.ALPHA_GOOD_BAND[1]:g}] band at step {steps[-1]}.</p>")
+        out.append(_figure_html(plotting.plot_alpha_heatmap, names, steps, values, reliable,
+                                alt="alpha heatmap", errors=errors))
+        if len(names) <= MAX_LAYERS_PER_CHART:
+            out.append(_figure_html(plot_alpha_over_training, data.alpha, alt="alpha over training", errors=errors))
+        else:
+            out.append(f'<p class="note">{len(names)} layers: one row each in the heatmap (model order) instead of '
+                       "one line each.</p>")
     elif data.final_results:
         out.append('<p class="note">A single model: alpha of each layer (no training history).</p>')
         out.append(_figure_html(plotting.plot_alpha_per_layer, data.final_results, alt="alpha per layer",
@@ -643,10 +729,14 @@ def render_html(data: RunData, title: str | None = None) -> str:
     # ESDs
     out.append('<section id="esd"><h2>Eigenvalue spectra (ESD)</h2>')
     if data.esd_evolution:
-        out.append('<p class="note">ESD histograms logged at each snapshot (<code>ww/esd/&lt;layer&gt;</code>), '
-                   "overlaid: dark = early, yellow = late.</p><div class=\"grid\">")
+        shown = max(len(v) for v in data.esd_evolution.values())
+        left_out = (f" {shown} of the {data.esd_snapshots_total} logged snapshots are shown, spread evenly "
+                    "(first and last kept; <code>--max-snapshots 0</code> shows all)."
+                    if data.esd_snapshots_total > shown else "")
+        out.append('<p class="note">ESD histograms logged at each snapshot (<code>ww/esd/&lt;layer&gt;</code>), one '
+                   f"column per snapshot, colour = density on a log scale.{left_out}</p><div class=\"grid\">")
         for layer, snaps in data.esd_evolution.items():
-            out.append(_figure_html(plot_esd_evolution, layer, snaps, alt=f"ESD evolution {layer}", errors=errors))
+            out.append(_figure_html(plot_esd_density, layer, snaps, alt=f"ESD evolution {layer}", errors=errors))
         out.append("</div>")
     if data.esd_results:
         out.append(f'<p class="note">ESD of the {"final " if data.source_kind == "checkpoint" else ""}weights with the '

@@ -19,7 +19,8 @@ from matplotlib.patches import Patch
 from ..functional.marchenko_pastur import mp_density, mp_edges
 from ..analysis.phases import UNDETERMINED, Phase
 
-__all__ = ["plot_esd", "plot_alpha_per_layer", "plot_phase_heatmap", "PHASE_COLORS"]
+__all__ = ["plot_esd", "plot_alpha_per_layer", "plot_phase_heatmap", "plot_alpha_heatmap", "PHASE_COLORS",
+           "heatmap_size", "alpha_color_range", "worst_layers"]
 
 #: Fixed colour per phase (ordered as training moves through them: cool = random, warm = heavy
 #: tailed, grey = collapsed), so heatmaps of different runs read the same.
@@ -44,6 +45,126 @@ _BINS_PER_DECADE = 12
 _CURVE_POINTS = 400
 # Factor of head-room above and below the histogram's densities on the log y axis.
 _Y_MARGIN = 5.0
+
+
+#: Heatmaps: inches per layer row and per snapshot column, and the figure's limits, so 200
+#: layers still fit one image a browser shows (24 in at 100 dpi = 2,400 px).
+_ROW_INCHES = 0.22
+_COL_INCHES = 0.45
+_MIN_HEIGHT, _MAX_HEIGHT = 3.0, 24.0
+_MIN_WIDTH, _MAX_WIDTH = 5.0, 16.0
+#: At most this many row labels on a heatmap; beyond it every k-th layer is labelled.
+_MAX_ROW_LABELS = 60
+#: Colour range of the alpha heatmap: at least the band and its neighbours [1.5, 6] (so a run
+#: inside the band is not stretched across the whole scale), at most [1, 10] (one alpha of 40
+#: must not squash the band into one colour); values beyond are drawn in the end colours and
+#: counted in the title.
+ALPHA_COLOR_FLOOR = (1.5, 6.0)
+ALPHA_COLOR_CEILING = (1.0, 10.0)
+
+
+def heatmap_size(num_rows: int, num_cols: int) -> tuple[float, float]:
+    """Figure size (inches) of a layer x snapshot heatmap."""
+    width = min(_MAX_WIDTH, max(_MIN_WIDTH, _COL_INCHES * num_cols + 5.0))
+    height = min(_MAX_HEIGHT, max(_MIN_HEIGHT, _ROW_INCHES * num_rows + 1.5))
+    return width, height
+
+
+def _label_rows(ax, layer_names: Sequence[str]) -> None:
+    every = max(1, math.ceil(len(layer_names) / _MAX_ROW_LABELS))
+    idx = np.arange(0, len(layer_names), every)
+    ax.set_yticks(idx, [layer_names[i] for i in idx], fontsize="small")
+
+
+def _label_steps(ax, steps: Sequence[int]) -> None:
+    every = max(1, math.ceil(len(steps) / _MAX_ROW_LABELS))
+    idx = np.arange(0, len(steps), every)
+    ax.set_xticks(idx, [str(steps[i]) for i in idx], rotation=90, fontsize="small")
+
+
+def alpha_color_range(values) -> tuple[float, float]:
+    """Colour limits of an alpha heatmap: the 2nd-98th percentile of the finite values, widened
+    to :data:`ALPHA_COLOR_FLOOR` and clipped to :data:`ALPHA_COLOR_CEILING`."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    lo, hi = ALPHA_COLOR_FLOOR
+    if v.size:
+        lo = min(lo, float(np.percentile(v, 2)))
+        hi = max(hi, float(np.percentile(v, 98)))
+    return max(ALPHA_COLOR_CEILING[0], lo), min(ALPHA_COLOR_CEILING[1], hi)
+
+
+def worst_layers(layer_names: Sequence[str], alphas: Sequence[float], count: int = 3) -> list[tuple[str, float]]:
+    """The ``count`` layers farthest outside :data:`ALPHA_GOOD_BAND` (largest distance to the band
+    first; layers inside the band are not listed)."""
+    lo, hi = ALPHA_GOOD_BAND
+    scored = []
+    for name, a in zip(layer_names, alphas):
+        if a is None or not math.isfinite(a):
+            continue
+        dist = lo - a if a < lo else a - hi if a > hi else 0.0
+        if dist > 0:
+            scored.append((dist, name, float(a)))
+    scored.sort(key=lambda t: -t[0])
+    return [(name, a) for _, name, a in scored[:count]]
+
+
+def _band_colormap(vmin: float, vmax: float):
+    """Reds below the band, light greys inside it, blues above: a step at each band edge, so a
+    cell's side of the band reads at a glance."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    lo, hi = ALPHA_GOOD_BAND
+    span = vmax - vmin
+    p_lo = min(max((lo - vmin) / span, 0.001), 0.998)
+    p_hi = min(max((hi - vmin) / span, p_lo + 0.001), 0.999)
+    nodes = [(0.0, "#67001f"), (p_lo, "#f4a582"), (p_lo, "#e6e6e6"), (p_hi, "#c4c4c4"), (p_hi, "#92c5de"),
+             (1.0, "#053061")]
+    cmap = LinearSegmentedColormap.from_list("ww_alpha_band", nodes)
+    return cmap.with_extremes(bad=_MISSING_COLOR)
+
+
+def plot_alpha_heatmap(
+    layer_names: Sequence[str], steps: Sequence[int], alphas, reliable=None, ax=None,
+) -> Figure:
+    """Alpha of each layer (rows, model order) at each snapshot (columns).
+
+    Colours by side of :data:`ALPHA_GOOD_BAND` (inside light grey, below red: very heavy tails,
+    often over-fitted; above blue: random-like, under-trained), limits from
+    :func:`alpha_color_range` (values outside drawn in the end colours and counted in the title);
+    NaN cells (not analysed or failed fit) white; layers whose fit is not reliable at that snapshot
+    (``reliable[i, j]`` false) marked with a dot. The title names the layers farthest outside the
+    band at the last snapshot.
+    """
+    values = np.asarray(alphas, dtype=np.float64)
+    if values.shape != (len(layer_names), len(steps)):
+        raise ValueError(f"alphas has shape {values.shape}, expected ({len(layer_names)}, {len(steps)})")
+    vmin, vmax = alpha_color_range(values)
+    fig, ax = _figure_and_axes(ax, heatmap_size(len(layer_names), len(steps)))
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=_band_colormap(vmin, vmax), vmin=vmin, vmax=vmax,
+                   aspect="auto", interpolation="nearest")
+    if reliable is not None:
+        unreliable = ~np.asarray(reliable, dtype=bool) & np.isfinite(values)
+        rows, cols = np.nonzero(unreliable)
+        if rows.size:
+            ax.plot(cols, rows, linestyle="none", marker=".", color="black", markersize=3,
+                    label="fit not reliable (too few eigenvalues or tail points)")
+            ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.08), fontsize="small", frameon=False)
+    _label_rows(ax, list(layer_names))
+    _label_steps(ax, list(steps))
+    ax.set_xlabel("training step")
+    finite = values[np.isfinite(values)]
+    outside = int(((finite < vmin) | (finite > vmax)).sum())
+    lines = [f"alpha per layer (band {ALPHA_GOOD_BAND[0]:g}-{ALPHA_GOOD_BAND[1]:g}: light grey)"]
+    worst = worst_layers(layer_names, values[:, -1].tolist(), count=2) if len(steps) else []
+    if worst:
+        lines.append("worst at the last snapshot: " + ", ".join(f"{n} ({a:.2f})" for n, a in worst))
+    if outside:
+        lines.append(f"{outside} cell(s) beyond the colour range [{vmin:.3g}, {vmax:.3g}]")
+    title = "\n".join(lines)
+    ax.set_title(title, fontsize="small")
+    fig.colorbar(im, ax=ax, label="alpha", extend="both", shrink=0.6)
+    return fig
 
 
 def _figure_and_axes(ax, figsize):
@@ -171,10 +292,10 @@ def plot_phase_heatmap(
             if p is not None:
                 codes[i, j] = undetermined if p == UNDETERMINED else order.index(Phase(p)) + 1
     cmap = ListedColormap([_MISSING_COLOR] + [PHASE_COLORS[p] for p in order] + [_UNDETERMINED_COLOR])
-    fig, ax = _figure_and_axes(ax, (max(4.0, 0.5 * len(steps) + 4.0), max(3.0, 0.3 * len(layer_names) + 1.5)))
+    fig, ax = _figure_and_axes(ax, heatmap_size(len(layer_names), len(steps)))
     ax.imshow(codes, cmap=cmap, vmin=-0.5, vmax=undetermined + 0.5, aspect="auto", interpolation="nearest")
-    ax.set_xticks(np.arange(len(steps)), [str(s) for s in steps], rotation=90, fontsize="small")
-    ax.set_yticks(np.arange(len(layer_names)), layer_names, fontsize="small")
+    _label_steps(ax, list(steps))
+    _label_rows(ax, list(layer_names))
     ax.set_xlabel("training step")
     ax.set_title("phase per layer")
     handles = [Patch(facecolor=PHASE_COLORS[p], edgecolor="black", label=p.value) for p in order]

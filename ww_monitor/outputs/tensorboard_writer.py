@@ -163,11 +163,46 @@ def esd_histogram(eigenvalues, bins: int | None = None) -> EsdHistogram | None:
     )
 
 
-def custom_scalars_layout() -> dict:
-    """One chart per metric with every layer's curve (regex over the tags)."""
-    per_layer = {m: ["Multiline", [rf"ww/{re.escape(m)}/.*"]] for m in LAYER_METRICS + ("phase",)}
-    summary = {m: ["Multiline", [rf"ww/summary/{re.escape(m)}$"]] for m in SUMMARY_METRICS}
-    return {"ww per-layer": per_layer, "ww summary": summary}
+#: Up to this many layers, the "ww per-layer" custom-scalars charts draw every layer in one chart
+#: per metric; beyond it the lines cannot be told apart (TensorBoard cycles ~10 colours), so
+#: the layout has one chart per block instead.
+MAX_LAYERS_PER_CHART = 12
+#: Model-level counts charted together in the overview.
+_OVERVIEW_COUNTS = ("num_layers", "num_unreliable", "num_undetermined", "num_random_like", "num_failed_fits",
+                    "num_skipped")
+
+
+def _exact(tags: Iterable[str]) -> str:
+    return "^(" + "|".join(re.escape(t) for t in tags) + ")$"
+
+
+def custom_scalars_layout(names: Sequence[str] = ()) -> dict:
+    """Custom-scalars layout (docs/tensorboard.md).
+
+    * ``ww overview``: mean alpha, the layer counts, active alerts, mean alpha per block and per kind;
+    * ``ww alpha per block``: one chart per block with the alpha of its layers (given ``names``);
+    * ``ww per-layer`` (at most :data:`MAX_LAYERS_PER_CHART` layers): one chart per metric, every layer;
+    * ``ww summary``: one chart per model-level mean.
+    """
+    from .layer_groups import BLOCK_PREFIX, KIND_PREFIX, group_names
+
+    overview = {
+        "mean alpha (reliable layers)": ["Multiline", [r"^ww/summary/alpha$"]],
+        "layer counts": ["Multiline", [_exact(f"ww/summary/{c}" for c in _OVERVIEW_COUNTS)]],
+        "active alerts": ["Multiline", [r"^ww/alerts/active$"]],
+        "mean alpha per block": ["Multiline", [rf"^{BLOCK_PREFIX}/alpha/"]],
+        "mean alpha per kind": ["Multiline", [rf"^{KIND_PREFIX}/alpha/"]],
+    }
+    layout = {"ww overview": overview}
+    if names:
+        layout["ww alpha per block"] = {
+            f"alpha {block}": ["Multiline", [_exact(f"ww/alpha/{n}" for n in layers)]]
+            for block, layers in group_names(names).items()
+        }
+    if not names or len(names) <= MAX_LAYERS_PER_CHART:
+        layout["ww per-layer"] = {m: ["Multiline", [rf"^ww/{re.escape(m)}/"]] for m in LAYER_METRICS + ("phase",)}
+    layout["ww summary"] = {m: ["Multiline", [rf"^ww/summary/{re.escape(m)}$"]] for m in SUMMARY_METRICS}
+    return layout
 
 
 def layers_markdown(results: Sequence[LayerResult]) -> str:
@@ -227,14 +262,17 @@ def _figure_to_rgb(fig) -> np.ndarray:
 
 
 def render_figures(
-    results: Sequence[LayerResult], esd_layers: Sequence[str], phase_grid: tuple | None = None
+    results: Sequence[LayerResult], esd_layers: Sequence[str], phase_grid: tuple | None = None,
+    alpha_grid: tuple | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Figures of one snapshot as HxWx3 uint8 arrays keyed by tag, and the failures (runs in
     the worker).
 
     ``ww/plots/alpha_per_layer``, ``ww/plots/esd/<layer>`` for ``esd_layers`` and, given
     ``phase_grid = (layer_names, steps, phases)`` with at least one known phase,
-    ``ww/plots/phases``. A figure that fails to render is left out and its error returned.
+    ``ww/plots/phases``; given ``alpha_grid = (layer_names, steps, alphas, reliable)`` (arrays
+    layer x snapshot) with a finite alpha, ``ww/plots/alpha_heatmap``. A figure that fails to
+    render is left out and its error returned.
     """
     from . import plotting
 
@@ -258,6 +296,11 @@ def render_figures(
         names, steps, phases = phase_grid
         if any(p is not None for row in phases for p in row):
             attempt("ww/plots/phases", plotting.plot_phase_heatmap, list(names), list(steps), phases)
+    if alpha_grid is not None:
+        names, steps, alphas, reliable = alpha_grid
+        if np.isfinite(np.asarray(alphas, dtype=np.float64)).any():
+            attempt("ww/plots/alpha_heatmap", plotting.plot_alpha_heatmap, list(names), list(steps), alphas,
+                    np.asarray(reliable) > 0.5)
     return images, errors
 
 
@@ -323,7 +366,7 @@ class LoggerWriter:
         for lg, exp in writers:
             try:
                 if id(exp) not in self._layouts:
-                    exp.add_custom_scalars(custom_scalars_layout())
+                    exp.add_custom_scalars(custom_scalars_layout([r.name for r in results]))
                     self._layouts.add(id(exp))
                 for name, h in hists.items():
                     exp.add_histogram_raw(

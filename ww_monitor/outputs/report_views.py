@@ -1,0 +1,173 @@
+"""Figures of the HTML report that stay readable at 50-200 layers and over several runs.
+
+* :func:`plot_run_overview`: the model-level mean alpha (reliable layers) and the count of
+  reliable layers over training, above the run's own logged training/validation scalars
+  (same step axis), so a change in alpha can be set against the loss;
+* :func:`plot_runs_compared`: mean alpha over training of several runs of one folder;
+* :func:`plot_esd_density`: one layer's ESD over training as a log-density heatmap
+  (snapshot x log10 lambda), every snapshot visible at once;
+* :func:`robust_limits`: axis limits that keep the [2, 4] band readable when one value is far
+  off; values outside are drawn on the edge as triangles and counted.
+
+Matplotlib's object-oriented API only (no pyplot state).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .plotting import ALPHA_GOOD_BAND
+
+__all__ = ["robust_limits", "plot_with_outliers", "plot_run_overview", "plot_runs_compared", "plot_esd_density",
+           "MAX_TRAINING_PANELS"]
+
+#: Percentiles that set a robust axis range (a few outlying snapshots or layers do not set it).
+_ROBUST_PERCENTILES = (2.0, 98.0)
+#: Relative margin added on each side of the robust range.
+_MARGIN = 0.08
+#: At most this many of the run's own scalars (losses, accuracies) get a panel in the overview.
+MAX_TRAINING_PANELS = 4
+#: Decades of density shown in the ESD heatmap below its peak (lower densities are blank).
+_DENSITY_DECADES = 4.0
+#: Bins per decade of eigenvalue in the ESD heatmap (as in the ESD figures).
+_BINS_PER_DECADE = 12
+
+
+def robust_limits(values, always: Sequence[float] = ()) -> tuple[float, float]:
+    """``(lo, hi)``: the 2nd-98th percentile of the finite ``values`` widened to include
+    ``always`` (e.g. the alpha band), plus a margin."""
+    v = np.asarray(list(values), dtype=np.float64)
+    v = v[np.isfinite(v)]
+    points = list(always)
+    if v.size:
+        points += [float(np.percentile(v, _ROBUST_PERCENTILES[0])), float(np.percentile(v, _ROBUST_PERCENTILES[1]))]
+    if not points:
+        return 0.0, 1.0
+    lo, hi = min(points), max(points)
+    pad = (hi - lo) * _MARGIN or max(abs(lo), 1.0) * _MARGIN
+    return lo - pad, hi + pad
+
+
+def plot_with_outliers(ax, x, y, limits: tuple[float, float], **kwargs) -> int:
+    """Plot ``y`` against ``x`` clipped to ``limits``; points outside are drawn on the edge as
+    open triangles (pointing the way they lie). Returns how many points were outside."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    lo, hi = limits
+    ax.plot(x, np.clip(y, lo, hi), **kwargs)
+    color = ax.lines[-1].get_color()
+    above, below = y > hi, y < lo
+    if above.any():
+        ax.plot(x[above], np.full(above.sum(), hi), linestyle="none", marker="^", mfc="none", color=color, ms=8)
+    if below.any():
+        ax.plot(x[below], np.full(below.sum(), lo), linestyle="none", marker="v", mfc="none", color=color, ms=8)
+    return int(above.sum() + below.sum())
+
+
+def plot_run_overview(summary: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+                      training: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None) -> Figure:
+    """Mean alpha and reliable-layer count (from ``summary``: ``{"alpha": (steps, values),
+    "num_layers": ..., "num_unreliable": ...}``), then up to :data:`MAX_TRAINING_PANELS` of the
+    run's own scalars, all on one step axis."""
+    training = training or {}
+    names = list(training)[:MAX_TRAINING_PANELS]
+    panels = 2 + len(names)
+    fig = Figure(figsize=(8.0, 1.9 * panels + 0.6), layout="constrained")
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
+    ax.axhspan(*ALPHA_GOOD_BAND, color="#55a868", alpha=0.12, label="$\\alpha \\in [2, 4]$")
+    if "alpha" in summary:
+        steps, values = summary["alpha"]
+        limits = robust_limits(values, ALPHA_GOOD_BAND)
+        out = plot_with_outliers(ax, steps, values, limits, marker="o", ms=3, color="black", label="mean alpha")
+        ax.set_ylim(*limits)
+        if out:
+            ax.text(0.99, 0.02, f"{out} point(s) beyond the axis (triangles)", transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize="small")
+    ax.set_ylabel("mean $\\alpha$")
+    ax.set_title("model level: mean alpha over reliable layers, reliable layers, the run's own metrics",
+                 fontsize="medium")
+    ax.legend(loc="upper left", fontsize="small")
+    ax = axes[1]
+    if "num_layers" in summary:
+        steps, total = summary["num_layers"]
+        ax.plot(steps, total, drawstyle="steps-post", color="#888888", label="analysed layers")
+        if "num_unreliable" in summary:
+            by_step = dict(zip(*summary["num_unreliable"]))
+            reliable = [t - by_step.get(s, math.nan) for s, t in zip(steps, total)]
+            ax.plot(steps, reliable, drawstyle="steps-post", color="#4c72b0", marker="o", ms=3,
+                    label="reliable layers")
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="lower left", fontsize="small")
+    ax.set_ylabel("layers")
+    for ax, name in zip(axes[2:], names):
+        steps, values = training[name]
+        limits = robust_limits(values)
+        plot_with_outliers(ax, steps, values, limits, lw=1.2, color="#c44e52")
+        ax.set_ylim(*limits)
+        ax.set_ylabel(name, fontsize="small")
+    axes[-1].set_xlabel("training step")
+    return fig
+
+
+def plot_runs_compared(runs: Mapping[str, tuple[Sequence[int], Sequence[float]]]) -> Figure:
+    """Mean alpha over training of each run (one line per run, named in the legend)."""
+    from matplotlib import colormaps
+
+    fig = Figure(figsize=(8.0, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    ax.axhspan(*ALPHA_GOOD_BAND, color="#55a868", alpha=0.12)
+    all_values = [v for _, values in runs.values() for v in values]
+    limits = robust_limits(all_values, ALPHA_GOOD_BAND)
+    cmap = colormaps["tab10"]
+    for i, (name, (steps, values)) in enumerate(runs.items()):
+        plot_with_outliers(ax, steps, values, limits, marker="o", ms=3, color=cmap(i % 10), label=name)
+    ax.set_ylim(*limits)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean $\\alpha$")
+    ax.set_title("mean alpha (reliable layers) of each run in the folder", fontsize="medium")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return fig
+
+
+def plot_esd_density(layer: str, snapshots: Sequence) -> Figure:
+    """ESD of one layer at every snapshot as a heatmap: x = snapshot (training step), y =
+    log10(lambda), colour = log10 of the density (counts per log10 unit, normalised per
+    snapshot); ``snapshots`` are :class:`~ww_monitor.offline_report.EsdSnapshot`. A heavy tail
+    growing shows as colour creeping upwards."""
+    from matplotlib import colormaps
+
+    fig = Figure(figsize=(6.5, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    snapshots = [s for s in snapshots if s.total > 0]
+    if not snapshots:
+        ax.text(0.5, 0.5, "no ESD logged", transform=ax.transAxes, ha="center")
+        ax.set_title(layer)
+        return fig
+    lo = min(float(s.edges[0]) for s in snapshots)
+    hi = max(float(s.edges[-1]) for s in snapshots)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    grid = np.linspace(lo, hi, max(int(math.ceil((hi - lo) * _BINS_PER_DECADE)), 8) + 1)
+    dens = np.full((grid.size - 1, len(snapshots)), np.nan)
+    for j, s in enumerate(snapshots):
+        cdf = np.concatenate([[0.0], np.cumsum(s.counts)])
+        mass = np.diff(np.interp(grid, s.edges, cdf, left=0.0, right=s.total)) / s.total
+        with np.errstate(divide="ignore"):
+            dens[:, j] = np.where(mass > 0, np.log10(mass / np.diff(grid)), np.nan)
+    top = np.nanmax(dens)
+    cmap = colormaps["magma_r"].with_extremes(bad="#ffffff")
+    im = ax.imshow(dens, origin="lower", aspect="auto", cmap=cmap, vmin=top - _DENSITY_DECADES, vmax=top,
+                   extent=(-0.5, len(snapshots) - 0.5, lo, hi), interpolation="nearest")
+    every = max(1, math.ceil(len(snapshots) / 12))
+    ticks = np.arange(0, len(snapshots), every)
+    ax.set_xticks(ticks, [str(snapshots[i].step) for i in ticks], rotation=90, fontsize="small")
+    ax.set_xlabel("training step (one column per logged snapshot)")
+    ax.set_ylabel("log10 eigenvalue $\\lambda$ of $W^TW$")
+    ax.set_title(f"ESD of {layer} over training", fontsize="medium")
+    fig.colorbar(im, ax=ax, label="log10 density", shrink=0.8)
+    return fig
