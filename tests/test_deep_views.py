@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("pytorch_lightning")
 pytest.importorskip("tensorboard")
 
-from test_callback import read_events  # noqa: E402
+from test_callback import ClassifierSteps, read_events  # noqa: E402
 
 NUM_BLOCKS = 24
 WIDTH = 64  # 64 eigenvalues per layer: above the reliability floor of 50, so fits count
@@ -35,7 +35,7 @@ class Block(nn.Module):
         return x + 0.1 * self.fc2(torch.relu(self.fc1(x)))
 
 
-class DeepMLP(pl.LightningModule):
+class DeepMLP(ClassifierSteps, pl.LightningModule):
     def __init__(self, num_blocks: int = NUM_BLOCKS):
         super().__init__()
         self.blocks = nn.Sequential(*(Block() for _ in range(num_blocks)))
@@ -43,19 +43,6 @@ class DeepMLP(pl.LightningModule):
 
     def forward(self, x):
         return self.head(self.blocks(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 LAYERS = [f"blocks.{i}.fc{j}" for i in range(NUM_BLOCKS) for j in (1, 2)]

@@ -93,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-esd-layers", type=_non_negative, default=4, metavar="N",
                    help="most layers in the ESD section (default: 4)")
     r.add_argument("--max-snapshots", type=_non_negative, default=8, metavar="N",
-                   help="most snapshots overlaid per ESD evolution plot (default: 8; 0: all)")
+                   help="most snapshots (columns) per ESD evolution heatmap (default: 8; 0: all)")
     r.add_argument("--unsafe-load", action="store_true",
                    help="load pickled checkpoints with weights_only=False; can run code: only for files you trust")
     return parser

@@ -132,7 +132,7 @@ def load_run(
         esd_layers: regexes choosing the layers of the ESD section (default: ``max_esd_layers``
             layers spread over the depth).
         max_esd_layers: most layers in the ESD section.
-        max_esd_snapshots: most snapshots overlaid per ESD evolution plot (spread evenly, first
+        max_esd_snapshots: most snapshots per ESD evolution heatmap (spread evenly, first
             and last always kept).
         analyze_fn: ``state_dict -> Report`` used for checkpoints and model files (default:
             :func:`ww_monitor.analyze`, keeping eigenvalues); the CLI passes one with a progress bar.
