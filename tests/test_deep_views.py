@@ -68,7 +68,7 @@ def train(logdir, name: str, seed: int, num_blocks: int = NUM_BLOCKS, figures: b
 @pytest.fixture(scope="module")
 def deep_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("deep")
-    small = train(root, "small", seed=1, num_blocks=3, figures=False)  # a second run in the folder
+    train(root, "small", seed=1, num_blocks=3, figures=False)  # a second run in the folder
     ww, log_dir = train(root, "deep", seed=0)
     return root, ww, log_dir
 

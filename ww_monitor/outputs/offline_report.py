@@ -39,8 +39,7 @@ from ..errors import WWMonitorError
 from ..analysis.phases import UNDETERMINED, Phase
 from .tensorboard_writer import MAX_LAYERS_PER_CHART
 
-__all__ = ["RunData", "EsdSnapshot", "load_run", "render_html", "write_report", "write_figures",
-           "plot_alpha_over_training", "plot_esd_evolution"]
+__all__ = ["RunData", "EsdSnapshot", "load_run", "render_html", "write_report", "write_figures"]
 
 #: Per-layer TensorBoard metrics shown in the table (the callback's ``LAYER_METRICS``).
 _TB_TABLE_METRICS = ("num_evals", "num_pl_spikes", "reliable", "alpha", "alpha_weighted", "log_norm",
@@ -50,8 +49,6 @@ _FULL_TABLE_COLUMNS = ("kind", "N", "M", "num_evals", "num_pl_spikes", "reliable
                        "log_norm",
                        "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes", "phase")
 _SIZE_GUIDANCE = {k: 0 for k in ("compressedHistograms", "images", "audio", "scalars", "histograms", "tensors")}
-# Bins per decade of eigenvalue for the re-binned ESD overlays (as in plotting.plot_esd).
-_BINS_PER_DECADE = 12
 _MAX_TB_FIGURES = 12
 #: Scalars Lightning logs that are not the run's metrics (the epoch counter, the hparams placeholder).
 _NOT_TRAINING_SCALARS = ("epoch", "hp_metric")
@@ -494,91 +491,6 @@ def _row_from_result(r) -> dict:
 
 
 # --------------------------------------------------------------------------- figures
-def plot_alpha_over_training(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], ax=None):
-    """Alpha of every layer against the training step (one line per layer), [2, 4] shaded."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    from .plotting import ALPHA_GOOD_BAND
-    from .report_views import plot_with_outliers, robust_limits
-
-    if ax is None:
-        fig = Figure(figsize=(8.0, 4.5), layout="constrained")
-        ax = fig.add_subplot()
-    fig = ax.figure
-    names = list(series)
-    cmap = colormaps["viridis"] if len(names) > 10 else colormaps["tab10"]
-    ax.axhspan(*ALPHA_GOOD_BAND, color="#55a868", alpha=0.12, label="$\\alpha \\in [2, 4]$")
-    limits = robust_limits([v for _, values in series.values() for v in values], ALPHA_GOOD_BAND)
-    outside = 0
-    for i, name in enumerate(names):
-        steps, values = series[name]
-        color = cmap(i / max(len(names) - 1, 1)) if len(names) > 10 else cmap(i % 10)
-        outside += plot_with_outliers(ax, steps, values, limits, marker="o", ms=3, lw=1.5, color=color, label=name)
-    ax.set_ylim(*limits)
-    if outside:
-        ax.text(0.01, 0.01, f"{outside} point(s) beyond the axis, drawn as triangles on its edge",
-                transform=ax.transAxes, fontsize="small")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("$\\alpha$")
-    ax.set_title("power-law $\\alpha$ per layer over training")
-    if len(names) <= 20:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    else:
-        ax.text(0.99, 0.99, f"{len(names)} layers, dark = first, yellow = last", transform=ax.transAxes,
-                ha="right", va="top", fontsize="small")
-    return fig
-
-
-def plot_esd_evolution(layer: str, snapshots: Sequence[EsdSnapshot], ax=None):
-    """Overlaid ESD histograms of one layer on log-log axes, one colour per snapshot (early =
-    dark, late = yellow). The logged log10 buckets are re-binned onto a common grid."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    if ax is None:
-        fig = Figure(figsize=(6.5, 4.0), layout="constrained")
-        ax = fig.add_subplot()
-    fig = ax.figure
-    snapshots = [s for s in snapshots if s.total > 0]
-    if not snapshots:
-        ax.text(0.5, 0.5, "no ESD logged", transform=ax.transAxes, ha="center")
-        ax.set_title(layer)
-        return fig
-    lo = min(s.edges[0] for s in snapshots)
-    hi = max(s.edges[-1] for s in snapshots)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    grid = np.linspace(lo, hi, max(int(math.ceil((hi - lo) * _BINS_PER_DECADE)), 8) + 1)
-    lam = 10.0 ** grid
-    cmap = colormaps["viridis"]
-    shown = []
-    for i, s in enumerate(snapshots):
-        cdf = np.concatenate([[0.0], np.cumsum(s.counts)])
-        mass = np.diff(np.interp(grid, s.edges, cdf, left=0.0, right=s.total))
-        dens = mass / (s.total * np.diff(lam))
-        dens[dens <= 0] = np.nan
-        shown.append(dens[np.isfinite(dens)])
-        color = cmap(i / max(len(snapshots) - 1, 1) * 0.9)
-        ax.stairs(dens, lam, color=color, lw=1.5, label=f"step {s.step}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    if hi - lo <= 2.0:  # under two decades: label 1-2-5 ticks in plain numbers, no crowded minor labels
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-        ax.xaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    pos = np.concatenate(shown) if shown else np.array([])
-    if pos.size:
-        ax.set_ylim(pos.min() / 3.0, pos.max() * 3.0)
-    ax.set_xlabel("eigenvalue $\\lambda$ of $W^TW$")
-    ax.set_ylabel("density")
-    ax.set_title(f"ESD of {layer} over training")
-    ax.legend(loc="best", fontsize="small")
-    return fig
-
-
 def _png_base64(fig, dpi: int = 90) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -636,7 +548,13 @@ def _figure_html(fn, *args, alt: str, caption: str | None = None, errors: list[s
 def render_html(data: RunData, title: str | None = None) -> str:
     """One self-contained HTML page (inline CSS, figures as base64 PNG, no external assets)."""
     from . import plotting
-    from .report_views import MAX_TRAINING_PANELS, plot_esd_density, plot_run_overview, plot_runs_compared
+    from .report_views import (
+        MAX_TRAINING_PANELS,
+        plot_alpha_over_training,
+        plot_esd_density,
+        plot_run_overview,
+        plot_runs_compared,
+    )
 
     if title is None:
         parts = Path(data.source).parts
@@ -896,3 +814,12 @@ def write_figures(report, folder: str | os.PathLike, max_esd: int = 12, dpi: int
         used.add(name)
         save(plotting.plot_esd(r), name)
     return written
+
+
+def __getattr__(name: str):
+    # The report's figure functions live in report_views (imported on use: it imports matplotlib).
+    if name in ("plot_alpha_over_training", "plot_esd_evolution"):
+        from . import report_views
+
+        return getattr(report_views, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

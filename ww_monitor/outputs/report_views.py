@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from .plotting import ALPHA_GOOD_BAND
 
-__all__ = ["robust_limits", "plot_with_outliers", "plot_run_overview", "plot_runs_compared", "plot_esd_density",
+__all__ = ["plot_alpha_over_training", "plot_esd_evolution", "robust_limits", "plot_with_outliers", "plot_run_overview", "plot_runs_compared", "plot_esd_density",
            "MAX_TRAINING_PANELS"]
 
 #: Percentiles that set a robust axis range (a few outlying snapshots or layers do not set it).
@@ -170,4 +170,87 @@ def plot_esd_density(layer: str, snapshots: Sequence) -> Figure:
     ax.set_ylabel("log10 eigenvalue $\\lambda$ of $W^TW$")
     ax.set_title(f"ESD of {layer} over training", fontsize="medium")
     fig.colorbar(im, ax=ax, label="log10 density", shrink=0.8)
+    return fig
+
+
+def plot_alpha_over_training(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], ax=None):
+    """Alpha of every layer against the training step (one line per layer), [2, 4] shaded."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+
+    if ax is None:
+        fig = Figure(figsize=(8.0, 4.5), layout="constrained")
+        ax = fig.add_subplot()
+    fig = ax.figure
+    names = list(series)
+    cmap = colormaps["viridis"] if len(names) > 10 else colormaps["tab10"]
+    ax.axhspan(*ALPHA_GOOD_BAND, color="#55a868", alpha=0.12, label="$\\alpha \\in [2, 4]$")
+    limits = robust_limits([v for _, values in series.values() for v in values], ALPHA_GOOD_BAND)
+    outside = 0
+    for i, name in enumerate(names):
+        steps, values = series[name]
+        color = cmap(i / max(len(names) - 1, 1)) if len(names) > 10 else cmap(i % 10)
+        outside += plot_with_outliers(ax, steps, values, limits, marker="o", ms=3, lw=1.5, color=color, label=name)
+    ax.set_ylim(*limits)
+    if outside:
+        ax.text(0.01, 0.01, f"{outside} point(s) beyond the axis, drawn as triangles on its edge",
+                transform=ax.transAxes, fontsize="small")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("$\\alpha$")
+    ax.set_title("power-law $\\alpha$ per layer over training")
+    if len(names) <= 20:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.text(0.99, 0.99, f"{len(names)} layers, dark = first, yellow = last", transform=ax.transAxes,
+                ha="right", va="top", fontsize="small")
+    return fig
+
+
+def plot_esd_evolution(layer: str, snapshots: Sequence, ax=None):
+    """Overlaid ESD histograms of one layer on log-log axes, one colour per snapshot (early =
+    dark, late = yellow). The logged log10 buckets are re-binned onto a common grid."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    if ax is None:
+        fig = Figure(figsize=(6.5, 4.0), layout="constrained")
+        ax = fig.add_subplot()
+    fig = ax.figure
+    snapshots = [s for s in snapshots if s.total > 0]
+    if not snapshots:
+        ax.text(0.5, 0.5, "no ESD logged", transform=ax.transAxes, ha="center")
+        ax.set_title(layer)
+        return fig
+    lo = min(s.edges[0] for s in snapshots)
+    hi = max(s.edges[-1] for s in snapshots)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    grid = np.linspace(lo, hi, max(int(math.ceil((hi - lo) * _BINS_PER_DECADE)), 8) + 1)
+    lam = 10.0 ** grid
+    cmap = colormaps["viridis"]
+    shown = []
+    for i, s in enumerate(snapshots):
+        cdf = np.concatenate([[0.0], np.cumsum(s.counts)])
+        mass = np.diff(np.interp(grid, s.edges, cdf, left=0.0, right=s.total))
+        dens = mass / (s.total * np.diff(lam))
+        dens[dens <= 0] = np.nan
+        shown.append(dens[np.isfinite(dens)])
+        color = cmap(i / max(len(snapshots) - 1, 1) * 0.9)
+        ax.stairs(dens, lam, color=color, lw=1.5, label=f"step {s.step}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if hi - lo <= 2.0:  # under two decades: label 1-2-5 ticks in plain numbers, no crowded minor labels
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    pos = np.concatenate(shown) if shown else np.array([])
+    if pos.size:
+        ax.set_ylim(pos.min() / 3.0, pos.max() * 3.0)
+    ax.set_xlabel("eigenvalue $\\lambda$ of $W^TW$")
+    ax.set_ylabel("density")
+    ax.set_title(f"ESD of {layer} over training")
+    ax.legend(loc="best", fontsize="small")
     return fig
