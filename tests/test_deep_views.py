@@ -56,6 +56,7 @@ def train(logdir, name: str, seed: int, num_blocks: int = NUM_BLOCKS, figures: b
     y = (x[:, :4].argmax(dim=1))
     loader = DataLoader(TensorDataset(x, y), batch_size=64)
     ww = WeightWatcherCallback(every_n_epochs=1, blocking=True, figures_every_n_snapshots=1 if figures else 0,
+                               figures_min_run_seconds=0,
                                max_figure_layers=1,
                                min_evals=8)
     trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, callbacks=[ww],
