@@ -161,7 +161,7 @@ def test_cli_flags_add_their_columns(tmp_path):
     table = _cli("analyze", path, "--detX", "--fit", "TPL", "--fix-fingers", "clip_xmax", "--max-fingers", "5")
     assert table.returncode == 0, table.stderr
     header = table.stdout.splitlines()[0].split()
-    assert {"detX_num", "ERG_gap", "fingers", "Lambda"} <= set(header) and "rand_dist" not in header
+    assert {"detX_num", "ERG_gap", "num_fingers", "Lambda"} <= set(header) and "rand_distance" not in header
     rows = list(csv.DictReader(io.StringIO(_cli("analyze", path, "--ERG", "--randomize", "--format", "csv").stdout)))
     assert rows and all(r["detX_num"] and r["rand_distance"] for r in rows)
     same = json.loads(_cli("analyze", path, "--base-model", path, "--format", "json").stdout)
