@@ -201,7 +201,7 @@ class History:
         return names, self.steps, values
 
     def figure_grids(self, layers: Sequence[str]) -> tuple[tuple, tuple]:
-        """``(phase_grid, alpha_grid)`` of :func:`~ww_monitor.tensorboard_writer.render_figures`:
+        """``(phase_grid, alpha_grid)`` of :func:`~ww_monitor.outputs.tensorboard_writer.render_figures`:
         :meth:`phases` and ``(names, steps, alpha, reliable)`` from :meth:`grid`."""
         names, steps, alpha = self.grid("alpha", layers)
         return self.phases(layers), (names, steps, alpha, self.grid("reliable", layers)[2])

@@ -137,7 +137,7 @@ def plot_runs_compared(runs: Mapping[str, tuple[Sequence[int], Sequence[float]]]
 def plot_esd_density(layer: str, snapshots: Sequence) -> Figure:
     """ESD of one layer at every snapshot as a heatmap: x = snapshot (training step), y =
     log10(lambda), colour = log10 of the density (counts per log10 unit, normalised per
-    snapshot); ``snapshots`` are :class:`~ww_monitor.offline_report.EsdSnapshot`. A heavy tail
+    snapshot); ``snapshots`` are :class:`~ww_monitor.outputs.offline_report.EsdSnapshot`. A heavy tail
     growing shows as colour creeping upwards."""
     from matplotlib import colormaps
 
