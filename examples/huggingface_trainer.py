@@ -44,6 +44,8 @@ def main(argv=None) -> WeightWatcherCallback:
     p.add_argument("--out", default="hf_out")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--every", type=int, default=20, help="snapshot every this many steps")
+    p.add_argument("--on-lag", default="skip", choices=["skip", "wait"],
+                   help="when the analysis is behind: skip the snapshot (never blocks training) or wait for it")
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --out")
     args = p.parse_args(argv)
 
@@ -51,7 +53,7 @@ def main(argv=None) -> WeightWatcherCallback:
     config = BertConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=256, max_position_embeddings=SEQ, num_labels=2)
     model = BertForSequenceClassification(config)
-    ww = WeightWatcherCallback(every_n_steps=args.every, every_n_epochs=None,
+    ww = WeightWatcherCallback(every_n_steps=args.every, every_n_epochs=None, on_lag=args.on_lag,
                                tensorboard_dir=f"{args.out}/runs/ww_monitor")
     training_args = TrainingArguments(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=32, learning_rate=5e-4,

@@ -25,6 +25,8 @@ def main(argv=None) -> ww_monitor.Monitor:
     p.add_argument("--logdir", default="tb_logs/plain_loop")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=100, help="snapshot every this many steps")
+    p.add_argument("--on-lag", default="skip", choices=["skip", "wait"],
+                   help="when the analysis is behind: skip the snapshot (never blocks training) or wait for it")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -32,7 +34,7 @@ def main(argv=None) -> ww_monitor.Monitor:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     teacher = nn.Linear(64, 10)  # synthetic labels: a fixed random teacher
     writer = SummaryWriter(args.logdir)
-    monitor = ww_monitor.Monitor(writer, every_n_steps=args.every)
+    monitor = ww_monitor.Monitor(writer, every_n_steps=args.every, on_lag=args.on_lag)
 
     step = 0
     for step in range(1, args.steps + 1):

@@ -86,6 +86,6 @@ def test_huggingface_example(tmp_path):
     from pathlib import Path
 
     example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "huggingface_trainer.py"))
-    ww = example["main"](["--out", str(tmp_path / "out"), "--steps", "4", "--every", "2"])
+    ww = example["main"](["--out", str(tmp_path / "out"), "--steps", "4", "--every", "2", "--on-lag", "wait"])
     assert ww.history.steps == [0, 2, 4]
     assert list((tmp_path / "out" / "runs" / "ww_monitor").glob("events.out.tfevents*"))
