@@ -20,7 +20,7 @@ Scope, and the deliberate differences (each is tested below so it stays delibera
   xmin chosen by D - 0.868/sqrt(n)) when fewer than 20 eigenvalues are above 1e-5; ww_monitor
   keeps the plain Clauset MLE for every size.
 * ``matrix_rank`` (and so the ``ln(rank)`` in ``entropy``) uses a tolerance at the *weights'*
-  precision (float32: s_max * N * eps32, SPEC section 3), weightwatcher float64 eps. They differ
+  precision (float32: s_max * N * eps32), weightwatcher float64 eps. They differ
   only where singular values lie between the two tolerances, e.g. a square float32 matrix whose
   smallest singular values approach zero.
 """

@@ -1,4 +1,4 @@
-"""``fit_power_law``: the Clauset MLE + KS xmin search (SPEC section 4).
+"""``fit_power_law``: the Clauset MLE + KS xmin search (Clauset, Shalizi & Newman 2009).
 
 Oracles: the ``powerlaw`` package (2.0) and closed-form facts about Pareto samples.
 

@@ -64,7 +64,7 @@ def run(tmp_path_factory):
     trainer.fit(Tiny(), data)
     ckpt = root / "final.ckpt"
     trainer.save_checkpoint(str(ckpt))
-    # What the alert wiring will log (SPEC section 7: alerts as text under ww/alerts).
+    # What the alert wiring will log (alerts as text under ww/alerts).
     logger.experiment.add_text("ww/alerts", ALERT_TEXT, global_step=ww.history.steps[-1])
     logger.experiment.flush()
     plain = root / "weights.pt"

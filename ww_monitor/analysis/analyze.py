@@ -293,7 +293,7 @@ def layer_result(m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> L
 
 
 def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, fit: PowerLawFit, config: AnalysisConfig) -> None:
-    """Marchenko-Pastur fit, spikes, correlation traps and phase (SPEC section 5).
+    """Marchenko-Pastur fit, spikes, correlation traps and phase.
 
     The MP fit sees the same (conv-scaled) eigenvalues as every other metric, so lambda_plus
     and mp_sigma describe the reported ESD; for pooled conv layers mp_sigma is the entry scale

@@ -1,6 +1,6 @@
 """Marchenko-Pastur fit of one ESD: bulk edge, Tracy-Widom scale, spikes, BBP prediction.
 
-Conventions (SPEC sections 3 and 5). ``W`` is N x M after orientation (N >= M), Q = N / M, and
+Conventions. ``W`` is N x M after orientation (N >= M), Q = N / M, and
 the eigenvalues are those of W^T W *without* the 1/N normalisation. If W's entries are i.i.d.
 with variance sigma^2, the M eigenvalues of W^T W / N follow the Marchenko-Pastur law
 (Marchenko & Pastur 1967) with ratio y = M / N = 1 / Q <= 1 and no mass at zero:
@@ -9,8 +9,8 @@ with variance sigma^2, the M eigenvalues of W^T W / N follow the Marchenko-Pastu
 
 so in the unnormalised convention the edges are lambda_pm = N sigma^2 (1 pm 1/sqrt(Q))^2.
 
-The largest eigenvalue fluctuates around lambda_+ on the Tracy-Widom scale (Johnstone 2001;
-SPEC section 5, multiplied by N for the unnormalised convention)
+The largest eigenvalue fluctuates around lambda_+ on the Tracy-Widom scale (Johnstone 2001,
+multiplied by N for the unnormalised convention)
 
     tw_scale = N sigma^2 (1 + Q^-1/2)^(4/3) / (sqrt(Q) M^(2/3))
 

@@ -1,4 +1,4 @@
-"""Norm- and rank-based metrics of one ESD (weightwatcher-compatible definitions, SPEC section 3).
+"""Norm- and rank-based metrics of one ESD (weightwatcher-compatible definitions).
 
 Eigenvalues are lambda_i = s_i^2 of the raw weight matrix (no 1/N normalisation), so the log
 norms match weightwatcher and the published tables.
@@ -19,8 +19,8 @@ def rank_tolerance(lambda_max: float, n: int, m: int, dtype: torch.dtype = torch
 
     Singular-value tolerance, squared to apply to eigenvalues:
 
-    * float32/float64 weights: numpy's ``matrix_rank`` rule ``s_max * max(N, M) * eps(dtype)``
-      (SPEC section 3), so a float32 low-rank matrix (noise floor ~1e-7 s_max) is detected.
+    * float32/float64 weights: numpy's ``matrix_rank`` rule ``s_max * max(N, M) * eps(dtype)``,
+      so a float32 low-rank matrix (noise floor ~1e-7 s_max) is detected.
     * 16-bit weights: that rule with eps(bf16) = 7.8e-3 would call half of a healthy spectrum
       zero. Such weights are computed in float32 and then rounded, which perturbs the singular
       values by about 0.1 eps(dtype) * s_max (measured on rounded low-rank products), so the
