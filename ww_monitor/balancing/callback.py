@@ -19,7 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..integrations.lightning_callback import WeightWatcherMixin, _as_tuple, _check_bool, _check_int, _rank_zero_warn
+from ..core.hooks import rank_zero_warn as _rank_zero_warn
+from ..core.settings import as_tuple as _as_tuple
+from ..integrations.lightning_callback import WeightWatcherMixin
+from ..validation import check_bool as _check_bool
+from ..validation import check_int as _check_int
 from ..monitoring.distributed import is_initialized
 from ..errors import WWMonitorError
 from ..functional.balancing import (

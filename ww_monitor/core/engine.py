@@ -39,88 +39,44 @@ rank-local skipping, no deadlock). Every rank keeps the merged history; only ran
 State: :meth:`~MonitorEngine._engine_state` waits for in-flight analyses (and gathers them
 under DDP) so the saved history is complete; a snapshot owed at the checkpoint's step is
 remembered and taken on resume, so the history continues without gaps or duplicates.
+
+This module holds the scheduling (run start/end, sync points, take or skip a snapshot, the
+worker's life); the rest of the engine is in its neighbours: :mod:`.settings` (the arguments,
+validated), :mod:`.run_state` (per-run state, state dict), :mod:`.completion` (finished
+analyses -> history, alerts, sinks).
 """
 
 from __future__ import annotations
 
-
-import functools
 import logging
 import time
-from typing import Any, Callable
+from typing import Callable
 
-import torch
-
-from ..analysis.adapters import ZERO_UPDATE_REASON
-from ..monitoring.alerts import Alert, AlertConfig, AlertTracker, dispatch_alerts
-from ..analysis.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, AnalysisConfig
-from ..monitoring.cost import estimate_seconds
-from ..monitoring.device import resolve_analysis_device, staging_budget, validate_analysis_device
-from ..monitoring.distributed import all_gather_object, collect_into, is_initialized
-from ..errors import WWMonitorError
-from ..outputs.figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
-from ..functional.distances import esd_shift as esd_shift_distance
+from ..analysis.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS
+from ..analysis.layers import available_layer_names, is_size_limit
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
-from ..monitoring.history import History, SnapshotRecord
-from ..outputs.layer_groups import group_scalars
-from ..analysis.layers import CONV_MODES, KINDS, available_layer_names, is_size_limit
-from ..analysis.results import Report
+from ..monitoring.alerts import Alert, AlertConfig
+from ..monitoring.cost import estimate_seconds
+from ..monitoring.device import resolve_analysis_device, staging_budget
+from ..monitoring.distributed import collect_into, is_initialized
 from ..monitoring.snapshot import SnapshotBuilder
+from ..monitoring.worker import CHUNK_BYTES, analyze_snapshot, failed_analysis, make_worker
+from ..outputs.figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
 from ..user_warnings import warn_user
-from ..outputs.tensorboard_writer import LoggerWriter, layer_scalars, summary_scalars
-from ..validation import check_bool as _check_bool
-from ..validation import check_int as _check_int
-from ..validation import check_seconds as _check_seconds
-from ..monitoring.worker import CHUNK_BYTES, AnalysisOutput, analyze_snapshot, failed_analysis, make_worker
+from .completion import Completion
+from .hooks import rank_zero_warn
+from .run_state import RunState
+from .settings import MonitorSettings
 
 __all__ = ["MonitorEngine"]
 
 log = logging.getLogger(__name__)
 
-_WORKER_TYPES = ("thread", "process")
-_STATE_VERSION = 1
 #: Layer names / skipped steps listed in one warning at most (the rest are counted).
 _MAX_LISTED = 20
 
 
-def _rank_zero_warn(message: str, category=UserWarning) -> None:
-    """Warn once per process group (rank 0), attributed to the user's line, not to ours."""
-    from lightning_utilities.core.rank_zero import rank_zero_only
-
-    if getattr(rank_zero_only, "rank", 0) == 0:
-        warn_user(message, category)
-
-
-def _on_training_thread(hook):
-    """Adds the hook's wall time to ``stats["train_thread_seconds"]``: what the monitor costs the
-    training thread directly (copies, logging, waits), as opposed to CPU the worker shares."""
-
-    @functools.wraps(hook)
-    def timed(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return hook(self, *args, **kwargs)
-        finally:
-            self.stats["train_thread_seconds"] += time.perf_counter() - t0
-
-    return timed
-
-
-def _as_tuple(value, name: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return (value,)
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise WWMonitorError(f"`{name}` must be a string, a list of strings or None, got {value!r}.") from None
-    if not all(isinstance(v, str) for v in items):
-        raise WWMonitorError(f"`{name}` must be a string, a list of strings or None, got {value!r}.")
-    return items
-
-
-class MonitorEngine:
+class MonitorEngine(RunState, Completion):
     """The monitor itself, for any training loop: see the module docstring. Its arguments are
     those of :class:`ww_monitor.WeightWatcherCallback` (documented there); front doors
     subclass it and translate their framework's events into the run-level methods."""
@@ -169,131 +125,35 @@ class MonitorEngine:
         summary_include_unreliable: bool = False,
     ) -> None:
         super().__init__()
-        _check_int("every_n_epochs", every_n_epochs, 0, allow_none=True)
-        _check_int("every_n_train_steps", every_n_train_steps, 1, allow_none=True)
-        for name, flag in (("background", background), ("blocking", blocking), ("worker_idle", worker_idle),
-                           ("log_histograms", log_histograms),
-                           ("log_text", log_text), ("log_callback_metrics", log_callback_metrics),
-                           ("summary_include_unreliable", summary_include_unreliable)):
-            _check_bool(name, flag)
-        if worker_type not in _WORKER_TYPES:
-            raise WWMonitorError(f"`worker_type` must be one of {_WORKER_TYPES}, got {worker_type!r}.")
-        _check_int("worker_threads", worker_threads, 1, allow_none=True)
-        _check_int("worker_nice", worker_nice, 0, allow_none=False)
-        _check_int("max_pending", max_pending, 1, allow_none=False)
-        if on_lag not in ("skip", "wait"):
-            raise WWMonitorError(f"`on_lag` must be 'skip' or 'wait', got {on_lag!r}.")
-        _check_int("figures_every_n_snapshots", figures_every_n_snapshots, 0, allow_none=True)
-        _check_int("max_figure_layers", max_figure_layers, 0, allow_none=False)
-        _check_seconds("figures_min_run_seconds", figures_min_run_seconds, allow_zero=True)
-        _check_seconds("figures_timeout", figures_timeout, allow_zero=False)
-        _check_seconds("drain_timeout", drain_timeout, allow_zero=False)
-        if not isinstance(alerts, (bool, AlertConfig)):
-            raise WWMonitorError(f"`alerts` must be True, False or an AlertConfig, got {alerts!r}.")
-        if on_alert is not None and not callable(on_alert):
-            raise WWMonitorError(f"`on_alert` must be callable or None, got {on_alert!r}.")
-        if conv_mode not in CONV_MODES:
-            raise WWMonitorError(f"`conv_mode` must be one of {CONV_MODES}, got {conv_mode!r}.")
-        self.analysis_device = validate_analysis_device(analysis_device)
-        kinds_t = _as_tuple(kinds, "kinds")
-        if kinds_t is not None and any(k not in KINDS for k in kinds_t):
-            raise WWMonitorError(f"`kinds` must be a subset of {list(KINDS)}, got {list(kinds_t)!r}.")
-        include_t = _as_tuple(include, "include")
-        exclude_t = _as_tuple(exclude, "exclude")
-        figure_t = _as_tuple(figure_layers, "figure_layers")
-        # AnalysisConfig validates the regexes, size limits and method with precise messages.
-        self.config = AnalysisConfig(
-            include=include_t or (), exclude=exclude_t or (), kinds=kinds_t, conv_mode=conv_mode,
-            min_evals=min_evals, max_evals=max_evals, max_n=max_n, method=method, keep_eigenvalues=True,
-            detX=detX, fix_fingers=fix_fingers or None, max_fingers=max_fingers, finger_thresh=finger_thresh,
-            fit=fit, randomize=randomize, peft=peft,
+        settings = MonitorSettings.from_arguments(
+            every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps, include=include,
+            exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=min_evals, max_evals=max_evals,
+            max_n=max_n, background=background, blocking=blocking, worker_type=worker_type,
+            worker_threads=worker_threads, worker_nice=worker_nice, worker_idle=worker_idle,
+            max_pending=max_pending, on_lag=on_lag, log_histograms=log_histograms, log_text=log_text,
+            log_callback_metrics=log_callback_metrics, figures_every_n_snapshots=figures_every_n_snapshots,
+            figure_layers=figure_layers, max_figure_layers=max_figure_layers,
+            figures_min_run_seconds=figures_min_run_seconds, figures_timeout=figures_timeout, method=method,
+            analysis_device=analysis_device, drain_timeout=drain_timeout, alerts=alerts, on_alert=on_alert,
+            detX=detX, fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh, fit=fit,
+            randomize=randomize, peft=peft, distance_from_init=distance_from_init, esd_shift=esd_shift,
+            summary_include_unreliable=summary_include_unreliable,
         )
-        _check_bool("distance_from_init", distance_from_init)
-        _check_bool("esd_shift", esd_shift)
-        self.distance_from_init = distance_from_init
-        self.esd_shift = esd_shift
-        if figure_t:
-            AnalysisConfig(include=figure_t)  # same regex validation
-
-        self.every_n_epochs = every_n_epochs or None
-        self.every_n_train_steps = every_n_train_steps
-        self.background = background
-        self.blocking = blocking or not background
-        self.worker_type = worker_type
-        self.worker_threads = worker_threads
-        self.worker_nice = worker_nice
-        self.worker_idle = worker_idle
-        self.max_pending = max_pending
-        self.on_lag = on_lag
-        self.log_histograms = log_histograms
-        self.log_text = log_text
-        self.log_callback_metrics = log_callback_metrics
-        self.figures_every_n_snapshots = figures_every_n_snapshots or None
-        self.figure_layers = figure_t
-        self.max_figure_layers = max_figure_layers
-        self.figures_min_run_seconds = float(figures_min_run_seconds)
-        self.drain_timeout = float(drain_timeout)
-        self.summary_include_unreliable = summary_include_unreliable
-        self.figures_timeout = float(figures_timeout)
-        self._figures = FigurePipeline(self.figures_every_n_snapshots, figure_t, max_figure_layers,
-                                       self.figures_min_run_seconds, worker_nice, self.blocking, self.drain_timeout,
-                                       self.figures_timeout)
-
-        self._alert_config = alerts if isinstance(alerts, AlertConfig) else AlertConfig()
-        self._alerts_on = alerts is not False
-        self.on_alert = on_alert
+        for name, value in settings.public_items():  # config, every_n_epochs, blocking, ...: as attributes
+            setattr(self, name, value)
+        self._alert_config = settings.alert_config
+        self._alerts_on = settings.alerts_on
+        self._figures = FigurePipeline(self.figures_every_n_snapshots, self.figure_layers, self.max_figure_layers,
+                                       self.figures_min_run_seconds, self.worker_nice, self.blocking,
+                                       self.drain_timeout, self.figures_timeout)
         self._worker = None
         self._active = False
         self._rank, self._world = 0, 1
         self._guard = None  # snapshot with in-flight CUDA copies
         self._new_run()
 
-    def _new_run(self) -> None:
-        """The per-run state, fresh: history, alert state, counters (at construction, and when
-        the callback is reused for a new run)."""
-        #: Every analysed snapshot (:class:`ww_monitor.monitoring.history.History`).
-        self.history = History()
-        #: Alert state (``None`` when alerts are off); ``alerts_fired`` lists every alert raised.
-        self.alert_tracker = AlertTracker(self._alert_config) if self._alerts_on else None
-        self.alerts_fired: list[Alert] = []
-        self._writer = LoggerWriter()  # its once-per-logger warnings and layouts belong to a run
-        self._next_index = 0
-        self._last_step: int | None = None  # step of the last snapshot taken
-        self._checked_step: int | None = None  # step-schedule check already done at this step
-        self._owed: tuple[int, int] | None = None  # restored: (step, epoch) of a snapshot due at the checkpoint
-        self._meta: dict[int, dict] = {}  # snapshot index -> step, epoch, owners, ... until complete
-        self._partials: dict[int, dict[int, AnalysisOutput]] = {}  # DDP: index -> {rank: output}
-        self._warned_layers: set[str] = set()
-        self._reported_selection = False
-        #: ``(step, results)`` of the latest completed snapshot (each ``LayerResult`` with its
-        #: eigenvalues), e.g. for :class:`ww_monitor.SpectralBalancer`; None before the first.
-        self.latest_results: tuple[int, list] | None = None
-        self._baseline: dict[str, torch.Tensor] | None = None  # weights at snapshot 0 (distance_from_init)
-        self._prev_esd: dict[str, Any] = {}  # layer -> eigenvalues of its previous snapshot (esd_shift)
-        #: Estimated analysis seconds of one snapshot on this machine (CPU analysis; :mod:`.cost`).
-        self.estimated_snapshot_seconds: float | None = None
-        self._schedule = {"last_due": None, "warned": False}
-        self._skipped_steps: set[int] = set()  # due steps not taken because the worker lagged
-        self.stats: dict[str, Any] = {
-            "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
-            "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
-            "lag_waits": 0, "train_thread_seconds": 0.0, "baseline_bytes": 0,
-        }
 
     # ------------------------------------------------------------------ run level (front doors call these)
-    def _check_reuse(self, step: int) -> None:
-        """A monitor reused for a new run that starts before its history ends: start afresh."""
-        last = self.history.steps[-1] if len(self.history) else self._last_step
-        if last is not None and step < last:
-            # The same callback object passed to a new Trainer: its snapshots would collide with
-            # the earlier run's steps and be dropped as duplicates.
-            _rank_zero_warn(
-                f"WeightWatcherCallback: this callback holds {len(self.history)} snapshot(s) up to step {last} "
-                f"from an earlier run, and this run starts at step {step}. Starting a new history "
-                "(the earlier one is discarded); use one callback per run, or keep `callback.history` before "
-                "fitting again.", RuntimeWarning)
-            self._new_run()
-
     def _start_run(self, host, module, rank: int, world: int, epoch: int) -> None:
         """Start the worker and take the baseline snapshot (or the one owed by a checkpoint)."""
         self._rank, self._world = int(rank), int(world)
@@ -339,41 +199,10 @@ class MonitorEngine:
         self._active = False
         self._stop_worker(cancel=True)
 
-    def _engine_state(self, host, owed) -> dict[str, Any]:
-        """The resumable state; completes the history first (a sync point under DDP)."""
-        if self._active and host is not None:
-            self._drain(host, kinds=("analysis",), reason="checkpoint")
-            self._exchange(host)
-        return {
-            "version": _STATE_VERSION,
-            "history": self.history.state_dict(),
-            "next_index": self._next_index,
-            "last_step": self._last_step,
-            "owed": list(owed or []),
-            "stats": {k: v for k, v in self.stats.items() if isinstance(v, (int, float))},
-            "alerts": self.alert_tracker.state_dict() if self.alert_tracker is not None else {},
-            # The previous ESDs, so esd_shift continues across a resume (tensors: weights_only loads).
-            "prev_esd": {k: torch.as_tensor(v, dtype=torch.float64) for k, v in self._prev_esd.items()},
-        }
-
     @staticmethod
     def _ends_at_this_step(host) -> bool:
         """Whether training stops after this step (then a busy due snapshot is left to the final one)."""
         return bool(getattr(host, "ends_at_this_step", False))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = History()
-        self.history.load_state_dict(state_dict.get("history", {}))
-        self._next_index = int(state_dict.get("next_index", len(self.history)))
-        self._last_step = state_dict.get("last_step")
-        owed = state_dict.get("owed") or None
-        self._owed = (int(owed[0]), int(owed[1])) if owed else None
-        if self.alert_tracker is not None and state_dict.get("alerts"):
-            self.alert_tracker.load_state_dict(state_dict["alerts"])
-        self._prev_esd = {k: torch.as_tensor(v).double().numpy() for k, v in state_dict.get("prev_esd", {}).items()}
-        for k in ("snapshots_taken", "snapshots_skipped", "snapshots_failed"):  # run totals, not per rank
-            if k in state_dict.get("stats", {}):
-                self.stats[k] = int(state_dict["stats"][k])
 
     def _check_selection_only(self, module) -> None:
         """``fast_dev_run``: a smoke test of the training code, so no snapshots are taken (the
@@ -449,7 +278,7 @@ class MonitorEngine:
         self._skipped_steps.add(step)
         self.stats["snapshots_skipped"] += 1
         if len(self._skipped_steps) == 1:
-            _rank_zero_warn(
+            rank_zero_warn(
                 f"WeightWatcherCallback: skipped the snapshot at step {step} because "
                 f"{self.max_pending} earlier snapshot(s) are still being analysed (max_pending="
                 f"{self.max_pending}). Take snapshots less often, raise max_pending, on_lag='wait', or narrow "
@@ -460,7 +289,7 @@ class MonitorEngine:
         missing = sorted(s for s in self._skipped_steps if not self.history.has_step(s))
         if len(missing) > 1:
             shown = ", ".join(map(str, missing[:_MAX_LISTED])) + (" ..." if len(missing) > _MAX_LISTED else "")
-            _rank_zero_warn(f"WeightWatcherCallback: {len(missing)} scheduled snapshots were skipped because the "
+            rank_zero_warn(f"WeightWatcherCallback: {len(missing)} scheduled snapshots were skipped because the "
                             f"analysis lagged (steps {shown}); the history holds {len(self.history)}.",
                             RuntimeWarning)
 
@@ -482,13 +311,13 @@ class MonitorEngine:
         """Once per run: what the selection left out, like ``analyze()`` reports it."""
         self._reported_selection = True
         if not owners:
-            _rank_zero_warn(self._selection_message(module, selection_skipped), RuntimeWarning)
+            rank_zero_warn(self._selection_message(module, selection_skipped), RuntimeWarning)
             return
         unexpected = [s for s in selection_skipped if not is_size_limit(s.reason)]
         for s in selection_skipped:
             log.info("ww_monitor: layer %s (%s, shape %s) not analysed: %s", s.name, s.kind, s.shape, s.reason)
         if unexpected:  # size limits are configuration; anything else (dtype, ...) is news
-            _rank_zero_warn("WeightWatcherCallback: " + "; ".join(
+            rank_zero_warn("WeightWatcherCallback: " + "; ".join(
                 f"layer {s.name} not analysed: {s.reason}" for s in unexpected[:_MAX_LISTED]), RuntimeWarning)
 
     def _take(self, host, module, epoch: int, final: bool) -> None:
@@ -551,7 +380,7 @@ class MonitorEngine:
         if estimate is None or last is None or self._schedule["warned"] or estimate <= now - last:
             return
         self._schedule["warned"] = True
-        _rank_zero_warn(
+        rank_zero_warn(
             f"WeightWatcherCallback: one snapshot takes about {estimate:.2f} s to analyse here but snapshots are "
             f"due {now - last:.2f} s apart, so the analysis cannot keep up (snapshots will be skipped or training "
             f"will wait, see on_lag). Take snapshots less often or narrow the layer selection.", RuntimeWarning)
@@ -563,167 +392,3 @@ class MonitorEngine:
             warn_user(
                 f"WeightWatcherCallback: background analysis did not finish within drain_timeout="
                 f"{self.drain_timeout:g}s before {reason}; its results are dropped.", RuntimeWarning)
-
-    def _outputs_from(self, finished) -> list[AnalysisOutput]:
-        outputs = []
-        for job in finished:
-            if job.error is not None or not isinstance(job.value, AnalysisOutput):
-                meta = self._meta.get(job.key, {})
-                outputs.append(AnalysisOutput(index=job.key, step=meta.get("step", -1), epoch=meta.get("epoch", -1),
-                                              rank=self._rank, error=job.error or "no result"))
-            else:
-                outputs.append(job.value)
-            self.stats["analysis_seconds"] += job.seconds
-        return outputs
-
-    def _exchange(self, host) -> None:
-        """Log what is finished: gather across ranks under DDP (a sync point), else poll."""
-        if self._world > 1:
-            self._gather(host)
-        else:
-            self._collect(host)
-
-    def _collect(self, host) -> None:
-        """Single process: log every finished analysis and figure."""
-        if self._worker is None:
-            return
-        for out in self._outputs_from(self._worker.poll(("analysis",))):
-            self._complete(host, out.index, {self._rank: out})
-        self._log_figures(host)
-
-    def _gather(self, host) -> int:
-        """DDP sync point: exchange finished outputs; returns the largest in-flight count."""
-        local = self._outputs_from(self._worker.poll(("analysis",))) if self._worker is not None else []
-        pending = self._worker.pending("analysis") if self._worker is not None else 0
-        try:
-            everyone = all_gather_object({"rank": self._rank, "outputs": local, "pending": pending}, self._world)
-        except Exception as err:
-            warn_user(f"WeightWatcherCallback: gathering results across ranks failed ({type(err).__name__}: "
-                      f"{err}); distributed analysis results are incomplete.", RuntimeWarning)
-            everyone = [{"rank": self._rank, "outputs": local, "pending": pending}]
-        for payload in everyone:
-            for out in payload["outputs"]:
-                self._partials.setdefault(out.index, {})[payload["rank"]] = out
-        for index in sorted(self._partials):
-            if len(self._partials[index]) >= self._world:
-                self._complete(host, index, self._partials.pop(index))
-        self._log_figures(host)
-        return max(p["pending"] for p in everyone)
-
-    def _finalize_incomplete(self, host) -> None:
-        for index in sorted(self._partials):
-            parts = self._partials.pop(index)
-            missing = sorted(set(range(self._world)) - set(parts))
-            _rank_zero_warn(f"WeightWatcherCallback: snapshot {index} is incomplete (no results from ranks "
-                            f"{missing}); logging the layers that were analysed.", RuntimeWarning)
-            self._complete(host, index, parts)
-
-    def _complete(self, host, index: int, parts: dict[int, AnalysisOutput]) -> None:
-        meta = self._meta.pop(index, None)
-        any_out = next(iter(parts.values()))
-        step = meta["step"] if meta else any_out.step
-        epoch = meta["epoch"] if meta else any_out.epoch
-        order = {name: i for i, name in enumerate(meta["order"])} if meta else {}
-        results, ranks, skipped, errors, seconds, histograms = [], [], [], [], 0.0, {}
-        for rank in sorted(parts):
-            out = parts[rank]
-            seconds = max(seconds, out.seconds)
-            histograms.update(out.histograms)
-            if out.error:
-                errors.append(f"rank {rank}: {out.error}")
-            skipped.extend(out.skipped)
-            for r in out.results:
-                results.append(r)
-                ranks.append(rank)
-        pairs = sorted(zip(results, ranks), key=lambda p: order.get(p[0].name, len(order)))
-        results = [p[0] for p in pairs]
-        ranks = [p[1] for p in pairs]
-        if errors:
-            self.stats["snapshots_failed"] += 1
-            warn_user(f"WeightWatcherCallback: analysis of the snapshot at step {step} failed: "
-                      + "; ".join(errors), RuntimeWarning)
-        for s in skipped:
-            if s.reason == ZERO_UPDATE_REASON:  # expected at the start of LoRA training, not a problem
-                log.info("ww_monitor: %s not analysed at step %d: %s", s.name, step, s.reason)
-            elif s.name not in self._warned_layers:
-                self._warned_layers.add(s.name)
-                _rank_zero_warn(f"WeightWatcherCallback: layer {s.name} not analysed at step {step}: {s.reason}",
-                                RuntimeWarning)
-        if self.esd_shift:
-            self._esd_shifts(results)
-        report = Report(layers=results, skipped=list(skipped) + list(meta["selection_skipped"] if meta else []))
-        summary = report.summary(include_unreliable=self.summary_include_unreliable)
-        record = SnapshotRecord.from_results(index, step, epoch, results, ranks, skipped=report.skipped,
-                                             seconds=seconds, errors=errors, summary=summary)
-        if not self.history.add(record):
-            log.debug("snapshot at step %d already in the history; not logged again", step)
-            return
-        if not results and errors:
-            return
-        self.latest_results = (step, results)
-        metrics = layer_scalars(results)
-        metrics.update(group_scalars(results))
-        metrics.update(summary_scalars(summary))
-        if self.log_callback_metrics and results:
-            try:
-                cm = host.callback_metrics
-                for k, v in metrics.items():
-                    cm[k] = torch.tensor(v, dtype=torch.float32)
-                # Lets AlphaDriftEarlyStopping (and users) tell a new snapshot from an old value.
-                cm["ww/snapshot_step"] = torch.tensor(step)
-            except Exception as err:  # pragma: no cover - depends on the host's internals
-                log.debug("could not update callback_metrics: %s", err)
-        loggers = list(getattr(host, "loggers", []) or [])
-        self._handle_alerts(host, loggers, results, skipped, step, epoch)
-        if self._rank != 0:
-            return
-        self._writer.log_scalars(loggers, metrics, step)
-        self._writer.log_tensorboard(loggers, step, results, histograms=self.log_histograms, text=self.log_text,
-                                     precomputed=histograms)
-        self._figures.offer(step, results, loggers, submit=bool(meta and meta["figures"]),
-                            grids=self.history.figure_grids)
-
-    def _esd_shifts(self, results) -> None:
-        """``esd_shift`` of each layer against its previous snapshot (training thread; ESDs are small)."""
-        for r in results:
-            if r.eigenvalues is None:
-                continue
-            prev = self._prev_esd.get(r.name)
-            if prev is not None:
-                r.esd_shift = esd_shift_distance(prev, r.eigenvalues)
-            self._prev_esd[r.name] = r.eigenvalues
-
-    def _handle_alerts(self, host, loggers, results, skipped, step: int, epoch: int) -> None:
-        """Evaluate the alert rules on a completed snapshot and carry out their actions.
-
-        Runs on every rank with the same gathered results, so ``stop``/``raise`` act alike
-        everywhere (no rank-local decision, no deadlock); output comes from rank 0 only.
-        """
-        if self.alert_tracker is None:
-            return
-        alerts = self.alert_tracker.update(results, skipped, step, epoch)
-        active = len(self.alert_tracker.active)
-        if self._rank == 0:  # at every snapshot, so the curve has its 0 baseline
-            self._writer.log_scalars(loggers, {"ww/alerts/active": float(active)}, step)
-        if not alerts:
-            return
-        self.alerts_fired.extend(a for a in alerts if not a.resolved)
-        writers = [exp for _, exp in self._writer._tb_writers(loggers)] if self._rank == 0 else []
-        if dispatch_alerts(alerts, self.alert_tracker.config, tensorboard_writers=writers,
-                           on_alert=self.on_alert, rank=self._rank, active=active):
-            first = next(a for a in alerts if not a.resolved and "stop" in self.alert_tracker.config.actions_for(a.rule))
-            log.info("WeightWatcherCallback: stopping training on alert %s: %s", first.rule, first.message)
-            host.should_stop = True
-
-    def _submit_figures(self) -> None:
-        """Render the figures of the latest complete snapshot in the background (rank 0)."""
-        if self._rank == 0:
-            self._figures.submit(self.history.figure_grids)
-
-    def _log_figures(self, host) -> None:
-        if self._rank != 0:
-            return
-        loggers = list(getattr(host, "loggers", []) or [])
-        self._figures.warm_up(loggers)
-        for step, images in self._figures.collect(lambda m: _rank_zero_warn(m, RuntimeWarning)):
-            self._writer.log_images(loggers, step, images)

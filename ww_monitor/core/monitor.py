@@ -11,7 +11,8 @@ from typing import Any
 
 from ..errors import WWMonitorError
 from ..validation import check_int
-from .engine import MonitorEngine, _on_training_thread
+from .engine import MonitorEngine
+from .hooks import on_training_thread as _on_training_thread
 from .sinks import LoopHost, as_sinks
 
 __all__ = ["Monitor"]

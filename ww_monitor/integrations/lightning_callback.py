@@ -21,9 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.engine import MonitorEngine, _as_tuple, _on_training_thread, _rank_zero_warn  # noqa: F401
-from ..validation import check_bool as _check_bool  # noqa: F401  (re-exported for balancing)
-from ..validation import check_int as _check_int  # noqa: F401
+from ..core.engine import MonitorEngine
+from ..core.hooks import on_training_thread as _on_training_thread
 
 __all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]
 

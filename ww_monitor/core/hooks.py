@@ -1,0 +1,33 @@
+"""What every front door's hooks share: rank-zero warnings and the training-thread timer."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from ..user_warnings import warn_user
+
+__all__ = ["rank_zero_warn", "on_training_thread"]
+
+
+def rank_zero_warn(message: str, category=UserWarning) -> None:
+    """Warn once per process group (rank 0), attributed to the user's line, not to ours."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        warn_user(message, category)
+
+
+def on_training_thread(hook):
+    """Adds the hook's wall time to ``stats["train_thread_seconds"]``: what the monitor costs the
+    training thread directly (copies, logging, waits), as opposed to CPU the worker shares."""
+
+    @functools.wraps(hook)
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self.stats["train_thread_seconds"] += time.perf_counter() - t0
+
+    return timed
