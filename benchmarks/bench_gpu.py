@@ -5,7 +5,7 @@ Three parts, every number a median of interleaved repeats, timed with device syn
 1. **Solvers per shape**: ``torch.linalg.eigvalsh`` of the Gram matrix and ``torch.linalg.svdvals``,
    float32 vs float64, one matrix vs a batch of 4 (per matrix).
 2. **Model-shaped stacks** of random bf16 matrices as the callback analyses them
-   (:func:`ww_monitor.monitoring.worker.analyze_on_device`: streamed groups, low-priority stream, only
+   (:func:`ww_monitor.monitoring.analysis_job.analyze_on_device`: streamed groups, low-priority stream, only
    eigenvalues to the host): a 1B-shaped decoder (2048 wide, FFN 8192, 16 layers) and a
    7B-shaped one (4096 wide, FFN 11008, 32 layers). ``--layers`` of each are analysed and the
    per-snapshot time is scaled to the full depth (marked "x depth").
@@ -73,7 +73,7 @@ def solver_rows(device, shapes, repeats):
 def stack_rows(device, stacks, layers: int):
     from ww_monitor.analysis.analyze import AnalysisConfig
     from ww_monitor.analysis.layers import LayerMatrix
-    from ww_monitor.monitoring.worker import analyze_on_device
+    from ww_monitor.monitoring.analysis_job import analyze_on_device
 
     rows = []
     config = AnalysisConfig(keep_eigenvalues=False)

@@ -366,7 +366,7 @@ def test_lagging_worker_skips_snapshots_instead_of_queueing(tmp_path, monkeypatc
     def no_renderer(*args, **kwargs):  # figures are off: no renderer process may be started
         raise AssertionError("figure renderer started")
 
-    monkeypatch.setattr(importlib.import_module("ww_monitor.monitoring.worker"), "SubprocessWorker", no_renderer)
+    monkeypatch.setattr(importlib.import_module("ww_monitor.monitoring.subprocess_worker"), "SubprocessWorker", no_renderer)
     cb = ww_monitor.WeightWatcherCallback(every_n_epochs=None, every_n_train_steps=1, max_pending=1,
                                           figures_every_n_snapshots=None)
     with pytest.warns(RuntimeWarning, match="skipped the snapshot at step"):

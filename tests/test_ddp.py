@@ -40,6 +40,15 @@ SCRIPT = textwrap.dedent(
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
+    class CountingDDP(pl.strategies.DDPStrategy):
+        # counts the broadcasts that carry the monitor's per-rank results (its gathers)
+        ww_broadcasts = 0
+
+        def broadcast(self, obj, src=0):
+            if isinstance(obj, dict) and "outputs" in obj:  # this rank's share, sent to the others
+                CountingDDP.ww_broadcasts += 1
+            return super().broadcast(obj, src)
+
     if __name__ == "__main__":
         out, mode = sys.argv[1], sys.argv[2]
         torch.manual_seed(0)
@@ -48,7 +57,7 @@ SCRIPT = textwrap.dedent(
         cb = ww_monitor.WeightWatcherCallback(
             every_n_epochs=1, blocking=mode == "blocking", figures_every_n_snapshots=None, max_pending=8)
         trainer = pl.Trainer(
-            accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=TensorBoardLogger(out, name="tb",
+            accelerator="cpu", devices=2, strategy=CountingDDP(), max_epochs=3, logger=TensorBoardLogger(out, name="tb",
             version=0), callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
             enable_checkpointing=False, log_every_n_steps=1)
         trainer.fit(Net(), DataLoader(data, batch_size=16))
@@ -56,7 +65,8 @@ SCRIPT = textwrap.dedent(
             json.dump({"rank": trainer.global_rank, "world": trainer.world_size, "steps": cb.history.steps,
                        "layers": cb.history.layer_names, "rank_counts": cb.history.rank_counts(),
                        "here": cb.stats["layers_analysed_here"], "skipped": cb.stats["snapshots_skipped"],
-                       "global_step": trainer.global_step}, f)
+                       "global_step": trainer.global_step,
+                       "ww_broadcasts": CountingDDP.ww_broadcasts}, f)
     """
 )
 
@@ -84,6 +94,8 @@ def test_two_process_ddp_shards_and_gathers(tmp_path, mode):
     expected = [0, steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]
     for info in ranks:
         assert info["world"] == 2 and info["global_step"] == expected[-1] and info["skipped"] == 0
+        # results travelled through the Lightning strategy's collectives (at least one sync point per snapshot)
+        assert info["ww_broadcasts"] >= len(expected), info
         # every rank holds the same merged history: every layer at every snapshot
         assert info["steps"] == expected and info["layers"] == LAYERS, info
         # both ranks analysed part of every snapshot

@@ -56,19 +56,48 @@ def test_trainer_logs_every_layer_and_resumes_without_gaps(tmp_path, monkeypatch
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
+    acc = read_run(tmp_path / "tb")
     for layer in layers:
         assert [e.step for e in acc.Scalars(f"ww/alpha/{layer}")] == [0, 3, 6], layer
         assert [e.step for e in acc.Histograms(f"ww/esd/{layer}")] == [0, 3, 6], layer
+    # The Trainer's own TensorBoard integration wrote to the same run, and our tags only once.
+    tags = acc.Tags()["scalars"]
+    assert "train/train_loss" in tags and not any(t.startswith("train/ww/") for t in tags)
 
     checkpoint = tmp_path / "out" / "checkpoint-3"
     assert (checkpoint / STATE_FILE).exists()
-    resumed = callback(tensorboard=False)
-    trainer_for(tmp_path, resumed).train(resume_from_checkpoint=str(checkpoint))
+    resumed = callback(tensorboard=False, report_to_integrations=False)
+    with pytest.warns(RuntimeWarning, match=r"^huggingface\.WeightWatcherCallback: no logger"):  # nowhere to write
+        trainer_for(tmp_path, resumed).train(resume_from_checkpoint=str(checkpoint))
     assert resumed.history.steps == [0, 3, 6]  # 0 and 3 from the checkpoint, 6 taken after resuming
+    assert not any(t.startswith("train/ww/") for t in read_run(tmp_path / "tb").Tags()["scalars"])  # opted out
     before = ww.history.to_pandas().query("step <= 3").alpha.tolist()
     assert resumed.history.to_pandas().query("step <= 3").alpha.tolist() == pytest.approx(before)
+
+
+def read_run(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def test_report_to_integrations_receive_the_scalars(tmp_path):
+    # Our own TensorBoard writer off: the Trainer's TensorBoard integration gets the ww/ scalars
+    # (under its "train/" prefix), each snapshot once, when its analysis completes.
+    ww = callback(tensorboard=False)
+    trainer = trainer_for(tmp_path, ww)
+    trainer.train()
+    callbacks = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert callbacks.index("WeightWatcherCallback") == callbacks.index("TensorBoardCallback") - 1
+    (run,) = (tmp_path / "out" / "runs").iterdir()  # the integration's run folder
+    acc = read_run(run)
+    assert [e.value for e in acc.Scalars("train/ww/snapshot_step")] == [0, 3, 6]
+    for layer in sorted(set(ww.history.to_pandas().layer)):
+        assert [e.step for e in acc.Scalars(f"train/ww/alpha/{layer}")] == [0, 3, 6], layer
+    assert [e.value for e in acc.Scalars("train/ww/summary/alpha")] == pytest.approx(
+        [r.summary["alpha"] for r in ww.history])
 
 
 def test_alpha_drift_stops_the_trainer(tmp_path):

@@ -97,6 +97,13 @@ def test_stop_alert_is_returned_by_step():
     monitor.close()
 
 
+def test_warnings_name_the_front_door():
+    monitor = ww_monitor.Monitor(every_n_steps=EVERY, blocking=True, figures_every_n_snapshots=None)
+    with pytest.warns(RuntimeWarning, match=r"^Monitor: no logger or sink; .* as `sinks`"):
+        monitor.step(make_model(), 1)
+    monitor.close()
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(WWMonitorError, match="every_n_steps"):
         ww_monitor.Monitor(every_n_steps=0)

@@ -127,24 +127,24 @@ def test_fast_dev_run_takes_no_snapshot_but_checks_the_selection(tmp_path):
 
 def test_no_figures_without_a_logger_that_stores_them(tmp_path, monkeypatch):
     """A CSV-only run never starts the renderer, even with figures due at every snapshot."""
-    import ww_monitor.monitoring.worker
+    import ww_monitor.monitoring.subprocess_worker
 
     def no_renderer(*args, **kwargs):
         raise AssertionError("figure renderer started")
 
-    monkeypatch.setattr(ww_monitor.monitoring.worker, "SubprocessWorker", no_renderer)
+    monkeypatch.setattr(ww_monitor.monitoring.subprocess_worker, "SubprocessWorker", no_renderer)
     cb = wwm.WeightWatcherCallback(figures_every_n_snapshots=1, figures_min_run_seconds=0)
     _, messages = _fit(tmp_path, cb, logger=pl.loggers.CSVLogger(str(tmp_path)))
     assert len(cb.history) == 3 and not any("figure" in m for m in messages)
 
 
 def test_figures_wait_for_runs_long_enough(tmp_path, monkeypatch):
-    import ww_monitor.monitoring.worker
+    import ww_monitor.monitoring.subprocess_worker
 
     def no_renderer(*args, **kwargs):
         raise AssertionError("figure renderer started")
 
-    monkeypatch.setattr(ww_monitor.monitoring.worker, "SubprocessWorker", no_renderer)
+    monkeypatch.setattr(ww_monitor.monitoring.subprocess_worker, "SubprocessWorker", no_renderer)
     cb = wwm.WeightWatcherCallback(figures_every_n_snapshots=1)  # default figures_min_run_seconds=60
     _fit(tmp_path, cb, logger=pl.loggers.TensorBoardLogger(str(tmp_path)))
     assert len(cb.history) == 3
@@ -159,7 +159,7 @@ def test_renderer_subprocess_closes_its_pipes_and_keeps_its_stderr():
 
     code = textwrap.dedent("""
         import gc, warnings
-        from ww_monitor.monitoring.worker import SubprocessWorker
+        from ww_monitor.monitoring.subprocess_worker import SubprocessWorker
         w = SubprocessWorker(num_threads=1, nice=0)
         w.submit("job", 0, warnings.warn, ("CHILD-WARNING",))
         assert w.wait(60)

@@ -10,14 +10,8 @@ from torch import nn
 
 from ww_monitor.analysis.analyze import AnalysisConfig, analyze_matrices, select_matrices
 from ww_monitor.monitoring.snapshot import take_snapshot
-from ww_monitor.monitoring.worker import (
-    AnalysisOutput,
-    InlineWorker,
-    ProcessWorker,
-    ThreadWorker,
-    analyze_snapshot,
-    configure_current_thread,
-)
+from ww_monitor.monitoring.analysis_job import AnalysisOutput, analyze_snapshot
+from ww_monitor.monitoring.worker import InlineWorker, ProcessWorker, ThreadWorker, configure_current_thread
 
 
 def _model():
@@ -154,7 +148,7 @@ def test_subprocess_worker_runs_jobs_without_the_callers_main(tmp_path):
     import math
     import operator
 
-    from ww_monitor.monitoring.worker import SubprocessWorker
+    from ww_monitor.monitoring.subprocess_worker import SubprocessWorker
 
     w = SubprocessWorker(num_threads=1, nice=0)
     try:

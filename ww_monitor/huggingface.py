@@ -6,28 +6,79 @@ the Trainer's events: ``on_train_begin`` (baseline snapshot, or the state of the
 resumed from), ``on_step_end`` / ``on_epoch_end`` (scheduled snapshots, results written, stop
 decisions into ``control.should_training_stop``), ``on_save`` (the monitor's state saved in the
 checkpoint folder, ``ww_monitor_state.pt``), ``on_train_end`` (final snapshot, drain, flush).
+
+Reporting integrations (``report_to``: W&B, MLflow, Comet, TensorBoard, ...): the Trainer calls
+them before user callbacks and only with its own logs, so they would never see our scalars. At
+train start the callback finds the Trainer's ``CallbackHandler`` (it is the caller of the event),
+moves itself just before the first integration (so its ``on_train_end``, which writes the final
+snapshot, runs before they close), and hands every completed snapshot's ``ww/...`` scalars to the
+integrations' ``on_log``, as the Trainer does with its logs. The Trainer's TensorBoard integration
+is skipped while this callback writes TensorBoard itself (by default into that integration's run
+folder, at the snapshot's step, with histograms), so no tag is written twice.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from .core.engine import MonitorEngine
 from .core.monitor import _distributed
 from .core.sinks import LoopHost, SummaryWriterSink, as_sinks
 from .errors import WWMonitorError
 from .integrations.alpha_drift import AlphaDriftEarlyStoppingMixin
-from .validation import check_int
+from .user_warnings import warn_user
+from .validation import check_bool, check_int
 
 __all__ = ["WeightWatcherCallback", "STATE_FILE"]
+
+log = logging.getLogger(__name__)
 
 #: The monitor's state in each Trainer checkpoint folder (``checkpoint-<step>/``).
 STATE_FILE = "ww_monitor_state.pt"
 _TENSORBOARD = ("auto", True, False)
+#: How far up the stack the Trainer's ``CallbackHandler.call_event`` is from our event method
+#: (it calls us directly; one more level tolerates a wrapper).
+_HANDLER_FRAMES = 2
+
+
+def _reporting_callbacks() -> dict[str, type]:
+    """``report_to`` name -> integration callback class, as transformers maps them."""
+    try:
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    except ImportError:  # pragma: no cover - depends on the transformers version
+        return {}
+    return dict(INTEGRATION_TO_CALLBACK)
+
+
+class _PendingScalars:
+    """A sink keeping the latest ``ww/...`` scalars until they are handed to the integrations."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.update(metrics)
+        self.metrics["ww/snapshot_step"] = float(step)
+
+    def take(self) -> dict[str, float]:
+        out, self.metrics = self.metrics, {}
+        return out
+
+
+class _TrainerEngine(MonitorEngine):
+    """The engine, with warnings that name this front door."""
+
+    warning_prefix = "huggingface.WeightWatcherCallback"
+    no_logger_message = ("no logger; results are kept only in `callback.history`. Report to TensorBoard "
+                         "(report_to=\"tensorboard\" or tensorboard=True) or another report_to integration, or pass "
+                         "`sinks`.")
 
 
 class _Drift(AlphaDriftEarlyStoppingMixin):
@@ -54,8 +105,14 @@ class WeightWatcherCallback(TrainerCallback):
         tensorboard: write ``ww/...`` scalars, ESD histograms ``ww/esd/<layer>``, the layer table
             and figures to a ``SummaryWriter`` (rank 0): ``"auto"`` when ``report_to`` includes
             ``"tensorboard"``, or True/False.
-        tensorboard_dir: its folder; default ``$TENSORBOARD_LOGGING_DIR`` (where the Trainer's own
-            TensorBoard callback writes, when set), else ``<output_dir>/runs/ww_monitor``.
+        tensorboard_dir: its folder; default: the run folder of the Trainer's TensorBoard
+            integration when ``report_to`` has one (``$TENSORBOARD_LOGGING_DIR`` or
+            ``<output_dir>/runs/<date>_<host>``: our tags appear next to the loss), else
+            ``$TENSORBOARD_LOGGING_DIR``, else ``<output_dir>/runs/ww_monitor``.
+        report_to_integrations: also hand the ``ww/...`` scalars (and ``ww/snapshot_step``) of
+            every completed snapshot to the Trainer's ``report_to`` integrations (W&B, MLflow,
+            Comet, ...), logged at the Trainer's step when the results arrive; the TensorBoard
+            integration only when ``tensorboard`` is off (else the values would be written twice).
         sinks: more destinations: callables ``fn(metrics, step)`` (e.g. ``wandb.log``), objects
             with ``log_metrics(metrics, step)``, ``SummaryWriter`` s, or a list of these.
         alpha_drift: stop training on spectral drift: the arguments of
@@ -66,7 +123,8 @@ class WeightWatcherCallback(TrainerCallback):
     """
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1,
-                 tensorboard: str | bool = "auto", tensorboard_dir: str | None = None, sinks=None, alpha_drift: dict | None = None, **options: Any) -> None:
+                 tensorboard: str | bool = "auto", tensorboard_dir: str | None = None, sinks=None,
+                 alpha_drift: dict | None = None, report_to_integrations: bool = True, **options: Any) -> None:
         for name in ("every_n_train_steps", "log_callback_metrics"):
             if name in options:
                 raise WWMonitorError(f"huggingface.WeightWatcherCallback: `{name}` is not an argument here"
@@ -78,7 +136,11 @@ class WeightWatcherCallback(TrainerCallback):
         if alpha_drift is not None and not isinstance(alpha_drift, dict):
             raise WWMonitorError(f"huggingface.WeightWatcherCallback: `alpha_drift` must be a dict of "
                                  f"AlphaDriftEarlyStopping arguments or None, got {alpha_drift!r}.")
-        self.engine = MonitorEngine(every_n_epochs=every_n_epochs, every_n_train_steps=every_n_steps, **options)
+        check_bool("report_to_integrations", report_to_integrations, owner="huggingface.WeightWatcherCallback")
+        self.engine = _TrainerEngine(every_n_epochs=every_n_epochs, every_n_train_steps=every_n_steps, **options)
+        self.report_to_integrations = report_to_integrations
+        self._pending = _PendingScalars()
+        self._integrations: list = []  # the integration callbacks our scalars are handed to
         self.tensorboard = tensorboard
         self.tensorboard_dir = tensorboard_dir
         self._extra_sinks = as_sinks(sinks)
@@ -109,15 +171,25 @@ class WeightWatcherCallback(TrainerCallback):
         rank, world = _distributed()
         host.global_rank = rank
         host.loggers = list(self._extra_sinks)
-        if rank == 0 and self._wants_tensorboard(args):
+        integrations = self._join_integrations()
+        tensorboard_class = _reporting_callbacks().get("tensorboard") or ()
+        tensorboard_run = next((getattr(cb, "logging_dir", None) for cb in integrations
+                                if isinstance(cb, tensorboard_class)), None)
+        own_tensorboard = self._wants_tensorboard(args)
+        if rank == 0 and own_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=self._tensorboard_dir(args))
+            self._writer = SummaryWriter(log_dir=self._tensorboard_dir(args, tensorboard_run))
             host.loggers.append(SummaryWriterSink(self._writer))
+        self._integrations = [cb for cb in integrations if self.report_to_integrations
+                              and not (own_tensorboard and isinstance(cb, tensorboard_class))]
+        if rank == 0 and self._integrations:
+            host.loggers.append(self._pending)
         if state.global_step > 0 and not len(engine.history):
             self._load_checkpoint_state(args, state)
         engine._check_reuse(state.global_step)
         engine._start_run(host, model, rank, world, epoch=int(state.epoch or 0))
+        self._report(args, state, control, model)
         return self._decide(control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -133,6 +205,7 @@ class WeightWatcherCallback(TrainerCallback):
         elif engine._world == 1:
             engine._collect(host)
         self._release_copies()
+        self._report(args, state, control, model)
         return self._decide(control)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
@@ -148,6 +221,7 @@ class WeightWatcherCallback(TrainerCallback):
         else:
             engine._collect(host)
         self._release_copies()
+        self._report(args, state, control, model)
         return self._decide(control)
 
     def on_save(self, args, state, control, **kwargs):
@@ -166,7 +240,9 @@ class WeightWatcherCallback(TrainerCallback):
         try:
             self.engine._finish_run(self._host, model, int(round(state.epoch or 0)))
             self._check_drift()
+            self._report(args, state, control, model)
         finally:
+            self._integrations = []
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
@@ -179,9 +255,46 @@ class WeightWatcherCallback(TrainerCallback):
         report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
         return "tensorboard" in report_to or "all" in report_to
 
-    def _tensorboard_dir(self, args) -> str:
-        return (self.tensorboard_dir or os.getenv("TENSORBOARD_LOGGING_DIR")
+    def _tensorboard_dir(self, args, tensorboard_run: str | None) -> str:
+        return (self.tensorboard_dir or tensorboard_run or os.getenv("TENSORBOARD_LOGGING_DIR")
                 or os.path.join(args.output_dir, "runs", "ww_monitor"))
+
+    def _join_integrations(self) -> list:
+        """The Trainer's ``report_to`` callbacks; moves this callback just before the first of
+        them, so that our ``on_train_end`` (the final snapshot) reports before they close."""
+        handler = None
+        frame = sys._getframe(2)  # the caller of the event method that called us
+        for _ in range(_HANDLER_FRAMES):
+            candidate = frame.f_locals.get("self") if frame is not None else None
+            if isinstance(candidate, CallbackHandler) and self in candidate.callbacks:
+                handler = candidate
+                break
+            frame = frame.f_back if frame is not None else None
+        if handler is None:  # not called by a Trainer (e.g. a test calling the events directly)
+            log.debug("ww_monitor: the Trainer's callback handler was not found; no report_to integration "
+                      "gets the ww/ scalars")
+            return []
+        classes = tuple(_reporting_callbacks().values())
+        integrations = [cb for cb in handler.callbacks if isinstance(cb, classes)]
+        if integrations:
+            # Moving ourselves earlier while the handler iterates is safe: the callbacks after our old
+            # position keep their indices, so none is skipped or called twice in this event.
+            callbacks = handler.callbacks
+            callbacks.remove(self)
+            callbacks.insert(callbacks.index(integrations[0]), self)
+        return integrations
+
+    def _report(self, args, state, control, model) -> None:
+        """Hand the completed snapshots' scalars to the integrations, as the Trainer hands its logs."""
+        if not self._integrations or not self._pending.metrics:
+            return
+        logs = self._pending.take()
+        for cb in self._integrations:
+            try:
+                cb.on_log(args, state, control, logs=dict(logs), model=model)
+            except Exception as err:  # a reporting backend's problem must not end training
+                warn_user(f"huggingface.WeightWatcherCallback: {type(cb).__name__} could not log the ww/ scalars "
+                          f"({type(err).__name__}: {err}); continuing.", RuntimeWarning)
 
     @staticmethod
     def _checkpoint_folder(args, state) -> str:

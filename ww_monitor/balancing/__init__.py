@@ -38,7 +38,7 @@ def __getattr__(name: str):
     if name in _CALLBACKS:
         from pytorch_lightning import Callback
 
-        from .callback import build
+        from .presets import build
 
         classes = build(Callback, __name__)
         globals().update(classes)

@@ -1,5 +1,6 @@
-"""``SpectralBalancer`` and its presets ``TempBalance`` / ``AlphaDecay``: per-layer learning rates or
-weight decays from the layers' spectra, as Lightning callbacks for both Lightning packages.
+"""``SpectralBalancer``: per-layer learning rates or weight decays from the layers' spectra, as a
+Lightning callback for both Lightning packages (its presets ``TempBalance`` / ``AlphaDecay`` and
+the class factory are in :mod:`.presets`).
 
 Unlike :class:`~ww_monitor.WeightWatcherCallback` this callback *changes training*: that is its
 purpose. What it touches, and only that: the optimizer's param groups are split into one group
@@ -17,30 +18,22 @@ import warnings
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..core.hooks import rank_zero_warn as _rank_zero_warn
 from ..core.settings import as_tuple as _as_tuple
 from ..integrations.lightning_callback import WeightWatcherMixin
 from ..validation import check_bool as _check_bool
 from ..validation import check_int as _check_int
-from ..monitoring.distributed import is_initialized
+from ..monitoring.distributed import LightningCollectives
 from ..errors import WWMonitorError
-from ..functional.balancing import (
-    ALPHADECAY_RANGE,
-    MAPPINGS,
-    SIGMOID_SCALES,
-    SIGMOID_TEMPERATURE,
-    TEMPBALANCE_RANGE,
-    balance_factors,
-)
+from ..functional.balancing import MAPPINGS, SIGMOID_SCALES, SIGMOID_TEMPERATURE, TEMPBALANCE_RANGE, balance_factors
 from ..functional.hill import DEFAULT_XMIN_POS
 from ..analysis.layers import KINDS, LayerSelection
 from .estimate import ESTIMATORS, MIN_BALANCE_EVALS, monitor_alphas, own_alphas, unit_alphas
 from .groups import BALANCE_KINDS, StepScaler, check_key, expand_schedulers, find_units, split_param_groups
 from .records import BalanceHistory, BalanceRecord
 
-__all__ = ["SpectralBalancerMixin", "TempBalanceMixin", "AlphaDecayMixin", "SCALES"]
+__all__ = ["SpectralBalancerMixin", "SCALES"]
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +58,6 @@ def _check_pair(name: str, value) -> tuple[float, float]:
         raise WWMonitorError(f"`{name}` must be a pair of numbers (low, high), got {value!r}.") from None
     a, b = _check_number(name, a, 0.0), _check_number(name, b, 0.0)
     return a, b
-
-
-def _broadcast(obj: Any, world: int) -> Any:
-    """Rank 0's ``obj`` on every rank (``obj`` itself when not distributed)."""
-    if world <= 1 or not is_initialized():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class SpectralBalancerMixin:
@@ -343,7 +327,7 @@ class SpectralBalancerMixin:
             except Exception as err:  # an analysis problem must never end the training run
                 error = f"{type(err).__name__}: {err}"
             self.stats["seconds"] += time.perf_counter() - t0
-        record, error = _broadcast((record, error), self._world)
+        record, error = LightningCollectives(trainer.strategy).broadcast_object((record, error), self._world)
         if error is not None:
             self.stats["failures"] += 1
             _rank_zero_warn(f"SpectralBalancer: computing the factors at step {step} failed ({error}); the factors stay "
@@ -397,69 +381,3 @@ class SpectralBalancerMixin:
             except Exception as err:
                 warnings.warn(f"SpectralBalancer: {type(lg).__name__}.log_metrics failed ({type(err).__name__}: {err}); "
                               "the factors are still in `callback.history`.", RuntimeWarning, stacklevel=2)
-
-
-class TempBalanceMixin(SpectralBalancerMixin):
-    """TempBalance (Zhou et al., NeurIPS 2023): per-layer learning rates from alpha, every epoch.
-
-    ``lr_i = interp(alpha_i, [min alpha, max alpha], [0.5, 1.5]) x lr_t`` with ``lr_t`` the
-    scheduled learning rate, alpha from the Hill estimator with xmin at the median eigenvalue;
-    the first and last layer and layers with fewer than 50 eigenvalues keep ``lr_t``. All other
-    arguments as :class:`SpectralBalancer`.
-
-    Example::
-
-        trainer = pl.Trainer(max_epochs=100, callbacks=[TempBalance()])
-    """
-
-    def __init__(self, mapping: str = "linear", factor_range: tuple[float, float] = TEMPBALANCE_RANGE,
-                 every_n_epochs: int | None = 1, every_n_train_steps: int | None = None, at_train_start: bool = True,
-                 estimator: str = "hill_median", xmin_pos: float = DEFAULT_XMIN_POS,
-                 min_evals: int = MIN_BALANCE_EVALS, exclude_first_last: bool = True, follow_norms: bool = True,
-                 include: str | list[str] | None = None, exclude: str | list[str] | None = None,
-                 kinds: list[str] | None = None, use_monitor: bool = True, log_factors: bool = True) -> None:
-        super().__init__(scale="lr", mapping=mapping, factor_range=factor_range, every_n_epochs=every_n_epochs,
-                         every_n_train_steps=every_n_train_steps, at_train_start=at_train_start, estimator=estimator,
-                         xmin_pos=xmin_pos, min_evals=min_evals, exclude_first_last=exclude_first_last,
-                         follow_norms=follow_norms, include=include, exclude=exclude, kinds=kinds,
-                         use_monitor=use_monitor, log_factors=log_factors)
-
-
-class AlphaDecayMixin(SpectralBalancerMixin):
-    """AlphaDecay (He et al., NeurIPS 2025): per-module weight decay from alpha, every 500 steps.
-
-    ``wd_i = interp(alpha_i, [min alpha, max alpha], [0.666, 3]) x wd``: heavy-tailed modules
-    (small alpha) get less decay, light-tailed ones more. Hill estimator with xmin at the median;
-    the first and last module and modules with fewer than 50 eigenvalues keep ``wd``. The
-    optimizer must have a ``weight_decay`` setting (decoupled in AdamW, as in the paper). All
-    other arguments as :class:`SpectralBalancer`.
-
-    Example::
-
-        trainer = pl.Trainer(max_steps=20_000, callbacks=[AlphaDecay()])
-    """
-
-    def __init__(self, mapping: str = "linear", factor_range: tuple[float, float] = ALPHADECAY_RANGE,
-                 every_n_epochs: int | None = None, every_n_train_steps: int | None = 500, at_train_start: bool = True,
-                 estimator: str = "hill_median", xmin_pos: float = DEFAULT_XMIN_POS,
-                 min_evals: int = MIN_BALANCE_EVALS, exclude_first_last: bool = True, follow_norms: bool = True,
-                 include: str | list[str] | None = None, exclude: str | list[str] | None = None,
-                 kinds: list[str] | None = None, use_monitor: bool = True, log_factors: bool = True) -> None:
-        super().__init__(scale="weight_decay", mapping=mapping, factor_range=factor_range,
-                         every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps,
-                         at_train_start=at_train_start, estimator=estimator, xmin_pos=xmin_pos, min_evals=min_evals,
-                         exclude_first_last=exclude_first_last, follow_norms=follow_norms, include=include,
-                         exclude=exclude, kinds=kinds, use_monitor=use_monitor, log_factors=log_factors)
-
-
-_MIXINS = {"SpectralBalancer": SpectralBalancerMixin, "TempBalance": TempBalanceMixin, "AlphaDecay": AlphaDecayMixin}
-
-
-def build(base: type, module: str) -> dict[str, type]:
-    """The three callback classes subclassing ``base`` (a Lightning package's ``Callback``)."""
-    out = {}
-    for name, mixin in _MIXINS.items():
-        cls = type(name, (mixin, base), {"__doc__": mixin.__doc__, "__module__": module})
-        cls.__qualname__ = name
-        out[name] = cls
-    return out

@@ -1,7 +1,7 @@
 """Finished analyses -> history, alerts and sinks: :class:`Completion`.
 
 A base of :class:`~ww_monitor.core.engine.MonitorEngine`, on the training thread. Finished
-worker jobs are polled (one process) or exchanged with ``all_gather_object`` at a sync point
+worker jobs are polled (one process) or exchanged through the engine's collectives at a sync point
 (DDP: a snapshot is complete once every rank's share has arrived). A complete snapshot is put in
 order, its ``esd_shift`` computed against the previous one, added to the history, its scalars put
 into ``host.callback_metrics``, the alert rules evaluated (on every rank alike, so ``stop`` acts
@@ -18,9 +18,8 @@ from ..analysis.adapters import ZERO_UPDATE_REASON
 from ..analysis.results import Report
 from ..functional.distances import esd_shift as esd_shift_distance
 from ..monitoring.alerts import dispatch_alerts
-from ..monitoring.distributed import all_gather_object
 from ..monitoring.history import SnapshotRecord
-from ..monitoring.worker import AnalysisOutput
+from ..monitoring.analysis_job import AnalysisOutput
 from ..outputs.layer_groups import group_scalars
 from ..outputs.tensorboard_writer import layer_scalars, summary_scalars
 from ..user_warnings import warn_user
@@ -66,9 +65,10 @@ class Completion:
         local = self._outputs_from(self._worker.poll(("analysis",))) if self._worker is not None else []
         pending = self._worker.pending("analysis") if self._worker is not None else 0
         try:
-            everyone = all_gather_object({"rank": self._rank, "outputs": local, "pending": pending}, self._world)
+            everyone = self._collectives.all_gather_object(
+                {"rank": self._rank, "outputs": local, "pending": pending}, self._world)
         except Exception as err:
-            warn_user(f"WeightWatcherCallback: gathering results across ranks failed ({type(err).__name__}: "
+            warn_user(f"{self.warning_prefix}: gathering results across ranks failed ({type(err).__name__}: "
                       f"{err}); distributed analysis results are incomplete.", RuntimeWarning)
             everyone = [{"rank": self._rank, "outputs": local, "pending": pending}]
         for payload in everyone:
@@ -84,7 +84,7 @@ class Completion:
         for index in sorted(self._partials):
             parts = self._partials.pop(index)
             missing = sorted(set(range(self._world)) - set(parts))
-            rank_zero_warn(f"WeightWatcherCallback: snapshot {index} is incomplete (no results from ranks "
+            rank_zero_warn(f"{self.warning_prefix}: snapshot {index} is incomplete (no results from ranks "
                             f"{missing}); logging the layers that were analysed.", RuntimeWarning)
             self._complete(host, index, parts)
 
@@ -110,14 +110,14 @@ class Completion:
         ranks = [p[1] for p in pairs]
         if errors:
             self.stats["snapshots_failed"] += 1
-            warn_user(f"WeightWatcherCallback: analysis of the snapshot at step {step} failed: "
+            warn_user(f"{self.warning_prefix}: analysis of the snapshot at step {step} failed: "
                       + "; ".join(errors), RuntimeWarning)
         for s in skipped:
             if s.reason == ZERO_UPDATE_REASON:  # expected at the start of LoRA training, not a problem
                 log.info("ww_monitor: %s not analysed at step %d: %s", s.name, step, s.reason)
             elif s.name not in self._warned_layers:
                 self._warned_layers.add(s.name)
-                rank_zero_warn(f"WeightWatcherCallback: layer {s.name} not analysed at step {step}: {s.reason}",
+                rank_zero_warn(f"{self.warning_prefix}: layer {s.name} not analysed at step {step}: {s.reason}",
                                 RuntimeWarning)
         if self.esd_shift:
             self._esd_shifts(results)
@@ -182,7 +182,7 @@ class Completion:
         if dispatch_alerts(alerts, self.alert_tracker.config, tensorboard_writers=writers,
                            on_alert=self.on_alert, rank=self._rank, active=active):
             first = next(a for a in alerts if not a.resolved and "stop" in self.alert_tracker.config.actions_for(a.rule))
-            log.info("WeightWatcherCallback: stopping training on alert %s: %s", first.rule, first.message)
+            log.info("%s: stopping training on alert %s: %s", self.warning_prefix, first.rule, first.message)
             host.should_stop = True
 
     def _submit_figures(self) -> None:
@@ -195,5 +195,5 @@ class Completion:
             return
         loggers = list(getattr(host, "loggers", []) or [])
         self._figures.warm_up(loggers)
-        for step, images in self._figures.collect(lambda m: rank_zero_warn(m, RuntimeWarning)):
+        for step, images in self._figures.collect(lambda m: rank_zero_warn(f"{self.warning_prefix}: {m}", RuntimeWarning)):
             self._writer.log_images(loggers, step, images)

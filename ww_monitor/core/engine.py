@@ -30,8 +30,9 @@ How it works (the engine only orchestrates; the math lives in :mod:`ww_monitor.a
    and the summary goes into ``host.callback_metrics`` (``ww/summary/alpha`` ...).
 
 Distributed, see :mod:`ww_monitor.monitoring.distributed`: every rank copies and analyses its
-share of the layers. Results are exchanged with ``all_gather_object`` (``torch.distributed``)
-only at *sync points* that every rank reaches together. A snapshot whose analysis is still
+share of the layers. Results are exchanged with ``all_gather_object`` (through
+:class:`~ww_monitor.monitoring.distributed.Collectives`: ``torch.distributed`` by default, the
+Lightning strategy's under Lightning) only at *sync points* that every rank reaches together. A snapshot whose analysis is still
 running on some rank is gathered at a later sync point; whether a new snapshot is taken or
 skipped is decided from the gathered in-flight counts, so all ranks decide alike (no
 rank-local skipping, no deadlock). Every rank keeps the merged history; only rank 0 writes.
@@ -58,9 +59,10 @@ from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from ..monitoring.alerts import Alert, AlertConfig
 from ..monitoring.cost import estimate_seconds
 from ..monitoring.device import resolve_analysis_device, staging_budget
-from ..monitoring.distributed import collect_into, is_initialized
+from ..monitoring.distributed import Collectives, TorchCollectives, collect_into
 from ..monitoring.snapshot import SnapshotBuilder
-from ..monitoring.worker import CHUNK_BYTES, analyze_snapshot, failed_analysis, make_worker
+from ..monitoring.analysis_job import CHUNK_BYTES, analyze_snapshot, failed_analysis
+from ..monitoring.worker import make_worker
 from ..outputs.figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
 from ..user_warnings import warn_user
 from .completion import Completion
@@ -80,6 +82,12 @@ class MonitorEngine(RunState, Completion):
     """The monitor itself, for any training loop: see the module docstring. Its arguments are
     those of :class:`ww_monitor.WeightWatcherCallback` (documented there); front doors
     subclass it and translate their framework's events into the run-level methods."""
+
+    #: The front door's name, which begins every warning the engine gives its user.
+    warning_prefix = "WeightWatcherCallback"
+    #: The warning when results have nowhere to go (no logger, no sink), in the front door's terms.
+    no_logger_message = ("the trainer has no logger; results are kept only in `callback.history`. Pass e.g. "
+                         "`logger=TensorBoardLogger(...)` to the Trainer.")
 
     def __init__(
         self,
@@ -149,15 +157,21 @@ class MonitorEngine(RunState, Completion):
         self._worker = None
         self._active = False
         self._rank, self._world = 0, 1
+        #: How ranks exchange results (``torch.distributed`` unless the front door brings its own).
+        self._collectives: Collectives = TorchCollectives()
         self._guard = None  # snapshot with in-flight CUDA copies
         self._new_run()
 
 
     # ------------------------------------------------------------------ run level (front doors call these)
-    def _start_run(self, host, module, rank: int, world: int, epoch: int) -> None:
-        """Start the worker and take the baseline snapshot (or the one owed by a checkpoint)."""
+    def _start_run(self, host, module, rank: int, world: int, epoch: int,
+                   collectives: Collectives | None = None) -> None:
+        """Start the worker and take the baseline snapshot (or the one owed by a checkpoint).
+        ``collectives``: how ranks exchange results (default: ``torch.distributed``)."""
         self._rank, self._world = int(rank), int(world)
-        if self._world > 1 and not is_initialized():
+        if collectives is not None:
+            self._collectives = collectives
+        if self._world > 1 and not self._collectives.is_initialized():
             self._world = 1  # no process group (e.g. a custom launcher): analyse everything here
         self._start_worker()
         self._active = True
@@ -185,7 +199,7 @@ class MonitorEngine(RunState, Completion):
             self._report_skipped_steps()
             self._submit_figures()  # the final snapshot gets figures (in a run long enough for them)
             if not self._figures.finish():
-                warn_user("WeightWatcherCallback: the final figures were not rendered within figures_timeout="
+                warn_user(f"{self.warning_prefix}: the final figures were not rendered within figures_timeout="
                           f"{self.figures_timeout:g}s; they are dropped (`ww-monitor report` draws them from the "
                           "logs).", RuntimeWarning)
             self._log_figures(host)
@@ -208,7 +222,7 @@ class MonitorEngine(RunState, Completion):
         """``fast_dev_run``: a smoke test of the training code, so no snapshots are taken (the
         analysis would cost more than the run); the layer selection is still checked and its
         problems reported, which is what a smoke test is for."""
-        log.info("WeightWatcherCallback: fast_dev_run: no snapshots are taken; checking the layer selection only")
+        log.info("%s: fast_dev_run: no snapshots are taken; checking the layer selection only", self.warning_prefix)
         if self._reported_selection:
             return
         try:
@@ -279,7 +293,7 @@ class MonitorEngine(RunState, Completion):
         self.stats["snapshots_skipped"] += 1
         if len(self._skipped_steps) == 1:
             rank_zero_warn(
-                f"WeightWatcherCallback: skipped the snapshot at step {step} because "
+                f"{self.warning_prefix}: skipped the snapshot at step {step} because "
                 f"{self.max_pending} earlier snapshot(s) are still being analysed (max_pending="
                 f"{self.max_pending}). Take snapshots less often, raise max_pending, on_lag='wait', or narrow "
                 "the layer selection. Further skips are counted in stats['snapshots_skipped'] and listed at "
@@ -289,7 +303,7 @@ class MonitorEngine(RunState, Completion):
         missing = sorted(s for s in self._skipped_steps if not self.history.has_step(s))
         if len(missing) > 1:
             shown = ", ".join(map(str, missing[:_MAX_LISTED])) + (" ..." if len(missing) > _MAX_LISTED else "")
-            rank_zero_warn(f"WeightWatcherCallback: {len(missing)} scheduled snapshots were skipped because the "
+            rank_zero_warn(f"{self.warning_prefix}: {len(missing)} scheduled snapshots were skipped because the "
                             f"analysis lagged (steps {shown}); the history holds {len(self.history)}.",
                             RuntimeWarning)
 
@@ -299,11 +313,11 @@ class MonitorEngine(RunState, Completion):
         if selection_skipped:
             reasons = "; ".join(f"{s.name}: {s.reason}" for s in selection_skipped[:_MAX_LISTED])
             more = f" (and {len(selection_skipped) - _MAX_LISTED} more)" if len(selection_skipped) > _MAX_LISTED else ""
-            return (f"WeightWatcherCallback: no layer can be analysed: every selected layer was skipped: "
+            return (f"{self.warning_prefix}: no layer can be analysed: every selected layer was skipped: "
                     f"{reasons}{more}. Nothing will be analysed; adjust min_evals/max_evals/max_n or the selection.")
         names = available_layer_names(module, self.config.conv_mode)
         shown = ", ".join(names[:_MAX_LISTED]) + (f" ... ({len(names)} in all)" if len(names) > _MAX_LISTED else "")
-        return (f"WeightWatcherCallback: no weight matrix matches the selection (include={list(self.config.include)}, "
+        return (f"{self.warning_prefix}: no weight matrix matches the selection (include={list(self.config.include)}, "
                 f"exclude={list(self.config.exclude)}, kinds={self.config.kinds}); nothing will be analysed. "
                 f"Layers in the model: {shown or 'none with a weight matrix'}.")
 
@@ -317,7 +331,7 @@ class MonitorEngine(RunState, Completion):
         for s in selection_skipped:
             log.info("ww_monitor: layer %s (%s, shape %s) not analysed: %s", s.name, s.kind, s.shape, s.reason)
         if unexpected:  # size limits are configuration; anything else (dtype, ...) is news
-            rank_zero_warn("WeightWatcherCallback: " + "; ".join(
+            rank_zero_warn(f"{self.warning_prefix}: " + "; ".join(
                 f"layer {s.name} not analysed: {s.reason}" for s in unexpected[:_MAX_LISTED]), RuntimeWarning)
 
     def _take(self, host, module, epoch: int, final: bool) -> None:
@@ -381,7 +395,7 @@ class MonitorEngine(RunState, Completion):
             return
         self._schedule["warned"] = True
         rank_zero_warn(
-            f"WeightWatcherCallback: one snapshot takes about {estimate:.2f} s to analyse here but snapshots are "
+            f"{self.warning_prefix}: one snapshot takes about {estimate:.2f} s to analyse here but snapshots are "
             f"due {now - last:.2f} s apart, so the analysis cannot keep up (snapshots will be skipped or training "
             f"will wait, see on_lag). Take snapshots less often or narrow the layer selection.", RuntimeWarning)
 
@@ -390,5 +404,5 @@ class MonitorEngine(RunState, Completion):
             return
         if not self._worker.wait(timeout=self.drain_timeout, kinds=kinds):
             warn_user(
-                f"WeightWatcherCallback: background analysis did not finish within drain_timeout="
+                f"{self.warning_prefix}: background analysis did not finish within drain_timeout="
                 f"{self.drain_timeout:g}s before {reason}; its results are dropped.", RuntimeWarning)

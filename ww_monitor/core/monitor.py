@@ -57,6 +57,8 @@ class Monitor(MonitorEngine):
         monitor.close(model, step)
         df = monitor.history.to_pandas()
 
+    Warnings begin with ``Monitor:``.
+
     Args:
         sinks: where results go: a ``SummaryWriter``, any callable ``fn(metrics, step)``, an object
             with ``log_metrics(metrics, step)`` (e.g. a Lightning logger), or a list of these.
@@ -66,6 +68,10 @@ class Monitor(MonitorEngine):
             ``exclude``, ``kinds``, ``background``, ``blocking``, ``alerts``, ``on_alert``,
             ``esd_shift``, ...), with the same meaning.
     """
+
+    warning_prefix = "Monitor"
+    no_logger_message = ("no logger or sink; results are kept only in `monitor.history` and `monitor.metrics`. "
+                         "Pass a SummaryWriter, a callable fn(metrics, step) or a logger as `sinks`.")
 
     def __init__(self, sinks=None, every_n_steps: int = 100, **options: Any) -> None:
         for name, instead in _NOT_HERE.items():

@@ -15,7 +15,7 @@ import torch
 
 from ..monitoring.alerts import Alert, AlertTracker
 from ..monitoring.history import History
-from ..monitoring.worker import AnalysisOutput
+from ..monitoring.analysis_job import AnalysisOutput
 from ..outputs.tensorboard_writer import LoggerWriter
 from .hooks import rank_zero_warn
 
@@ -36,7 +36,8 @@ class RunState:
         #: Alert state (``None`` when alerts are off); ``alerts_fired`` lists every alert raised.
         self.alert_tracker = AlertTracker(self._alert_config) if self._alerts_on else None
         self.alerts_fired: list[Alert] = []
-        self._writer = LoggerWriter()  # its once-per-logger warnings and layouts belong to a run
+        # Its once-per-logger warnings and layouts belong to a run.
+        self._writer = LoggerWriter(self.warning_prefix, self.no_logger_message)
         self._next_index = 0
         self._last_step: int | None = None  # step of the last snapshot taken
         self._checked_step: int | None = None  # step-schedule check already done at this step
@@ -67,7 +68,7 @@ class RunState:
             # The same callback object passed to a new Trainer: its snapshots would collide with
             # the earlier run's steps and be dropped as duplicates.
             rank_zero_warn(
-                f"WeightWatcherCallback: this callback holds {len(self.history)} snapshot(s) up to step {last} "
+                f"{self.warning_prefix}: this callback holds {len(self.history)} snapshot(s) up to step {last} "
                 f"from an earlier run, and this run starts at step {step}. Starting a new history "
                 "(the earlier one is discarded); use one callback per run, or keep `callback.history` before "
                 "fitting again.", RuntimeWarning)

@@ -14,7 +14,8 @@ class is built on first access, so ``ww_monitor.lightning`` never pulls in
 ``pytorch_lightning`` and vice versa.
 
 Everything else lives in :class:`ww_monitor.core.engine.MonitorEngine`; this module only
-translates Lightning's hooks (and reads ``trainer.fit_loop`` for what a checkpoint owes).
+translates Lightning's hooks (and reads ``trainer.fit_loop`` for what a checkpoint owes); results
+are exchanged between ranks through the strategy's own collectives (``LightningCollectives``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from ..core.engine import MonitorEngine
 from ..core.hooks import on_training_thread as _on_training_thread
+from ..monitoring.distributed import LightningCollectives
 
 __all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]
 
@@ -184,7 +186,8 @@ class WeightWatcherMixin(MonitorEngine):
         if getattr(trainer, "fast_dev_run", False):
             self._check_selection_only(pl_module)
             return
-        self._start_run(trainer, pl_module, trainer.global_rank, trainer.world_size, trainer.current_epoch)
+        self._start_run(trainer, pl_module, trainer.global_rank, trainer.world_size, trainer.current_epoch,
+                        collectives=LightningCollectives(trainer.strategy))
 
     @_on_training_thread
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

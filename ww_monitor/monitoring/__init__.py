@@ -1,8 +1,11 @@
 """Training-time machinery with no training framework in it.
 
 * :mod:`.snapshot`: consistent copies of the selected matrices, taken on the training thread;
-* :mod:`.worker`: background analysis (thread or subprocess) off the training thread;
-* :mod:`.distributed`: sharding a snapshot across ranks and gathering the results;
+* :mod:`.worker`: background workers (inline, thread, process) off the training thread, and
+  :mod:`.subprocess_worker` (a child interpreter, for figures);
+* :mod:`.analysis_job`: the job a worker runs: one snapshot's analysis, histograms binned;
+* :mod:`.distributed`: sharding a snapshot across ranks; the collectives that gather results
+  (``torch.distributed`` or a Lightning strategy);
 * :mod:`.history`: compact per-snapshot history of every layer's metrics;
 * :mod:`.alerts`: alert rules with confirmation and deduplication;
 * :mod:`.early_stopping`: alpha-drift stopping rules (a pure state machine);

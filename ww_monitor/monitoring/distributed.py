@@ -4,9 +4,13 @@
   the same on every rank), so each can compute the same owner for every matrix without
   communicating: a greedy balance of the estimated eigensolve cost (N * M^2 per slice, largest
   first, ties to the lowest rank). A rank copies and analyses only the matrices it owns.
-* **Gathering.** :func:`all_gather_object` over the default process group (gloo or NCCL).
-  The callback calls it only at hook points every rank reaches at the same time (see
-  :mod:`ww_monitor.integrations.lightning_callback`), never from the worker thread.
+* **Gathering** goes through a small interface, :class:`Collectives` (``is_initialized``,
+  ``all_gather_object``, ``broadcast_object``), so the engine does not depend on one
+  communication layer: :class:`TorchCollectives` (the default process group of
+  ``torch.distributed``, gloo or NCCL: plain loops, ``torchrun``, ``accelerate``, the Hugging Face
+  Trainer) and :class:`LightningCollectives` (a Lightning ``Strategy``'s own collectives,
+  chosen by the Lightning callback). The engine calls them only at hook points every rank reaches
+  at the same time (sync points), never from the worker thread.
 * **Sharded parameters.** Under FSDP the full weights exist only inside
   ``FullyShardedDataParallel.summon_full_params``: the snapshot is built one FSDP unit at a
   time (``recurse=False``), so at most one unit's full parameters are materialised at once.
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +36,9 @@ from ..analysis.results import SkippedLayer
 from .snapshot import SnapshotBuilder
 
 __all__ = [
+    "Collectives",
+    "TorchCollectives",
+    "LightningCollectives",
     "is_initialized",
     "all_gather_object",
     "assign_owners",
@@ -54,16 +61,75 @@ def strip_wrapper_names(name: str) -> str:
 
 
 def is_initialized() -> bool:
+    """Whether ``torch.distributed``'s default process group exists."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def all_gather_object(obj: Any, world_size: int) -> list:
-    """Every rank's ``obj``, indexed by rank (``[obj]`` when not distributed)."""
+    """Every rank's ``obj``, indexed by rank, over ``torch.distributed`` (``[obj]`` when not distributed)."""
     if world_size <= 1 or not is_initialized():
         return [obj]
     out: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+class Collectives(Protocol):
+    """The collectives a distributed monitor needs; every rank calls them together (a sync point)."""
+
+    def is_initialized(self) -> bool:
+        """Whether the communication layer is up (else a ``world_size > 1`` run analyses locally)."""
+
+    def all_gather_object(self, obj: Any, world_size: int) -> list:
+        """Every rank's picklable ``obj``, indexed by rank (``[obj]`` when ``world_size <= 1``)."""
+
+    def broadcast_object(self, obj: Any, world_size: int, src: int = 0) -> Any:
+        """Rank ``src``'s picklable ``obj`` on every rank (``obj`` when ``world_size <= 1``)."""
+
+
+class TorchCollectives:
+    """:class:`Collectives` over ``torch.distributed``'s default process group (the default)."""
+
+    def is_initialized(self) -> bool:
+        return is_initialized()
+
+    def all_gather_object(self, obj: Any, world_size: int) -> list:
+        return all_gather_object(obj, world_size)
+
+    def broadcast_object(self, obj: Any, world_size: int, src: int = 0) -> Any:
+        if world_size <= 1 or not is_initialized():
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+class LightningCollectives:
+    """:class:`Collectives` through a Lightning ``Strategy``, so the monitor talks over whatever
+    the strategy uses (DDP, FSDP, DeepSpeed, XLA, a custom strategy).
+
+    ``Strategy.broadcast(obj, src)`` is the strategy's collective for picklable objects (its
+    ``all_gather`` takes tensors only), so gathering is one broadcast from each rank in turn:
+    ``world_size`` small messages per sync point, which come a few times per epoch at most.
+    """
+
+    def __init__(self, strategy) -> None:
+        self.strategy = strategy
+
+    def is_initialized(self) -> bool:
+        # A strategy reports world_size > 1 only once its processes are launched and connected.
+        return int(getattr(self.strategy, "world_size", 1)) > 1
+
+    def all_gather_object(self, obj: Any, world_size: int) -> list:
+        if world_size <= 1:
+            return [obj]
+        rank = int(getattr(self.strategy, "global_rank", 0))
+        return [self.strategy.broadcast(obj if src == rank else None, src=src) for src in range(world_size)]
+
+    def broadcast_object(self, obj: Any, world_size: int, src: int = 0) -> Any:
+        if world_size <= 1:
+            return obj
+        return self.strategy.broadcast(obj, src=src)
 
 
 def matrix_cost(m: LayerMatrix) -> float:

@@ -16,9 +16,11 @@ Three interchangeable workers share one small interface (``submit`` / ``poll`` /
 * :class:`ProcessWorker` runs jobs in one spawned daemon process (no GIL sharing at all). The
   snapshot buffers are allocated in shared memory, so sending one costs no copy. Scripts
   using it need the usual ``if __name__ == "__main__":`` guard.
-* :class:`SubprocessWorker` runs jobs in a child interpreter started with ``python -c`` (it
-  never re-imports the user's script); used for figure rendering, which is pure-Python
-  matplotlib work that would otherwise hold the GIL against the training loop.
+* :class:`~ww_monitor.monitoring.subprocess_worker.SubprocessWorker` runs jobs in a child
+  interpreter started with ``python -c`` (it never re-imports the user's script); used for
+  figure rendering, which is pure-Python matplotlib work that would otherwise hold the GIL.
+
+The job itself (one snapshot's analysis) is :mod:`ww_monitor.monitoring.analysis_job`.
 
 Job exceptions never propagate: they come back as a :class:`JobResult` with ``error`` set,
 which the callback turns into a warning.
@@ -34,50 +36,23 @@ import queue
 import threading
 import time
 import traceback
-import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from .device import analysis_stream, is_out_of_memory, on_stream, staging_budget
-from ..analysis.results import LayerResult, SkippedLayer
-from .snapshot import Snapshot
 
 __all__ = [
-    "AnalysisOutput",
     "JobResult",
     "InlineWorker",
     "ThreadWorker",
     "ProcessWorker",
-    "SubprocessWorker",
-    "analyze_snapshot",
-    "analyze_on_device",
-    "run_with_cpu_fallback",
     "configure_current_thread",
-    "failed_analysis",
     "make_worker",
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AnalysisOutput:
-    """One rank's analysis of one snapshot (its share of the layers)."""
-
-    index: int
-    step: int
-    epoch: int
-    rank: int
-    results: list[LayerResult] = field(default_factory=list)
-    skipped: list[SkippedLayer] = field(default_factory=list)
-    seconds: float = 0.0
-    nbytes: int = 0
-    error: str | None = None
-    #: ESD histograms by layer name, binned here so the training thread only writes them.
-    histograms: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,128 +63,6 @@ class JobResult:
     value: Any = None
     error: str | None = None
     seconds: float = 0.0
-
-
-#: The analysis is fed groups of matrices whose float64 copies stay below this many bytes.
-#: Small layers still share batched eigensolver calls, while the float64 working memory
-#: (stacked copy, Gram matrix, eigensolver workspace) stays a small multiple of one group
-#: instead of the whole model.
-CHUNK_BYTES = 32 * 1024 * 1024
-
-
-def _chunks(matrices, limit: int):
-    group, size = [], 0
-    for m in matrices:
-        b = m.weight.numel() * 8
-        if group and size + b > limit:
-            yield group
-            group, size = [], 0
-        group.append(m)
-        size += b
-    if group:
-        yield group
-
-
-def analyze_snapshot(snapshot: Snapshot, config, rank: int = 0, chunk_bytes: int = CHUNK_BYTES,
-                     histograms: bool = False, baseline: dict | None = None,
-                     device: str | None = None) -> AnalysisOutput:
-    """The analysis job: metrics of every matrix in ``snapshot`` (and, with ``histograms``, the
-    binned ESD of each for TensorBoard); frees the snapshot's buffers when done. With
-    ``baseline`` ({layer: weights at the baseline snapshot}) each result also gets
-    ``distance_from_init = ||W - W_0||_F / ||W_0||_F``. ``device`` (e.g. ``"cuda:0"``) runs the
-    eigensolves there (:func:`analyze_on_device`)."""
-    from ..functional.distances import relative_distance
-    from ..outputs.tensorboard_writer import esd_histogram
-
-    t0 = time.perf_counter()
-    nbytes = snapshot.nbytes
-    try:
-        with torch.no_grad():
-            matrices = snapshot.matrices()
-            results, skipped = analyze_on_device(matrices, config, torch.device(device or "cpu"), chunk_bytes)
-            if baseline:
-                current = {m.name: m.weight for m in matrices}
-                for r in results:
-                    ref = baseline.get(r.name)
-                    if ref is not None and r.name in current and tuple(ref.shape) == tuple(current[r.name].shape):
-                        r.distance_from_init = relative_distance(ref, current[r.name])
-    finally:
-        snapshot.release()
-    hists = {r.name: esd_histogram(r.eigenvalues) for r in results} if histograms else {}
-    return AnalysisOutput(
-        index=snapshot.index, step=snapshot.step, epoch=snapshot.epoch, rank=rank, results=results,
-        skipped=skipped, seconds=time.perf_counter() - t0, nbytes=nbytes, histograms=hists,
-    )
-
-
-def analyze_on_device(matrices, config, device: torch.device, chunk_bytes: int = CHUNK_BYTES):
-    """Analyse ``matrices`` in groups on ``device``; only eigenvalues come back to the host.
-
-    Groups are bounded by ``chunk_bytes`` of float64 copies and, on a GPU, by half of the
-    staging budget (:func:`~ww_monitor.monitoring.device.staging_budget`: the copy plus its Gram and
-    workspace). Each group is moved to the device (if the snapshot is elsewhere) and solved on
-    the low-priority analysis stream. An out-of-memory failure sends that group and the rest of
-    the snapshot to the CPU, with a warning.
-    """
-    from ..analysis.analyze import analyze_matrices
-
-    budget = staging_budget(device)
-    limit = chunk_bytes if budget is None else max(1, min(chunk_bytes * _DEVICE_CHUNK_FACTOR, budget // 2))
-    stream = analysis_stream(device)
-    cpu = torch.device("cpu")
-    results, skipped = [], []
-    for group in _chunks(matrices, limit):
-        if device != cpu:
-            def on_device(group=group):
-                with on_stream(stream):
-                    res, skip = analyze_matrices([_moved(m, device) for m in group], config)
-                # analyze_matrices reports a failed eigensolve as a skipped layer: an OOM among them
-                # means the group did not fit, not that the weights are bad.
-                oom = [s.reason for s in skip if is_out_of_memory(s.reason)]
-                if oom:
-                    raise MemoryError(oom[0])
-                return res, skip
-
-            out = run_with_cpu_fallback(on_device, str(device))
-            if out is None:
-                device = cpu
-        if device == cpu:
-            out = analyze_matrices([_moved(m, cpu) for m in group], config)
-        results.extend(out[0])
-        skipped.extend(out[1])
-    return results, skipped
-
-
-#: On a GPU a group may hold this many times ``CHUNK_BYTES``: bigger batches keep the device busy
-#: (within the staging budget, which bounds it first on small cards).
-_DEVICE_CHUNK_FACTOR = 8
-
-
-def run_with_cpu_fallback(job, where: str):
-    """``job()``, or ``None`` with a warning when it ran out of memory (the caller goes to CPU)."""
-    try:
-        return job()
-    except Exception as err:
-        if not is_out_of_memory(err):
-            raise
-        warnings.warn(f"ww_monitor: the analysis ran out of memory on {where}; the rest of this snapshot is "
-                      f"analysed on the CPU ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return None
-
-
-def _moved(m, device: torch.device):
-    from ..analysis.layers import LayerMatrix
-
-    if m.weight.device == device:
-        return m
-    return LayerMatrix(m.name, m.kind, m.weight.to(device, non_blocking=True), m.eig_scale)
-
-
-def failed_analysis(index: int, step: int, epoch: int, rank: int, error: str) -> AnalysisOutput:
-    """The result of a snapshot that could not be taken (so every rank still reports it)."""
-    return AnalysisOutput(index=index, step=step, epoch=epoch, rank=rank, error=error)
 
 
 def _threads_for_new_threads() -> int:
@@ -503,155 +356,6 @@ class ProcessWorker(_BaseWorker):
         return not self._proc.is_alive()
 
 
-def _subprocess_main() -> None:  # pragma: no cover - runs in the child
-    """Entry point of :class:`SubprocessWorker`'s child: pickled jobs on stdin, results on stdout."""
-    import pickle
-    import sys
-
-    if len(sys.argv) > 1 and int(sys.argv[1]):
-        try:
-            os.nice(int(sys.argv[1]))
-        except OSError:
-            pass
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # nothing else may write into the result stream
-    while True:
-        try:
-            item = pickle.load(stdin)
-        except EOFError:
-            return
-        if item is None:
-            return
-        job_id, kind, key, payload = item
-        try:
-            fn, args = pickle.loads(payload)
-        except Exception as err:  # e.g. a function this interpreter cannot import
-            result = JobResult(job_id, kind, key, error=f"could not load the job: {type(err).__name__}: {err}")
-        else:
-            result = _run_job(job_id, kind, key, fn, args)
-            del fn, args
-        pickle.dump(result, stdout, protocol=pickle.HIGHEST_PROTOCOL)
-        stdout.flush()
-        del item, payload
-
-
-class SubprocessWorker(_BaseWorker):
-    """One child interpreter (``python -m ww_monitor.monitoring.worker``) running jobs in order.
-
-    For GIL-heavy jobs that must not compete with the training loop for the interpreter
-    (matplotlib figure rendering). Unlike :class:`ProcessWorker` it does not re-import the
-    user's ``__main__`` module, so it is safe in scripts without a main guard. Jobs and
-    results are pickled through pipes by two daemon threads, so :meth:`submit` never blocks.
-    """
-
-    mode = "subprocess"
-
-    def __init__(self, num_threads: int | None = 1, nice: int | None = 10):
-        super().__init__()
-        import subprocess
-        import sys
-
-        import tempfile
-
-        env = dict(os.environ)
-        if num_threads:
-            env.update(OMP_NUM_THREADS=str(num_threads), MKL_NUM_THREADS=str(num_threads))
-        # The child's stderr (library warnings, e.g. matplotlib's) goes to a private file, not the
-        # user's terminal; its tail is reported if the child dies.
-        self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from ww_monitor.monitoring.worker import _subprocess_main; _subprocess_main()",
-             str(int(nice or 0))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env,
-        )
-        self._outbox: queue.Queue = queue.Queue()
-        self._writer = threading.Thread(target=self._write_loop, name="ww-monitor-subprocess-writer", daemon=True)
-        self._reader = threading.Thread(target=self._read_loop, name="ww-monitor-subprocess-reader", daemon=True)
-        self._writer.start()
-        self._reader.start()
-
-    def _write_loop(self) -> None:
-        import pickle
-
-        while True:
-            item = self._outbox.get()
-            try:
-                if item is not None:  # the job body separately, so the child can report what it cannot load
-                    job_id, kind, key, fn, args = item
-                    item = (job_id, kind, key, pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL))
-                pickle.dump(item, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                self._proc.stdin.flush()
-                if item is None:
-                    self._proc.stdin.close()
-            except (OSError, ValueError, AttributeError, TypeError, pickle.PicklingError) as err:
-                if item is not None:
-                    self._complete(JobResult(item[0], item[1], item[2], error=f"could not send the job: {err}"))
-            if item is None:
-                return
-
-    def _read_loop(self) -> None:
-        import pickle
-
-        while True:
-            try:
-                result = pickle.load(self._proc.stdout)
-            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
-                break
-            self._complete(result)
-        with self._lock:  # the child is gone: whatever is pending will not come back
-            lost = [(i, k) for i, (k, _) in self._pending.items()]
-        detail = self._stderr_tail() if lost else ""
-        for job_id, kind in lost:
-            self._complete(JobResult(job_id, kind, None, error="worker subprocess ended" + detail))
-
-    def _stderr_tail(self, limit: int = 500) -> str:
-        """The end of the child's stderr, for an error message ('' when empty or unreadable)."""
-        try:
-            self._proc.wait(1.0)
-            self._stderr.seek(0, os.SEEK_END)
-            size = self._stderr.tell()
-            self._stderr.seek(max(0, size - limit))
-            text = self._stderr.read().decode("utf-8", "replace").strip()
-        except Exception:
-            return ""
-        return f": {text.splitlines()[-1]}" if text else ""
-
-    def submit(self, kind: str, key: Any, fn: Callable, args: tuple = (), nbytes: int = 0) -> int:
-        if self.closed:
-            raise RuntimeError("worker is closed")
-        job_id = self._register(kind, nbytes)
-        self._outbox.put((job_id, kind, key, fn, args))
-        return job_id
-
-    @property
-    def alive(self) -> bool:
-        return self._proc.poll() is None
-
-    def close(self, timeout: float = 10.0, cancel: bool = False) -> bool:
-        if not self.closed:
-            self.closed = True
-            self._outbox.put(None)
-        if cancel:
-            self._proc.kill()
-        try:
-            self._proc.wait(timeout)
-        except Exception:
-            self._proc.kill()
-            try:
-                self._proc.wait(1.0)
-            except Exception:
-                pass
-        self._writer.join(1.0)
-        self._reader.join(1.0)
-        for stream in (self._proc.stdin, self._proc.stdout, self._stderr):  # no unclosed-file warnings
-            try:
-                if stream is not None:
-                    stream.close()
-            except Exception:
-                pass
-        return self._proc.poll() is not None
-
-
 def make_worker(mode: str, num_threads: int | None = 1, nice: int | None = 10, idle: bool = False):
     """``"inline"`` | ``"thread"`` | ``"process"``."""
     if mode == "inline":
@@ -661,5 +365,7 @@ def make_worker(mode: str, num_threads: int | None = 1, nice: int | None = 10, i
     if mode == "process":
         return ProcessWorker(num_threads=num_threads, nice=nice, idle=idle)
     if mode == "subprocess":
+        from .subprocess_worker import SubprocessWorker
+
         return SubprocessWorker(num_threads=num_threads, nice=nice)
     raise ValueError(f"unknown worker mode {mode!r}; choose 'inline', 'thread', 'process' or 'subprocess'")

@@ -3,7 +3,7 @@
 Rendering (alpha per layer, ESDs with fits, phase heatmap) is pure-Python matplotlib work: in a
 thread of the training process it would hold the GIL against the training loop (measured: it
 doubled the quickstart's training time), so it runs in a child interpreter
-(:class:`~ww_monitor.monitoring.worker.SubprocessWorker`), or in the analysis process when
+(:class:`~ww_monitor.monitoring.subprocess_worker.SubprocessWorker`), or in the analysis process when
 ``worker_type="process"``. The rules that keep its cost bounded:
 
 * **Only when the figures can be stored**: rank 0, with a TensorBoard logger (CSV, MLflow and
@@ -93,7 +93,7 @@ class FigurePipeline:
         if self._process_worker is not None:
             return self._process_worker
         if self._renderer is None and start:
-            from ..monitoring.worker import SubprocessWorker
+            from ..monitoring.subprocess_worker import SubprocessWorker
 
             self._renderer = SubprocessWorker(num_threads=1, nice=self.nice)
         return self._renderer
@@ -141,10 +141,10 @@ class FigurePipeline:
         out = []
         for job in worker.poll(("figures",)):
             if job.error is not None:
-                warn(f"WeightWatcherCallback: rendering figures for step {job.key} failed: {job.error}")
+                warn(f"rendering figures for step {job.key} failed: {job.error}")
                 continue
             images, errors = job.value
             for e in errors:
-                warn(f"WeightWatcherCallback: figure failed at step {job.key}: {e}")
+                warn(f"figure failed at step {job.key}: {e}")
             out.append((job.key, images))
         return out

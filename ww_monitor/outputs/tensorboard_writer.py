@@ -11,7 +11,7 @@
 
 * TensorBoard-only extras go to the ``SummaryWriter`` of each TensorBoard logger
   (``logger.experiment``): ESD histograms of log10(lambda) ``ww/esd/<layer>`` (non-finite and
-  non-positive eigenvalues dropped), figures as images under ``ww/plots/...``, a per-snapshot
+  non-positive eigenvalues dropped; binned by :mod:`ww_monitor.functional.histogram`), figures as images under ``ww/plots/...``, a per-snapshot
   markdown table ``ww/layers`` (text) and, once per writer, a custom-scalars layout that groups
   the per-layer curves of each metric in one chart.
 
@@ -26,7 +26,7 @@ import logging
 import math
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -34,6 +34,7 @@ import numpy as np
 from ..analysis.phases import UNDETERMINED, Phase
 from ..analysis.reliability import RELIABLE_MIN_EVALS, RELIABLE_MIN_TAIL
 from ..analysis.results import SUMMARY_COUNTS, SUMMARY_METRICS, LayerResult
+from ..functional.histogram import ESD_MAX_BINS, ESD_MIN_BINS, EsdHistogram, esd_bins, esd_histogram, esd_log10
 from ..user_warnings import warn_user
 
 __all__ = [
@@ -98,24 +99,6 @@ def summary_scalars(summary: dict) -> dict[str, float]:
     return {f"ww/summary/{k}": _finite_or_nan(v) for k, v in summary.items() if k in SUMMARY_METRICS + SUMMARY_COUNTS}
 
 
-def esd_log10(eigenvalues) -> np.ndarray | None:
-    """log10 of the finite, positive eigenvalues (None when nothing is left)."""
-    if eigenvalues is None:
-        return None
-    ev = np.asarray(eigenvalues, dtype=np.float64)
-    ev = ev[np.isfinite(ev) & (ev > 0)]
-    if ev.size == 0:
-        return None
-    return np.log10(ev)
-
-
-#: Bucket count of an ESD histogram, from the number n of eigenvalues by the Rice rule
-#: ceil(2 n^(1/3)) (the bin count that keeps the count per bin growing with n, so a histogram of
-#: 10 eigenvalues is not a comb of isolated ones and one of 4,096 still resolves the bulk edge),
-#: clipped to [ESD_MIN_BINS, ESD_MAX_BINS]: n = 10 -> 5, 64 -> 8, 512 -> 16, 4,096 -> 32.
-#: Buckets are uniform in log10(lambda) between the smallest and largest eigenvalue.
-ESD_MIN_BINS = 5
-ESD_MAX_BINS = 64
 #: Kept for compatibility: the most buckets an ESD histogram gets.
 ESD_HISTOGRAM_BINS = ESD_MAX_BINS
 #: What the axes of the ``ww/esd/<layer>`` histograms mean (shown with the ``ww/layers`` table).
@@ -123,44 +106,6 @@ ESD_AXES = ("ESD histograms `ww/esd/<layer>` (Histograms tab): x axis = log10(la
             "W^T W (squared singular value of the weight matrix); height = number of eigenvalues per bucket; "
             f"buckets = ceil(2 n^(1/3)) for n eigenvalues, between {ESD_MIN_BINS} and {ESD_MAX_BINS}. "
             "A heavy tail shows as a long ridge to the right.")
-
-
-def esd_bins(num_evals: int) -> int:
-    """Buckets of the ESD histogram of ``num_evals`` eigenvalues (Rice rule, clipped)."""
-    return int(min(ESD_MAX_BINS, max(ESD_MIN_BINS, math.ceil(2.0 * max(int(num_evals), 1) ** (1.0 / 3.0)))))
-
-
-@dataclass(frozen=True)
-class EsdHistogram:
-    """A histogram of log10(lambda) in TensorBoard's raw form (``add_histogram_raw``)."""
-
-    min: float
-    max: float
-    num: int
-    sum: float
-    sum_squares: float
-    bucket_limits: tuple[float, ...]  # right edge of each bucket
-    bucket_counts: tuple[int, ...]
-
-
-def esd_histogram(eigenvalues, bins: int | None = None) -> EsdHistogram | None:
-    """Histogram of log10 of the finite, positive eigenvalues (None when nothing is left);
-    ``bins`` defaults to :func:`esd_bins` of their count.
-
-    Pure and cheap, so the background worker computes it and the training thread only writes.
-    """
-    values = esd_log10(eigenvalues)
-    if values is None:
-        return None
-    bins = esd_bins(values.size) if bins is None else int(bins)
-    vmin, vmax = float(values.min()), float(values.max())
-    lo, hi = (vmin - 0.5, vmax + 0.5) if vmax - vmin < 1e-12 else (vmin, vmax)  # one value: a bucket around it
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    return EsdHistogram(
-        min=vmin, max=vmax, num=int(values.size), sum=float(values.sum()),
-        sum_squares=float(np.dot(values, values)), bucket_limits=tuple(float(e) for e in edges[1:]),
-        bucket_counts=tuple(int(c) for c in counts),
-    )
 
 
 #: Up to this many layers, the "ww per-layer" custom-scalars charts draw every layer in one chart
@@ -312,7 +257,9 @@ def strip_eigenvalues(results: Sequence[LayerResult], keep: Iterable[str] = ()) 
 class LoggerWriter:
     """Sends one snapshot's outputs to the trainer's loggers; never raises."""
 
-    def __init__(self):
+    def __init__(self, prefix: str = "ww_monitor", no_logger: str = "no logger; results are kept only in the history."):
+        self.prefix = prefix  # the front door's name, at the start of each warning
+        self.no_logger = no_logger  # what to say when there is nowhere to write
         self._warned: set = set()
         self._layouts: set[int] = set()
 
@@ -321,7 +268,7 @@ class LoggerWriter:
             log.debug(message)
             return
         self._warned.add(key)
-        warn_user(message, RuntimeWarning)
+        warn_user(f"{self.prefix}: {message}", RuntimeWarning)
 
     @staticmethod
     def _tb_writers(loggers) -> list[tuple[Any, Any]]:
@@ -338,14 +285,13 @@ class LoggerWriter:
 
     def log_scalars(self, loggers, metrics: dict[str, float], step: int) -> None:
         if not loggers:
-            self._warn(("no-logger",), "WeightWatcherCallback: the trainer has no logger; results are kept only in "
-                       "`callback.history`. Pass e.g. `logger=TensorBoardLogger(...)` to the Trainer.")
+            self._warn(("no-logger",), self.no_logger)
             return
         for lg in loggers:
             try:
                 lg.log_metrics(metrics, step=step)
             except Exception as err:
-                self._warn((id(lg), "scalars"), f"WeightWatcherCallback: {type(lg).__name__}.log_metrics failed "
+                self._warn((id(lg), "scalars"), f"{type(lg).__name__}.log_metrics failed "
                            f"({type(err).__name__}: {err}); continuing without it.")
 
     def log_tensorboard(
@@ -375,7 +321,7 @@ class LoggerWriter:
                 if text and results:
                     exp.add_text("ww/layers", layers_markdown(results), global_step=step)
             except Exception as err:
-                self._warn((id(lg), "tensorboard"), f"WeightWatcherCallback: writing to TensorBoard failed "
+                self._warn((id(lg), "tensorboard"), f"writing to TensorBoard failed "
                            f"({type(err).__name__}: {err}); continuing without it.")
 
     def log_images(self, loggers, step: int, images: dict[str, np.ndarray]) -> None:
@@ -384,7 +330,7 @@ class LoggerWriter:
                 for tag, img in images.items():
                     exp.add_image(tag, img, global_step=step, dataformats="HWC")
             except Exception as err:
-                self._warn((id(lg), "images"), f"WeightWatcherCallback: writing figures to TensorBoard failed "
+                self._warn((id(lg), "images"), f"writing figures to TensorBoard failed "
                            f"({type(err).__name__}: {err}); continuing without them.")
 
     def flush(self, loggers) -> None:
