@@ -171,7 +171,7 @@ class WeightWatcherCallback(TrainerCallback):
         rank, world = _distributed()
         host.global_rank = rank
         host.loggers = list(self._extra_sinks)
-        integrations = self._join_integrations()
+        integrations, set_up = self._join_integrations()
         tensorboard_class = _reporting_callbacks().get("tensorboard") or ()
         tensorboard_run = next((getattr(cb, "logging_dir", None) for cb in integrations
                                 if isinstance(cb, tensorboard_class)), None)
@@ -189,7 +189,8 @@ class WeightWatcherCallback(TrainerCallback):
             self._load_checkpoint_state(args, state)
         engine._check_reuse(state.global_step)
         engine._start_run(host, model, rank, world, epoch=int(state.epoch or 0))
-        self._report(args, state, control, model)
+        if set_up:  # the baseline at step 0 (else at the first step: the integrations set up after us)
+            self._report(args, state, control, model)
         return self._decide(control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -259,9 +260,10 @@ class WeightWatcherCallback(TrainerCallback):
         return (self.tensorboard_dir or tensorboard_run or os.getenv("TENSORBOARD_LOGGING_DIR")
                 or os.path.join(args.output_dir, "runs", "ww_monitor"))
 
-    def _join_integrations(self) -> list:
-        """The Trainer's ``report_to`` callbacks; moves this callback just before the first of
-        them, so that our ``on_train_end`` (the final snapshot) reports before they close."""
+    def _join_integrations(self) -> tuple[list, bool]:
+        """The Trainer's ``report_to`` callbacks, and whether their ``on_train_begin`` already ran
+        (we came after them). Moves this callback just before the first of them, so that our
+        ``on_train_end`` (the final snapshot) reports before they close."""
         handler = None
         frame = sys._getframe(2)  # the caller of the event method that called us
         for _ in range(_HANDLER_FRAMES):
@@ -273,16 +275,20 @@ class WeightWatcherCallback(TrainerCallback):
         if handler is None:  # not called by a Trainer (e.g. a test calling the events directly)
             log.debug("ww_monitor: the Trainer's callback handler was not found; no report_to integration "
                       "gets the ww/ scalars")
-            return []
+            return [], False
         classes = tuple(_reporting_callbacks().values())
         integrations = [cb for cb in handler.callbacks if isinstance(cb, classes)]
-        if integrations:
+        if not integrations:
+            return [], False
+        position = handler.callbacks.index
+        set_up = position(self) > max(position(cb) for cb in integrations)  # all of them ran before us
+        if position(self) > position(integrations[0]):
             # Moving ourselves earlier while the handler iterates is safe: the callbacks after our old
             # position keep their indices, so none is skipped or called twice in this event.
             callbacks = handler.callbacks
             callbacks.remove(self)
             callbacks.insert(callbacks.index(integrations[0]), self)
-        return integrations
+        return integrations, set_up
 
     def _report(self, args, state, control, model) -> None:
         """Hand the completed snapshots' scalars to the integrations, as the Trainer hands its logs."""

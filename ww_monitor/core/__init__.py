@@ -3,8 +3,9 @@
 * :mod:`.engine`: :class:`~ww_monitor.core.engine.MonitorEngine`: schedule, snapshot, analyse,
   collect/gather, complete, alert, write, resumable state; no training framework in it. Its
   parts: :mod:`.settings` (arguments, validated), :mod:`.run_state` (per-run state, state
-  dict), :mod:`.completion` (finished analyses -> history, alerts, sinks), :mod:`.hooks`
-  (rank-zero warnings, the training-thread timer);
+  dict), :mod:`.completion` (finished analyses -> history, alerts, sinks),
+  :mod:`.selection_report` (what the layer selection left out), :mod:`.hooks` (rank-zero
+  warnings, the training-thread timer);
 * :mod:`.sinks`: where results go without a framework's loggers (``SummaryWriter``, callables)
   and the *host* protocol the engine talks to (a Lightning ``Trainer`` is one);
 * :mod:`.monitor`: ``ww_monitor.Monitor``, the engine driven by ``step()`` / ``close()``.

@@ -44,7 +44,7 @@ remembered and taken on resume, so the history continues without gaps or duplica
 This module holds the scheduling (run start/end, sync points, take or skip a snapshot, the
 worker's life); the rest of the engine is in its neighbours: :mod:`.settings` (the arguments,
 validated), :mod:`.run_state` (per-run state, state dict), :mod:`.completion` (finished
-analyses -> history, alerts, sinks).
+analyses -> history, alerts, sinks), :mod:`.selection_report` (what the layer selection left out).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ import time
 from typing import Callable
 
 from ..analysis.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS
-from ..analysis.layers import available_layer_names, is_size_limit
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from ..monitoring.alerts import Alert, AlertConfig
 from ..monitoring.cost import estimate_seconds
@@ -66,19 +65,18 @@ from ..monitoring.worker import make_worker
 from ..outputs.figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
 from ..user_warnings import warn_user
 from .completion import Completion
-from .hooks import rank_zero_warn
+from .hooks import MAX_LISTED, rank_zero_warn
 from .run_state import RunState
+from .selection_report import SelectionReport
 from .settings import MonitorSettings
 
 __all__ = ["MonitorEngine"]
 
 log = logging.getLogger(__name__)
 
-#: Layer names / skipped steps listed in one warning at most (the rest are counted).
-_MAX_LISTED = 20
 
 
-class MonitorEngine(RunState, Completion):
+class MonitorEngine(RunState, Completion, SelectionReport):
     """The monitor itself, for any training loop: see the module docstring. Its arguments are
     those of :class:`ww_monitor.WeightWatcherCallback` (documented there); front doors
     subclass it and translate their framework's events into the run-level methods."""
@@ -218,20 +216,6 @@ class MonitorEngine(RunState, Completion):
         """Whether training stops after this step (then a busy due snapshot is left to the final one)."""
         return bool(getattr(host, "ends_at_this_step", False))
 
-    def _check_selection_only(self, module) -> None:
-        """``fast_dev_run``: a smoke test of the training code, so no snapshots are taken (the
-        analysis would cost more than the run); the layer selection is still checked and its
-        problems reported, which is what a smoke test is for."""
-        log.info("%s: fast_dev_run: no snapshots are taken; checking the layer selection only", self.warning_prefix)
-        if self._reported_selection:
-            return
-        try:
-            owners, skipped = collect_into(None, module, self.config)
-        except Exception as err:  # sharded parameters: their shapes are unknown until gathered
-            log.debug("fast_dev_run selection check not possible: %s", err)
-            return
-        self._report_selection(module, owners, skipped)
-
     def _start_worker(self) -> None:
         if self._worker is not None and not self._worker.closed:
             return
@@ -302,37 +286,10 @@ class MonitorEngine(RunState, Completion):
     def _report_skipped_steps(self) -> None:
         missing = sorted(s for s in self._skipped_steps if not self.history.has_step(s))
         if len(missing) > 1:
-            shown = ", ".join(map(str, missing[:_MAX_LISTED])) + (" ..." if len(missing) > _MAX_LISTED else "")
+            shown = ", ".join(map(str, missing[:MAX_LISTED])) + (" ..." if len(missing) > MAX_LISTED else "")
             rank_zero_warn(f"{self.warning_prefix}: {len(missing)} scheduled snapshots were skipped because the "
                             f"analysis lagged (steps {shown}); the history holds {len(self.history)}.",
                             RuntimeWarning)
-
-    def _selection_message(self, module, selection_skipped) -> str:
-        """Why nothing is analysed: every matching layer was skipped (reasons), or the selection
-        matches no layer (the names there are)."""
-        if selection_skipped:
-            reasons = "; ".join(f"{s.name}: {s.reason}" for s in selection_skipped[:_MAX_LISTED])
-            more = f" (and {len(selection_skipped) - _MAX_LISTED} more)" if len(selection_skipped) > _MAX_LISTED else ""
-            return (f"{self.warning_prefix}: no layer can be analysed: every selected layer was skipped: "
-                    f"{reasons}{more}. Nothing will be analysed; adjust min_evals/max_evals/max_n or the selection.")
-        names = available_layer_names(module, self.config.conv_mode)
-        shown = ", ".join(names[:_MAX_LISTED]) + (f" ... ({len(names)} in all)" if len(names) > _MAX_LISTED else "")
-        return (f"{self.warning_prefix}: no weight matrix matches the selection (include={list(self.config.include)}, "
-                f"exclude={list(self.config.exclude)}, kinds={self.config.kinds}); nothing will be analysed. "
-                f"Layers in the model: {shown or 'none with a weight matrix'}.")
-
-    def _report_selection(self, module, owners, selection_skipped) -> None:
-        """Once per run: what the selection left out, like ``analyze()`` reports it."""
-        self._reported_selection = True
-        if not owners:
-            rank_zero_warn(self._selection_message(module, selection_skipped), RuntimeWarning)
-            return
-        unexpected = [s for s in selection_skipped if not is_size_limit(s.reason)]
-        for s in selection_skipped:
-            log.info("ww_monitor: layer %s (%s, shape %s) not analysed: %s", s.name, s.kind, s.shape, s.reason)
-        if unexpected:  # size limits are configuration; anything else (dtype, ...) is news
-            rank_zero_warn(f"{self.warning_prefix}: " + "; ".join(
-                f"layer {s.name} not analysed: {s.reason}" for s in unexpected[:_MAX_LISTED]), RuntimeWarning)
 
     def _take(self, host, module, epoch: int, final: bool) -> None:
         index, step = self._next_index, host.global_step

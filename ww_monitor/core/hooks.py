@@ -1,4 +1,5 @@
-"""What every front door's hooks share: rank-zero warnings and the training-thread timer."""
+"""What every front door's hooks share: rank-zero warnings (and how much one lists) and the
+training-thread timer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import time
 
 from ..user_warnings import warn_user
 
-__all__ = ["rank_zero_warn", "on_training_thread"]
+__all__ = ["MAX_LISTED", "rank_zero_warn", "on_training_thread"]
+
+#: Layer names / skipped steps listed in one warning at most (the rest are counted).
+MAX_LISTED = 20
 
 
 def rank_zero_warn(message: str, category=UserWarning) -> None:

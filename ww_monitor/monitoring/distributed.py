@@ -117,8 +117,11 @@ class LightningCollectives:
         self.strategy = strategy
 
     def is_initialized(self) -> bool:
-        # A strategy reports world_size > 1 only once its processes are launched and connected.
-        return int(getattr(self.strategy, "world_size", 1)) > 1
+        if int(getattr(self.strategy, "world_size", 1)) <= 1:
+            return False
+        # Strategies over torch.distributed (DDP, FSDP, DeepSpeed: they name a process-group
+        # backend) are connected once its default group exists; others (XLA) once launched.
+        return is_initialized() if hasattr(self.strategy, "process_group_backend") else True
 
     def all_gather_object(self, obj: Any, world_size: int) -> list:
         if world_size <= 1:
