@@ -398,8 +398,9 @@ def test_lagging_worker_with_on_lag_wait_loses_no_snapshot(tmp_path, monkeypatch
     assert cb.stats["snapshots_skipped"] == 0 and cb.stats["lag_waits"] > 0
     assert cb.history.steps == list(range(2 * BATCHES + 1))  # every step, in order, no duplicate
     assert cb.stats["peak_inflight_bytes"] == cb.stats["snapshot_bytes"]  # still one copy at a time
-    # the waits happened on the training thread: at least the analyses it had to wait for
-    assert cb.stats["train_thread_seconds"] >= 0.1 * cb.stats["lag_waits"]
+    # the waits happened on the training thread (hooks that do not wait cost milliseconds); each
+    # wait is the 0.2 s analysis minus the training step in between, which a loaded machine stretches
+    assert cb.stats["train_thread_seconds"] >= 0.05 * cb.stats["lag_waits"]
 
 
 def test_exception_in_training_stops_the_worker(tmp_path):
