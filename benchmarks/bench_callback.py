@@ -290,9 +290,9 @@ def _memory(args) -> dict:
     }
 
 
-def _digits_fit(with_callback: bool, logdir: str, **trainer_kw) -> tuple[float, float]:
-    """Wall time of ``trainer.fit`` of the quickstart's digits MLP, and the callback's
-    ``train_thread_seconds`` (0 without it)."""
+def _digits_fit(with_callback: bool, logdir: str, **trainer_kw) -> tuple[float, float, tuple[int, int, int]]:
+    """Wall time of ``trainer.fit`` of the quickstart's digits MLP, the callback's
+    ``train_thread_seconds`` (0 without it) and its snapshots (taken, deferred, skipped)."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -311,7 +311,11 @@ def _digits_fit(with_callback: bool, logdir: str, **trainer_kw) -> tuple[float, 
     gc.collect()
     t0 = time.perf_counter()
     trainer.fit(model, train, val)
-    return time.perf_counter() - t0, (cb.stats["train_thread_seconds"] if cb else 0.0)
+    wall = time.perf_counter() - t0
+    if cb is None:
+        return wall, 0.0, (0, 0, 0)
+    s = cb.stats
+    return wall, s["train_thread_seconds"], (s["snapshots_taken"], s["snapshots_deferred"], s["snapshots_skipped"])
 
 
 def _short_runs(args) -> None:
@@ -320,30 +324,34 @@ def _short_runs(args) -> None:
              "one step": dict(max_steps=1)}
     walls = {(c, w): [] for c in cases for w in (False, True)}
     hooks = {c: [] for c in cases}
+    counts = {c: [] for c in cases}
     with tempfile.TemporaryDirectory() as logdir:
         _digits_fit(True, logdir, max_steps=2)  # warm-up: imports, first-use caches
         for rep in range(args.repeats):
             for case, kw in cases.items():
                 for with_cb in ((False, True) if rep % 2 == 0 else (True, False)):
-                    wall, hook = _digits_fit(with_cb, logdir, **kw)
+                    wall, hook, taken = _digits_fit(with_cb, logdir, **kw)
                     walls[(case, with_cb)].append(wall)
                     if with_cb:
                         hooks[case].append(hook)
+                        counts[case].append(taken)
             print(f"  repeat {rep + 1}/{args.repeats}: short {walls[('short', False)][-1]:.2f}s without, "
                   f"{walls[('short', True)][-1]:.2f}s with the callback", flush=True)
     print(f"\nload average now {os.getloadavg()[0]:.2f}, {_pressure()}")
     print(f"{'run (digits MLP)':<18}{'without s':>11}{'with s':>9}{'ratio':>8}{'paired':>8}{'extra s':>9}"
-          f"{'hooks s':>9}")
+          f"{'hooks s':>9}  snapshots taken/deferred/skipped")
     for case in cases:
         a, b = walls[(case, False)], walls[(case, True)]
         paired = statistics.median(y / x for x, y in zip(a, b))
         extra = statistics.median(y - x for x, y in zip(a, b))
         print(f"{case:<18}{statistics.median(a):>11.2f}{statistics.median(b):>9.2f}"
               f"{statistics.median(b) / statistics.median(a):>8.3f}{paired:>8.3f}{extra:>9.2f}"
-              f"{statistics.median(hooks[case]):>9.3f}")
+              f"{statistics.median(hooks[case]):>9.3f}  "
+              + " ".join("/".join(map(str, c)) for c in counts[case]))
     print("ratio: median with / median without; paired: median over repeats of with / without run back to back; "
           "extra s: median paired wall-time difference; hooks s: median time in the callback's hooks on the "
-          "training thread (stats['train_thread_seconds'])")
+          "training thread (stats['train_thread_seconds']); snapshots: per repeat, deferred by max_overhead, skipped "
+          "because the analysis lagged")
 
 
 def main() -> None:

@@ -1,6 +1,11 @@
 """Soak run: many background snapshots of a tiny model; RSS and thread count must stay flat.
 
     python benchmarks/soak.py --snapshots 2000 [--every 1] [--report-every 100]
+    python benchmarks/soak.py --snapshots 200 --blocking --tensorboard --figures   # blocking-mode figures
+
+``--tensorboard`` logs to a TensorBoard logger (histograms, text and, with ``--figures``, the
+default figures every 10 snapshots, drawn from the first second on); ``--blocking`` waits for
+each analysis (and renders figures the same way) on the training thread.
 
 Prints RSS (VmRSS from /proc/self/status, Linux) and the live thread count every
 ``--report-every`` snapshots, then the totals. Exit status 1 if RSS grew by more than
@@ -33,7 +38,7 @@ def rss_mb() -> float:
 
 
 def run(snapshots: int = 300, every: int = 1, report_every: int = 0, warmup: int = 20, worker_nice: int = 0,
-        out=sys.stdout) -> dict:
+        out=sys.stdout, blocking: bool = False, tensorboard: bool = False, figures: bool = False) -> dict:
     import pytorch_lightning as pl
 
     import ww_monitor
@@ -71,14 +76,24 @@ def run(snapshots: int = 300, every: int = 1, report_every: int = 0, warmup: int
             if taken >= snapshots:
                 trainer.should_stop = True
 
-    # max_pending large enough that a busy machine does not turn snapshots into skips
+    # max_pending large enough that a busy machine does not turn snapshots into skips; no cost
+    # budget: a soak wants every scheduled snapshot
     ww = ww_monitor.WeightWatcherCallback(every_n_epochs=None, every_n_train_steps=every, max_pending=4,
-                                          worker_nice=worker_nice, figures_every_n_snapshots=None,
-                                          log_histograms=False, log_text=False)
+                                          worker_nice=worker_nice, blocking=blocking, max_overhead=None,
+                                          figures_every_n_snapshots=10 if figures else None,
+                                          figures_min_run_seconds=0,
+                                          log_histograms=tensorboard, log_text=tensorboard)
+    logger = False
+    if tensorboard:
+        import tempfile
+
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(tempfile.mkdtemp(prefix="ww_soak_"), name="soak")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(256, 16, generator=g), torch.randint(0, 4, (256,), generator=g)
     rss_start = rss_mb()
-    trainer = pl.Trainer(max_steps=snapshots * every * 20, accelerator="cpu", devices=1, logger=False,
+    trainer = pl.Trainer(max_steps=snapshots * every * 20, accelerator="cpu", devices=1, logger=logger,
                          callbacks=[ww, Probe()],
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     with warnings.catch_warnings():
@@ -105,8 +120,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="snapshots before the RSS reference is taken")
     p.add_argument("--worker-nice", type=int, default=0)
     p.add_argument("--max-rss-growth-mb", type=float, default=50.0)
+    p.add_argument("--blocking", action="store_true", help="blocking=True (analysis on the training thread's time)")
+    p.add_argument("--tensorboard", action="store_true", help="log to a TensorBoard logger (histograms, text)")
+    p.add_argument("--figures", action="store_true", help="default figures (every 10 snapshots) too")
     a = p.parse_args(argv)
-    r = run(a.snapshots, a.every, a.report_every, a.warmup, a.worker_nice)
+    r = run(a.snapshots, a.every, a.report_every, a.warmup, a.worker_nice, blocking=a.blocking,
+            tensorboard=a.tensorboard, figures=a.figures)
     print(f"\nsnapshots analysed {r['snapshots']} (taken {r['taken']}, skipped {r['skipped']}, failed {r['failed']}) "
           f"in {r['steps']} steps, {r['seconds']:.1f} s")
     print(f"RSS start {r['rss_start_mb']:.1f} MB, after warm-up {r['rss_warm_mb']:.1f} MB, end {r['rss_end_mb']:.1f} MB"

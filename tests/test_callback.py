@@ -367,8 +367,9 @@ def test_lagging_worker_skips_snapshots_instead_of_queueing(tmp_path, monkeypatc
         raise AssertionError("figure renderer started")
 
     monkeypatch.setattr(importlib.import_module("ww_monitor.monitoring.subprocess_worker"), "SubprocessWorker", no_renderer)
+    # max_overhead=None: every scheduled snapshot is due (no cost budget), so on_lag alone decides.
     cb = ww_monitor.WeightWatcherCallback(every_n_epochs=None, every_n_train_steps=1, max_pending=1,
-                                          figures_every_n_snapshots=None)
+                                          figures_every_n_snapshots=None, max_overhead=None)
     with pytest.warns(RuntimeWarning, match="skipped the snapshot at step"):
         fit(tmp_path, cb, max_epochs=2, logger=False)
     assert cb.stats["snapshots_skipped"] > 0
@@ -390,7 +391,7 @@ def test_lagging_worker_with_on_lag_wait_loses_no_snapshot(tmp_path, monkeypatch
 
     monkeypatch.setattr(analyze_mod, "analyze_matrices", slow)
     cb = ww_monitor.WeightWatcherCallback(every_n_epochs=None, every_n_train_steps=1, max_pending=1,
-                                          on_lag="wait", figures_every_n_snapshots=None)
+                                          on_lag="wait", figures_every_n_snapshots=None, max_overhead=None)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         fit(tmp_path, cb, max_epochs=2, logger=False)

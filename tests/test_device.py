@@ -97,7 +97,7 @@ def test_callback_estimates_snapshot_time_and_warns_when_the_schedule_cannot_kee
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 600)), batch_size=2)
     cb = wwm.WeightWatcherCallback(every_n_epochs=None, every_n_train_steps=1, figures_every_n_snapshots=None,
-                                   log_histograms=False, analysis_device="cpu")
+                                   log_histograms=False, analysis_device="cpu", max_overhead=None)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.warns(RuntimeWarning, match="cannot keep up"):

@@ -54,6 +54,14 @@ def check_seconds(name: str, value, allow_zero: bool, owner: str = "") -> None:
         raise _fail(owner, name, f"a {'non-negative' if allow_zero else 'positive'} number of seconds", value)
 
 
+def check_fraction(name: str, value, owner: str = "") -> None:
+    """A share in (0, 1], or None (off)."""
+    ok = value is None or (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+                           and 0 < value <= 1)
+    if not ok:
+        raise _fail(owner, name, "a share in (0, 1] or None", value)
+
+
 def check_names(name: str, value, allowed: Iterable[str], what: str = "name", owner: str = "") -> tuple[str, ...]:
     """A name or an iterable of names, each one of ``allowed``; returned as a tuple."""
     allowed = tuple(allowed)

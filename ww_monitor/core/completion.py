@@ -11,6 +11,7 @@ everywhere), and rank 0 writes scalars, histograms, the layer table and figures 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -43,7 +44,20 @@ class Completion:
             else:
                 outputs.append(job.value)
             self.stats["analysis_seconds"] += job.seconds
+            self._charge_analysis(job)
         return outputs
+
+    def _charge_analysis(self, job) -> None:
+        """Charge a finished analysis to the cost budget: the worker thread's CPU time is what it
+        took from training's cores (with more than one intra-op thread its helpers' time is not in
+        it, so the wall time stands in). The next snapshot is expected to cost as much."""
+        single = self._worker is not None and self._worker.mode != "inline" and self.worker_threads == 1
+        cpu = job.cpu_seconds if single else job.seconds
+        self.stats["analysis_cpu_seconds"] += cpu
+        meta = self._meta.get(job.key, {})
+        if meta.get("budgeted", False):
+            self._budget.charge(cpu)
+            self._budget.snapshot_cost(cpu + meta.get("copy_seconds", 0.0))
 
     def _exchange(self, host) -> None:
         """Log what is finished: gather across ranks under DDP (a sync point), else poll."""
@@ -60,17 +74,18 @@ class Completion:
             self._complete(host, out.index, {self._rank: out})
         self._log_figures(host)
 
-    def _gather(self, host) -> int:
-        """DDP sync point: exchange finished outputs; returns the largest in-flight count."""
+    def _gather(self, host, within_budget: bool = True) -> tuple[int, bool]:
+        """DDP sync point: exchange finished outputs; returns the largest in-flight count and
+        whether every rank's cost budget allows a snapshot (so all ranks decide alike)."""
         local = self._outputs_from(self._worker.poll(("analysis",))) if self._worker is not None else []
         pending = self._worker.pending("analysis") if self._worker is not None else 0
+        mine = {"rank": self._rank, "outputs": local, "pending": pending, "within_budget": within_budget}
         try:
-            everyone = self._collectives.all_gather_object(
-                {"rank": self._rank, "outputs": local, "pending": pending}, self._world)
+            everyone = self._collectives.all_gather_object(mine, self._world)
         except Exception as err:
             warn_user(f"{self.warning_prefix}: gathering results across ranks failed ({type(err).__name__}: "
                       f"{err}); distributed analysis results are incomplete.", RuntimeWarning)
-            everyone = [{"rank": self._rank, "outputs": local, "pending": pending}]
+            everyone = [mine]
         for payload in everyone:
             for out in payload["outputs"]:
                 self._partials.setdefault(out.index, {})[payload["rank"]] = out
@@ -78,7 +93,7 @@ class Completion:
             if len(self._partials[index]) >= self._world:
                 self._complete(host, index, self._partials.pop(index))
         self._log_figures(host)
-        return max(p["pending"] for p in everyone)
+        return max(p["pending"] for p in everyone), all(p.get("within_budget", True) for p in everyone)
 
     def _finalize_incomplete(self, host) -> None:
         for index in sorted(self._partials):
@@ -89,6 +104,15 @@ class Completion:
             self._complete(host, index, parts)
 
     def _complete(self, host, index: int, parts: dict[int, AnalysisOutput]) -> None:
+        budgeted = self._meta.get(index, {}).get("budgeted", False)
+        t0 = time.perf_counter()
+        try:
+            self._complete_and_write(host, index, parts)
+        finally:  # writing a snapshot's results is part of what it costs the training thread
+            if budgeted:
+                self._budget.charge(time.perf_counter() - t0)
+
+    def _complete_and_write(self, host, index: int, parts: dict[int, AnalysisOutput]) -> None:
         meta = self._meta.pop(index, None)
         any_out = next(iter(parts.values()))
         step = meta["step"] if meta else any_out.step

@@ -43,7 +43,8 @@ remembered and taken on resume, so the history continues without gaps or duplica
 
 This module holds the scheduling (run start/end, sync points, take or skip a snapshot, the
 worker's life); the rest of the engine is in its neighbours: :mod:`.settings` (the arguments,
-validated), :mod:`.run_state` (per-run state, state dict), :mod:`.completion` (finished
+validated), :mod:`.run_state` (per-run state, state dict), :mod:`.thinning` (scheduled
+snapshots not taken: cost-budget deferrals, lag skips), :mod:`.completion` (finished
 analyses -> history, alerts, sinks), :mod:`.selection_report` (what the layer selection left out).
 """
 
@@ -56,6 +57,7 @@ from typing import Callable
 from ..analysis.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from ..monitoring.alerts import Alert, AlertConfig
+from ..monitoring.budget import DEFAULT_MAX_OVERHEAD
 from ..monitoring.cost import estimate_seconds
 from ..monitoring.device import resolve_analysis_device, staging_budget
 from ..monitoring.distributed import Collectives, TorchCollectives, collect_into
@@ -65,9 +67,10 @@ from ..monitoring.worker import make_worker
 from ..outputs.figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
 from ..user_warnings import warn_user
 from .completion import Completion
-from .hooks import MAX_LISTED, rank_zero_warn
+from .hooks import rank_zero_warn
 from .run_state import RunState
 from .selection_report import SelectionReport
+from .thinning import Thinning
 from .settings import MonitorSettings
 
 __all__ = ["MonitorEngine"]
@@ -76,7 +79,7 @@ log = logging.getLogger(__name__)
 
 
 
-class MonitorEngine(RunState, Completion, SelectionReport):
+class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
     """The monitor itself, for any training loop: see the module docstring. Its arguments are
     those of :class:`ww_monitor.WeightWatcherCallback` (documented there); front doors
     subclass it and translate their framework's events into the run-level methods."""
@@ -129,6 +132,7 @@ class MonitorEngine(RunState, Completion, SelectionReport):
         distance_from_init: bool = False,
         esd_shift: bool = True,
         summary_include_unreliable: bool = False,
+        max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
     ) -> None:
         super().__init__()
         settings = MonitorSettings.from_arguments(
@@ -143,7 +147,7 @@ class MonitorEngine(RunState, Completion, SelectionReport):
             analysis_device=analysis_device, drain_timeout=drain_timeout, alerts=alerts, on_alert=on_alert,
             detX=detX, fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh, fit=fit,
             randomize=randomize, peft=peft, distance_from_init=distance_from_init, esd_shift=esd_shift,
-            summary_include_unreliable=summary_include_unreliable,
+            summary_include_unreliable=summary_include_unreliable, max_overhead=max_overhead,
         )
         for name, value in settings.public_items():  # config, every_n_epochs, blocking, ...: as attributes
             setattr(self, name, value)
@@ -180,7 +184,8 @@ class MonitorEngine(RunState, Completion, SelectionReport):
         if owed:
             epoch = self._owed[1]
         self._owed = None
-        self._sync_point(host, module, snapshot=fresh or owed, epoch=epoch)
+        self._budget.start()
+        self._sync_point(host, module, snapshot=fresh or owed, epoch=epoch, budgeted=False)
 
     def _finish_run(self, host, module, epoch: int) -> None:
         """The final snapshot (unless this step was just taken), drain, gather, figures, flush."""
@@ -195,6 +200,7 @@ class MonitorEngine(RunState, Completion, SelectionReport):
             self._exchange(host)
             self._finalize_incomplete(host)
             self._report_skipped_steps()
+            self._report_deferred()
             self._submit_figures()  # the final snapshot gets figures (in a run long enough for them)
             if not self._figures.finish():
                 warn_user(f"{self.warning_prefix}: the final figures were not rendered within figures_timeout="
@@ -235,25 +241,35 @@ class MonitorEngine(RunState, Completion, SelectionReport):
     def _is_figure_snapshot(self, index: int, final: bool) -> bool:
         return self._figures.due(index, final)
 
-    def _sync_point(self, host, module, snapshot: bool, epoch: int, final: bool = False) -> None:
+    def _sync_point(self, host, module, snapshot: bool, epoch: int, final: bool = False,
+                    budgeted: bool = True) -> None:
         """Gather finished results (DDP), maybe take a snapshot, log what is complete.
 
-        Under DDP every rank calls this at the same hooks with the same arguments.
+        Under DDP every rank calls this at the same hooks with the same arguments. ``budgeted``:
+        the cost budget may defer this snapshot (not the baseline, an owed or the final one).
         """
         if self._worker is None:
             return
         if snapshot:
             self._check_schedule()
+        budgeted = budgeted and snapshot and not final
         if self._world > 1:
-            busy = self._gather(host) >= self.max_pending
+            pending, within = self._gather(host, within_budget=not budgeted or self._budget.allows())
+            busy = pending >= self.max_pending
         else:
             self._collect(host)
             busy = self._worker.pending("analysis") >= self.max_pending
+            within = not budgeted or self._budget.allows()
+        if snapshot and not within and not self._ends_at_this_step(host):
+            self._defer(host.global_step)
+            return
         if snapshot and busy and self.on_lag == "wait":
             # Every rank is told the same `busy`, so under DDP all ranks wait here alike; the
             # results are gathered at the next sync point.
             self.stats["lag_waits"] += 1
+            t0 = time.perf_counter()
             self._drain(host, kinds=("analysis",), reason="a snapshot (on_lag='wait')")
+            self._budget.charge(time.perf_counter() - t0)  # training waited: part of the monitor's cost
             busy = False
             if self._world == 1:
                 self._collect(host)
@@ -263,35 +279,15 @@ class MonitorEngine(RunState, Completion, SelectionReport):
             elif busy:
                 self._skip(host.global_step)
             else:
-                self._take(host, module, epoch, final)
+                self._take(host, module, epoch, final, budgeted)
                 if self.blocking:
                     self._drain(host, kinds=("analysis",), reason="a blocking snapshot")
                     self._exchange(host)
 
-    def _skip(self, step: int) -> None:
-        """Count a due snapshot not taken because the worker lags: once per step (the epoch and
-        step schedules can both ask at one step), warned at the first skip of the run."""
-        if step in self._skipped_steps:
-            return
-        self._skipped_steps.add(step)
-        self.stats["snapshots_skipped"] += 1
-        if len(self._skipped_steps) == 1:
-            rank_zero_warn(
-                f"{self.warning_prefix}: skipped the snapshot at step {step} because "
-                f"{self.max_pending} earlier snapshot(s) are still being analysed (max_pending="
-                f"{self.max_pending}). Take snapshots less often, raise max_pending, on_lag='wait', or narrow "
-                "the layer selection. Further skips are counted in stats['snapshots_skipped'] and listed at "
-                "train end.", RuntimeWarning)
-
-    def _report_skipped_steps(self) -> None:
-        missing = sorted(s for s in self._skipped_steps if not self.history.has_step(s))
-        if len(missing) > 1:
-            shown = ", ".join(map(str, missing[:MAX_LISTED])) + (" ..." if len(missing) > MAX_LISTED else "")
-            rank_zero_warn(f"{self.warning_prefix}: {len(missing)} scheduled snapshots were skipped because the "
-                            f"analysis lagged (steps {shown}); the history holds {len(self.history)}.",
-                            RuntimeWarning)
-
-    def _take(self, host, module, epoch: int, final: bool) -> None:
+    def _take(self, host, module, epoch: int, final: bool, budgeted: bool = True) -> None:
+        """Copy the selected weights and hand them to the worker. ``budgeted``: an optional
+        snapshot whose cost the budget accounts (the baseline, an owed and the final snapshot are
+        fixed costs of a run: they carry its one-time warm-ups, e.g. the first analysis' imports)."""
         index, step = self._next_index, host.global_step
         if step in self._skipped_steps:  # skipped earlier at this step, taken now (the final snapshot)
             self._skipped_steps.discard(step)
@@ -322,13 +318,16 @@ class MonitorEngine(RunState, Completion, SelectionReport):
         self._last_step = step
         self.stats["snapshots_taken"] += 1
         self.stats["copy_seconds"] += snap.copy_seconds
+        if budgeted:
+            self._budget.charge(snap.copy_seconds)
         self.stats["snapshot_bytes"] = snap.nbytes
         self.stats["layers_analysed_here"] += len(snap)
         if not self._reported_selection:
             self._report_selection(module, owners, selection_skipped)
         self._meta[index] = {
             "step": step, "epoch": epoch, "order": list(owners), "selection_skipped": selection_skipped,
-            "figures": self._is_figure_snapshot(index, final),
+            "figures": self._is_figure_snapshot(index, final), "copy_seconds": snap.copy_seconds,
+            "budgeted": budgeted,
         }
         if snap.events:
             self._guard = snap
@@ -342,19 +341,6 @@ class MonitorEngine(RunState, Completion, SelectionReport):
         # Histograms are binned by the worker too: the training thread only writes them.
         args = (snap, self.config, self._rank, CHUNK_BYTES, self.log_histograms, self._baseline, str(device))
         self._worker.submit("analysis", index, analyze_snapshot, args, nbytes=snap.nbytes)
-
-    def _check_schedule(self) -> None:
-        """Warn once when snapshots fall due faster than one takes to analyse (:mod:`.cost`)."""
-        now = time.monotonic()
-        last, self._schedule["last_due"] = self._schedule["last_due"], now
-        estimate = self.estimated_snapshot_seconds
-        if estimate is None or last is None or self._schedule["warned"] or estimate <= now - last:
-            return
-        self._schedule["warned"] = True
-        rank_zero_warn(
-            f"{self.warning_prefix}: one snapshot takes about {estimate:.2f} s to analyse here but snapshots are "
-            f"due {now - last:.2f} s apart, so the analysis cannot keep up (snapshots will be skipped or training "
-            f"will wait, see on_lag). Take snapshots less often or narrow the layer selection.", RuntimeWarning)
 
     def _drain(self, host, kinds, reason: str) -> None:
         if self._worker is None:

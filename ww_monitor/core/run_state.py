@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..monitoring.alerts import Alert, AlertTracker
+from ..monitoring.budget import CostBudget
 from ..monitoring.history import History
 from ..monitoring.analysis_job import AnalysisOutput
 from ..outputs.tensorboard_writer import LoggerWriter
@@ -55,10 +56,14 @@ class RunState:
         self.estimated_snapshot_seconds: float | None = None
         self._schedule = {"last_due": None, "warned": False}
         self._skipped_steps: set[int] = set()  # due steps not taken because the worker lagged
+        # The cost budget (max_overhead). Blocking mode is for a deterministic schedule (tests,
+        # debugging): no time-based thinning there.
+        self._budget = CostBudget(None if self.blocking else self.max_overhead)
         self.stats: dict[str, Any] = {
             "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
-            "lag_waits": 0, "train_thread_seconds": 0.0, "baseline_bytes": 0,
+            "lag_waits": 0, "train_thread_seconds": 0.0, "baseline_bytes": 0, "snapshots_deferred": 0,
+            "analysis_cpu_seconds": 0.0,
         }
 
     def _check_reuse(self, step: int) -> None:
@@ -89,6 +94,7 @@ class RunState:
             "alerts": self.alert_tracker.state_dict() if self.alert_tracker is not None else {},
             # The previous ESDs, so esd_shift continues across a resume (tensors: weights_only loads).
             "prev_esd": {k: torch.as_tensor(v, dtype=torch.float64) for k, v in self._prev_esd.items()},
+            "budget": self._budget.state_dict(),  # spent and elapsed: the budget is the whole run's
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -101,6 +107,8 @@ class RunState:
         if self.alert_tracker is not None and state_dict.get("alerts"):
             self.alert_tracker.load_state_dict(state_dict["alerts"])
         self._prev_esd = {k: torch.as_tensor(v).double().numpy() for k, v in state_dict.get("prev_esd", {}).items()}
-        for k in ("snapshots_taken", "snapshots_skipped", "snapshots_failed"):  # run totals, not per rank
+        if state_dict.get("budget"):
+            self._budget.load_state_dict(state_dict["budget"])
+        for k in ("snapshots_taken", "snapshots_skipped", "snapshots_failed", "snapshots_deferred"):  # run totals, not per rank
             if k in state_dict.get("stats", {}):
                 self.stats[k] = int(state_dict["stats"][k])

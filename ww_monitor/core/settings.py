@@ -17,7 +17,7 @@ from ..analysis.layers import CONV_MODES, KINDS
 from ..errors import WWMonitorError
 from ..monitoring.alerts import Alert, AlertConfig
 from ..monitoring.device import validate_analysis_device
-from ..validation import check_bool, check_int, check_seconds
+from ..validation import check_bool, check_fraction, check_int, check_seconds
 
 __all__ = ["MonitorSettings", "as_tuple"]
 
@@ -72,6 +72,7 @@ class MonitorSettings:
     distance_from_init: bool
     esd_shift: bool
     summary_include_unreliable: bool
+    max_overhead: float | None  #: the cost budget's share of training time (None: off)
 
     @classmethod
     def from_arguments(
@@ -80,7 +81,7 @@ class MonitorSettings:
         log_histograms, log_text, log_callback_metrics, figures_every_n_snapshots, figure_layers,
         max_figure_layers, figures_min_run_seconds, figures_timeout, method, analysis_device, drain_timeout,
         alerts, on_alert, detX, fix_fingers, max_fingers, finger_thresh, fit, randomize, peft,
-        distance_from_init, esd_shift, summary_include_unreliable,
+        distance_from_init, esd_shift, summary_include_unreliable, max_overhead,
     ) -> "MonitorSettings":
         """Check every argument (a :class:`WWMonitorError` naming the first bad one) and normalise."""
         check_int("every_n_epochs", every_n_epochs, 0, allow_none=True)
@@ -102,6 +103,7 @@ class MonitorSettings:
         check_seconds("figures_min_run_seconds", figures_min_run_seconds, allow_zero=True)
         check_seconds("figures_timeout", figures_timeout, allow_zero=False)
         check_seconds("drain_timeout", drain_timeout, allow_zero=False)
+        check_fraction("max_overhead", max_overhead)
         if not isinstance(alerts, (bool, AlertConfig)):
             raise WWMonitorError(f"`alerts` must be True, False or an AlertConfig, got {alerts!r}.")
         if on_alert is not None and not callable(on_alert):
@@ -138,6 +140,7 @@ class MonitorSettings:
             alert_config=alerts if isinstance(alerts, AlertConfig) else AlertConfig(), alerts_on=alerts is not False,
             on_alert=on_alert, distance_from_init=distance_from_init, esd_shift=esd_shift,
             summary_include_unreliable=summary_include_unreliable,
+            max_overhead=None if max_overhead is None else float(max_overhead),
         )
 
     def public_items(self):

@@ -162,9 +162,19 @@ class WeightWatcherMixin(MonitorEngine):
             eigenvalues or tail points, :mod:`ww_monitor.analysis.reliability`) into the fit-based
             ``ww/summary/*`` means. Default False: they are left out and counted in
             ``ww/summary/num_unreliable``.
+        max_overhead: the largest share of the training's wall time the monitor may cost
+            (default 0.05; :mod:`ww_monitor.monitoring.budget`): its time on the training thread
+            plus the background analysis' CPU time may not exceed ``0.25 s + max_overhead * t``
+            after ``t`` seconds of training. A scheduled snapshot that would exceed it is
+            deferred to the next scheduled step that fits (counted in
+            ``stats["snapshots_deferred"]``, logged at INFO); the baseline and final snapshots are
+            always taken. Long runs keep their whole schedule; a 10-second fit with a snapshot
+            every epoch thins out instead of slowing down. ``None`` takes every scheduled
+            snapshot (then ``on_lag`` decides what happens when the analysis cannot keep up).
+            Not applied with ``blocking=True``, whose point is a deterministic schedule.
 
     ``callback.stats`` counts what the monitor did and cost: ``snapshots_taken``/``_skipped``/
-    ``_failed``, ``copy_seconds`` (weight copies), ``analysis_seconds`` (worker wall time),
+    ``_failed``/``_deferred`` (by ``max_overhead``), ``copy_seconds`` (weight copies), ``analysis_seconds`` (worker wall time), ``analysis_cpu_seconds``,
     ``train_thread_seconds`` (time spent in this callback's hooks on the training thread:
     copies, logging and any waits), ``peak_inflight_bytes``, ``lag_waits`` and ``baseline_bytes``
     (the baseline copy kept for ``distance_from_init``).

@@ -63,6 +63,8 @@ class JobResult:
     value: Any = None
     error: str | None = None
     seconds: float = 0.0
+    #: CPU time of the thread that ran the job: what it took from training's cores.
+    cpu_seconds: float = 0.0
 
 
 def _threads_for_new_threads() -> int:
@@ -106,14 +108,16 @@ def configure_current_thread(num_threads: int | None, nice: int | None, idle: bo
 
 
 def _run_job(job_id: int, kind: str, key: Any, fn: Callable, args: tuple) -> JobResult:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     try:
         value = fn(*args)
-        return JobResult(job_id, kind, key, value=value, seconds=time.perf_counter() - t0)
+        return JobResult(job_id, kind, key, value=value, seconds=time.perf_counter() - t0,
+                         cpu_seconds=time.thread_time() - c0)
     except Exception as err:  # reported to the training thread as a warning, never raised there
         detail = "".join(traceback.format_exception_only(type(err), err)).strip()
         log.debug("background job %s %r failed:\n%s", kind, key, traceback.format_exc())
-        return JobResult(job_id, kind, key, error=detail, seconds=time.perf_counter() - t0)
+        return JobResult(job_id, kind, key, error=detail, seconds=time.perf_counter() - t0,
+                         cpu_seconds=time.thread_time() - c0)
 
 
 class _BaseWorker:
