@@ -10,12 +10,14 @@ Two exact (float64) strategies and one mixed-precision one:
   error already, a million times more, so for them the Gram route loses nothing measurable.
 * ``"svd"``: ``torch.linalg.svdvals`` in float64, squared. Used for float64 weights by
   ``"auto"``, whose own precision is finer than the Gram floor.
-* ``"mixed"``: the exact float64 Gram, a float32 eigensolve, the rank decided in float64 (see
-  :func:`_mixed_eigenvalues`); the absolute error bound comes back through ``errors=``. Used by
-  ``"auto"`` for float32/16-bit weights with M >= :data:`MIXED_MIN_M` on the CPU route.
+* ``"mixed"``: the exact float64 Gram, a float32 eigensolve, the rank decided in float64, and a
+  float64 solve for shapes whose rank float32 cannot decide (see :mod:`.gram`); the absolute
+  error bound comes back through ``errors=``. Used by ``"auto"`` for float32/16-bit weights with
+  M >= :data:`MIXED_MIN_M` on the CPU route.
 
 On CPU the Gram route calls LAPACK through SciPy (``dsyrk`` + ``dsyevd``, one matrix at a time,
-no copy beyond the float64 upcast, eigenvalues only with the blocked workspace: see :func:`_syevd_lwork`): on the benchmark machine (AMD EPYC) numpy/SciPy's OpenBLAS
+no copy beyond the float64 upcast, eigenvalues only with the blocked workspace: see :mod:`.gram`):
+on the benchmark machine (AMD EPYC) numpy/SciPy's OpenBLAS
 runs it 1.2-1.5x faster than the MKL bundled with PyTorch wheels, which is known to pick slower
 code paths on non-Intel CPUs (``bench_eigensolver.py`` prints both; :data:`CPU_BACKEND` switches).
 Elsewhere (CUDA) matrices of the same shape are stacked and solved in one batched ``torch`` call
@@ -29,19 +31,19 @@ diagonal Gram entry non-finite), so callers need no separate O(N M) ``isfinite``
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from .gram import MIXED_ERROR_FACTOR, RoutePlan, blas_threads, cpu_gram_eigenvalues, gram_noise_floor
 
 __all__ = [
     "eigenvalues",
     "batched_eigenvalues",
     "choose_method",
     "gram_noise_floor",
+    "MIXED_ERROR_FACTOR",
     "METHODS",
     "CPU_BACKENDS",
 ]
@@ -54,30 +56,19 @@ METHODS = ("auto", "gram", "svd", "mixed")
 CPU_BACKENDS = ("scipy", "torch")
 CPU_BACKEND = "scipy"
 
-#: ``"auto"`` solves float32/16-bit matrices with M >= MIXED_MIN_M in mixed precision (below):
-#: there the float32 eigensolve cuts the CPU time per shape by 6-19% (``bench_eigensolver.py
-#: --quick``: 768x768 and FFN 3072x768 1.19x, 4096x1024 1.17x, 512x512 conv slices 1.06x); below
-#: it the float64 solve costs a few ms and stays exact.
+#: ``"auto"`` solves float32/16-bit matrices with M >= MIXED_MIN_M in mixed precision (see
+#: :mod:`.gram`): there the float32 eigensolve cuts the CPU time per shape by 6-19%
+#: (``bench_eigensolver.py --quick``: 768x768 and FFN 3072x768 1.19x, 4096x1024 1.17x, 512x512
+#: conv slices 1.06x); below it the float64 solve costs a few ms and stays exact (smaller
+#: matrices' ESDs match an SVD's to ~1e-13 lambda_max, as ``tests/test_parity_weightwatcher.py``
+#: checks on M = 320).
 MIXED_MIN_M = 512
-#: Bound on the float32 eigensolver's absolute error: MIXED_ERROR_FACTOR * sqrt(M) * eps32 * ||G||_F.
-#: Measured max |error| / (eps32 ||G||_F) on Gaussian (Q = 1, 4), power-law, Student-t and
-#: low-rank + noise Grams: 0.6-6.3 for M = 512-2048, i.e. <= 0.19 sqrt(M) with the unblocked
-#: reduction, <= 0.23 sqrt(M) with the blocked one now used (M = 512-1024); 0.5 leaves 2.1x margin.
-MIXED_ERROR_FACTOR = 0.5
-
 # Keep each batched float64 stack below this many bytes (torch route). On CPU a batch only saves
 # Python and dispatch overhead (LAPACK loops over it anyway), and buffers under glibc's 32 MiB
 # mmap ceiling are recycled from the heap instead of being page-faulted in afresh on every call.
 # On CUDA bigger batches keep the device busy.
 _BATCH_BYTES = 24 * 1024 * 1024
 _BATCH_BYTES_CUDA = 256 * 1024 * 1024
-
-#: CPU route: float64 upcast buffer per Gram product (but at least M x M). A 3072 x 768 float32
-#: matrix upcast whole is 18.9 MB, above glibc's malloc mmap threshold, so every call page-faults
-#: a fresh buffer in; blocks of a few MB are recycled from the heap, and the Gram is accumulated
-#: over them with dsyrk's beta = 1. Measured (one thread, upcast + dsyrk, medians of 7): 3072 x 768
-#: 45 -> 40 ms, a 9 x 512 x 512 conv stack 34 -> 31 ms, 768 x 3072 unchanged; Grams bitwise equal.
-_UPCAST_BLOCK_BYTES = 4 * 1024 * 1024
 
 # Recursion depth of the lower-triangle Gram product (see _gram_lower): 2 levels cut the GEMM
 # flops to 62.5%; deeper levels save little more and make the blocks too small for BLAS.
@@ -96,11 +87,6 @@ def choose_method(dtype: torch.dtype, method: str = "auto", m: int | None = None
     if dtype == torch.float64:
         return "svd"
     return "mixed" if m is not None and m >= MIXED_MIN_M else "gram"
-
-
-def gram_noise_floor(lambda_max: float, m: int) -> float:
-    """Absolute error of Gram eigenvalues: ~ M * eps(float64) * lambda_max (Wilkinson bound)."""
-    return float(lambda_max) * m * float(np.finfo(np.float64).eps)
 
 
 def _as_tensor(w) -> torch.Tensor:
@@ -150,10 +136,11 @@ def batched_eigenvalues(mats: Sequence, method: str = "auto", *, check_finite: b
         elif bool(torch.isfinite(t).all()):
             on_torch.append(i)
     if cpu_gram:
-        with _blas_threads(torch.get_num_threads()):
+        plan = RoutePlan()  # shared by the whole call: same-shape matrices take the same route
+        with blas_threads(torch.get_num_threads()):
             for i in cpu_gram:
                 mixed = choose_method(tensors[i].dtype, method, min(tensors[i].shape[-2:])) == "mixed"
-                out[i], bounds[i] = _cpu_gram_eigenvalues(tensors[i], mixed)
+                out[i], bounds[i] = cpu_gram_eigenvalues(tensors[i], mixed, plan)
     if on_torch:
         for i, ev in zip(on_torch, _torch_eigenvalues([tensors[i] for i in on_torch], method)):
             out[i] = ev
@@ -162,161 +149,6 @@ def batched_eigenvalues(mats: Sequence, method: str = "auto", *, check_finite: b
     if errors is not None:
         errors.extend(bounds)
     return out
-
-
-def _cpu_gram_eigenvalues(t: torch.Tensor, mixed: bool = False) -> tuple[np.ndarray | None, float]:
-    """SciPy route for one matrix or slice stack: float64 upcast, ``dsyrk``, ``dsyevd``.
-
-    Each slice is upcast and multiplied on its own (:func:`_gram64`), so no float64 copy of a
-    whole slice stack is ever made. ``None`` when an entry is NaN/Inf: it shows on the diagonal.
-    Returns the eigenvalues and their absolute error bound (0.0: float64-exact).
-    """
-    stack = t if t.ndim == 3 else t.unsqueeze(0)
-    rows, cols = stack.shape[-2:]
-    parts, bound = [], 0.0
-    for k in range(stack.shape[0]):
-        gram = _gram64(stack[k])
-        if not np.isfinite(np.diagonal(gram)).all():
-            return None, 0.0
-        if mixed:
-            ev, err = _mixed_eigenvalues(gram, max(rows, cols), t.dtype, regram=lambda k=k: _gram64(stack[k]))
-            bound = max(bound, err)
-        else:
-            ev = _dsyevd(gram)
-        parts.append(ev)
-    ev = parts[0] if len(parts) == 1 else np.sort(np.concatenate(parts))
-    np.maximum(ev, 0.0, out=ev)
-    return ev, bound
-
-
-def _gram64(w: torch.Tensor) -> np.ndarray:
-    """Lower triangle of the float64 Gram of the smaller side of ``w`` (F-ordered, ``dsyrk``).
-
-    The float64 upcast goes through a buffer of at most :data:`_UPCAST_BLOCK_BYTES` (but at least
-    M x M) holding a block of rows (tall ``w``) or columns (wide ``w``), and the Gram is
-    accumulated block by block (``beta = 1``): the same sum of exact products, in another order
-    (float64 rounding only). A C-contiguous block's Fortran view is its transpose, so ``dsyrk``
-    forms ``W_b^T W_b`` (trans=0) or ``W_b W_b^T`` (trans=1) without moving any data.
-    """
-    from scipy.linalg import blas
-
-    rows, cols = w.shape
-    trans = 0 if rows >= cols else 1
-    m, n = min(rows, cols), max(rows, cols)
-    if w.dtype == torch.float64 and w.is_contiguous():
-        return blas.dsyrk(1.0, w.numpy().T, trans=trans, lower=1)  # dsyrk does not write to its input
-    step = max(m, _UPCAST_BLOCK_BYTES // (8 * m))
-    if step >= n:
-        return blas.dsyrk(1.0, torch.empty((rows, cols), dtype=torch.float64).copy_(w).numpy().T,
-                          trans=trans, lower=1)
-    buf = torch.empty(step * m, dtype=torch.float64)
-    gram = None
-    for lo in range(0, n, step):
-        piece = w[lo : lo + step] if trans == 0 else w[:, lo : lo + step]
-        block = buf[: piece.numel()].view(piece.shape).copy_(piece).numpy()
-        if gram is None:
-            gram = blas.dsyrk(1.0, block.T, trans=trans, lower=1)
-        else:
-            gram = blas.dsyrk(1.0, block.T, beta=1.0, c=gram, trans=trans, lower=1, overwrite_c=1)
-    return gram
-
-
-@functools.lru_cache(maxsize=None)
-def _syevd_lwork(prefix: str, m: int) -> int:
-    """LAPACK's optimal workspace for an eigenvalues-only ``?syevd`` of order ``m``.
-
-    SciPy's wrapper defaults to the *minimal* workspace (2m + 1) when ``compute_v=0``, which
-    makes ``?sytrd`` fall back to its unblocked (level-2 only) tridiagonal reduction; the queried
-    size (~34 m) lets it use the blocked one: 1.3-1.6x faster at M = 512-768, one thread
-    (``bench_eigensolver.py``), same algorithm, eigenvalues equal to ~1e-15 lambda_max.
-    """
-    from scipy.linalg import lapack
-
-    query = getattr(lapack, f"{prefix}syevd_lwork")
-    lwork, _, info = query(m, compute_v=0, lower=1)
-    if info != 0:
-        return 2 * m + 1  # SciPy's own default; always valid
-    return max(int(lwork), 2 * m + 1)
-
-
-def _syevd(gram: np.ndarray) -> tuple[np.ndarray, int]:
-    """Eigenvalues only (``jobz='N'``), lower triangle, in place, blocked workspace."""
-    from scipy.linalg import lapack
-
-    prefix = "s" if gram.dtype == np.float32 else "d"
-    solver = getattr(lapack, f"{prefix}syevd")
-    ev, _, info = solver(gram, compute_v=0, lower=1, overwrite_a=1, lwork=_syevd_lwork(prefix, gram.shape[0]))
-    return ev, info
-
-
-def _dsyevd(gram: np.ndarray) -> np.ndarray:
-    ev, info = _syevd(gram)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"dsyevd failed (info={info})")
-    return ev
-
-
-def _mixed_eigenvalues(gram: np.ndarray, n: int, dtype: torch.dtype, regram=None) -> tuple[np.ndarray, float]:
-    """Float32 eigensolve of the exact float64 Gram, with float64 where the rank needs it.
-
-    The float32 eigenvalues carry an absolute error below
-    ``delta = MIXED_ERROR_FACTOR * sqrt(M) * eps32 * ||G||_F`` (~1e-6..1e-5 lambda_max): harmless
-    for the upper spectrum the power law is fitted to (the caller refits in float64 when delta
-    is not small against xmin), but the rank counts eigenvalues above a tolerance ~1e-8
-    lambda_max that float32 cannot resolve. If any eigenvalue lies within delta of that
-    tolerance, a float64 Cholesky factorisation of ``G - tol I`` decides: it exists iff every
-    eigenvalue exceeds tol (full rank, certified; the unresolved eigenvalues are reported at
-    min(2 tol, their float32 value + delta), inside their error band and above tol). If it does
-    not exist the spectrum is solved in float64 after all (rank loss needs exact small eigenvalues).
-    The factorisation overwrites ``gram`` (no copy); ``regram()`` forms it again for that
-    float64 solve (a rank-deficient matrix pays one more Gram product, the common case none).
-    """
-    from scipy.linalg import lapack
-
-    from .spectral_metrics import rank_tolerance
-
-    m = gram.shape[0]
-    ev32, info = _syevd(gram.astype(np.float32))
-    if info != 0:
-        return _dsyevd(gram), 0.0
-    ev = ev32.astype(np.float64)
-    delta = MIXED_ERROR_FACTOR * math.sqrt(m) * float(np.finfo(np.float32).eps) * float(np.sqrt(np.dot(ev, ev)))
-    tol = rank_tolerance(float(ev[-1]), n, m, dtype)
-    if ev[0] > tol + delta:
-        return ev, delta
-    shifted = gram if regram is not None else gram.copy()
-    shifted[np.diag_indices(m)] -= tol + gram_noise_floor(float(ev[-1]), m)
-    _, chol_info = lapack.dpotrf(shifted, lower=1, overwrite_a=1, clean=0)
-    if chol_info != 0:  # some eigenvalue is at or below the rank tolerance: exact float64 solve
-        return _dsyevd(regram() if regram is not None else gram), 0.0
-    low = ev <= tol
-    ev[low] = np.minimum(2.0 * tol, ev[low] + delta)
-    return ev, delta
-
-
-_THREADPOOLS = []  # one threadpoolctl controller per process, created on first use
-
-
-@contextlib.contextmanager
-def _blas_threads(n: int):
-    """Run numpy/SciPy BLAS with ``n`` threads, like the calling thread's torch ops.
-
-    OpenBLAS' thread count is process-wide, so the analysis worker's one-thread budget would
-    not reach it otherwise. Without ``threadpoolctl`` the libraries' own setting is kept.
-    """
-    if not _THREADPOOLS:
-        try:
-            import threadpoolctl
-        except ImportError:  # optional: only the thread count is affected
-            _THREADPOOLS.append(None)
-        else:
-            _THREADPOOLS.append(threadpoolctl.ThreadpoolController())
-    ctl = _THREADPOOLS[0]
-    if ctl is None:
-        yield
-        return
-    with ctl.limit(limits=max(int(n), 1), user_api="blas"):
-        yield
 
 
 def _torch_eigenvalues(tensors: Sequence[torch.Tensor], method: str) -> list[np.ndarray]:
