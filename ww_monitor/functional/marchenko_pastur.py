@@ -77,7 +77,9 @@ SEARCH_RANGE = 8.0
 # bracket the minimum at this stage's step of 2 ln 8 / 48 = 0.087). Each of the _REFINE_STAGES
 # then scans _REFINE_POINTS over +-1 step of the best point on every eigenvalue, so the final
 # relative resolution of sigma^2 is 0.087 * (2/8)^4 ~ 3e-4, well below the Tracy-Widom width
-# (>= 3e-3 relative for M <= 15000). 49 + 4 * 9 evaluations instead of a fine grid's thousands.
+# (>= 3e-3 relative for M <= 15000). 49 + 9 + 3 * 6 evaluations instead of a fine grid's
+# thousands: a refine grid's ends and middle are the previous grid's best point and neighbours,
+# whose exact distances are reused (same fit, 25% less MP CDF work on large ESDs).
 _COARSE_POINTS = 49
 _COARSE_SAMPLE = 512
 _REFINE_POINTS = 9
@@ -283,13 +285,22 @@ def fit_marchenko_pastur(evals, n: int, m: int, *, num_slices: int = 1) -> MPFit
         return MPFit.failed()
 
     lo, hi = math.log(s0 / SEARCH_RANGE), math.log(s0 * SEARCH_RANGE)
-    stride = max(1, upto // _COARSE_SAMPLE)
+    stride = -(-upto // _COARSE_SAMPLE)  # ceil: at most _COARSE_SAMPLE eigenvalues
+    known: dict[int, float] = {}  # exact distances at this stage's points, from the last stage
     for points in (_COARSE_POINTS,) + (_REFINE_POINTS,) * _REFINE_STAGES:
         logs = np.linspace(lo, hi, points)
-        d = _ks_censored(xs, total, upto, np.exp(logs), q, stride)
+        todo = np.array([i for i in range(points) if i not in known], dtype=np.intp)
+        d = np.empty(points)
+        d[todo] = _ks_censored(xs, total, upto, np.exp(logs[todo]), q, stride)
+        for i, value in known.items():
+            d[i] = value
         best = int(np.argmin(d))
         step = logs[1] - logs[0]
         lo, hi = logs[best] - step, logs[best] + step
+        # The next grid's first, middle and last points are this one's best - 1, best, best + 1:
+        # their exact distances are known already (not after the sampled coarse stage).
+        mid = (_REFINE_POINTS - 1) // 2
+        known = {} if stride > 1 else {mid + mid * j: float(d[best + j]) for j in (-1, 0, 1) if 0 <= best + j < points}
         stride = 1
     s2 = float(np.exp(logs[best]))
 
