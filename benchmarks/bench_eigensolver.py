@@ -17,7 +17,11 @@ A second table compares the CPU routes ``batched_eigenvalues`` can take: torch's
 (float32 eigensolve of the exact Gram for M >= 512) with its error relative to lambda_max.
 A third table times SciPy's eigenvalues-only ``?syevd`` with the wrapper's default workspace
 (2M + 1: unblocked tridiagonal reduction) against LAPACK's queried optimum (blocked), the reason
-the CPU route passes ``lwork``.
+the CPU route passes ``lwork``. A fourth times the pieces of the mixed-precision route per matrix
+(float64 Gram, float32 and float64 solves, the Cholesky rank certificate, the LDL^T rank count
+that replaces a float64 re-solve when the certificate fails) and how often the certificate is
+needed and fails on random matrices of each shape: the numbers behind
+``ww_monitor.functional.gram.CERTIFICATE_BREAK_EVEN``.
 
 Threads: ``--threads`` (default 1) is applied to torch, MKL, OpenBLAS and OpenMP before torch
 is imported, as in ``bench_analyze.py``; ``--threads 0`` keeps the library defaults. On
@@ -156,6 +160,54 @@ def syevd_workspace(stack: torch.Tensor, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def route_pieces(rows: int, cols: int, draws: int, repeats: int, gen: torch.Generator) -> dict[str, float]:
+    """Median CPU seconds of each mixed-route piece on one matrix, and its certificate rates.
+
+    ``draws`` random matrices (Kaiming-uniform like an untrained layer) give the fraction whose
+    float32 spectrum comes within its error bound of the rank tolerance (certificate needed) and
+    the fraction whose certificate fails (an eigenvalue at or below the tolerance).
+    """
+    import importlib
+
+    from ww_monitor.functional.spectral_metrics import rank_tolerance
+
+    gram = importlib.import_module("ww_monitor.functional.gram")
+    n, m = max(rows, cols), min(rows, cols)
+    bound = 1.0 / cols**0.5
+    needed = failed = 0
+    for _ in range(draws):
+        w = (torch.rand(rows, cols, generator=gen) * 2 - 1) * bound
+        g = gram.gram64(w)
+        ev, delta = gram._float32_eigenvalues(g)
+        tol = rank_tolerance(float(ev[-1]), n, m, torch.float32)
+        if ev[0] <= tol + delta:
+            needed += 1
+            failed += not gram._certify(g, tol + gram.gram_noise_floor(float(ev[-1]), m))
+    w = (torch.rand(rows, cols, generator=gen) * 2 - 1) * bound
+    g = gram.gram64(w)
+    pieces = {
+        "gram64": lambda: gram.gram64(w),
+        "float32 solve": lambda: gram._float32_eigenvalues(g),
+        "float64 solve": lambda: gram._dsyevd(g.copy(order="F")),
+        "cholesky": lambda: gram._certify(g.copy(order="F"), 0.0),
+        "ldl count": lambda: gram._count_at_or_below(g.copy(order="F"), 0.0),
+    }
+    times: dict[str, list[float]] = {k: [] for k in pieces}
+    for r in range(repeats):
+        for name in list(pieces)[r % len(pieces):] + list(pieces)[: r % len(pieces)]:
+            c0 = time.process_time()
+            pieces[name]()
+            times[name].append(time.process_time() - c0)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["needed"], out["failed"] = needed / draws, failed / draws
+    return out
+
+
+#: (label, rows, cols) of the mixed route's table: square and tall shapes at and above MIXED_MIN_M.
+ROUTE_CASES = [("conv slice 512x512", 512, 512), ("768x768", 768, 768), ("fc 1000x512", 1000, 512),
+               ("ffn 3072x768", 3072, 768)]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip the embedding shape, 3 repeats")
@@ -216,6 +268,21 @@ def main(argv=None) -> None:
         print(f"| {label} | {min(rows, cols)} | {t['d default']:.4f} | {t['d queried']:.4f} "
               f"| {t['d default'] / t['d queried']:.2f}x | {t['s default']:.4f} | {t['s queried']:.4f} "
               f"| {t['s default'] / t['s queried']:.2f}x |", flush=True)
+    draws = 8 if args.quick else 32
+    print(f"\nMixed-precision route, pieces per matrix (CPU ms, medians; the copies of the Gram the "
+          f"solvers overwrite included) and, over {draws} random (Kaiming-uniform) matrices, how often the "
+          "rank certificate is needed / fails. float32 route = gram + float32 + p_needed * cholesky "
+          "+ p_failed * (gram + ldl count); float64 route = gram + float64:\n")
+    print("| shape | gram64 | float32 solve | float64 solve | cholesky | ldl count | certificate needed "
+          "| certificate failed | float32 route | float64 route |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, rows, cols in ROUTE_CASES:
+        t = {k: v * 1e3 if k not in ("needed", "failed") else v
+             for k, v in route_pieces(rows, cols, draws, repeats, gen).items()}
+        mixed = t["gram64"] + t["float32 solve"] + t["needed"] * t["cholesky"] + t["failed"] * (t["gram64"] + t["ldl count"])
+        print(f"| {label} | {t['gram64']:.2f} | {t['float32 solve']:.2f} | {t['float64 solve']:.2f} "
+              f"| {t['cholesky']:.2f} | {t['ldl count']:.2f} | {t['needed']:.0%} | {t['failed']:.0%} "
+              f"| {mixed:.2f} | {t['gram64'] + t['float64 solve']:.2f} |", flush=True)
     print("\nsvd/gram > 1: the Gram route is faster. looped/batched > 1: batching helps. The 'gram' "
           "variants are the plain W^T W + eigvalsh; 'ww_monitor solver' is batched_eigenvalues() "
           "(lower-triangle product, UPLO='U', sorted numpy output; ww_monitor/functional/eigenvalues.py).")

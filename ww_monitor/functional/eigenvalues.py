@@ -119,7 +119,7 @@ def batched_eigenvalues(mats: Sequence, method: str = "auto", *, check_finite: b
     Non-finite weights (NaN/Inf) raise ``ValueError``; with ``check_finite=True`` their entry is
     ``None`` instead and the other matrices are still solved. ``errors``, if given, receives one
     absolute error bound per matrix: 0.0 for the float64 solvers (exact to ~1e-15 lambda_max),
-    the float32 solver's bound for ``"mixed"`` (see :func:`_mixed_eigenvalues`).
+    the float32 solver's bound for ``"mixed"`` (see :mod:`.gram`).
     """
     tensors = [_as_tensor(m) for m in mats]
     for t in tensors:

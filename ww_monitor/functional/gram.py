@@ -7,31 +7,32 @@ beyond the float64 upcast). Three pieces:
   blocks of the upcast weights.
 * ``?syevd`` with LAPACK's queried (blocked) workspace, eigenvalues only.
 * Mixed precision (:func:`cpu_gram_eigenvalues` with ``mixed=True``): a float32 eigensolve of the
-  exact Gram, whose rank is certified in float64 (a Cholesky factorisation) where float32 cannot
-  resolve it, or which falls back to a float64 solve.
+  exact Gram whose rank, where float32 cannot resolve it, is decided in float64 (a Cholesky
+  certificate, else an LDL^T count), or a float64 solve where that is cheaper.
 
 Which of the float32 / float64 solves is cheaper depends on the spectrum's small end
-(``benchmarks/bench_eigensolver.py``, one thread, AMD EPYC, CPU ms per slice):
+(``benchmarks/bench_eigensolver.py``, table "Mixed-precision route"; one thread, AMD EPYC, CPU
+ms per matrix, copies included; LDL^T: the rank count after a failed certificate):
 
-==================  ===========  =============  ==============  ===========
-shape               float64 Gram  float32 solve  float64 solve   Cholesky
-==================  ===========  =============  ==============  ===========
-512 x 512 (conv)    3.2          8.1            11.7            3.0
-768 x 768           9.7          20.5           30.1            7.1
-3072 x 768 (FFN)    39           20.9           31.3            7.1
-==================  ===========  =============  ==============  ===========
+==================  ============  =============  =============  ========  =====
+shape               float64 Gram  float32 solve  float64 solve  Cholesky  LDL^T
+==================  ============  =============  =============  ========  =====
+512 x 512 (conv)    3.5           6.9            10.3           1.7       2.8
+768 x 768           9.9           18.9           27.0           4.7       6.1
+3072 x 768 (FFN)    38.8          19.9           28.4           4.8       6.4
+==================  ============  =============  =============  ========  =====
 
 A tall random matrix (Q >= ~1.1) has its smallest eigenvalue far above the rank tolerance, so
 its float32 solve needs no certificate and saves a third of the solve. A square one has its
 smallest eigenvalues near lambda_max / (4 M^2), below float32's resolution, so it always needs
-the certificate: float32 solve + Cholesky is still ~11% cheaper than the float64 solve
-(interleaved, Gram included: 14.0 vs 15.8 ms at 512, 35.1 vs 38.8 ms at 768), but when the
-certificate fails (an eigenvalue at or below the tolerance: for square Gaussian matrices with
-probability ~ 2 M^2 eps32, 6% at M = 512, 13% at M = 768) a float64 count of the eigenvalues
-below it (LDL^T inertia, after forming the Gram again) is paid on top. Break-even is a ~20%
-failure rate, so the route tracks it per shape (:class:`RoutePlan`) and solves the later
-matrices of a shape that fails more often in float64 directly: a rank-deficient model (every
-certificate fails) pays a few wasted float32 solves, not one per matrix.
+the certificate: float32 solve + Cholesky is still cheaper than the float64 solve, but when the
+certificate fails (an eigenvalue at or below the tolerance: 0-25% of random 512-768 square
+matrices, more with M) the Gram is formed again and its LDL^T factorisation counts the
+eigenvalues below the tolerance. Break-even is a ~20% failure rate
+(:data:`CERTIFICATE_BREAK_EVEN`), so the route tracks it per shape (:class:`RoutePlan`) and
+solves the later matrices of a shape that fails more often in float64 directly: a
+rank-deficient model (every certificate fails) pays a few wasted float32 solves, not one per
+matrix.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ _UPCAST_BLOCK_BYTES = 4 * 1024 * 1024
 _KEEP_GRAM_BYTES = 64 * 1024 * 1024
 
 #: Failure rate of the rank certificate above which the float64 solve alone is cheaper: float32 +
-#: certificate save ~11% of a float64 solve, a failure costs a Gram and an LDL^T count on top
-#: (interleaved, one thread: 14.0 + 7.0 p vs 15.8 ms at 512 x 512, 35.1 + 17.1 p vs 38.8 ms at
-#: 768 x 768: break-even at p = 0.25 and 0.22).
+#: certificate save 9-12% of Gram + float64 solve, a failure costs a Gram and an LDL^T count on
+#: top (module docstring's table: 12.1 + 6.3 p vs 13.8 ms at 512 x 512, 33.5 + 16.0 p vs 36.9 ms
+#: at 768 x 768: break-even at p = 0.27 and 0.21).
 CERTIFICATE_BREAK_EVEN = 0.2
 #: Certificates assumed passed before any is seen, so that a few early failures at a normal rate
 #: do not switch a shape (2 of the first 9 slices failed at ResNet-34's first 512 x 512 conv,
@@ -209,13 +210,13 @@ def _count_at_or_below(gram: np.ndarray, shift: float) -> int:
     Sylvester's law of inertia: ``G - shift I = L D L^T`` (Bunch-Kaufman, ``dsytrf``) has as many
     non-positive eigenvalues as the block-diagonal D, whose 1 x 1 blocks are read by sign and
     2 x 2 blocks [[a, b], [b, c]] by determinant (< 0: one of each sign; > 0: two of the sign of
-    a + c). Costs ~1.2x a Cholesky factorisation and a quarter of a float64 eigensolve
-    (``bench_eigensolver.py``: 3.5 vs 11.8 ms at M = 512). Overwrites ``gram``.
+    a + c). Costs ~1.5x a Cholesky factorisation and a third of a float64 eigensolve
+    (``bench_eigensolver.py``). Overwrites ``gram``.
     """
     from scipy.linalg import lapack
 
     gram[np.diag_indices(gram.shape[0])] -= shift
-    factor, ipiv, info = lapack.dsytrf(gram, lower=1, overwrite_a=1)
+    factor, ipiv, info = lapack.dsytrf(gram, lower=1, overwrite_a=1, lwork=_sytrf_lwork(gram.shape[0]))
     if info < 0:
         raise np.linalg.LinAlgError(f"dsytrf: illegal argument {-info}")
     d = np.diagonal(factor)
@@ -278,6 +279,16 @@ def _syevd_lwork(prefix: str, m: int) -> int:
     if info != 0:
         return 2 * m + 1  # SciPy's own default; always valid
     return max(int(lwork), 2 * m + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sytrf_lwork(m: int) -> int:
+    """LAPACK's optimal workspace for ``dsytrf`` of order ``m``: SciPy's default (m) forces the
+    unblocked factorisation, 2-3x slower at M = 512-768 (``bench_eigensolver.py``)."""
+    from scipy.linalg import lapack
+
+    lwork, info = lapack.dsytrf_lwork(m, lower=1)
+    return max(int(lwork), m) if info == 0 else m
 
 
 def _syevd(gram: np.ndarray) -> tuple[np.ndarray, int]:
