@@ -48,16 +48,17 @@ class Completion:
         return outputs
 
     def _charge_analysis(self, job) -> None:
-        """Charge a finished analysis to the cost budget: the worker thread's CPU time is what it
-        took from training's cores (with more than one intra-op thread its helpers' time is not in
-        it, so the wall time stands in). The next snapshot is expected to cost as much."""
+        """Charge a finished analysis to the cost budget at its wall time: while it runs it competes
+        with training for cores, the interpreter lock and memory bandwidth, so its wall time bounds
+        what it can cost training (its CPU time alone undercounts: on 2 busy cores a snapshot's
+        CPU time was a third of the slowdown it caused). The next snapshot is expected to cost as
+        much. ``stats["analysis_cpu_seconds"]`` keeps the worker thread's CPU time."""
         single = self._worker is not None and self._worker.mode != "inline" and self.worker_threads == 1
-        cpu = job.cpu_seconds if single else job.seconds
-        self.stats["analysis_cpu_seconds"] += cpu
+        self.stats["analysis_cpu_seconds"] += job.cpu_seconds if single else job.seconds
         meta = self._meta.get(job.key, {})
         if meta.get("budgeted", False):
-            self._budget.charge(cpu)
-            self._budget.snapshot_cost(cpu + meta.get("copy_seconds", 0.0))
+            self._budget.charge(job.seconds)
+            self._budget.snapshot_cost(job.seconds + meta.get("copy_seconds", 0.0))
 
     def _exchange(self, host) -> None:
         """Log what is finished: gather across ranks under DDP (a sync point), else poll."""
