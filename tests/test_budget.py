@@ -152,3 +152,12 @@ def test_blocking_mode_keeps_its_deterministic_schedule():
     trainer = _fit(cb, steps=12)
     assert cb.stats["snapshots_deferred"] == 0
     assert cb.history.steps == list(range(trainer.global_step + 1))
+
+
+def test_refund_never_goes_below_zero():
+    b = CostBudget(0.05)
+    b.charge(0.1)
+    b.refund(0.04)
+    assert b.spent == pytest.approx(0.06)
+    b.refund(1.0)
+    assert b.spent == 0.0

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from .core.engine import MonitorEngine
+from .core.hooks import periodic_cost
 from .core.monitor import _distributed
 from .core.sinks import LoopHost, SummaryWriterSink, as_sinks
 from .errors import WWMonitorError
@@ -194,6 +195,10 @@ class WeightWatcherCallback(TrainerCallback):
         return self._decide(control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        with periodic_cost(self.engine):  # charged to the cost budget, like the Lightning hooks
+            return self._on_step_end(args, state, control, model)
+
+    def _on_step_end(self, args, state, control, model):
         engine, host = self.engine, self._host
         if not engine._active:
             return control
@@ -210,6 +215,10 @@ class WeightWatcherCallback(TrainerCallback):
         return self._decide(control)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        with periodic_cost(self.engine):  # charged to the cost budget, like the Lightning hooks
+            return self._on_epoch_end(args, state, control, model)
+
+    def _on_epoch_end(self, args, state, control, model):
         engine, host = self.engine, self._host
         if not engine._active:
             return control

@@ -3,12 +3,13 @@ training-thread timer."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
 from ..user_warnings import warn_user
 
-__all__ = ["MAX_LISTED", "rank_zero_warn", "on_training_thread"]
+__all__ = ["MAX_LISTED", "rank_zero_warn", "on_training_thread", "periodic_cost", "periodic_hook"]
 
 #: Layer names / skipped steps listed in one warning at most (the rest are counted).
 MAX_LISTED = 20
@@ -33,5 +34,32 @@ def on_training_thread(hook):
             return hook(self, *args, **kwargs)
         finally:
             self.stats["train_thread_seconds"] += time.perf_counter() - t0
+
+    return timed
+
+
+@contextlib.contextmanager
+def periodic_cost(engine):
+    """Time a front door's work during training (after a step, at an epoch's end) on the
+    training thread: added to ``stats["train_thread_seconds"]`` and charged to the cost budget
+    (:mod:`ww_monitor.monitoring.budget`): polling, copies, logging and waits alike. A call that
+    starts or ends the run is not charged: those are the run's fixed costs."""
+    t0, active = time.perf_counter(), engine._active
+    try:
+        yield
+    finally:
+        spent = time.perf_counter() - t0
+        engine.stats["train_thread_seconds"] += spent
+        if active and engine._active:
+            engine._budget.charge(spent)
+
+
+def periodic_hook(hook):
+    """:func:`periodic_cost` around a front door's method (``self`` is the engine)."""
+
+    @functools.wraps(hook)
+    def timed(self, *args, **kwargs):
+        with periodic_cost(self):
+            return hook(self, *args, **kwargs)
 
     return timed

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..core.engine import MonitorEngine
 from ..core.hooks import on_training_thread as _on_training_thread
+from ..core.hooks import periodic_hook as _periodic_hook
 from ..monitoring.distributed import LightningCollectives
 
 __all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]
@@ -164,7 +165,7 @@ class WeightWatcherMixin(MonitorEngine):
             ``ww/summary/num_unreliable``.
         max_overhead: the largest share of the training's wall time the monitor may cost
             (default 0.05; :mod:`ww_monitor.monitoring.budget`): its time on the training thread
-            plus the background analysis' CPU time may not exceed ``0.25 s + max_overhead * t``
+            plus the background analyses' wall time may not exceed ``0.25 s + max_overhead * t``
             after ``t`` seconds of training. A scheduled snapshot that would exceed it is
             deferred to the next scheduled step that fits (counted in
             ``stats["snapshots_deferred"]``, logged at INFO); the baseline and final snapshots are
@@ -199,7 +200,7 @@ class WeightWatcherMixin(MonitorEngine):
         self._start_run(trainer, pl_module, trainer.global_rank, trainer.world_size, trainer.current_epoch,
                         collectives=LightningCollectives(trainer.strategy))
 
-    @_on_training_thread
+    @_periodic_hook
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._active:
             return
@@ -211,7 +212,7 @@ class WeightWatcherMixin(MonitorEngine):
         elif self._world == 1:
             self._collect(trainer)
 
-    @_on_training_thread
+    @_periodic_hook
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self._active:
             return

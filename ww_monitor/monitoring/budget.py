@@ -6,8 +6,10 @@ have spent at most
 
     allowance + max_overhead * t
 
-seconds, where *spent* is its time on the training thread (copies, logging) plus the CPU time
-of the background analysis (which competes with training for the cores). A scheduled snapshot
+seconds, where *spent* is its time on the training thread during training (polling, copies,
+logging, waits) plus the wall time of the background analyses: while one runs it competes with
+training for cores, the interpreter lock and memory bandwidth, so its wall time bounds what it
+costs (its CPU time alone undercounts). A scheduled snapshot
 whose expected cost (that of the previous snapshot) does not fit is *deferred*: the next
 scheduled step that fits takes it. The baseline and the final snapshot are always taken and not
 charged: they are the run's fixed costs (and carry its one-time warm-ups, such as the first
@@ -78,9 +80,13 @@ class CostBudget:
         return self.allowance + self.max_overhead * self.elapsed()
 
     def charge(self, seconds: float) -> None:
-        """Add monitor seconds (training-thread time, or the analysis' CPU time)."""
+        """Add monitor seconds (training-thread time, or an analysis' wall time)."""
         if seconds > 0:
             self.spent += float(seconds)
+
+    def refund(self, seconds: float) -> None:
+        """Take back seconds charged for a fixed cost (a baseline snapshot logged in a periodic hook)."""
+        self.spent = max(0.0, self.spent - max(0.0, float(seconds)))
 
     def snapshot_cost(self, seconds: float) -> None:
         """The whole cost of the latest completed snapshot: the next one is expected to cost as much."""
