@@ -164,7 +164,7 @@ class WeightWatcherMixin(MonitorEngine):
             ``ww/summary/*`` means. Default False: they are left out and counted in
             ``ww/summary/num_unreliable``.
         max_overhead: the largest share of the training's wall time the monitor may cost
-            (default 0.05; :mod:`ww_monitor.monitoring.budget`): its time on the training thread
+            (default 0.03; :mod:`ww_monitor.monitoring.budget`): its time on the training thread
             plus the background analyses' wall time may not exceed ``0.25 s + max_overhead * t``
             after ``t`` seconds of training. A scheduled snapshot that would exceed it is
             deferred to the next scheduled step that fits (counted in
