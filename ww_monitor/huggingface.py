@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from .core.engine import MonitorEngine
-from .core.hooks import periodic_cost
+from .core.hooks import training_thread_time
 from .core.monitor import _distributed
 from .core.sinks import LoopHost, SummaryWriterSink, as_sinks
 from .errors import WWMonitorError
@@ -195,7 +195,7 @@ class WeightWatcherCallback(TrainerCallback):
         return self._decide(control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        with periodic_cost(self.engine):  # charged to the cost budget, like the Lightning hooks
+        with training_thread_time(self.engine):  # timed like the Lightning hooks
             return self._on_step_end(args, state, control, model)
 
     def _on_step_end(self, args, state, control, model):
@@ -215,7 +215,7 @@ class WeightWatcherCallback(TrainerCallback):
         return self._decide(control)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        with periodic_cost(self.engine):  # charged to the cost budget, like the Lightning hooks
+        with training_thread_time(self.engine):  # timed like the Lightning hooks
             return self._on_epoch_end(args, state, control, model)
 
     def _on_epoch_end(self, args, state, control, model):

@@ -105,13 +105,13 @@ class Completion:
             self._complete(host, index, parts)
 
     def _complete(self, host, index: int, parts: dict[int, AnalysisOutput]) -> None:
-        fixed = not self._meta.get(index, {}).get("budgeted", True)
+        budgeted = self._meta.get(index, {}).get("budgeted", False)
         t0 = time.perf_counter()
         try:
             self._complete_and_write(host, index, parts)
-        finally:
-            if fixed:  # the baseline's logging (first writes, first imports) is a fixed cost of the run
-                self._budget.refund(time.perf_counter() - t0)
+        finally:  # logging a snapshot is part of its cost (the baseline's, with first writes, is fixed)
+            if budgeted:
+                self._budget.charge(time.perf_counter() - t0)
 
     def _complete_and_write(self, host, index: int, parts: dict[int, AnalysisOutput]) -> None:
         meta = self._meta.pop(index, None)

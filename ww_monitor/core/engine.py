@@ -51,6 +51,7 @@ analyses -> history, alerts, sinks), :mod:`.selection_report` (what the layer se
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from ..analysis.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS
@@ -266,7 +267,9 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
             # Every rank is told the same `busy`, so under DDP all ranks wait here alike; the
             # results are gathered at the next sync point.
             self.stats["lag_waits"] += 1
+            t0 = time.perf_counter()
             self._drain(host, kinds=("analysis",), reason="a snapshot (on_lag='wait')")
+            self._budget.charge(time.perf_counter() - t0)  # training waited: part of the monitor's cost
             busy = False
             if self._world == 1:
                 self._collect(host)
@@ -315,6 +318,8 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
         self._last_step = step
         self.stats["snapshots_taken"] += 1
         self.stats["copy_seconds"] += snap.copy_seconds
+        if budgeted:
+            self._budget.charge(snap.copy_seconds)
         self.stats["snapshot_bytes"] = snap.nbytes
         self.stats["layers_analysed_here"] += len(snap)
         if not self._reported_selection:

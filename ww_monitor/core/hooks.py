@@ -9,7 +9,7 @@ import time
 
 from ..user_warnings import warn_user
 
-__all__ = ["MAX_LISTED", "rank_zero_warn", "on_training_thread", "periodic_cost", "periodic_hook"]
+__all__ = ["MAX_LISTED", "rank_zero_warn", "on_training_thread", "training_thread_time"]
 
 #: Layer names / skipped steps listed in one warning at most (the rest are counted).
 MAX_LISTED = 20
@@ -39,27 +39,14 @@ def on_training_thread(hook):
 
 
 @contextlib.contextmanager
-def periodic_cost(engine):
+def training_thread_time(engine):
     """Time a front door's work during training (after a step, at an epoch's end) on the
-    training thread: added to ``stats["train_thread_seconds"]`` and charged to the cost budget
-    (:mod:`ww_monitor.monitoring.budget`): polling, copies, logging and waits alike. A call that
-    starts or ends the run is not charged: those are the run's fixed costs."""
-    t0, active = time.perf_counter(), engine._active
+    training thread into ``stats["train_thread_seconds"]``, for front doors whose hooks are not
+    methods of the engine. (The cost budget is charged where its decisions make a difference:
+    a snapshot's copy, logging and waits, and its analysis; the per-step polling is a fixed cost
+    no deferral would lower.)"""
+    t0 = time.perf_counter()
     try:
         yield
     finally:
-        spent = time.perf_counter() - t0
-        engine.stats["train_thread_seconds"] += spent
-        if active and engine._active:
-            engine._budget.charge(spent)
-
-
-def periodic_hook(hook):
-    """:func:`periodic_cost` around a front door's method (``self`` is the engine)."""
-
-    @functools.wraps(hook)
-    def timed(self, *args, **kwargs):
-        with periodic_cost(self):
-            return hook(self, *args, **kwargs)
-
-    return timed
+        engine.stats["train_thread_seconds"] += time.perf_counter() - t0

@@ -13,7 +13,6 @@ from ..errors import WWMonitorError
 from ..validation import check_int
 from .engine import MonitorEngine
 from .hooks import on_training_thread as _on_training_thread
-from .hooks import periodic_hook as _periodic_hook
 from .sinks import LoopHost, as_sinks
 
 __all__ = ["Monitor"]
@@ -100,7 +99,7 @@ class Monitor(MonitorEngine):
         """The latest snapshot's ``ww/...`` scalars (also in the sinks)."""
         return {k: float(v) for k, v in self._host.callback_metrics.items()}
 
-    @_periodic_hook
+    @_on_training_thread
     def step(self, model, step: int, epoch: int = 0) -> bool:
         """Call after each optimizer step (every rank alike). Takes the snapshot when one is due,
         writes finished results, and returns :attr:`should_stop`."""

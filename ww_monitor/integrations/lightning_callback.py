@@ -24,7 +24,6 @@ from typing import Any
 
 from ..core.engine import MonitorEngine
 from ..core.hooks import on_training_thread as _on_training_thread
-from ..core.hooks import periodic_hook as _periodic_hook
 from ..monitoring.distributed import LightningCollectives
 
 __all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]
@@ -200,7 +199,7 @@ class WeightWatcherMixin(MonitorEngine):
         self._start_run(trainer, pl_module, trainer.global_rank, trainer.world_size, trainer.current_epoch,
                         collectives=LightningCollectives(trainer.strategy))
 
-    @_periodic_hook
+    @_on_training_thread
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._active:
             return
@@ -212,7 +211,7 @@ class WeightWatcherMixin(MonitorEngine):
         elif self._world == 1:
             self._collect(trainer)
 
-    @_periodic_hook
+    @_on_training_thread
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self._active:
             return

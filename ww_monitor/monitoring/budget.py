@@ -6,8 +6,8 @@ have spent at most
 
     allowance + max_overhead * t
 
-seconds, where *spent* is its time on the training thread during training (polling, copies,
-logging, waits) plus the wall time of the background analyses: while one runs it competes with
+seconds, where *spent* is what its snapshots cost: their copies, logging and any waits on the
+training thread, plus the wall time of their background analyses: while one runs it competes with
 training for cores, the interpreter lock and memory bandwidth, so its wall time bounds what it
 costs (its CPU time alone undercounts). A scheduled snapshot
 whose expected cost (that of the previous snapshot) does not fit is *deferred*: the next
@@ -84,10 +84,6 @@ class CostBudget:
         """Add monitor seconds (training-thread time, or an analysis' wall time)."""
         if seconds > 0:
             self.spent += float(seconds)
-
-    def refund(self, seconds: float) -> None:
-        """Take back seconds charged for a fixed cost (a baseline snapshot logged in a periodic hook)."""
-        self.spent = max(0.0, self.spent - max(0.0, float(seconds)))
 
     def snapshot_cost(self, seconds: float) -> None:
         """The whole cost of the latest completed snapshot: the next one is expected to cost as much."""
