@@ -129,7 +129,8 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     acc = trainer.callback_metrics.get("val/acc")
     print_table(ww.history, float(acc) if acc is not None else None)
-    print(f"\n{len(ww.history)} snapshots in {elapsed:.1f} s of training ({ww.stats['snapshots_skipped']} skipped).")
+    print(f"\n{len(ww.history)} snapshots in {elapsed:.1f} s of training ({ww.stats['snapshots_skipped']} skipped, "
+          f"{ww.stats['snapshots_deferred']} deferred by the cost budget).")
     # --logdir at the logger's root, not at version_N: TensorBoard names each run by its path below
     # --logdir, so this run shows as "digits/version_0" (pointing at the run itself shows it as ".").
     run_name = os.path.relpath(logger.log_dir, logger.save_dir)

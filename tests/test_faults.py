@@ -280,11 +280,20 @@ def test_training_step_exception_with_analysis_in_flight_stops_the_worker(tmp_pa
         workers.append(cb._worker)
 
     cb._start_worker = spy
+
+    class FailsWhileAnalysing(MLP):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == self.fail_at_step:
+                # A busy machine may not have scheduled the low-priority worker yet: the
+                # exception must arrive while an analysis is in flight.
+                started.wait(5)
+            return super().training_step(batch, batch_idx)
+
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(RuntimeError, match="boom in training_step"):
-            trainer(tmp_path, [cb], max_epochs=2).fit(MLP(fail_at_step=2), data())
+            trainer(tmp_path, [cb], max_epochs=2).fit(FailsWhileAnalysing(fail_at_step=2), data())
     assert started.is_set()
     assert time.perf_counter() - t0 < 15
     assert cb._worker is None and not cb._figures.started and not cb._active
