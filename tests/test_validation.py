@@ -133,7 +133,8 @@ def test_no_figures_without_a_logger_that_stores_them(tmp_path, monkeypatch):
         raise AssertionError("figure renderer started")
 
     monkeypatch.setattr(ww_monitor.monitoring.subprocess_worker, "SubprocessWorker", no_renderer)
-    cb = wwm.WeightWatcherCallback(figures_every_n_snapshots=1, figures_min_run_seconds=0)
+    # on_lag="wait": a 30 ms run can end its first epoch before the baseline is analysed
+    cb = wwm.WeightWatcherCallback(figures_every_n_snapshots=1, figures_min_run_seconds=0, on_lag="wait")
     _, messages = _fit(tmp_path, cb, logger=pl.loggers.CSVLogger(str(tmp_path)))
     assert len(cb.history) == 3 and not any("figure" in m for m in messages)
 
@@ -145,7 +146,7 @@ def test_figures_wait_for_runs_long_enough(tmp_path, monkeypatch):
         raise AssertionError("figure renderer started")
 
     monkeypatch.setattr(ww_monitor.monitoring.subprocess_worker, "SubprocessWorker", no_renderer)
-    cb = wwm.WeightWatcherCallback(figures_every_n_snapshots=1)  # default figures_min_run_seconds=60
+    cb = wwm.WeightWatcherCallback(figures_every_n_snapshots=1, on_lag="wait")  # default figures_min_run_seconds=60
     _fit(tmp_path, cb, logger=pl.loggers.TensorBoardLogger(str(tmp_path)))
     assert len(cb.history) == 3
 
@@ -177,7 +178,7 @@ def test_renderer_subprocess_closes_its_pipes_and_keeps_its_stderr():
 
 def test_callback_figures_run_leaves_no_renderer(tmp_path):
     cb = wwm.WeightWatcherCallback(figures_every_n_snapshots=1, figures_min_run_seconds=0, max_figure_layers=1,
-                                   figures_timeout=300)
+                                   figures_timeout=300, on_lag="wait")  # every snapshot, however short the run
     _fit(tmp_path, cb, logger=pl.loggers.TensorBoardLogger(str(tmp_path)))
     assert not cb._figures.started and len(cb.history) == 3
 
