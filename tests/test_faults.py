@@ -107,7 +107,7 @@ def test_one_failing_analysis_mid_run_is_a_warning_and_the_rest_is_logged(tmp_pa
         return real(snapshot, config, *args)
 
     monkeypatch.setattr(callback_mod, "analyze_snapshot", flaky)
-    cb = ww(every_n_epochs=None, every_n_train_steps=1, max_pending=8)
+    cb = ww(every_n_epochs=None, every_n_train_steps=1, max_pending=8, max_overhead=None)  # every step's snapshot
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         t = trainer(tmp_path, [cb], max_epochs=1)
