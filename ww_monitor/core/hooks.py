@@ -29,20 +29,17 @@ def on_training_thread(hook):
 
     @functools.wraps(hook)
     def timed(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
+        with training_thread_time(self):
             return hook(self, *args, **kwargs)
-        finally:
-            self.stats["train_thread_seconds"] += time.perf_counter() - t0
 
     return timed
 
 
 @contextlib.contextmanager
 def training_thread_time(engine):
-    """Time a front door's work during training (after a step, at an epoch's end) on the
-    training thread into ``stats["train_thread_seconds"]``, for front doors whose hooks are not
-    methods of the engine. (The cost budget is charged where its decisions make a difference:
+    """Time a front door's work on the training thread into ``stats["train_thread_seconds"]``
+    (:func:`on_training_thread` for hooks that are methods of the engine; this for front doors
+    whose hooks are not, such as the Hugging Face callback). (The cost budget is charged where its decisions make a difference:
     a snapshot's copy, logging and waits, and its analysis; the per-step polling is a fixed cost
     no deferral would lower.)"""
     t0 = time.perf_counter()
