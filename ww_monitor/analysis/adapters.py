@@ -12,6 +12,10 @@ A LoRA layer (``peft``'s ``lora.Linear`` and anything shaped like it: a ``base_l
   (kind ``"lora"``); every other layer is left out (weightwatcher's behaviour).
 * ``"with_base"``: everything: the other layers, the updates, and each merged weight
   ``W + delta_W`` as ``<layer>.lora_W_plus_AB.<adapter>``.
+* ``"auto"`` (the default of the training-time monitors): the base weights as with ``False``
+  plus the adapter updates as with ``True`` (no merged weights); without LoRA layers the same as
+  ``False``. Under LoRA the base weights do not require grad, so the monitor analyses them once
+  (:mod:`.frozen`) and the updates at every snapshot.
 
 An update has rank <= r, so its ESD is its r largest eigenvalues (weightwatcher truncates the
 SVD to the LoRA rank likewise). They are computed from an r x r *core* with the same singular
@@ -34,12 +38,13 @@ import torch
 from torch import nn
 
 from ..errors import WWMonitorError
+from .frozen import parameters_read
 from .layers import LayerMatrix, clean_name
 
 __all__ = ["PEFT_MODES", "ZERO_UPDATE_REASON", "check_peft", "lora_layers", "update_core", "with_adapters",
            "adapters_from_state_dict"]
 
-PEFT_MODES = (False, True, "peft_only", "with_base")
+PEFT_MODES = (False, True, "peft_only", "with_base", "auto")
 #: Reason given for an adapter whose update is exactly zero (the state right after initialisation).
 ZERO_UPDATE_REASON = "adapter update is exactly zero (LoRA B starts at zero; nothing learned yet)"
 _ONLY_ADAPTERS = (True, "peft_only")
@@ -47,7 +52,7 @@ _ONLY_ADAPTERS = (True, "peft_only")
 
 def check_peft(value) -> object:
     if not any(value is m or (isinstance(m, str) and value == m) for m in PEFT_MODES):
-        raise WWMonitorError(f"peft must be one of {PEFT_MODES}, got {value!r}")
+        raise WWMonitorError(f"`peft` must be one of {PEFT_MODES}, got {value!r}")
     return value
 
 
@@ -111,13 +116,13 @@ def with_adapters(found: Iterable[tuple[str, str, object]], model: nn.Module, mo
             a, b = _factor(layer, adapter)
             scaling = float(getattr(layer, "scaling", {}).get(adapter, 1.0))
             name = f"{owner}.lora_BA.{adapter}"
-            yield name, "lora", [LayerMatrix(name, "lora", update_core(a, b, scaling))]
+            yield name, "lora", [LayerMatrix(name, "lora", update_core(a, b, scaling), reads=(a, b))]
             base = getattr(layer.base_layer, "weight", None)
             if mode == "with_base" and isinstance(base, torch.Tensor) and base.ndim == 2:
                 merged = base.detach() + (scaling * (b.detach().to(base.dtype) @ a.detach().to(base.dtype)))
                 mname = f"{owner}.lora_W_plus_AB.{adapter}"
                 kind = base_kinds.get(owner, "linear")
-                yield mname, kind, [LayerMatrix(mname, kind, merged)]
+                yield mname, kind, [LayerMatrix(mname, kind, merged, reads=(*parameters_read(layer.base_layer), a, b))]
 
 
 _LORA_KEY = re.compile(r"^(?P<owner>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")

@@ -86,6 +86,8 @@ def analyze_matrices(matrices: Sequence[LayerMatrix], config: AnalysisConfig) ->
             evals = batched_eigenvalues([m.weight], method="gram")[0]
             res = layer_result(m, evals if m.eig_scale == 1.0 else evals * m.eig_scale, config)
         results.append((m, res))
+    for m, res in results:
+        res.frozen = m.frozen
     return [res for _, res in sorted(results, key=lambda pair: order[id(pair[0])])], skipped
 
 
@@ -243,7 +245,8 @@ def analyze(
         randomize: compare with the ESD of the shuffled weights (``rand_distance``,
             ``max_rand_eval``, ``rand_num_spikes``, ``ww_softrank``, ``ww_maxdist``), seeded by ``seed``.
         peft: LoRA adapters: ``False`` (base weights), ``True``/``"peft_only"`` (only the
-            updates ``scaling * B @ A``), ``"with_base"`` (all layers, updates and merged weights).
+            updates ``scaling * B @ A``), ``"with_base"`` (all layers, updates and merged weights),
+            ``"auto"`` (base weights and updates; the training-time monitors' default).
         base_model: a model, state dict or path with the same layers: analyse ``W - W_base``
             (a fine-tuning or training delta). Layers missing from it, of another shape, or
             identical to it are reported in ``skipped``.

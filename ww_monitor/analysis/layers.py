@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import WWMonitorError
+from .frozen import parameters_read
 from .weight_access import read_weight
 
 __all__ = [
@@ -70,6 +71,10 @@ class LayerMatrix:
     #: Dtype the weight is stored in when ``weight`` is a float copy of it (float8, quantized);
     #: sets the rank tolerance and the reported ``dtype``. None: ``weight.dtype``.
     stored_dtype: torch.dtype | None = None
+    #: The registered parameters this matrix is computed from (:mod:`.frozen`); empty when unknown.
+    reads: tuple = field(default=(), repr=False, compare=False)
+    #: No parameter it reads requires grad (:func:`.frozen.is_frozen`, decided by the selection).
+    frozen: bool = False
 
     @property
     def precision(self) -> torch.dtype:
@@ -136,6 +141,13 @@ def _patterns(value, what: str) -> tuple[str, ...]:
     return pats
 
 
+def _reading(matrices: list[LayerMatrix], params: tuple) -> list[LayerMatrix]:
+    """``matrices`` with the parameters they are computed from (:mod:`.frozen`)."""
+    for m in matrices:
+        m.reads = params
+    return matrices
+
+
 def _conv_matrices(name: str, kind: str, w: torch.Tensor, conv_mode: str) -> list[LayerMatrix]:
     # (out, in, *kernel) -> (prod(kernel), out, in): one out x in slice per kernel position.
     out_c, in_c = w.shape[:2]
@@ -161,18 +173,20 @@ def _module_matrices(name: str, module: nn.Module, conv_mode: str) -> Iterator[t
     if isinstance(module, nn.MultiheadAttention):
         in_proj = read_weight(module, "in_proj_weight")
         if in_proj is not None:
-            yield name, "attention", _split_rows(f"{name}", "attention", in_proj, ("q", "k", "v"))
+            yield name, "attention", _reading(_split_rows(f"{name}", "attention", in_proj, ("q", "k", "v")),
+                                              parameters_read(module, "in_proj_weight"))
         else:
             for tag in ("q", "k", "v"):
                 p = read_weight(module, f"{tag}_proj_weight")
-                yield name, "attention", [LayerMatrix(f"{name}.{tag}", "attention", p)]
+                yield name, "attention", _reading([LayerMatrix(f"{name}.{tag}", "attention", p)],
+                                                  parameters_read(module, f"{tag}_proj_weight"))
         # out_proj is an nn.Linear child; named_modules() visits it as "<name>.out_proj".
         return
     if isinstance(module, nn.RNNBase):
         gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
         for pname, p in module.named_parameters(recurse=False):
             if _RNN_WEIGHT.match(pname):
-                yield name, "rnn", _rnn_matrices(name, pname, p, gates)
+                yield name, "rnn", _reading(_rnn_matrices(name, pname, p, gates), (p,))
         return
     w = read_weight(module)  # parametrizations and quantized modules without side effects
     if isinstance(w, nn.parameter.UninitializedParameter):
@@ -225,9 +239,20 @@ def matrices_from_module(model: nn.Module, conv_mode: str = "pooled") -> Iterato
             attention_blocks.add(name)
         parent, _, leaf = name.rpartition(".")
         if leaf == "out_proj" and parent in attention_blocks and isinstance(module, nn.Linear):
-            yield name, "attention", [LayerMatrix(name, "attention", read_weight(module))]
+            yield name, "attention", [LayerMatrix(name, "attention", read_weight(module), reads=parameters_read(module))]
             continue
-        yield from _module_matrices(name, module, conv_mode)
+        for found in _module_matrices(name, module, conv_mode):
+            yield _weight_reads(found, module)
+
+
+def _weight_reads(found: tuple[str, str, object], module: nn.Module) -> tuple[str, str, object]:
+    """Matrices without their parameters yet read ``module.weight`` (attention and RNN set theirs)."""
+    item = found[2]
+    if not isinstance(item, str) and any(not m.reads for m in item):
+        reads = parameters_read(module)
+        for m in item:
+            m.reads = m.reads or reads
+    return found
 
 
 #: Leaf names of embeddings whose names do not say "emb" (GPT-2's token and position tables).

@@ -19,7 +19,7 @@ __all__ = ["LayerResult", "SkippedLayer", "Report", "SUMMARY_METRICS", "SUMMARY_
 SUMMARY_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank")
 #: Counts that come with every summary (how many layers the means rest on, and why not more).
 SUMMARY_COUNTS = ("num_layers", "num_failed_fits", "num_unreliable", "num_undetermined", "num_random_like",
-                  "num_skipped")
+                  "num_skipped", "num_frozen")
 _FIT_DEPENDENT = {"alpha", "alpha_weighted", "log_alpha_norm"}
 
 
@@ -87,6 +87,9 @@ class LayerResult:
     #: Other names of this same tensor (tied/shared weights, e.g. GPT-2's ``lm_head`` of ``wte``):
     #: the matrix is analysed, counted and copied once, under ``name``.
     aliases: tuple[str, ...] = ()
+    #: No parameter this matrix reads requires grad (:mod:`ww_monitor.analysis.frozen`): training
+    #: cannot change it. The training-time monitors analyse it once and carry it forward.
+    frozen: bool = False
     eigenvalues: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self, *, eigenvalues: bool = False) -> dict[str, Any]:
@@ -143,7 +146,9 @@ class Report:
         whose fit rests on too few eigenvalues (``num_unreliable``, see
         :mod:`ww_monitor.analysis.reliability`). The norm means use every analysed layer (exact at any
         size). ``num_undetermined`` counts layers without a phase, ``num_random_like`` those
-        still in the random-like phase.
+        still in the random-like phase, ``num_frozen`` those whose parameters do not require grad
+        (they are in the means here; the training-time monitors leave them out, see
+        ``WeightWatcherCallback(watch_frozen=...)``).
         """
         out: dict[str, float] = {}
         fitted = [l for l in self.layers if l.fit_ok and (l.reliable or include_unreliable)]
@@ -158,6 +163,7 @@ class Report:
         out["num_undetermined"] = sum(l.phase is None for l in self.layers)
         out["num_random_like"] = sum(l.phase is not None and Phase(l.phase) == Phase.RANDOM_LIKE for l in self.layers)
         out["num_skipped"] = len(self.skipped)
+        out["num_frozen"] = sum(bool(l.frozen) for l in self.layers)
         return out
 
     def to_dicts(self) -> list[dict[str, Any]]:

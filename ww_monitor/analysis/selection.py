@@ -20,6 +20,7 @@ from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from ..functional.sampled import DEFAULT_SAMPLES, DEFAULT_SAMPLE_SIZE
 from . import options as _options
 from .adapters import adapters_from_state_dict, check_peft, with_adapters
+from .frozen import is_frozen
 from .layers import (
     CONV_MODES,
     LayerMatrix,
@@ -101,7 +102,8 @@ def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], 
     """Find the matrices of ``source`` (module or state dict) that ``config`` selects.
 
     The returned :class:`LayerMatrix` objects reference (views of) the live weights, so the
-    callback can select once and copy at every snapshot.
+    callback can select once and copy at every snapshot. Each is marked ``frozen`` when no
+    parameter it reads requires grad (:mod:`.frozen`; never for a state dict's tensors).
     """
     if isinstance(source, nn.Module):
         found = with_adapters(matrices_from_module(source, config.conv_mode), source, config.peft)
@@ -149,6 +151,7 @@ def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], 
                 skipped.append(SkippedLayer(m.name, m.kind, tuple(m.weight.shape), problem))
                 owner = ("skipped", len(skipped) - 1)
             else:
+                m.frozen = is_frozen(m.reads)
                 matrices.append(m)
                 owner = ("matrix", len(matrices) - 1)
             if key is not None:

@@ -146,8 +146,11 @@ class Completion:
                                 RuntimeWarning)
         if self.esd_shift:
             self._esd_shifts(results)
-        report = Report(layers=results, skipped=list(skipped) + list(meta["selection_skipped"] if meta else []))
+        carried = tuple(meta.get("carried", ())) if meta else ()
+        watched = self._watched(results)
+        report = Report(layers=watched, skipped=list(skipped) + list(meta["selection_skipped"] if meta else []))
         summary = report.summary(include_unreliable=self.summary_include_unreliable)
+        summary["num_frozen"] = sum(bool(r.frozen) for r in results) + len(carried)
         record = SnapshotRecord.from_results(index, step, epoch, results, ranks, skipped=report.skipped,
                                              seconds=seconds, errors=errors, summary=summary)
         if not self.history.add(record):
@@ -157,7 +160,7 @@ class Completion:
             return
         self.latest_results = (step, results)
         metrics = layer_scalars(results)
-        metrics.update(group_scalars(results))
+        metrics.update(group_scalars(watched))
         metrics.update(summary_scalars(summary))
         if self.log_callback_metrics and results:
             try:
@@ -174,9 +177,21 @@ class Completion:
             return
         self._writer.log_scalars(loggers, metrics, step)
         self._writer.log_tensorboard(loggers, step, results, histograms=self.log_histograms, text=self.log_text,
-                                     precomputed=histograms)
+                                     precomputed=histograms, carried=carried)
         self._figures.offer(step, results, loggers, submit=bool(meta and meta["figures"]),
                             grids=self.history.figure_grids)
+
+    def _watched(self, results) -> list:
+        """The layers the summary and the per-block/kind means rest on: those that train.
+
+        Frozen matrices are analysed once (the baseline, typically) and carried forward, so
+        averaging them in at the baseline only would make the means jump between the baseline
+        and the next snapshot, and under LoRA a few adapters would drown among the frozen base
+        weights. So the means cover the matrices that were trainable at the snapshot (the same
+        set at the baseline and after, until a layer is frozen or unfrozen), and
+        ``ww/summary/num_frozen`` counts the others. ``watch_frozen=True``: every layer, as
+        every layer is analysed at every snapshot then."""
+        return list(results) if self.watch_frozen else [r for r in results if not r.frozen]
 
     def _esd_shifts(self, results) -> None:
         """``esd_shift`` of each layer against its previous snapshot (training thread; ESDs are small)."""

@@ -128,7 +128,8 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
         finger_thresh: float = DEFAULT_FINGER_THRESH,
         fit: str = "PL",
         randomize: bool = False,
-        peft: bool | str = False,
+        peft: bool | str = "auto",
+        watch_frozen: bool = False,
         distance_from_init: bool = False,
         esd_shift: bool = True,
         summary_include_unreliable: bool = False,
@@ -148,6 +149,7 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
             detX=detX, fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh, fit=fit,
             randomize=randomize, peft=peft, distance_from_init=distance_from_init, esd_shift=esd_shift,
             summary_include_unreliable=summary_include_unreliable, max_overhead=max_overhead,
+            watch_frozen=watch_frozen,
         )
         for name, value in settings.public_items():  # config, every_n_epochs, blocking, ...: as attributes
             setattr(self, name, value)
@@ -296,9 +298,12 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
         builder = SnapshotBuilder(index, step, epoch, share_memory=self._worker.mode == "process", device=device,
                                   device_budget=staging_budget(device))
         root = getattr(getattr(host, "strategy", None), "model", None)
-        try:
-            owners, selection_skipped = collect_into(builder, module, self.config, self._rank, self._world, root)
+        self._carry.begin()
+        try:  # frozen matrices analysed before are carried forward: not owned, not copied (monitoring.carry)
+            owners, selection_skipped = collect_into(builder, module, self.config, self._rank, self._world, root,
+                                                     carry=self._carry.carry)
         except Exception as err:  # a selection/copy problem must not end the training run
+            self._carry.abort()
             # Still a snapshot (index, step) like on every other rank, with an error as its result.
             self._next_index += 1
             self._last_step = step
@@ -308,6 +313,7 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
             self._worker.submit("analysis", index, failed_analysis, (index, step, epoch, self._rank, error))
             return
         snap = builder.finish()
+        carried = self._carry.commit()
         if self.estimated_snapshot_seconds is None and device.type == "cpu" and snap.specs:
             # The cost model is calibrated for CPU analysis; said once, up front.
             self.estimated_snapshot_seconds = estimate_seconds(s.shape for s in snap.specs)
@@ -321,19 +327,25 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
         if budgeted:
             self._budget.charge(snap.copy_seconds)
         self.stats["snapshot_bytes"] = snap.nbytes
+        self.stats["matrices_copied"] = len(snap)
         self.stats["layers_analysed_here"] += len(snap)
+        self.stats["frozen_layers"] = carried.frozen
+        self.stats["layers_carried"] += len(carried.carried)
+        self.stats["carried_bytes"] += carried.carried_bytes
         if not self._reported_selection:
             self._report_selection(module, owners, selection_skipped)
         self._meta[index] = {
             "step": step, "epoch": epoch, "order": list(owners), "selection_skipped": selection_skipped,
             "figures": self._is_figure_snapshot(index, final), "copy_seconds": snap.copy_seconds,
-            "budgeted": budgeted,
+            "budgeted": budgeted, "carried": carried.carried,
         }
         if snap.events:
             self._guard = snap
         if self.distance_from_init and index == 0 and self._baseline is None:
             # The one extra copy this feature keeps: the baseline snapshot's matrices.
-            self._baseline = {m.name: m.weight.clone() for m in snap.matrices() if m.kind != "lora"}
+            # Frozen matrices are left out: carried forward, they get no later distance anyway.
+            self._baseline = {m.name: m.weight.clone() for m in snap.matrices()
+                              if m.kind != "lora" and (self.watch_frozen or not m.frozen)}
             if self._worker.mode == "process":
                 for t in self._baseline.values():
                     t.share_memory_()

@@ -15,6 +15,7 @@ import torch
 
 from ..monitoring.alerts import Alert, AlertTracker
 from ..monitoring.budget import CostBudget
+from ..monitoring.carry import FrozenCarry
 from ..monitoring.history import History
 from ..monitoring.analysis_job import AnalysisOutput
 from ..outputs.tensorboard_writer import LoggerWriter
@@ -56,6 +57,8 @@ class RunState:
         self.estimated_snapshot_seconds: float | None = None
         self._schedule = {"last_due": None, "warned": False}
         self._skipped_steps: set[int] = set()  # due steps not taken because the worker lagged
+        #: Frozen matrices analysed once and carried forward (off with ``watch_frozen=True``).
+        self._carry = FrozenCarry(enabled=not self.watch_frozen)
         # The cost budget (max_overhead). Blocking mode is for a deterministic schedule (tests,
         # debugging): no time-based thinning there.
         self._budget = CostBudget(None if self.blocking else self.max_overhead)
@@ -64,6 +67,9 @@ class RunState:
             "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
             "lag_waits": 0, "train_thread_seconds": 0.0, "baseline_bytes": 0, "snapshots_deferred": 0,
             "analysis_cpu_seconds": 0.0,
+            # frozen matrices (monitoring.carry): how many at the latest snapshot, how many were
+            # carried forward instead of copied over the run, and the bytes those copies would be
+            "matrices_copied": 0, "frozen_layers": 0, "layers_carried": 0, "carried_bytes": 0,
         }
 
     def _check_reuse(self, step: int) -> None:
@@ -95,6 +101,7 @@ class RunState:
             # The previous ESDs, so esd_shift continues across a resume (tensors: weights_only loads).
             "prev_esd": {k: torch.as_tensor(v, dtype=torch.float64) for k, v in self._prev_esd.items()},
             "budget": self._budget.state_dict(),  # spent and elapsed: the budget is the whole run's
+            "frozen": self._carry.state_dict(),  # frozen matrices carried forward (names)
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -109,6 +116,8 @@ class RunState:
         self._prev_esd = {k: torch.as_tensor(v).double().numpy() for k, v in state_dict.get("prev_esd", {}).items()}
         if state_dict.get("budget"):
             self._budget.load_state_dict(state_dict["budget"])
-        for k in ("snapshots_taken", "snapshots_skipped", "snapshots_failed", "snapshots_deferred"):  # run totals, not per rank
+        self._carry.load_state_dict(state_dict.get("frozen", ()))
+        for k in ("snapshots_taken", "snapshots_skipped", "snapshots_failed", "snapshots_deferred",
+                  "layers_carried", "carried_bytes"):  # run totals, not per rank
             if k in state_dict.get("stats", {}):
                 self.stats[k] = int(state_dict["stats"][k])

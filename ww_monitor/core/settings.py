@@ -73,6 +73,7 @@ class MonitorSettings:
     esd_shift: bool
     summary_include_unreliable: bool
     max_overhead: float | None  #: the cost budget's share of training time (None: off)
+    watch_frozen: bool = False  #: analyse frozen matrices at every snapshot (default: once, then carried)
 
     @classmethod
     def from_arguments(
@@ -81,7 +82,7 @@ class MonitorSettings:
         log_histograms, log_text, log_callback_metrics, figures_every_n_snapshots, figure_layers,
         max_figure_layers, figures_min_run_seconds, figures_timeout, method, analysis_device, drain_timeout,
         alerts, on_alert, detX, fix_fingers, max_fingers, finger_thresh, fit, randomize, peft,
-        distance_from_init, esd_shift, summary_include_unreliable, max_overhead,
+        distance_from_init, esd_shift, summary_include_unreliable, max_overhead, watch_frozen=False,
     ) -> "MonitorSettings":
         """Check every argument (a :class:`WWMonitorError` naming the first bad one) and normalise."""
         check_int("every_n_epochs", every_n_epochs, 0, allow_none=True)
@@ -89,7 +90,8 @@ class MonitorSettings:
         for name, flag in (("background", background), ("blocking", blocking), ("worker_idle", worker_idle),
                            ("log_histograms", log_histograms),
                            ("log_text", log_text), ("log_callback_metrics", log_callback_metrics),
-                           ("summary_include_unreliable", summary_include_unreliable)):
+                           ("summary_include_unreliable", summary_include_unreliable),
+                           ("watch_frozen", watch_frozen)):
             check_bool(name, flag)
         if worker_type not in WORKER_TYPES:
             raise WWMonitorError(f"`worker_type` must be one of {WORKER_TYPES}, got {worker_type!r}.")
@@ -140,7 +142,7 @@ class MonitorSettings:
             alert_config=alerts if isinstance(alerts, AlertConfig) else AlertConfig(), alerts_on=alerts is not False,
             on_alert=on_alert, distance_from_init=distance_from_init, esd_shift=esd_shift,
             summary_include_unreliable=summary_include_unreliable,
-            max_overhead=None if max_overhead is None else float(max_overhead),
+            max_overhead=None if max_overhead is None else float(max_overhead), watch_frozen=watch_frozen,
         )
 
     def public_items(self):

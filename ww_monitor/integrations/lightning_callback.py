@@ -145,10 +145,27 @@ class WeightWatcherMixin(MonitorEngine):
         randomize: randomized-ESD columns (``rand_distance``, ...): two to six extra eigensolves
             per layer, ~6x the analysis time. These five are weightwatcher 0.7.7's options, as in
             :func:`ww_monitor.analyze`; times from ``benchmarks/bench_options.py``.
-        peft: LoRA adapters (see :mod:`ww_monitor.analysis.adapters`): ``False`` analyses the base
-            weights, ``True``/``"peft_only"`` only the adapter updates ``scaling * B @ A`` (from an
-            r x r core: cheap), ``"with_base"`` everything plus the merged weights. Zero updates
-            (``lora_B`` right after initialisation) are skipped with a reason, never a rank collapse.
+        peft: LoRA adapters (see :mod:`ww_monitor.analysis.adapters`): ``"auto"`` (default) analyses
+            the adapter updates ``scaling * B @ A`` as ``<layer>.lora_BA.<adapter>`` (from an r x r
+            core: cheap) next to the base weights, which LoRA freezes, so they are analysed once
+            (see ``watch_frozen``); without LoRA layers it is ``False``. ``False`` analyses the base
+            weights only (``wwm.analyze``'s default), ``True``/``"peft_only"`` only the updates,
+            ``"with_base"`` everything plus the merged weights ``W + scaling * B @ A`` (an out x in
+            product per adapter and snapshot). Zero updates (``lora_B`` right after initialisation)
+            are skipped with a reason, never a rank collapse.
+        watch_frozen: also analyse *frozen* matrices (no parameter they read requires grad:
+            LoRA base weights, a frozen backbone or embedding) at every snapshot. Default
+            ``False``: a frozen matrix is copied and analysed at the first snapshot at which it is
+            frozen (the baseline, usually) and then carried forward: not copied, analysed or logged
+            again, its last result standing (``frozen=True`` in ``history.to_pandas()``, the
+            ``ww/layers`` table and the report). A layer unfrozen later (gradual unfreezing) is
+            watched again from the next snapshot; one frozen later is analysed once more, then
+            carried (:mod:`ww_monitor.monitoring.carry`). The ``ww/summary/*`` means (and the
+            per-block/kind means) cover the layers that train, at the baseline as later, so they
+            do not jump after the baseline and under LoRA they describe the adapters;
+            ``ww/summary/num_frozen`` counts the frozen ones. With ``True`` every matrix is copied
+            and analysed at every snapshot and the means cover every layer (the behaviour before
+            this option).
         distance_from_init: log ``ww/distance_from_init/<layer>`` = ``||W_t - W_0||_F / ||W_0||_F``
             relative to the baseline snapshot (train start). Keeps one copy of the analysed
             weights (the baseline) for the whole run; not available after resuming from a
@@ -176,8 +193,11 @@ class WeightWatcherMixin(MonitorEngine):
     ``callback.stats`` counts what the monitor did and cost: ``snapshots_taken``/``_skipped``/
     ``_failed``/``_deferred`` (by ``max_overhead``), ``copy_seconds`` (weight copies), ``analysis_seconds`` (worker wall time), ``analysis_cpu_seconds``,
     ``train_thread_seconds`` (time spent in this callback's hooks on the training thread:
-    copies, logging and any waits), ``peak_inflight_bytes``, ``lag_waits`` and ``baseline_bytes``
-    (the baseline copy kept for ``distance_from_init``).
+    copies, logging and any waits), ``peak_inflight_bytes``, ``lag_waits``, ``baseline_bytes``
+    (the baseline copy kept for ``distance_from_init``), ``snapshot_bytes`` and
+    ``matrices_copied`` (the latest snapshot, this rank), ``frozen_layers`` (frozen matrices at
+    the latest snapshot), ``layers_carried`` and ``carried_bytes`` (frozen matrices carried
+    forward instead of copied over the run, and the bytes those copies would have taken).
     """
 
     @property

@@ -150,11 +150,12 @@ def run_with_cpu_fallback(job, where: str):
 
 
 def _moved(m, device: torch.device):
-    from ..analysis.layers import LayerMatrix
+    import dataclasses
 
     if m.weight.device == device:
         return m
-    return LayerMatrix(m.name, m.kind, m.weight.to(device, non_blocking=True), m.eig_scale)
+    # Everything but the weight carries over (aliases, stored dtype, frozen).
+    return dataclasses.replace(m, weight=m.weight.to(device, non_blocking=True))
 
 
 def failed_analysis(index: int, step: int, epoch: int, rank: int, error: str) -> AnalysisOutput:

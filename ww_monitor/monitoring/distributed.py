@@ -179,7 +179,9 @@ def _rename(matrices: list[LayerMatrix], skipped: list[SkippedLayer]) -> tuple[l
 
 
 def _add_owned(builder: SnapshotBuilder | None, matrices: list[LayerMatrix], rank: int, world: int,
-               loads: list[float], owners_out: dict[str, int]) -> None:
+               loads: list[float], owners_out: dict[str, int], carry=None) -> None:
+    if carry is not None:  # carried forward (frozen): neither owned nor copied, on every rank alike
+        matrices = [m for m in matrices if not carry(m)]
     owners = assign_owners([matrix_cost(m) for m in matrices], world, loads)
     mine = []
     for m, r in zip(matrices, owners):
@@ -192,12 +194,14 @@ def _add_owned(builder: SnapshotBuilder | None, matrices: list[LayerMatrix], ran
 
 def collect_into(
     builder: SnapshotBuilder | None, module: nn.Module, config: AnalysisConfig, rank: int = 0, world_size: int = 1,
-    root: nn.Module | None = None,
+    root: nn.Module | None = None, carry=None,
 ) -> tuple[dict[str, int], list[SkippedLayer]]:
     """Copy this rank's share of the selected matrices of ``module`` into ``builder``.
 
-    ``root`` is the strategy-wrapped model (FSDP units are looked up there). Returns
-    ``({layer: owner rank} for every selected matrix, layers skipped by the selection)``.
+    ``root`` is the strategy-wrapped model (FSDP units are looked up there). ``carry``: a
+    predicate on a selected :class:`LayerMatrix`; matrices it accepts are left out before
+    ownership is assigned (frozen ones carried forward, :mod:`.carry`). Returns
+    ``({layer: owner rank} for every selected matrix not carried, layers skipped by the selection)``.
     With ``builder=None`` only the selection and ownership are computed (no copies; not
     supported for sharded parameters, whose shapes are unknown until gathered).
     """
@@ -206,16 +210,16 @@ def collect_into(
     owners: dict[str, int] = {}
     if kind == "plain":
         matrices, skipped = _rename(*select_matrices(module, config))
-        _add_owned(builder, matrices, rank, world_size, loads, owners)
+        _add_owned(builder, matrices, rank, world_size, loads, owners, carry)
         return owners, skipped
     if builder is None:
         raise RuntimeError("ownership without copying is not available for sharded parameters")
     if kind == "fsdp":
-        return _collect_fsdp(builder, module, root or module, config, rank, world_size, loads, owners)
-    return _collect_deepspeed(builder, module, config, rank, world_size, loads, owners)
+        return _collect_fsdp(builder, module, root or module, config, rank, world_size, loads, owners, carry)
+    return _collect_deepspeed(builder, module, config, rank, world_size, loads, owners, carry)
 
 
-def _collect_groups(groups, builder, module, config, rank, world, loads, owners):
+def _collect_groups(groups, builder, module, config, rank, world, loads, owners, carry=None):
     """For each context manager in ``groups`` (materialising some parameters), add the newly
     visible full matrices. Matrices already seen (parameters no wrapper manages) count once."""
     all_skipped: dict[str, SkippedLayer] = {}
@@ -223,13 +227,13 @@ def _collect_groups(groups, builder, module, config, rank, world, loads, owners)
         with ctx:
             matrices, skipped = _rename(*select_matrices(module, config))
             new = [m for m in matrices if m.name not in owners]
-            _add_owned(builder, new, rank, world, loads, owners)
+            _add_owned(builder, new, rank, world, loads, owners, carry)
         for s in skipped:
             all_skipped.setdefault(s.name, s)
     return owners, [s for name, s in all_skipped.items() if name not in owners]
 
 
-def _collect_fsdp(builder, module, root, config, rank, world, loads, owners):
+def _collect_fsdp(builder, module, root, config, rank, world, loads, owners, carry=None):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     units = FSDP.fsdp_modules(root)
@@ -239,10 +243,10 @@ def _collect_fsdp(builder, module, root, config, rank, world, loads, owners):
     else:  # original parameters are not 1-D shards outside the context: gather everything once
         on_gpu = any(p.is_cuda for p in root.parameters())
         groups = [FSDP.summon_full_params(root, recurse=True, writeback=False, offload_to_cpu=on_gpu)]
-    return _collect_groups(groups, builder, module, config, rank, world, loads, owners)
+    return _collect_groups(groups, builder, module, config, rank, world, loads, owners, carry)
 
 
-def _collect_deepspeed(builder, module, config, rank, world, loads, owners):
+def _collect_deepspeed(builder, module, config, rank, world, loads, owners, carry=None):
     try:
         import deepspeed  # type: ignore
     except ImportError:  # parameters look partitioned but deepspeed is gone: analyse what is visible
@@ -252,4 +256,4 @@ def _collect_deepspeed(builder, module, config, rank, world, loads, owners):
         own = list(module.parameters(recurse=False))
         parts = ([own] if own else []) + [list(c.parameters()) for c in module.children()]
         groups = (deepspeed.zero.GatheredParameters(p, modifier_rank=None) for p in parts if p)
-    return _collect_groups(groups, builder, module, config, rank, world, loads, owners)
+    return _collect_groups(groups, builder, module, config, rank, world, loads, owners, carry)

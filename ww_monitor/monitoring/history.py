@@ -27,6 +27,7 @@ HISTORY_METRICS = (
     "alpha", "xmin", "xmax", "D", "sigma", "num_pl_spikes", "alpha_weighted", "log_alpha_norm", "fit_ok",
     "lambda_plus", "mp_sigma", "mp_ks", "num_spikes", "mp_softrank", "num_traps", "reliable",
     "distance_from_init", "esd_shift",  # training-time extras (NaN when off)
+    "frozen",  # 1 when no parameter of the matrix required grad (a bool column in to_pandas)
 )
 
 _STATE_VERSION = 1
@@ -208,7 +209,9 @@ class History:
 
     def to_pandas(self):
         """Long format: one row per (snapshot, layer) with step, epoch, layer, kind, rank, phase
-        and every metric of :data:`HISTORY_METRICS`."""
+        and every metric of :data:`HISTORY_METRICS`. ``frozen`` (bool): the matrix did not
+        require grad; the training-time monitors analyse such a layer once and carry it forward,
+        so it has rows only at the snapshots that analysed it (its values hold until it trains)."""
         import pandas as pd
 
         frames = []
@@ -224,7 +227,9 @@ class History:
             frames.append(df)
         if not frames:
             return pd.DataFrame(columns=["snapshot", "step", "epoch", "layer", "kind", "rank", *HISTORY_METRICS, "phase"])
-        return pd.concat(frames, ignore_index=True)
+        df = pd.concat(frames, ignore_index=True)
+        df["frozen"] = df["frozen"] == 1.0  # NaN (a state saved before the column existed): not frozen
+        return df
 
     def metric(self, name: str):
         """Wide pandas frame of one metric: index = step, one column per layer."""

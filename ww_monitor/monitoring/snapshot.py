@@ -50,6 +50,7 @@ class MatrixSpec:
     eig_scale: float = 1.0
     aliases: tuple[str, ...] = ()  # other names of this tied tensor (copied once)
     stored_dtype: torch.dtype | None = None  # see LayerMatrix.stored_dtype
+    frozen: bool = False  # see LayerMatrix.frozen
 
     @property
     def numel(self) -> int:
@@ -101,7 +102,7 @@ class Snapshot:
         for s in self.specs:
             flat = self.buffers[s.chunk][s.dtype]
             out.append(LayerMatrix(s.name, s.kind, flat[s.offset : s.offset + s.numel].view(s.shape), s.eig_scale,
-                                   s.aliases, s.stored_dtype))
+                                   s.aliases, s.stored_dtype, frozen=s.frozen))
         return out
 
     def release(self) -> None:
@@ -149,7 +150,7 @@ class SnapshotBuilder:
             dtypes[key] = m.weight.dtype
             off = totals.get(key, 0)
             spec = MatrixSpec(m.name, m.kind, tuple(m.weight.shape), key, chunk_index, off, float(m.eig_scale),
-                              tuple(m.aliases), m.stored_dtype)
+                              tuple(m.aliases), m.stored_dtype, m.frozen)
             totals[key] = off + spec.numel
             specs.append(spec)
             any_cuda = any_cuda or m.weight.is_cuda

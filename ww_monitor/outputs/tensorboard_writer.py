@@ -85,6 +85,8 @@ def layer_scalars(results: Iterable[LayerResult]) -> dict[str, float]:
         for m in OPTIONAL_LAYER_METRICS:
             if getattr(r, m, None) is not None:
                 out[f"ww/{m}/{r.name}"] = _finite_or_nan(getattr(r, m))
+        if getattr(r, "frozen", False):  # logged with the (one) analysis of a frozen layer: ww-monitor report reads it
+            out[f"ww/frozen/{r.name}"] = 1.0
         if r.phase is None:
             out[f"ww/phase/{r.name}"] = PHASE_UNDETERMINED
             continue
@@ -108,13 +110,16 @@ ESD_AXES = ("ESD histograms `ww/esd/<layer>` (Histograms tab): x axis = log10(la
             "A heavy tail shows as a long ridge to the right.")
 
 
+#: Frozen layers named under the ``ww/layers`` table of a snapshot that carried them forward.
+_MAX_CARRIED_LISTED = 20
+
 #: Up to this many layers, the "ww per-layer" custom-scalars charts draw every layer in one chart
 #: per metric; beyond it the lines cannot be told apart (TensorBoard cycles ~10 colours), so
 #: the layout has one chart per block instead.
 MAX_LAYERS_PER_CHART = 12
 #: Model-level counts charted together in the overview.
 _OVERVIEW_COUNTS = ("num_layers", "num_unreliable", "num_undetermined", "num_random_like", "num_failed_fits",
-                    "num_skipped")
+                    "num_skipped", "num_frozen")
 
 
 def _exact(tags: Iterable[str]) -> str:
@@ -150,22 +155,31 @@ def custom_scalars_layout(names: Sequence[str] = ()) -> dict:
     return layout
 
 
-def layers_markdown(results: Sequence[LayerResult]) -> str:
-    """The per-layer table of one snapshot, with the counts each fit rests on and a legend."""
+def layers_markdown(results: Sequence[LayerResult], carried: Sequence[str] = ()) -> str:
+    """The per-layer table of one snapshot, with the counts each fit rests on and a legend;
+    ``carried``: frozen layers not analysed again at this snapshot (named below the table)."""
     head = ("| layer | kind | eigenvalues | tail | reliable | alpha | alpha_weighted | log_spectral_norm "
-            "| stable_rank | rank_loss | phase |\n")
-    head += "|---|---|---|---|---|---|---|---|---|---|---|\n"
+            "| stable_rank | rank_loss | phase | frozen |\n")
+    head += "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     rows = []
     for r in results:
         rows.append(
             f"| {r.name} | {r.kind} | {r.num_evals} | {r.num_pl_spikes} | {'yes' if r.reliable else 'no'} "
             f"| {r.alpha:.3f} | {r.alpha_weighted:.3f} | {r.log_spectral_norm:.3f} "
-            f"| {r.stable_rank:.2f} | {r.rank_loss} | {r.phase if r.phase is not None else UNDETERMINED} |"
+            f"| {r.stable_rank:.2f} | {r.rank_loss} | {r.phase if r.phase is not None else UNDETERMINED} "
+            f"| {'yes' if getattr(r, 'frozen', False) else ''} |"
         )
+    if carried:
+        shown = ", ".join(carried[:_MAX_CARRIED_LISTED])
+        more = f" and {len(carried) - _MAX_CARRIED_LISTED} more" if len(carried) > _MAX_CARRIED_LISTED else ""
+        rows.append(f"\n{len(carried)} frozen layer(s) not analysed again (their weights do not require grad and "
+                    f"have not changed since their last analysis, shown at that step): {shown}{more}.")
     legend = (f"\n\n*tail* = eigenvalues in the power-law fit; a layer is *reliable* with >= {RELIABLE_MIN_EVALS} "
               f"eigenvalues and >= {RELIABLE_MIN_TAIL} in the tail. Unreliable layers are left out of the "
               f"`ww/summary/alpha*` means (counted in `ww/summary/num_unreliable`); layers under "
-              f"{RELIABLE_MIN_EVALS} eigenvalues get no phase (*{UNDETERMINED}*).\n\n{ESD_AXES}")
+              f"{RELIABLE_MIN_EVALS} eigenvalues get no phase (*{UNDETERMINED}*). *frozen* layers (no parameter "
+              "requires grad) are analysed once and carried forward; the `ww/summary/*` means cover the layers "
+              "that train (frozen ones counted in `ww/summary/num_frozen`).\n\n" + ESD_AXES)
     return head + "\n".join(rows) + legend
 
 
@@ -296,9 +310,10 @@ class LoggerWriter:
 
     def log_tensorboard(
         self, loggers, step: int, results: Sequence[LayerResult], histograms: bool = True, text: bool = True,
-        precomputed: dict[str, EsdHistogram | None] | None = None,
+        precomputed: dict[str, EsdHistogram | None] | None = None, carried: Sequence[str] = (),
     ) -> None:
-        """ESD histograms (``precomputed`` by the worker where given), the layer table, the layout."""
+        """ESD histograms (``precomputed`` by the worker where given), the layer table (naming the
+        ``carried`` frozen layers), the layout."""
         writers = self._tb_writers(loggers)
         if not writers:
             return
@@ -318,8 +333,8 @@ class LoggerWriter:
                     exp.add_histogram_raw(
                         f"ww/esd/{name}", min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
                         bucket_limits=list(h.bucket_limits), bucket_counts=list(h.bucket_counts), global_step=step)
-                if text and results:
-                    exp.add_text("ww/layers", layers_markdown(results), global_step=step)
+                if text and (results or carried):
+                    exp.add_text("ww/layers", layers_markdown(results, carried), global_step=step)
             except Exception as err:
                 self._warn((id(lg), "tensorboard"), f"writing to TensorBoard failed "
                            f"({type(err).__name__}: {err}); continuing without it.")
