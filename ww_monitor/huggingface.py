@@ -120,7 +120,10 @@ class WeightWatcherCallback(TrainerCallback):
             ``ww_monitor.AlphaDriftEarlyStopping`` as a dict (``{"floor": 2.0, "max_rise": 0.5}``);
             ``None`` (default) never stops on drift. Alerts with action ``stop`` also stop training.
         **options: any other argument of ``ww_monitor.WeightWatcherCallback`` (``include``,
-            ``exclude``, ``kinds``, ``background``, ``blocking``, ``alerts``, ...), same meaning.
+            ``exclude``, ``kinds``, ``background``, ``blocking``, ``alerts``, ...), same meaning
+            and defaults: ``peft="auto"`` (a peft LoRA model's adapter updates are watched at every
+            snapshot) and ``watch_frozen=False`` (matrices that do not require grad, such as the
+            base weights under LoRA, are analysed once and carried forward).
     """
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1,

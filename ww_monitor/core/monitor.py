@@ -66,7 +66,9 @@ class Monitor(MonitorEngine):
         every_n_steps: take a snapshot every this many steps (``step % every_n_steps == 0``).
         **options: any other argument of :class:`ww_monitor.WeightWatcherCallback` (``include``,
             ``exclude``, ``kinds``, ``background``, ``blocking``, ``alerts``, ``on_alert``,
-            ``esd_shift``, ...), with the same meaning.
+            ``esd_shift``, ...), with the same meaning and defaults: ``peft="auto"`` (LoRA adapter
+            updates watched) and ``watch_frozen=False`` (matrices that do not require grad are
+            analysed once and carried forward).
     """
 
     warning_prefix = "Monitor"

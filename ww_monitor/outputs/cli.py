@@ -72,8 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="power law (default), truncated power law (adds Lambda), or TPL on the xmin_peak tail")
     a.add_argument("--randomize", action="store_true",
                    help="compare with the ESD of the shuffled weights (rand_distance, ...); slower")
-    a.add_argument("--peft", choices=("peft_only", "with_base"), default=None,
-                   help="LoRA adapters: only their updates, or all layers plus updates and merged weights")
+    a.add_argument("--peft", choices=("peft_only", "with_base", "auto"), default=None,
+                   help="LoRA adapters: only their updates, all layers plus updates and merged weights, or "
+                        "(auto) the base weights plus the updates")
     a.add_argument("--base-model", metavar="PATH", default=None,
                    help="analyse the difference W - W_base to this checkpoint (a fine-tuning delta)")
     a.add_argument("--unsafe-load", action="store_true",

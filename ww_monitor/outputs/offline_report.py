@@ -96,6 +96,8 @@ def _fmt(v) -> str:
 def _cell(column: str, v) -> str:
     if column == "reliable" and v is not None and not (isinstance(v, float) and math.isnan(v)):
         return "yes" if bool(v) else "no"
+    if column == "frozen":  # the step of a frozen layer's (last) analysis, whose values stand
+        return "" if v is None or v is False else f"yes, step {int(v)}"
     return _fmt(v)
 
 
@@ -246,6 +248,10 @@ def render_html(data: RunData, title: str | None = None) -> str:
     if data.table:
         if data.table_step is not None:
             out.append(f'<p class="note">Step {data.table_step}.</p>')
+        if "frozen" in data.table_columns:
+            out.append('<p class="note"><i>frozen</i>: no parameter of the layer requires grad, so the monitor '
+                       'analysed it at the step shown and carried it forward (its weights have not changed since); '
+                       'its values are from that step. The model-level means cover the layers that train.</p>')
         cols = list(data.table_columns)
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
         out.append(f'<table><tr><th class="l">layer</th>{head}</tr>')

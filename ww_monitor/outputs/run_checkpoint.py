@@ -110,16 +110,36 @@ def _fill_from_history(data: RunData, history) -> None:
     data.phases = history.phases()
     last = history[-1]
     data.table_step = last.step
-    data.table_columns = _FULL_TABLE_COLUMNS
-    for i, name in enumerate(last.layers):
-        row: dict = {"layer": name, "kind": last.kinds[i], "phase": last.phases[i] or UNDETERMINED}
+    latest = _latest_rows(history)
+    frozen = any(rec.values[i, rec.columns.index("frozen")] == 1.0 for rec, i in latest.values())
+    data.table_columns = _FULL_TABLE_COLUMNS + (("frozen",) if frozen else ())
+    for name, (rec, i) in latest.items():
+        row: dict = {"layer": name, "kind": rec.kinds[i], "phase": rec.phases[i] or UNDETERMINED}
         for c in _FULL_TABLE_COLUMNS:
-            if c in last.columns:
-                row[c] = float(last.values[i, last.columns.index(c)])
+            if c in rec.columns:
+                row[c] = float(rec.values[i, rec.columns.index(c)])
+        if frozen:
+            row["frozen"] = rec.step if rec.values[i, rec.columns.index("frozen")] == 1.0 else None
         data.table.append(row)
     data.summary = dict(last.summary)
     data.alerts = _replay_alerts([(r.step, r.epoch, _results_from_record(r), _skipped_from_record(r)) for r in history])
     data.alerts_origin = "replayed over the checkpoint's history with the default alert thresholds"
+
+
+def _latest_rows(history) -> dict:
+    """``{layer: (record, row)}``: every layer of the last snapshot, and each frozen layer the
+    monitor carried forward from an earlier one (its last analysis stands), in model order."""
+    last = history[-1]
+    out = {name: (last, i) for i, name in enumerate(last.layers)}
+    j = last.columns.index("frozen")
+    decided = set(out)
+    for rec in reversed(history.records[:-1]):
+        for i, name in enumerate(rec.layers):
+            if name not in decided and rec.values[i, j] == 1.0:  # frozen at its latest analysis
+                out[name] = (rec, i)
+            decided.add(name)
+    order = {name: k for k, name in enumerate(history.layer_names)}
+    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
 
 
 def _results_from_record(rec) -> list:

@@ -225,14 +225,18 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
         last = all_steps[-1]
         data.table_step = last
         table_layers = list(dict.fromkeys(layers + phase_layers))
-        data.table_columns = _TB_TABLE_METRICS + ("phase",)
+        frozen = _frozen_at(scalars, table_layers)
+        data.table_columns = _TB_TABLE_METRICS + ("phase",) + (("frozen",) if frozen else ())
         for layer in table_layers:
+            at = frozen.get(layer, last)  # a frozen layer's values stand from its last analysis
             row: dict = {"layer": layer}
             for m in _TB_TABLE_METRICS:
-                row[m] = dict(zip(*scalars.get(f"ww/{m}/{layer}", ([], [])))).get(last, math.nan)
-            if data.phases is not None and layer in data.phases[0] and last in data.phases[1]:
-                p = data.phases[2][data.phases[0].index(layer)][data.phases[1].index(last)]
+                row[m] = dict(zip(*scalars.get(f"ww/{m}/{layer}", ([], [])))).get(at, math.nan)
+            if data.phases is not None and layer in data.phases[0] and at in data.phases[1]:
+                p = data.phases[2][data.phases[0].index(layer)][data.phases[1].index(at)]
                 row["phase"] = getattr(p, "value", p)
+            if frozen:
+                row["frozen"] = at if layer in frozen else None
             data.table.append(row)
         for t, (steps, values) in scalars.items():
             if t.startswith("ww/summary/") and steps:
@@ -246,6 +250,18 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
                 e = max(events, key=lambda ev: (ev.step, ev.wall_time))
                 data.logged_figures[tag] = (e.step, bytes(e.encoded_image_string))
     return data
+
+
+def _frozen_at(scalars: dict, layers: Sequence[str]) -> dict[str, int]:
+    """``{layer: step}`` of the layers frozen at their latest analysis (``ww/frozen/<layer>`` is
+    logged with each analysis of a frozen matrix; the monitor carries it forward afterwards)."""
+    out = {}
+    for layer in layers:
+        frozen_steps = scalars.get(f"ww/frozen/{layer}", ([], []))[0]
+        analysed = scalars.get(f"ww/alpha/{layer}", scalars.get(f"ww/phase/{layer}", ([], [])))[0]
+        if frozen_steps and analysed and frozen_steps[-1] >= analysed[-1]:
+            out[layer] = frozen_steps[-1]
+    return out
 
 
 def _dedupe_events(events) -> list:
