@@ -7,7 +7,8 @@
   - ``ww/phase/<layer>``: the phase as an ordinal, its position in :class:`~ww_monitor.Phase`
     (0 random-like, 1 bleeding-out, 2 bulk+spikes, 3 bulk-decay, 4 heavy-tailed,
     5 rank-collapse), -1 (:data:`PHASE_UNDETERMINED`) for a layer too small for a phase,
-  - ``ww/summary/<metric>``: the model-level means of ``Report.summary()`` and the counts.
+  - ``ww/summary/<metric>``: the model-level means of ``Report.summary()`` and the counts,
+  - ``ww/frozen/<layer>``: 1, with the analysis of a frozen layer (which is then carried forward).
 
 * TensorBoard-only extras go to the ``SummaryWriter`` of each TensorBoard logger
   (``logger.experiment``): ESD histograms of log10(lambda) ``ww/esd/<layer>`` (non-finite and
