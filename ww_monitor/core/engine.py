@@ -315,11 +315,15 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
         snap = builder.finish()
         carried = self._carry.commit()
         if self.estimated_snapshot_seconds is None and device.type == "cpu" and snap.specs:
-            # The cost model is calibrated for CPU analysis; said once, up front.
-            self.estimated_snapshot_seconds = estimate_seconds(s.shape for s in snap.specs)
+            # The cost model is calibrated for CPU analysis; said once, up front. Frozen matrices
+            # are carried forward after this snapshot: the snapshots to come cost the others.
+            shapes = [s.shape for s in snap.specs if self.watch_frozen or not s.frozen]
+            self.estimated_snapshot_seconds = estimate_seconds(shapes)
             if self._rank == 0:
-                log.info("ww_monitor: one snapshot (%d matrices) will take about %.1f s of analysis here",
-                         len(snap.specs), self.estimated_snapshot_seconds)
+                log.info("ww_monitor: one snapshot (%d matrices) will take about %.1f s of analysis here%s",
+                         len(shapes), self.estimated_snapshot_seconds,
+                         f" ({len(snap.specs) - len(shapes)} frozen ones are analysed once, now)"
+                         if len(shapes) < len(snap.specs) else "")
         self._next_index += 1
         self._last_step = step
         self.stats["snapshots_taken"] += 1
