@@ -50,7 +50,7 @@ def token_data(n=32, seq=16, batch_size=8):
     return DataLoader(TensorDataset(torch.randint(0, 64, (n, seq), generator=g)), batch_size=batch_size)
 
 
-def test_lora_fine_tune_at_the_callback_defaults_watches_the_adapters(tmp_path):
+def test_lora_fine_tune_at_the_callback_defaults_watches_the_adapters(tmp_path, capsys):
     from pytorch_lightning.loggers import TensorBoardLogger
 
     cb = ww_monitor.WeightWatcherCallback()  # every default: background analysis, cost budget, alerts on
@@ -97,6 +97,20 @@ def test_lora_fine_tune_at_the_callback_defaults_watches_the_adapters(tmp_path):
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("ww/layers/text_summary")}
     assert "| frozen |" in texts[0] and f"{len(base)} frozen layer(s) not analysed again" in texts[steps[-1]]
 
+    # ww-monitor report: the frozen layers are in the last snapshot's table, with their baseline values.
+    from test_report import report
+    from ww_monitor.outputs.run_data import load_run
+
+    rc, _, stderr = report([tmp_path / "tb", "--out", tmp_path / "report.html"], capsys)
+    assert rc == 0, stderr
+    assert (tmp_path / "report.html").read_text().count("yes, step 0") == len(base)
+    rows = {row["layer"]: row for row in load_run(tmp_path / "tb").table}
+    assert set(rows) == set(base) | set(adapters)
+    alpha0 = dict(zip(first.layers, first.values[:, first.columns.index("alpha")]))
+    for layer in base:
+        assert rows[layer]["frozen"] == 0 and rows[layer]["alpha"] == pytest.approx(alpha0[layer], rel=1e-6)
+    assert all(rows[layer]["frozen"] is None for layer in adapters)
+
 
 # ------------------------------------------------------------------ a frozen half, gradual unfreezing
 class FrozenHalf(pl.LightningModule):
@@ -139,7 +153,9 @@ def vector_data(n=64, batch_size=16):
 def fit_frozen_half(tmp_path, **kwargs):
     cb = ww_monitor.WeightWatcherCallback(blocking=True, figures_every_n_snapshots=None, **kwargs)
     model = FrozenHalf()
-    pl.Trainer(max_epochs=4, callbacks=[cb], **trainer_kwargs(tmp_path, logger=False)).fit(model, vector_data())
+    trainer = pl.Trainer(max_epochs=4, callbacks=[cb], **trainer_kwargs(tmp_path, logger=False))
+    trainer.fit(model, vector_data())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
     return cb, model
 
 
@@ -174,6 +190,15 @@ def test_frozen_layers_are_analysed_once_and_unfrozen_ones_watched_again(tmp_pat
     collapse = [a for a in cb.alerts_fired if a.rule == "rank_collapse"]
     assert [(a.layer, a.step) for a in collapse] == [("net.0", 0)]
     assert ("rank_collapse", "net.0") in cb.alert_tracker.active
+    # The checkpoint keeps what is carried; its report lists the frozen layers with their last analysis.
+    from ww_monitor.outputs.run_data import load_run
+
+    state = next(v for k, v in torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"].items()
+                 if k.startswith("WeightWatcherCallback"))
+    assert state["frozen"] == ["net.0", "net.6"]
+    table = {row["layer"]: row for row in load_run(tmp_path / "last.ckpt").table}
+    assert [table[n]["frozen"] for n in ("net.0", "net.2", "net.4", "net.6")] == [0, None, None, 8]
+    assert table["net.6"]["log_norm"] == pytest.approx(log_norms[2], rel=1e-12)
 
 
 def test_watch_frozen_true_analyses_every_matrix_at_every_snapshot(tmp_path):
