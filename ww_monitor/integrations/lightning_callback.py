@@ -169,7 +169,9 @@ class WeightWatcherMixin(MonitorEngine):
         distance_from_init: log ``ww/distance_from_init/<layer>`` = ``||W_t - W_0||_F / ||W_0||_F``
             relative to the baseline snapshot (train start). Keeps one copy of the analysed
             weights (the baseline) for the whole run; not available after resuming from a
-            checkpoint (the baseline is not saved). Adapter updates (kind ``lora``) have none.
+            checkpoint (the baseline is not saved). Adapter updates (kind ``lora``) have none, nor
+            do matrices frozen at the baseline (carried forward, see ``watch_frozen``; a layer
+            unfrozen later gets no distance unless ``watch_frozen=True``).
         esd_shift: log ``ww/esd_shift/<layer>``: the 1-Wasserstein distance between the
             log10-eigenvalue distributions of this and the previous snapshot (in decades; 0 for
             an unchanged ESD). Costs one sort of the eigenvalues; keeps the previous ESDs (saved
