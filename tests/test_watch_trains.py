@@ -2,6 +2,8 @@
 (``peft="auto"``), frozen matrices analysed once and carried forward (``watch_frozen=False``),
 gradual unfreezing picked up, on every front door; TensorBoard events read back."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,14 @@ def test_lora_fine_tune_at_the_callback_defaults_watches_the_adapters(tmp_path, 
         assert scalar_steps(acc, f"ww/log_norm/{layer}") == steps[1:]
         assert f"ww/frozen/{layer}" not in acc.Tags()["scalars"]
     assert [e.value for e in acc.Scalars("ww/summary/num_frozen")] == [len(base)] * len(steps)
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (config,) = acc.Tensors("custom_scalars__config__")  # the layout's per-block charts: the adapters
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    (per_block,) = [c for c in layout.category if c.title == "ww alpha per block"]
+    patterns = [re.compile(tag) for chart in per_block.chart for tag in chart.multiline.tag]
+    assert all(any(p.search(f"ww/alpha/{layer}") for p in patterns) for layer in adapters)
+    assert not any(p.search(f"ww/alpha/{layer}") for p in patterns for layer in base)
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("ww/layers/text_summary")}
     assert "| frozen |" in texts[0] and f"{len(base)} frozen layer(s) not analysed again" in texts[steps[-1]]
 

@@ -177,7 +177,7 @@ class Completion:
             return
         self._writer.log_scalars(loggers, metrics, step)
         self._writer.log_tensorboard(loggers, step, results, histograms=self.log_histograms, text=self.log_text,
-                                     precomputed=histograms, carried=carried)
+                                     precomputed=histograms, carried=carried, layout=[r.name for r in watched])
         self._figures.offer(step, results, loggers, submit=bool(meta and meta["figures"]),
                             grids=self.history.figure_grids)
 

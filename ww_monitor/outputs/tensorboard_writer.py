@@ -312,9 +312,11 @@ class LoggerWriter:
     def log_tensorboard(
         self, loggers, step: int, results: Sequence[LayerResult], histograms: bool = True, text: bool = True,
         precomputed: dict[str, EsdHistogram | None] | None = None, carried: Sequence[str] = (),
+        layout: Sequence[str] | None = None,
     ) -> None:
         """ESD histograms (``precomputed`` by the worker where given), the layer table (naming the
-        ``carried`` frozen layers), the layout."""
+        ``carried`` frozen layers), the custom-scalars layout: written once, from ``layout`` (the
+        layers that train; default: every result) the first time it names a layer."""
         writers = self._tb_writers(loggers)
         if not writers:
             return
@@ -325,10 +327,11 @@ class LoggerWriter:
                     esd_histogram(r.eigenvalues)
                 if h is not None:
                     hists[r.name] = h
+        names = [r.name for r in results] if layout is None else list(layout)
         for lg, exp in writers:
             try:
-                if id(exp) not in self._layouts:
-                    exp.add_custom_scalars(custom_scalars_layout([r.name for r in results]))
+                if id(exp) not in self._layouts and names:  # under LoRA: at the first snapshot with updates
+                    exp.add_custom_scalars(custom_scalars_layout(names))
                     self._layouts.add(id(exp))
                 for name, h in hists.items():
                     exp.add_histogram_raw(
