@@ -101,10 +101,11 @@ def fit(callbacks, module, tmp_path, max_epochs=EPOCHS, logger=False, **kw):
     return trainer
 
 
-def reference_schedule(name, n_steps):
-    """The lr the schedule alone gives at each step, on an unrelated one-parameter optimizer."""
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR, momentum=0.9)
-    sched = SCHEDULERS[name](opt, n_steps)
+def reference_schedule(name, n_steps, lr=LR):
+    """The lr the schedule alone gives at each step, on an unrelated one-parameter optimizer
+    (``name``: one of SCHEDULERS, or a factory ``fn(optimizer, n_steps)``)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr, momentum=0.9)
+    sched = (SCHEDULERS[name] if isinstance(name, str) else name)(opt, n_steps)
     out = []
     for _ in range(n_steps + 1):
         out.append(opt.param_groups[0]["lr"])
@@ -149,8 +150,8 @@ def test_lr_is_factor_times_schedule(tmp_path, scheduler):
         assert step == k
         factors = factors_at(tb.history, step)
         assert lrs == pytest.approx([factors[n] * ref[k] for n in UNITS], rel=1e-12, abs=1e-15)
-    # outside the step, every group holds the plain schedule
-    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([ref[n_steps]] * len(UNITS))
+    # outside the step the optimizer has its own single group, holding the plain schedule
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([ref[n_steps]])
 
     # the factors and alphas are logged at the update steps
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
@@ -217,7 +218,8 @@ def test_resume_restores_factors_groups_and_state(tmp_path):
 
     assert [r.step for r in tb_b.history] == [r.step for r in tb_a.history] == [0, 4, 8, 12, 16]
     assert tb_b.history[2].factors == tb_half.history[2].factors  # restored, not recomputed
-    assert tb_b.group_layers() == UNITS and len(trainer_b.optimizers[0].param_groups) == len(UNITS)
+    # the optimizer kept its own single group (the per-layer groups exist only during the step)
+    assert tb_b.group_layers() == UNITS and len(trainer_b.optimizers[0].param_groups) == 1
     # the first resumed step used the restored factors and the restored schedule
     assert probe_b.seen[0][0] == 8 and probe_b.seen[0][1] == pytest.approx(probe_a.seen[8][1], rel=1e-12)
     for p, q in zip(straight.parameters(), resumed.parameters()):
@@ -225,7 +227,7 @@ def test_resume_restores_factors_groups_and_state(tmp_path):
 
 
 def test_analysis_failure_keeps_factors_with_a_warning(tmp_path, monkeypatch):
-    import ww_monitor.balancing.callback as cb_module
+    import ww_monitor.balancing.core as cb_module
 
     real, calls = cb_module.own_alphas, []
 
@@ -249,7 +251,7 @@ def test_analysis_failure_keeps_factors_with_a_warning(tmp_path, monkeypatch):
 
 
 def test_reuses_the_weightwatcher_callback_analysis(tmp_path, monkeypatch):
-    import ww_monitor.balancing.callback as cb_module
+    import ww_monitor.balancing.core as cb_module
 
     def never(*args, **kwargs):
         raise AssertionError("alpha computed twice")

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader, TensorDataset
     import pytorch_lightning as pl
     import ww_monitor
-    import ww_monitor.balancing.callback as cb_module
+    import ww_monitor.balancing.core as cb_module
 
     class Net(pl.LightningModule):
         def __init__(self):

@@ -28,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
+from .balancing.huggingface import AlphaDecay, SpectralBalancer, TempBalance  # noqa: F401  (the balancers' door)
 from .core.engine import MonitorEngine
 from .core.hooks import training_thread_time
 from .core.monitor import _distributed
@@ -37,7 +38,7 @@ from .integrations.alpha_drift import AlphaDriftEarlyStoppingMixin
 from .user_warnings import warn_user
 from .validation import check_bool, check_int
 
-__all__ = ["WeightWatcherCallback", "STATE_FILE"]
+__all__ = ["WeightWatcherCallback", "STATE_FILE", "SpectralBalancer", "TempBalance", "AlphaDecay"]
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,13 @@
 * Pure mappings, alphas in, factors out (re-exported from :mod:`ww_monitor.functional.balancing`):
   :func:`linear_factors`, :func:`sqrt_factors`, :func:`log2_factors`, :func:`step_factors`,
   :func:`sigmoid_factors`, :func:`balance_factors`; the Hill estimator :func:`hill_alpha`.
-* Callbacks: ``SpectralBalancer``, ``TempBalance``, ``AlphaDecay`` (built on first access for
-  ``pytorch_lightning``; ``ww_monitor.lightning`` has them for ``lightning.pytorch``).
+* ``SpectralBalancer``, ``TempBalance``, ``AlphaDecay`` behind every front door, one core
+  (:mod:`.core`) and the same arguments:
+
+  - Lightning callbacks: here (built on first access for ``pytorch_lightning``; also
+    ``ww_monitor.TempBalance`` ...), and in ``ww_monitor.lightning`` for ``lightning.pytorch``;
+  - plain PyTorch loops: :mod:`ww_monitor.balancing.loop` (``attach`` / ``step`` / ``epoch_end``);
+  - the Hugging Face ``Trainer``: ``ww_monitor.huggingface`` (``TrainerCallback`` s).
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ Two estimators:
 Computed here, the eigenvalues are those of the Gram matrix W^T W in float64
 (:func:`ww_monitor.functional.eigenvalues.batched_eigenvalues`, ``eigvalsh``; conv kernels pooled
 over kernel positions with each slice scaled by sqrt(1/2), as weightwatcher and TempBalance do).
+The weights are read through a *weight source* (:class:`LocalWeights` by default: each matrix
+as this process holds it, all in one batch). A sharded strategy replaces it with one that
+materialises each layer's full weight in turn (FSDP2: ``DTensor.full_tensor()``; FSDP1:
+``summon_full_params`` per unit) and marks itself ``collective``: every rank then iterates it in
+step (the balancer arranges that), and only rank 0 decomposes.
+
 A unit whose ESD has fewer than ``min_evals`` eigenvalues, or whose fit failed, is *unreliable*
 and keeps factor 1. A unit with several ESDs (attention q/k/v, RNN gates) gets the mean alpha of
 its reliable ones.
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -29,9 +35,11 @@ from ..functional.eigenvalues import batched_eigenvalues
 from ..functional.hill import hill_alpha
 from ..functional.power_law import DEFAULT_MIN_EIGENVALUE, fit_power_law
 from ..functional.spectral_metrics import rank_tolerance
+from ..analysis.layers import LayerMatrix
 from .groups import Unit
 
-__all__ = ["ESTIMATORS", "MIN_BALANCE_EVALS", "EsdAlpha", "own_alphas", "monitor_alphas", "unit_alphas"]
+__all__ = ["ESTIMATORS", "MIN_BALANCE_EVALS", "EsdAlpha", "WeightSource", "LocalWeights", "own_alphas",
+           "read_weights", "monitor_alphas", "unit_alphas"]
 
 ESTIMATORS = ("hill_median", "ww")
 
@@ -51,6 +59,29 @@ class EsdAlpha:
     reliable: bool
 
 
+WeightBatch = list[tuple[LayerMatrix, torch.Tensor]]
+
+
+class WeightSource(Protocol):
+    """Yields the full weight of every given matrix, in batches that are decomposed together."""
+
+    #: True when reading is a collective (gathering shards): every rank must iterate the source
+    #: together, in the same order, whichever rank decomposes.
+    collective: bool
+
+    def __call__(self, matrices: Sequence[LayerMatrix]) -> Iterator[WeightBatch]: ...
+
+
+class LocalWeights:
+    """Each matrix's weight as this process holds it (one process, or replicated under DDP), in one
+    batch (same-shape matrices are then decomposed in one batched call)."""
+
+    collective = False
+
+    def __call__(self, matrices: Sequence[LayerMatrix]) -> Iterator[WeightBatch]:
+        yield [(m, m.weight.detach()) for m in matrices]
+
+
 def _esd_alpha(name: str, evals: np.ndarray, estimator: str, xmin_pos: float, min_evals: int,
                n: int, m: int, dtype) -> EsdAlpha:
     if estimator == "hill_median":
@@ -63,14 +94,31 @@ def _esd_alpha(name: str, evals: np.ndarray, estimator: str, xmin_pos: float, mi
     return EsdAlpha(name, float(alpha), int(evals.size), bool(reliable))
 
 
+def _matrices(units: Sequence[Unit]) -> list[LayerMatrix]:
+    return [m for u in units for m in u.matrices]
+
+
 def own_alphas(units: Sequence[Unit], estimator: str, xmin_pos: float, min_evals: int,
-               method: str = "auto") -> list[EsdAlpha]:
-    """Eigenvalues of every unit's ESDs (batched, float64, read-only) and their alphas."""
-    mats = [m for u in units for m in u.matrices]
+               method: str = "auto", weights: WeightSource | None = None) -> list[EsdAlpha]:
+    """Eigenvalues of every unit's ESDs (batched, float64, read-only) and their alphas; the
+    weights come from ``weights`` (default :class:`LocalWeights`), one batch at a time."""
+    source = weights if weights is not None else LocalWeights()
+    out = []
     with torch.no_grad():
-        evals = batched_eigenvalues([m.weight.detach() for m in mats], method=method)
-    return [_esd_alpha(m.name, ev * m.eig_scale, estimator, xmin_pos, min_evals, m.N, m.M, m.weight.dtype)
-            for m, ev in zip(mats, evals)]
+        for batch in source(_matrices(units)):
+            evals = batched_eigenvalues([w for _, w in batch], method=method)
+            for (m, w), ev in zip(batch, evals):
+                n, k = max(w.shape[-2:]), min(w.shape[-2:])
+                out.append(_esd_alpha(m.name, ev * m.eig_scale, estimator, xmin_pos, min_evals, n, k, m.precision))
+    return out
+
+
+def read_weights(units: Sequence[Unit], weights: WeightSource) -> None:
+    """Iterate ``weights`` without decomposing: what the other ranks do while rank 0 runs
+    :func:`own_alphas` with a collective source."""
+    with torch.no_grad():
+        for _ in weights(_matrices(units)):
+            pass
 
 
 def monitor_alphas(results, estimator: str, xmin_pos: float, min_evals: int) -> list[EsdAlpha]:

@@ -1,17 +1,18 @@
-"""The published balancing recipes as presets of :class:`~ww_monitor.balancing.callback.SpectralBalancerMixin`
-(TempBalance, AlphaDecay), and :func:`build`, which makes the Lightning callback classes."""
+"""The published balancing recipes as presets of :class:`~ww_monitor.balancing.core.SpectralBalancerCore`
+(TempBalance, AlphaDecay), and :func:`build`, which makes a front door's three classes from its glue
+(Lightning callback, plain loop, Hugging Face ``TrainerCallback``) and its framework base class."""
 
 from __future__ import annotations
 
 from ..functional.balancing import ALPHADECAY_RANGE, TEMPBALANCE_RANGE
 from ..functional.hill import DEFAULT_XMIN_POS
-from .callback import SpectralBalancerMixin
+from .core import SpectralBalancerCore
 from .estimate import MIN_BALANCE_EVALS
 
 __all__ = ["TempBalanceMixin", "AlphaDecayMixin", "build"]
 
 
-class TempBalanceMixin(SpectralBalancerMixin):
+class TempBalanceMixin(SpectralBalancerCore):
     """TempBalance (Zhou et al., NeurIPS 2023): per-layer learning rates from alpha, every epoch.
 
     ``lr_i = interp(alpha_i, [min alpha, max alpha], [0.5, 1.5]) x lr_t`` with ``lr_t`` the
@@ -37,7 +38,7 @@ class TempBalanceMixin(SpectralBalancerMixin):
                          use_monitor=use_monitor, log_factors=log_factors)
 
 
-class AlphaDecayMixin(SpectralBalancerMixin):
+class AlphaDecayMixin(SpectralBalancerCore):
     """AlphaDecay (He et al., NeurIPS 2025): per-module weight decay from alpha, every 500 steps.
 
     ``wd_i = interp(alpha_i, [min alpha, max alpha], [0.666, 3]) x wd``: heavy-tailed modules
@@ -45,10 +46,6 @@ class AlphaDecayMixin(SpectralBalancerMixin):
     the first and last module and modules with fewer than 50 eigenvalues keep ``wd``. The
     optimizer must have a ``weight_decay`` setting (decoupled in AdamW, as in the paper). All
     other arguments as :class:`SpectralBalancer`.
-
-    Example::
-
-        trainer = pl.Trainer(max_steps=20_000, callbacks=[AlphaDecay()])
     """
 
     def __init__(self, mapping: str = "linear", factor_range: tuple[float, float] = ALPHADECAY_RANGE,
@@ -64,14 +61,22 @@ class AlphaDecayMixin(SpectralBalancerMixin):
                          exclude=exclude, kinds=kinds, use_monitor=use_monitor, log_factors=log_factors)
 
 
-_MIXINS = {"SpectralBalancer": SpectralBalancerMixin, "TempBalance": TempBalanceMixin, "AlphaDecay": AlphaDecayMixin}
+_PRESETS = {"TempBalance": TempBalanceMixin, "AlphaDecay": AlphaDecayMixin}
 
 
-def build(base: type, module: str) -> dict[str, type]:
-    """The three callback classes subclassing ``base`` (a Lightning package's ``Callback``)."""
+def build(base: type | None, module: str, glue: type | None = None) -> dict[str, type]:
+    """``SpectralBalancer``, ``TempBalance`` and ``AlphaDecay`` for one front door: its ``glue`` (a
+    subclass of the core translating the framework's events; default: the Lightning callback's)
+    on its framework ``base`` class (a Lightning package's ``Callback``, ``TrainerCallback``, or
+    None)."""
+    if glue is None:
+        from .callback import SpectralBalancerMixin as glue
+    tail = (glue,) + ((base,) if base is not None else ())
+    usage = "\n\n    " + (glue.__doc__ or "").strip()
     out = {}
-    for name, mixin in _MIXINS.items():
-        cls = type(name, (mixin, base), {"__doc__": mixin.__doc__, "__module__": module})
+    for name, preset in (("SpectralBalancer", None),) + tuple(_PRESETS.items()):
+        doc = (preset.__doc__ if preset is not None else SpectralBalancerCore.__doc__).rstrip() + usage
+        cls = type(name, ((preset,) if preset is not None else ()) + tail, {"__doc__": doc, "__module__": module})
         cls.__qualname__ = name
         out[name] = cls
     return out
