@@ -8,6 +8,11 @@ A small BERT built from a config (random init, nothing downloaded) learns a synt
 (is token 1 in the sequence?). The callback takes a snapshot every ``--every`` steps, writes
 ``ww/alpha/<layer>``, ``ww/esd/<layer>`` ... to TensorBoard next to the Trainer's own logs, and
 saves its state in every checkpoint, so ``--resume`` continues the spectral history without gaps.
+
+``--balance tempbalance`` (or ``alphadecay``) adds ``ww_monitor.huggingface.TempBalance``
+(``AlphaDecay``) after the monitor: per-layer learning rates (weight decays) from the monitor's
+alphas every ``--every`` steps, logged through the Trainer's TensorBoard integration as
+``train/ww/balance/<layer>`` (``train/ww/balance_wd/<layer>``) and saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import argparse
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
-from ww_monitor.huggingface import WeightWatcherCallback
+from ww_monitor.huggingface import AlphaDecay, TempBalance, WeightWatcherCallback
 
 VOCAB, SEQ = 128, 16
+BALANCERS = {"tempbalance": TempBalance, "alphadecay": AlphaDecay}
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -47,6 +53,8 @@ def main(argv=None) -> WeightWatcherCallback:
     p.add_argument("--on-lag", default="skip", choices=["skip", "wait"],
                    help="when the analysis is behind: skip the snapshot (never blocks training) or wait for it")
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --out")
+    p.add_argument("--balance", choices=sorted(BALANCERS), default=None,
+                   help="also balance per-layer learning rates (tempbalance) or weight decays (alphadecay)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -55,15 +63,26 @@ def main(argv=None) -> WeightWatcherCallback:
     model = BertForSequenceClassification(config)
     ww = WeightWatcherCallback(every_n_steps=args.every, every_n_epochs=None, on_lag=args.on_lag,
                                tensorboard_dir=f"{args.out}/runs/ww_monitor")
+    callbacks = [ww]
+    if args.balance:  # after the monitor, so it reuses the monitor's analysis
+        callbacks.append(BALANCERS[args.balance](every_n_epochs=None, every_n_train_steps=args.every))
     training_args = TrainingArguments(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=32, learning_rate=5e-4,
+        weight_decay=0.01 if args.balance == "alphadecay" else 0.0,
         save_steps=args.every, logging_steps=args.every, report_to="tensorboard", use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model=model, args=training_args, train_dataset=Synthetic(2048), callbacks=[ww])
+    trainer = Trainer(model=model, args=training_args, train_dataset=Synthetic(2048), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
 
     df = ww.history.to_pandas()
     print(f"{len(ww.history)} snapshots at steps {ww.history.steps}")
     print(df[df.step == df.step.max()][["layer", "alpha", "stable_rank"]].to_string(index=False))
+    if args.balance:
+        balancer = callbacks[1]
+        last = balancer.history[-1]
+        print(f"{type(balancer).__name__}: updates at steps {[r.step for r in balancer.history]}; the latest from "
+              f"{last.source} (first and last layer keep 1):")
+        for name, alpha, factor in zip(last.layers, last.alphas, last.factors):
+            print(f"  {name:<52} alpha {alpha:6.3f}  factor {factor:.3f}")
     print(f"tensorboard --logdir {args.out}/runs")
     return ww
 

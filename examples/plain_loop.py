@@ -7,6 +7,10 @@ Trains a small MLP on synthetic data; the monitor takes a baseline snapshot at t
 one every ``--every`` steps and a final one at ``close``, analysed in a background thread, and
 writes ``ww/alpha/<layer>``, ``ww/summary/*``, ESD histograms ``ww/esd/<layer>`` and the layer
 table to the ``SummaryWriter``. The same two calls work in a Lightning Fabric loop.
+
+``--balance tempbalance`` (or ``alphadecay``) also balances the layers' learning rates (weight
+decays) from the monitor's alphas, every ``--every`` steps (``ww_monitor.balancing.loop``): the
+factors go to the same ``SummaryWriter`` as ``ww/balance/<layer>`` (``ww/balance_wd/<layer>``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import ww_monitor
+from ww_monitor.balancing.loop import AlphaDecay, TempBalance
+
+BALANCERS = {"tempbalance": TempBalance, "alphadecay": AlphaDecay}
 
 
 def main(argv=None) -> ww_monitor.Monitor:
@@ -27,14 +34,23 @@ def main(argv=None) -> ww_monitor.Monitor:
     p.add_argument("--every", type=int, default=100, help="snapshot every this many steps")
     p.add_argument("--on-lag", default="skip", choices=["skip", "wait"],
                    help="when the analysis is behind: skip the snapshot (never blocks training) or wait for it")
+    p.add_argument("--balance", choices=sorted(BALANCERS), default=None,
+                   help="also balance per-layer learning rates (tempbalance) or weight decays (alphadecay)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    weight_decay = 5e-4 if args.balance == "alphadecay" else 0.0  # AlphaDecay scales the weight decay there is
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay)
     teacher = nn.Linear(64, 10)  # synthetic labels: a fixed random teacher
     writer = SummaryWriter(args.logdir)
     monitor = ww_monitor.Monitor(writer, every_n_steps=args.every, on_lag=args.on_lag)
+    balancer = None
+    if args.balance:
+        monitor.step(model, 0)  # the baseline before the first step, shared with the balancer's train start
+        balancer = BALANCERS[args.balance](every_n_epochs=None, every_n_train_steps=args.every)
+        balancer.attach(model, optimizer, monitor=monitor)  # factors go to the monitor's writer
 
     step = 0
     for step in range(1, args.steps + 1):
@@ -48,12 +64,22 @@ def main(argv=None) -> ww_monitor.Monitor:
         writer.add_scalar("train/loss", loss.item(), step)
         if monitor.step(model, step):  # True once an alert whose action is "stop" fired
             break
+        if balancer is not None:
+            balancer.step(step)  # after the monitor's step: its newest analysis is used
     monitor.close(model, step)
+    if balancer is not None:
+        balancer.close()
     writer.close()
 
     df = monitor.history.to_pandas()
     print(f"{len(monitor.history)} snapshots at steps {monitor.history.steps}")
     print(df[df.step == df.step.max()][["layer", "alpha", "stable_rank"]].to_string(index=False))
+    if balancer is not None:
+        last = balancer.history[-1]
+        print(f"{type(balancer).__name__}: updates at steps {[r.step for r in balancer.history]}; "
+              f"the latest from {last.source} (first and last layer keep 1):")
+        for name, alpha, factor in zip(last.layers, last.alphas, last.factors):
+            print(f"  {name:<4} alpha {alpha:6.3f}  factor {factor:.3f}")
     print(f"tensorboard --logdir {args.logdir}")
     return monitor
 

@@ -284,6 +284,22 @@ def test_plain_loop_arguments_and_misuse():
         tb.close()
 
 
+def test_plain_loop_example_balances(tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "plain_loop.py"))
+    example["main"](["--logdir", str(tmp_path / "tb"), "--steps", "12", "--every", "4", "--on-lag", "wait",
+                     "--balance", "tempbalance"])
+    out = capsys.readouterr().out
+    assert "TempBalance: updates at steps [0, 4" in out and "factor 1.500" in out and "factor 0.500" in out
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("ww/balance/4")][:2] == [0, 4]  # the monitor's writer has the factors
+
+
 # ---------------------------------------------------------------------------- Hugging Face Trainer
 transformers = pytest.importorskip("transformers")
 
@@ -430,3 +446,17 @@ def test_huggingface_reuses_the_monitors_analysis(tmp_path, monkeypatch):
         assert [lr for lr, _ in groups] == pytest.approx([factors.get(n, 1.0) * ref[step] for n in tb.group_layers()],
                                                          rel=1e-12, abs=1e-18)
     assert math.isfinite(tb.stats["seconds"]) and tb.stats["failures"] == 0
+
+
+def test_huggingface_example_balances(tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "huggingface_trainer.py"))
+    example["main"](["--out", str(tmp_path / "out"), "--steps", "4", "--every", "2", "--on-lag", "wait",
+                     "--balance", "alphadecay"])
+    assert "AlphaDecay: updates at steps [0, 2, 4]" in capsys.readouterr().out
+    (run,) = [d for d in (tmp_path / "out" / "runs").iterdir() if d.name != "ww_monitor"]
+    tags = read_run(run).Tags()["scalars"]
+    assert "train/ww/balance_wd/bert.encoder.layer.0.intermediate.dense" in tags
+    assert list((tmp_path / "out" / "checkpoint-4").glob("ww_monitor_balance_weight_decay.pt"))
