@@ -284,6 +284,23 @@ def test_plain_loop_arguments_and_misuse():
         tb.close()
 
 
+def test_layers_are_named_as_the_monitor_names_them():
+    """Wrappers (Fabric's ``_forward_module``, DDP's ``module``) are not part of the names, so a
+    monitor's results match; a monitor watching none of the balanced layers is not used silently."""
+    wrapper = nn.Module()
+    wrapper._forward_module = Net()
+    assert [u.name for u in find_units(wrapper)] == UNITS
+    run = LoopRun()
+    monitor = ww_monitor.Monitor(lambda metrics, step: None, every_n_steps=4, blocking=True,
+                                 figures_every_n_snapshots=None, alerts=False, include=r"^net\.9$")
+    monitor.step(run.model, 0)
+    tb = TempBalance(include=r"^net\.[0-7]$")
+    with pytest.warns(RuntimeWarning, match="the monitor's analysis has none of the balanced layers"):
+        tb.attach(run.model, run.optimizer, monitor=monitor)
+    monitor.close()
+    assert tb.history[0].source == "hill_median" and tb.history[0].layers == tuple(UNITS[:4])
+
+
 def test_plain_loop_example_balances(tmp_path, capsys):
     import runpy
     from pathlib import Path

@@ -206,6 +206,7 @@ class SpectralBalancerCore:
         self._collectives: Collectives = TorchCollectives()
         self._rank, self._world = 0, 1
         self._restored = False  # load_state_dict ran since the last attach
+        self._warned_coverage = False
         self._last_step: int | None = None
         self._monitor_step: int | None = None
 
@@ -318,6 +319,8 @@ class SpectralBalancerCore:
                 return None
         elif self._rank != 0:
             return None
+        if latest is not None and not self._covers(units, latest[1]):
+            latest = None  # (warned) the monitor watches other layers: decompose here instead
         if latest is not None:
             snap_step, results = latest
             if snap_step == self._monitor_step:
@@ -339,6 +342,19 @@ class SpectralBalancerCore:
         return BalanceRecord(step=step, epoch=epoch, source=source, layers=tuple(u.name for u in units),
                              alphas=tuple(float(a) for a in alphas), balanced=tuple(balanced),
                              factors=tuple(float(f) for f in factors))
+
+    def _covers(self, units, results) -> bool:
+        """Whether a monitor's results hold any balanced layer (else its selection or names differ:
+        warned once, and the alphas are computed here)."""
+        names = {r.name for r in results}
+        if not units or any(m.name in names for u in units for m in u.matrices):
+            return True
+        if not self._warned_coverage:
+            self._warned_coverage = True
+            rank_zero_warn(f"{type(self).__name__}: the monitor's analysis has none of the balanced layers (e.g. "
+                           f"{units[0].name!r}; its selection or names differ); the alphas are computed here from "
+                           "the weights instead.", RuntimeWarning)
+        return False
 
     def _metrics(self, record: BalanceRecord) -> dict[str, float]:
         tag = TAGS[self.scale]

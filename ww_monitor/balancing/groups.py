@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import WWMonitorError
 from ..analysis.layers import LayerMatrix, LayerSelection, clean_name, matrices_from_module
+from ..monitoring.distributed import strip_wrapper_names
 
 __all__ = ["Unit", "find_units", "layer_plan", "split_param_groups", "expand_schedulers", "StepScaler",
            "unwrap_optimizer", "check_optimizer", "BALANCE_KINDS", "NORM_TYPES"]
@@ -76,13 +77,18 @@ class Unit:
 
 def find_units(model: nn.Module, include=None, exclude=None, kinds: Sequence[str] | None = BALANCE_KINDS,
                follow_norms: bool = True) -> list[Unit]:
-    """The balanced units of ``model`` in registration order (see the module docstring)."""
+    """The balanced units of ``model`` in registration order (see the module docstring), named
+    as the monitor names its layers (wrapper segments such as DDP's ``module.``, Fabric's
+    ``_forward_module.`` or activation checkpointing's removed), so a monitor's results match."""
     selection = LayerSelection.build(include, exclude, kinds)
-    modules = {clean_name(raw): m for raw, m in model.named_modules()}
+    modules = {_name(raw): m for raw, m in model.named_modules()}
     units: dict[str, Unit] = {}
-    for name, kind, item in matrices_from_module(model, "pooled"):
+    for raw, kind, item in matrices_from_module(model, "pooled"):
+        name = strip_wrapper_names(raw)
         if isinstance(item, str) or selection.why_not(name, kind) is not None:
             continue
+        for m in item:
+            m.name = strip_wrapper_names(m.name)
         unit = units.setdefault(name, Unit(name, kind))
         unit.matrices.extend(item)
     claimed: set[int] = set()
@@ -97,7 +103,7 @@ def find_units(model: nn.Module, include=None, exclude=None, kinds: Sequence[str
     if follow_norms:
         current: Unit | None = None
         for raw, module in model.named_modules():
-            name = clean_name(raw)
+            name = _name(raw)
             if name in units:
                 current = units[name]
             elif isinstance(module, NORM_TYPES) and current is not None:
@@ -107,6 +113,10 @@ def find_units(model: nn.Module, include=None, exclude=None, kinds: Sequence[str
                     current.params.extend(own)
                     current.followers.append(name)
     return [u for u in units.values() if u.params]
+
+
+def _name(raw: str) -> str:
+    return strip_wrapper_names(clean_name(raw))
 
 
 def _copy_value(v):
