@@ -1,6 +1,7 @@
 """The plain-loop and Hugging Face balancers under ``torchrun --nproc_per_node 2`` (gloo, CPU): rank 0
 computes, every rank applies the same factors; a collective weight source (the hook a sharded
-strategy replaces) is read by every rank in step. One torchrun runs both parts."""
+strategy replaces) is read by every rank in step; an FSDP2 model is left alone with a warning.
+One torchrun runs all parts."""
 
 import json
 import os
@@ -77,6 +78,26 @@ SCRIPT = textwrap.dedent('''
              "failures": tb.stats["failures"], "weights": [float(p.sum()) for p in net.parameters()],
              "oracle": oracle}}
 
+    # FSDP2 (fully_shard: DTensor parameters): not balanced yet, so the balancer says so and stays off
+    import warnings
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    sharded = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    fully_shard(sharded)
+    opt = torch.optim.SGD(sharded.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        off = TempBalance(every_n_epochs=None, every_n_train_steps=1).attach(sharded, opt)
+        for step in range(1, 3):
+            sharded(torch.randn(4, 32)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            off.step(step)
+        off.close()
+    fsdp2 = {{"warnings": [str(w.message) for w in caught if "sharded" in str(w.message)], "updates": len(off.history),
+              "groups": len(opt.param_groups)}}
+
     # Hugging Face Trainer (accelerate uses the process group above)
     probe_seen = []
 
@@ -102,7 +123,7 @@ SCRIPT = textwrap.dedent('''
     huggingface = {{"history": hf.history.state_dict(), "seen": probe_seen, "layers": hf.group_layers(),
                    "failures": hf.stats["failures"], "ref": ref}}
     with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
-        json.dump({{"loop": loop, "hf": huggingface}}, f)
+        json.dump({{"loop": loop, "hf": huggingface, "fsdp2": fsdp2}}, f)
 ''')
 
 
@@ -150,3 +171,10 @@ def test_huggingface_two_ranks_apply_rank_zeros_factors(ranks):
         factors = dict(zip(*[factors_at(records, step)[k] for k in ("layers", "factors")]))
         assert lrs == pytest.approx([factors.get(n, 1.0) * r0["ref"][step] for n in r0["layers"]], rel=1e-12,
                                     abs=1e-18)
+
+
+def test_fsdp2_model_is_left_alone_with_a_warning(ranks):
+    r0, r1 = (r["fsdp2"] for r in ranks)
+    assert len(r0["warnings"]) == 1 and "DTensor parameters (FSDP2" in r0["warnings"][0]
+    assert r1["warnings"] == []  # warned on rank 0 only
+    assert r0["updates"] == r1["updates"] == 0 and r0["groups"] == r1["groups"] == 1

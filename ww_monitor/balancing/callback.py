@@ -73,20 +73,21 @@ class SpectralBalancerMixin(SpectralBalancerCore):
     def on_train_start(self, trainer, pl_module) -> None:
         if self._disabled or getattr(trainer, "sanity_checking", False):
             return
-        self._attach(pl_module, trainer.optimizers, LightningCollectives(trainer.strategy), trainer.global_rank,
-                     trainer.world_size)
+        if not self._attach(pl_module, trainer.optimizers, LightningCollectives(trainer.strategy),
+                            trainer.global_rank, trainer.world_size):
+            return
         if self.at_train_start and not len(self.history):
             self._lightning_update(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = self.every_n_train_steps
         step = trainer.global_step
-        if not self._disabled and n and step % n == 0 and step != self._last_step:
+        if self._attached and n and step % n == 0 and step != self._last_step:
             self._lightning_update(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         n = self.every_n_epochs
-        if not self._disabled and n and (trainer.current_epoch + 1) % n == 0 and trainer.global_step != self._last_step:
+        if self._attached and n and (trainer.current_epoch + 1) % n == 0 and trainer.global_step != self._last_step:
             self._lightning_update(trainer, pl_module, epoch=trainer.current_epoch + 1)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:

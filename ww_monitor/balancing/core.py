@@ -40,7 +40,7 @@ from ..monitoring.distributed import Collectives, TorchCollectives
 from ..validation import check_bool, check_int, check_number
 from .estimate import ESTIMATORS, MIN_BALANCE_EVALS, LocalWeights, WeightSource, monitor_alphas, own_alphas, \
     read_weights, unit_alphas
-from .groups import BALANCE_KINDS, StepScaler, check_optimizer, find_units
+from .groups import BALANCE_KINDS, StepScaler, check_optimizer, find_units, sharded_by
 from .records import BalanceHistory, BalanceRecord
 
 __all__ = ["SpectralBalancerCore", "SCALES", "TAGS", "STATE_VERSION"]
@@ -255,9 +255,17 @@ class SpectralBalancerCore:
             log.info("%s: a new run: starting with factor 1 and an empty history.", type(self).__name__)
         self.factors, self.history, self._last_step, self._monitor_step = {}, BalanceHistory(), None, None
 
-    def _attach(self, model, optimizers: Sequence, collectives: Collectives, rank: int, world: int) -> None:
-        """Hook each optimizer's step with the per-layer groups of ``model``'s balanced layers."""
+    def _attach(self, model, optimizers: Sequence, collectives: Collectives, rank: int, world: int) -> bool:
+        """Hook each optimizer's step with the per-layer groups of ``model``'s balanced layers.
+        Returns False (warned, balancing off) when the parameters are sharded and the weight source
+        cannot read full weights."""
         self._detach()
+        sharding = sharded_by(model) if not getattr(self.weight_source, "collective", False) else None
+        if sharding is not None:
+            rank_zero_warn(f"{type(self).__name__}: the model's parameters are sharded ({sharding}); per-layer "
+                           "balancing of sharded models is not supported yet, so balancing is off for this run.",
+                           RuntimeWarning)
+            return False
         units = find_units(model, self.include, self.exclude, self.kinds, self.follow_norms)
         if not units:
             rank_zero_warn(f"{type(self).__name__}: no layer matches the selection (include/exclude/kinds); nothing "
@@ -272,6 +280,7 @@ class SpectralBalancerCore:
         self._collectives, self._rank, self._world = collectives, int(rank), int(world)
         self._restored = False
         self._attached = True
+        return True
 
     def _detach(self) -> None:
         for s in self._scalers:  # the factors stop applying; the optimizer has its own groups

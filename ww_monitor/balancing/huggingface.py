@@ -85,7 +85,6 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
     stays off.
     """
 
-    _disabled = False
     _monitor = None
     _reporters: list = []
 
@@ -98,9 +97,8 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
         if len(same) > 1:
             raise WWMonitorError(f"{len(same)} balancers scale {self.scale!r} ({', '.join(type(c).__name__ for c in same)});"
                                  " their factors would multiply. Use one per setting.")
-        self._disabled = bool(getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)
-                              or any(os.environ.get(v, "").lower() == "true" for v in _SHARDING_ENV))
-        if self._disabled:
+        if (getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)
+                or any(os.environ.get(v, "").lower() == "true" for v in _SHARDING_ENV)):
             rank_zero_warn(f"{name}: FSDP/DeepSpeed shard the parameters, so per-layer param groups cannot be formed; "
                            "balancing is off for this run.", RuntimeWarning)
             return control
@@ -114,7 +112,8 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
                              None)
         classes = tuple(_reporting_callbacks())
         self._reporters = [c for c in callbacks if classes and isinstance(c, classes)]
-        self._attach(model, [optimizer], TorchCollectives(), *_rank_and_world())
+        if not self._attach(model, [optimizer], TorchCollectives(), *_rank_and_world()):
+            return control
         if self.at_train_start and not len(self.history):
             self._hf_update(args, state, control, model, int(round(state.epoch or 0)))
         return control

@@ -64,6 +64,7 @@ class LoopBalancerMixin(SpectralBalancerCore):
     _step: int | None = None
     _epoch = 0
     _epoch_ends = 0
+    _off = False  # attached to a model it cannot balance (sharded parameters)
 
     def attach(self, model: nn.Module, optimizer, monitor: MonitorEngine | None = None, sinks=None):
         """Bind to ``model`` and ``optimizer`` (or a list of optimizers) before the first step, and
@@ -80,7 +81,9 @@ class LoopBalancerMixin(SpectralBalancerCore):
         restored = self._restored
         self._sinks = as_sinks(sinks) if sinks is not None else (list(monitor.sinks) if monitor is not None else [])
         self._monitor, self._model = monitor, model
-        self._attach(model, optimizers, TorchCollectives(), *_rank_and_world())
+        self._off = not self._attach(model, optimizers, TorchCollectives(), *_rank_and_world())
+        if self._off:  # (warned) step / epoch_end do nothing
+            return self
         if not restored:
             self._new_run()
         self._step = self._last_step
@@ -92,8 +95,9 @@ class LoopBalancerMixin(SpectralBalancerCore):
     def step(self, step: int) -> None:
         """Call after each optimizer step with the number of steps done (every rank alike):
         updates the factors when ``every_n_train_steps`` is due."""
-        self._check_attached("step")
         check_int("step", step, 0, owner=type(self).__name__)
+        if self._check_attached("step"):
+            return
         self._step = step
         n = self.every_n_train_steps
         if n and step % n == 0 and step != self._last_step:
@@ -102,8 +106,9 @@ class LoopBalancerMixin(SpectralBalancerCore):
     def epoch_end(self, epoch: int) -> None:
         """Call at the end of each epoch with the number of epochs done (1 after the first):
         updates the factors when ``every_n_epochs`` is due."""
-        self._check_attached("epoch_end")
         check_int("epoch", epoch, 1, owner=type(self).__name__)
+        if self._check_attached("epoch_end"):
+            return
         self._epoch, self._epoch_ends = epoch, self._epoch_ends + 1
         n = self.every_n_epochs
         step = self._step or 0
@@ -127,9 +132,13 @@ class LoopBalancerMixin(SpectralBalancerCore):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _check_attached(self, call: str) -> None:
+    def _check_attached(self, call: str) -> bool:
+        """True when balancing is off for this run (the call does nothing); raises before attach."""
+        if self._off:
+            return True
         if not self._attached:
             raise WWMonitorError(f"{type(self).__name__}: call attach(model, optimizer) before {call}().")
+        return False
 
     def _loop_update(self, step: int) -> None:
         self._update(self._model, step, self._epoch, monitor=self._monitor, loggers=self._sinks)

@@ -16,10 +16,17 @@ MAX_LISTED = 20
 
 
 def rank_zero_warn(message: str, category=UserWarning) -> None:
-    """Warn once per process group (rank 0), attributed to the user's line, not to ours."""
+    """Warn once per process group (rank 0), attributed to the user's line, not to ours. The rank
+    is Lightning's where Lightning set it, else that of ``torch.distributed``'s default group
+    (plain ``torchrun`` loops, the Hugging Face Trainer)."""
     from lightning_utilities.core.rank_zero import rank_zero_only
 
-    if getattr(rank_zero_only, "rank", 0) == 0:
+    rank = getattr(rank_zero_only, "rank", None)
+    if rank is None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0:
         warn_user(message, category)
 
 
