@@ -39,8 +39,10 @@ def main(argv=None) -> ww_monitor.Monitor:
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                          nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    layers = [nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU()]
+    if args.balance:  # three layers between the first and the last (which keep factor 1)
+        layers += [nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(layers[-2].out_features, 10))
     weight_decay = 5e-4 if args.balance == "alphadecay" else 0.0  # AlphaDecay scales the weight decay there is
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay)
     teacher = nn.Linear(64, 10)  # synthetic labels: a fixed random teacher

@@ -319,6 +319,8 @@ class SpectralBalancerCore:
         None, after reading the weights along with rank 0 when the weight source is collective."""
         units = find_units(model, self.include, self.exclude, self.kinds, self.follow_norms)
         latest = getattr(monitor, "latest_results", None) if monitor is not None else None
+        if self._rank == 0 and latest is not None and not self._covers(units, latest[1]):
+            latest = None  # (warned) the monitor watches other layers: decompose here instead
         collective = getattr(self.weight_source, "collective", False) and self._world > 1
         if collective:  # every rank reads the weights exactly when rank 0 decomposes them
             reads = self._collectives.broadcast_object(latest is None, self._world)
@@ -328,8 +330,6 @@ class SpectralBalancerCore:
                 return None
         elif self._rank != 0:
             return None
-        if latest is not None and not self._covers(units, latest[1]):
-            latest = None  # (warned) the monitor watches other layers: decompose here instead
         if latest is not None:
             snap_step, results = latest
             if snap_step == self._monitor_step:

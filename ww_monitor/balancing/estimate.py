@@ -104,12 +104,19 @@ def own_alphas(units: Sequence[Unit], estimator: str, xmin_pos: float, min_evals
     weights come from ``weights`` (default :class:`LocalWeights`), one batch at a time."""
     source = weights if weights is not None else LocalWeights()
     out = []
+    batches = source(_matrices(units))
     with torch.no_grad():
-        for batch in source(_matrices(units)):
-            evals = batched_eigenvalues([w for _, w in batch], method=method)
-            for (m, w), ev in zip(batch, evals):
-                n, k = max(w.shape[-2:]), min(w.shape[-2:])
-                out.append(_esd_alpha(m.name, ev * m.eig_scale, estimator, xmin_pos, min_evals, n, k, m.precision))
+        try:
+            for batch in batches:
+                evals = batched_eigenvalues([w for _, w in batch], method=method)
+                for (m, w), ev in zip(batch, evals):
+                    n, k = max(w.shape[-2:]), min(w.shape[-2:])
+                    out.append(_esd_alpha(m.name, ev * m.eig_scale, estimator, xmin_pos, min_evals, n, k, m.precision))
+        except Exception:
+            if getattr(source, "collective", False):  # keep reading along with the other ranks, then fail
+                for _ in batches:
+                    pass
+            raise
     return out
 
 
