@@ -114,11 +114,17 @@ def with_adapters(found: Iterable[tuple[str, str, object]], model: nn.Module, mo
             if adapter not in layer.lora_B:
                 continue
             a, b = _factor(layer, adapter)
+            if a.ndim < 2 or b.ndim < 2:  # an FSDP1 shard, outside the group that gathers this layer
+                continue
             scaling = float(getattr(layer, "scaling", {}).get(adapter, 1.0))
             name = f"{owner}.lora_BA.{adapter}"
             yield name, "lora", [LayerMatrix(name, "lora", update_core(a, b, scaling), reads=(a, b))]
+            if mode != "with_base":
+                continue
+            # Each layer reads the weights it uses, after the previous one (sharded models are gathered per layer).
             base = getattr(layer.base_layer, "weight", None)
-            if mode == "with_base" and isinstance(base, torch.Tensor) and base.ndim == 2:
+            if isinstance(base, torch.Tensor) and base.ndim == 2:
+                a, b = _factor(layer, adapter)
                 merged = base.detach() + (scaling * (b.detach().to(base.dtype) @ a.detach().to(base.dtype)))
                 mname = f"{owner}.lora_W_plus_AB.{adapter}"
                 kind = base_kinds.get(owner, "linear")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from torch import nn
 
@@ -33,7 +33,7 @@ from .layers import (
 from .results import SkippedLayer
 from .weight_access import alias_key, analysable
 
-__all__ = ["AnalysisConfig", "select_matrices", "DEFAULT_MIN_EVALS", "DEFAULT_MAX_EVALS", "DEFAULT_MAX_N"]
+__all__ = ["AnalysisConfig", "select_matrices", "find_layers", "DEFAULT_MIN_EVALS", "DEFAULT_MAX_EVALS", "DEFAULT_MAX_N"]
 
 #: weightwatcher's defaults: at least 8 eigenvalues, at most 15000, N at most 50000.
 DEFAULT_MIN_EVALS = 8
@@ -106,7 +106,7 @@ def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], 
     parameter it reads requires grad (:mod:`.frozen`; never for a state dict's tensors).
     """
     if isinstance(source, nn.Module):
-        found = with_adapters(matrices_from_module(source, config.conv_mode), source, config.peft)
+        found = find_layers(source, config)
     elif isinstance(source, Mapping):
         rest, adapters = adapters_from_state_dict(source, config.peft)
         found = [*matrices_from_state_dict(rest, config.conv_mode), *adapters]
@@ -157,6 +157,15 @@ def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], 
             if key is not None:
                 owners[key] = (owner, original)
     return matrices, skipped
+
+
+def find_layers(module: nn.Module, config: AnalysisConfig, tap=None) -> Iterator[tuple[str, str, object]]:
+    """The layer finder's output for ``module`` under ``config``'s ``conv_mode`` and ``peft``:
+    ``(layer name, kind, [LayerMatrix] or the reason it is unsupported)``, lazily, in model order.
+    ``tap`` wraps the per-module finder's output before the adapters are applied (sharded models
+    are walked with it one layer at a time, see ``ww_monitor.monitoring.sharded``)."""
+    found = matrices_from_module(module, config.conv_mode)
+    return with_adapters(tap(found) if tap is not None else found, module, config.peft)
 
 
 def _selection_problem(m: LayerMatrix, config: AnalysisConfig) -> str | None:

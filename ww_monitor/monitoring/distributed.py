@@ -33,6 +33,7 @@ from torch import nn
 from ..analysis.analyze import AnalysisConfig, select_matrices
 from ..analysis.layers import LayerMatrix
 from ..analysis.results import SkippedLayer
+from .sharded import has_sharded_parameters, iter_full_matrices, plan_sharded, without_wrappers
 from .snapshot import SnapshotBuilder
 
 __all__ = [
@@ -160,21 +161,20 @@ def assign_owners(costs: Sequence[float], world_size: int, loads: list[float] | 
 
 
 def parallelism(root: nn.Module | None, module: nn.Module) -> str:
-    """``"fsdp"``, ``"deepspeed"`` (ZeRO-3 partitioned parameters) or ``"plain"``."""
+    """``"fsdp"`` (FSDP1 units), ``"sharded"`` (DTensor or DeepSpeed ZeRO-3 parameters: FSDP2,
+    tensor parallel, ZeRO-3; see :mod:`.sharded`) or ``"plain"``."""
     for m in (root or module).modules():
         if type(m).__name__ == "FullyShardedDataParallel":
             return "fsdp"
-    for p in module.parameters():
-        if hasattr(p, "ds_id") and hasattr(p, "ds_status"):
-            return "deepspeed"
-        break
-    return "plain"
+    return "sharded" if has_sharded_parameters(module) else "plain"
 
 
 def _rename(matrices: list[LayerMatrix], skipped: list[SkippedLayer]) -> tuple[list[LayerMatrix], list[SkippedLayer]]:
     for m in matrices:
         m.name = strip_wrapper_names(m.name)
-    skipped = [SkippedLayer(strip_wrapper_names(s.name), s.kind, s.shape, s.reason) for s in skipped]
+        m.aliases = tuple(strip_wrapper_names(a) for a in m.aliases)
+    skipped = [SkippedLayer(strip_wrapper_names(s.name), s.kind, s.shape, s.reason,
+                            tuple(strip_wrapper_names(a) for a in s.aliases)) for s in skipped]
     return matrices, skipped
 
 
@@ -203,7 +203,7 @@ def collect_into(
     ownership is assigned (frozen ones carried forward, :mod:`.carry`). Returns
     ``({layer: owner rank} for every selected matrix not carried, layers skipped by the selection)``.
     With ``builder=None`` only the selection and ownership are computed (no copies; not
-    supported for sharded parameters, whose shapes are unknown until gathered).
+    available for FSDP1 units, whose shapes are unknown until summoned).
     """
     kind = parallelism(root, module)
     loads = [0.0] * max(1, world_size)
@@ -212,11 +212,24 @@ def collect_into(
         matrices, skipped = _rename(*select_matrices(module, config))
         _add_owned(builder, matrices, rank, world_size, loads, owners, carry)
         return owners, skipped
+    if kind == "sharded":
+        return _collect_sharded(builder, module, config, rank, world_size, loads, owners, carry)
     if builder is None:
-        raise RuntimeError("ownership without copying is not available for sharded parameters")
-    if kind == "fsdp":
-        return _collect_fsdp(builder, module, root or module, config, rank, world_size, loads, owners, carry)
-    return _collect_deepspeed(builder, module, config, rank, world_size, loads, owners, carry)
+        raise RuntimeError("ownership without copying is not available for FSDP1 units, whose shapes are "
+                           "unknown until gathered")
+    return _collect_fsdp(builder, module, root or module, config, rank, world_size, loads, owners, carry)
+
+
+def _collect_sharded(builder, module, config, rank, world, loads, owners, carry=None):
+    """DTensor / ZeRO-3: plan from global shapes, then gather one layer at a time (see :mod:`.sharded`)."""
+    plan = plan_sharded(module, config)
+    matrices, skipped = _rename(plan.matrices, plan.skipped)
+    _add_owned(None, matrices, rank, world, loads, owners, carry)
+    if builder is not None:  # carried matrices have no owner: not gathered
+        for m in iter_full_matrices(plan, owner=lambda m: owners.get(m.name), rank=rank):
+            builder.add([m])
+            del m  # copied: free the full weight before the next layer is gathered
+    return owners, skipped
 
 
 def _collect_groups(groups, builder, module, config, rank, world, loads, owners, carry=None):
@@ -225,7 +238,7 @@ def _collect_groups(groups, builder, module, config, rank, world, loads, owners,
     all_skipped: dict[str, SkippedLayer] = {}
     for ctx in groups:
         with ctx:
-            matrices, skipped = _rename(*select_matrices(module, config))
+            matrices, skipped = _rename(*select_matrices(without_wrappers(module), config))
             new = [m for m in matrices if m.name not in owners]
             _add_owned(builder, new, rank, world, loads, owners, carry)
         for s in skipped:
@@ -239,21 +252,44 @@ def _collect_fsdp(builder, module, root, config, rank, world, loads, owners, car
     units = FSDP.fsdp_modules(root)
     orig = all(getattr(u, "_use_orig_params", True) for u in units)
     if orig:
-        groups = (FSDP.summon_full_params(u, recurse=False, writeback=False) for u in units)
+        groups = (_summoned(FSDP, group) for group in _unit_groups(units, module))
     else:  # original parameters are not 1-D shards outside the context: gather everything once
         on_gpu = any(p.is_cuda for p in root.parameters())
         groups = [FSDP.summon_full_params(root, recurse=True, writeback=False, offload_to_cpu=on_gpu)]
     return _collect_groups(groups, builder, module, config, rank, world, loads, owners, carry)
 
 
-def _collect_deepspeed(builder, module, config, rank, world, loads, owners, carry=None):
-    try:
-        import deepspeed  # type: ignore
-    except ImportError:  # parameters look partitioned but deepspeed is gone: analyse what is visible
-        log.debug("ZeRO-3 style parameters but deepspeed is not importable")
-        groups = [contextlib.nullcontext()]
-    else:
-        own = list(module.parameters(recurse=False))
-        parts = ([own] if own else []) + [list(c.parameters()) for c in module.children()]
-        groups = (deepspeed.zero.GatheredParameters(p, modifier_rank=None) for p in parts if p)
-    return _collect_groups(groups, builder, module, config, rank, world, loads, owners, carry)
+def _unit_groups(units: list, module: nn.Module) -> list[list]:
+    """FSDP1 units summoned together: one each, except that the units holding a LoRA layer's
+    parameters (base weight, A and B factors, often wrapped apart) go together, since its
+    adapter update is computed from all of them. In model order; the same on every rank."""
+    from ..analysis.adapters import lora_layers
+
+    nested = {id(u): {id(p) for v in units if v is not u and _inside(v, u) for p in v.parameters()} for u in units}
+    own = {id(u): {id(p) for p in u.parameters()} - nested[id(u)] for u in units}
+    group_of: dict[int, list] = {}
+    for layer in lora_layers(module).values():
+        ids = {id(p) for p in layer.parameters()}
+        group = [u for u in units if own[id(u)] & ids]
+        for u in group:
+            group_of.setdefault(id(u), group)
+    groups, done = [], set()
+    for u in units:
+        if id(u) not in done:
+            group = group_of.get(id(u), [u])
+            done.update(id(v) for v in group)
+            groups.append(group)
+    return groups
+
+
+def _inside(inner: nn.Module, outer: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+@contextlib.contextmanager
+def _summoned(fsdp_class, units: list):
+    """Every unit of ``units`` summoned (its own parameters, ``recurse=False``), nested."""
+    with contextlib.ExitStack() as stack:
+        for u in units:
+            stack.enter_context(fsdp_class.summon_full_params(u, recurse=False, writeback=False))
+        yield
