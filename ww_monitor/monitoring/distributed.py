@@ -11,14 +11,22 @@
   Trainer) and :class:`LightningCollectives` (a Lightning ``Strategy``'s own collectives,
   chosen by the Lightning callback). The engine calls them only at hook points every rank reaches
   at the same time (sync points), never from the worker thread.
-* **Sharded parameters.** Under FSDP the full weights exist only inside
-  ``FullyShardedDataParallel.summon_full_params``: the snapshot is built one FSDP unit at a
-  time (``recurse=False``), so at most one unit's full parameters are materialised at once.
-  With ``use_orig_params=True`` (Lightning's default) a unit's not-yet-gathered parameters
-  are 1-D shards, which the layer finder ignores; with ``use_orig_params=False`` the whole
-  model is summoned at once, offloaded to CPU. DeepSpeed ZeRO-3 partitioned parameters are
-  gathered child module by child module with ``deepspeed.zero.GatheredParameters`` when
-  deepspeed is importable. Summoning is collective: every rank runs the same sequence.
+* **Sharded parameters** are never gathered whole on one rank.
+
+  - DTensor parameters (FSDP2 ``fully_shard``, Lightning's ``ModelParallelStrategy``, tensor
+    parallel ``parallelize_module``, both on a 2-D mesh) and DeepSpeed ZeRO-3 partitioned
+    parameters: the selection and the ownership come from the global shapes, with no
+    communication (so ``collect_into(builder=None)`` works), and the same greedy balance as an
+    unsharded model gives the same owners; then the layers are materialised one at a time, to
+    their owner where the placement allows, copied by it and freed (:mod:`.sharded`).
+  - FSDP1 (``FullyShardedDataParallel``): the full weights exist only inside
+    ``summon_full_params``; units are summoned one at a time (``recurse=False``), except that the
+    units holding one LoRA layer (base weight, A, B) are summoned together, and the layers newly
+    visible in each are selected through a view without the FSDP wrappers. Ownership is balanced
+    unit by unit (shapes are unknown before a unit is summoned). With ``use_orig_params=False``
+    the whole model is summoned at once, offloaded to CPU.
+
+  Materialising is collective: every rank runs the same sequence.
 """
 
 from __future__ import annotations

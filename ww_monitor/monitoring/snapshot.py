@@ -124,8 +124,8 @@ def _dtype_key(dtype: torch.dtype) -> str:
 class SnapshotBuilder:
     """Builds a :class:`Snapshot` from one or more groups of live matrices.
 
-    FSDP/ZeRO-3 gather one unit of parameters at a time: each :meth:`add` copies one group
-    while its parameters are materialised, into its own buffers.
+    Sharded models are materialised one layer (FSDP1: one unit) at a time: each :meth:`add`
+    copies one group while its parameters are materialised, into its own buffers.
     """
 
     def __init__(self, index: int, step: int, epoch: int, *, share_memory: bool = False,
