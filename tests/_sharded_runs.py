@@ -254,6 +254,8 @@ def check_collect(strategy, model, replica, config, rank, world) -> dict:
     after = _local_state(model)
     report["model_unchanged"] = len(before) == len(after) and all(
         a[:3] == b[:3] and torch.equal(a[3], b[3]) for a, b in zip(before, after))
+    if strategy != "fsdp1":
+        report["failed_copy"] = failed_copy(watched, config, rank, world)
     if strategy != "fsdp1":  # the per-layer gather's own bookkeeping
         plan = plan_sharded(watched, config)
         names = [m.name for m in plan.matrices]
@@ -268,6 +270,27 @@ def check_collect(strategy, model, replica, config, rank, world) -> dict:
                       largest_layer_bytes=max(layer_bytes.values()),
                       model_bytes=sum(p.numel() * 4 for p in replica.parameters()))
     return report
+
+
+def failed_copy(model, config, rank, world) -> str:
+    """A copy that fails on rank 0 only: rank 0 still takes part in every gather (else rank 1
+    would wait for it forever) and raises afterwards; rank 1 finishes normally."""
+    from ww_monitor.monitoring.distributed import collect_into
+    from ww_monitor.monitoring.snapshot import SnapshotBuilder
+
+    class Failing(SnapshotBuilder):
+        def add(self, matrices):
+            if rank == 0:
+                raise RuntimeError("copy failed")
+            super().add(matrices)
+
+    try:
+        collect_into(Failing(0, 0, 0), model, config, rank, world)
+    except RuntimeError as err:
+        return str(err)
+    finally:
+        dist.barrier()
+    return "no error"
 
 
 def run_monitor(strategy, model, optimizer, replica, options, rank, out) -> dict:

@@ -67,6 +67,8 @@ def _check_snapshot(r0, r1, n_layers, planned):
     if planned:  # ownership known before anything is gathered, and the unsharded model's
         assert c0["owners_before_gather"] == c0["owners"] == c0["plain_owners"]
         assert c1["owners_before_gather"] == c1["owners"]
+        # a copy failing on one rank: it walks on through every gather, then raises
+        assert (c0["failed_copy"], c1["failed_copy"]) == ("copy failed", "no error")
     for rank, c in enumerate((c0, c1)):
         assert c["mine"] == sorted(n for n, r in c["owners"].items() if r == rank)
         assert c["mine"], "both ranks own layers"

@@ -41,7 +41,8 @@ from torch import nn
 from ..analysis.analyze import AnalysisConfig, select_matrices
 from ..analysis.layers import LayerMatrix
 from ..analysis.results import SkippedLayer
-from .sharded import has_sharded_parameters, iter_full_matrices, plan_sharded, without_wrappers
+from .model_view import without_wrappers
+from .sharded import has_sharded_parameters, iter_full_matrices, plan_sharded
 from .snapshot import SnapshotBuilder
 
 __all__ = [
@@ -234,9 +235,16 @@ def _collect_sharded(builder, module, config, rank, world, loads, owners, carry=
     matrices, skipped = _rename(plan.matrices, plan.skipped)
     _add_owned(None, matrices, rank, world, loads, owners, carry)
     if builder is not None:  # carried matrices have no owner: not gathered
+        error = None
         for m in iter_full_matrices(plan, owner=lambda m: owners.get(m.name), rank=rank):
-            builder.add([m])
+            if error is None:  # after a failed copy, walk on (the other ranks wait for this one's gathers)
+                try:
+                    builder.add([m])
+                except Exception as err:
+                    error = err
             del m  # copied: free the full weight before the next layer is gathered
+        if error is not None:
+            raise error
     return owners, skipped
 
 

@@ -3,29 +3,31 @@ parallel, both on a 2-D mesh) and DeepSpeed ZeRO-3.
 
 A sharded parameter holds a piece of its weight on each rank, but its *global* shape is known on
 every rank without communicating (``DTensor.shape``, ZeRO-3's ``ds_shape``). A snapshot of a
-sharded model takes two walks of the layer finder over a *proxy* of the model: shallow copies of
-its modules that share everything except their parameter tables, whose reads go through a
-:class:`Materialiser` (the model itself is never modified).
+sharded model takes two walks of the layer finder over a view of the model
+(:func:`.model_view.proxy`: shallow copies of its modules whose parameter and buffer reads are
+served by a :class:`Materialiser`; the model itself is never modified).
 
-1. **Plan** (:func:`plan_sharded`; no communication, no memory): every sharded parameter reads as
-   a stand-in, a meta tensor of its global shape, dtype and ``requires_grad`` that the selection
+1. **Plan** (:func:`plan_sharded`; no communication, no memory): every tensor reads as a
+   stand-in, a meta tensor of its global shape, dtype and ``requires_grad`` that the selection
    takes for a real weight. The layer finder and the selection then run exactly as on the
    unsharded model: the same names, kinds, shapes, tied weights (views keep their strides and
-   offsets) and skip reasons. Ownership, computed from shapes, is therefore identical on every
-   rank (and to the unsharded model's) before anything is gathered, and ``builder=None``
+   offsets), LoRA updates and skip reasons. Ownership, computed from shapes, is therefore the same
+   on every rank (and the unsharded model's) before anything is gathered, and ``builder=None``
    (ownership without copies) works.
-2. **Gather** (:func:`iter_full_matrices`; collective): the finder walks the proxy again, one
-   layer (one item of the finder) at a time. While it reads a layer that has a selected matrix,
-   each sharded parameter it touches is materialised; the layer's matrices are handed to the
-   caller; the full weights are dropped before the next layer is read. Every rank runs the same
-   sequence of collectives.
+2. **Gather** (:func:`iter_full_matrices`; collective): the finder walks the view again, one
+   layer at a time. While it produces a layer that has a selected matrix, each sharded parameter
+   it reads is materialised on the ranks that get the layer, which compute on real tensors; the
+   others read stand-ins throughout. The layer's matrices are handed to the caller, and the full
+   weights are dropped before the next layer is read (the finder reads each weight while it
+   produces the layer that uses it). Every rank runs the same sequence of collectives, and walks
+   to the end even when a copy fails on it (the error is raised afterwards).
 
 How a weight is materialised (:meth:`Materialiser.materialise`):
 
 * A DTensor on a 1-D mesh with one ``Shard(d)`` placement (FSDP2 alone, tensor parallel alone),
   when a single rank owns the layer's matrices: ``torch.distributed.gather`` of the (padded)
   shards onto that rank only. The owner receives one layer, every other rank sends its shard and
-  allocates nothing; bytes on the wire are 1/world of an all-gather's
+  allocates nothing; the bytes moved are 1/world of an all-gather's
   (``benchmarks/bench_sharded.py`` measures both).
 * Any other DTensor (2-D meshes, ``_StridedShard``, replicated) or a layer whose matrices have
   several owners (an attention ``in_proj`` split into q/k/v): ``DTensor.full_tensor()``, an
@@ -52,13 +54,10 @@ from ..analysis.layers import LayerMatrix
 from ..analysis.results import SkippedLayer
 from ..analysis.selection import AnalysisConfig, find_layers, select_matrices
 from ..analysis.weight_access import analysable
+from .model_view import is_stand_in, proxy, stand_in
 
 __all__ = ["is_sharded", "has_sharded_parameters", "global_shape", "Materialiser", "ShardedPlan", "plan_sharded",
-           "iter_full_matrices", "without_wrappers"]
-
-#: Bit shift that keeps a stand-in's fake address (storage identity, byte offset) unique: no
-#: weight has 2**64 bytes, so distinct storages never meet however far a view is offset.
-_ADDRESS_SHIFT = 64
+           "iter_full_matrices"]
 
 
 def _dtensor_class():
@@ -89,25 +88,8 @@ def global_shape(p) -> torch.Size:
     return torch.Size(p.ds_shape) if _is_zero3(p) else p.shape
 
 
-class _StandIn(torch.Tensor):
-    """A meta tensor that the selection takes for a real weight: shape, strides, storage offset
-    and dtype, no memory. ``is_meta`` reads False (else the selection would skip it as "not
-    materialised"); ``data_ptr`` is a fake address unique to its storage and offset, so tied
-    weights (one stand-in per parameter) are recognised and views of one weight (q/k/v) are not."""
-
-    @property
-    def is_meta(self) -> bool:
-        return False
-
-    def data_ptr(self) -> int:
-        storage = self.untyped_storage()
-        base = getattr(storage, "_cdata", None) or id(storage)
-        return (base << _ADDRESS_SHIFT) + self.storage_offset() * self.element_size()
-
-
-def _stand_in(p: torch.Tensor) -> torch.Tensor:
-    meta = torch.empty(global_shape(p), dtype=p.dtype, device="meta")
-    return torch.Tensor._make_subclass(_StandIn, meta, bool(p.requires_grad and p.is_floating_point()))
+def _stand_in(p) -> torch.Tensor:
+    return stand_in(global_shape(p), p.dtype, p.requires_grad)
 
 
 def _single_shard_dim(p) -> int | None:
@@ -239,67 +221,6 @@ class Materialiser:
         return sum(b for r, b in self._live if r is None or r() is not None)
 
 
-class _TensorTable(dict):
-    """A proxy module's ``_parameters`` / ``_buffers``: every read goes through the
-    :class:`Materialiser`, lazily (iterating reads one entry at a time, so each is read while
-    the finder produces the layer that uses it)."""
-
-    def __init__(self, tensors, read: Callable) -> None:
-        super().__init__(tensors)
-        self._read = read
-
-    def __getitem__(self, key):
-        return self._read(dict.__getitem__(self, key))
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
-
-    def items(self):
-        return ((k, self[k]) for k in list(dict.keys(self)))
-
-    def values(self):
-        return (self[k] for k in list(dict.keys(self)))
-
-
-#: Wrapper modules (FSDP1 units, activation checkpointing, CPU offload) and the attribute holding
-#: what they wrap. They forward attribute reads to it, so the finder would see each weight twice.
-_WRAPPERS = {"FullyShardedDataParallel": "_fsdp_wrapped_module", "CheckpointWrapper": "_checkpoint_wrapped_module",
-             "OffloadWrapper": "_checkpoint_wrapped_module"}
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while type(module).__name__ in _WRAPPERS:
-        module = getattr(module, _WRAPPERS[type(module).__name__])
-    return module
-
-
-def _proxy(module: nn.Module, read: Callable, memo: dict[int, nn.Module], unwrap: bool = False) -> nn.Module:
-    """A shallow copy of ``module`` and its children (same classes, buffers, hooks; a module
-    registered twice stays one) whose parameter and buffer reads go through ``read``. ``unwrap``:
-    FSDP1 / activation-checkpointing wrappers are replaced by the modules they wrap."""
-    if unwrap:
-        module = _unwrap(module)
-    clone = memo.get(id(module))
-    if clone is not None:
-        return clone
-    clone = object.__new__(type(module))  # not type(module)(): FSDP2's classes override __new__
-    memo[id(module)] = clone
-    clone.__dict__.update(module.__dict__)
-    clone.__dict__["_parameters"] = _TensorTable(module._parameters, read)
-    clone.__dict__["_buffers"] = _TensorTable(module._buffers, read)
-    clone.__dict__["_modules"] = {k: (None if c is None else _proxy(c, read, memo, unwrap))
-                                  for k, c in module._modules.items()}
-    return clone
-
-
-def without_wrappers(module: nn.Module) -> nn.Module:
-    """A view of ``module`` (shallow copies of its modules, the same tensors) with FSDP1 units and
-    activation-checkpointing wrappers replaced by the modules they wrap: names without
-    ``_fsdp_wrapped_module``, each layer seen once (LoRA layers whose parts are wrapped apart
-    included). Take it while the parameters to read are materialised (FSDP1 swaps them in)."""
-    return _proxy(module, lambda t: t, {}, unwrap=True)
-
-
 class _Walk:
     """One walk of the layer finder over a proxy, telling the :class:`Materialiser` which layer
     each weight read belongs to: the per-module finder's layer being produced (*inner* ``j``), or,
@@ -378,13 +299,13 @@ def _names(item) -> tuple[str, ...]:
 def plan_sharded(module: nn.Module, config: AnalysisConfig) -> ShardedPlan:
     """Select the matrices of ``module`` (sharded parameters read as stand-ins). Local: no collective."""
     read = Materialiser()
-    proxy = _proxy(module, read, {})
-    walk = _Walk(proxy, config, read)
+    view = proxy(module, read)
+    walk = _Walk(view, config, read)
     outer = [_names(item) for _, _, item in walk]
     inner = [_names(item) for item in walk.inner]
     walk.close()
-    matrices, skipped = select_matrices(proxy, config)
-    return ShardedPlan(matrices, skipped, read, proxy, config, outer, inner, [m.name for m in matrices])
+    matrices, skipped = select_matrices(view, config)
+    return ShardedPlan(matrices, skipped, read, view, config, outer, inner, [m.name for m in matrices])
 
 
 def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int] | None = None,
@@ -395,7 +316,8 @@ def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int] | 
     ``owner`` (plan matrix -> global rank): yield only this ``rank``'s matrices; a layer whose
     matrices all have one owner is gathered to that rank alone where the placement allows. None:
     every rank gets every matrix. A yielded weight is valid until the next one is requested; drop
-    it before asking (``del m`` at the end of the loop body), or two layers are alive at once.
+    it before asking (``del m`` at the end of the loop body), or two layers are alive at once. A
+    matrix that cannot be read is left out and reported in one error after the walk.
     """
     by_raw = dict(zip(plan._raw_names, plan.matrices))
 
@@ -413,10 +335,11 @@ def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int] | 
     read = plan.materialiser
     read.rank = rank
     walk = _Walk(plan._proxy, plan._config, read, policy)
+    problems: list[str] = []  # raised after the walk: stopping halfway would leave the other ranks waiting
     try:
         for names in plan._outer:
             _, _, item = next(walk)
-            if _names(item) != names:
+            if _names(item) != names:  # the same on every rank (the same model): they all stop here
                 raise RuntimeError("the model's layers changed between the plan and the gather of a snapshot")
             full = {m.name: m for m in item} if not isinstance(item, str) else {}
             del item
@@ -424,18 +347,24 @@ def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int] | 
                 ref = by_raw.get(raw)
                 if ref is None or (owner is not None and owner(ref) != rank):
                     continue
-                weight = full[raw].weight
-                if isinstance(weight, _StandIn):
-                    raise RuntimeError(f"{ref.name}: its weight was not gathered (the layer finder used a weight "
-                                       "read for another layer)")
-                form = analysable(weight)
-                if isinstance(form, str):  # the plan accepted this dtype; a real weight cannot differ
-                    raise RuntimeError(f"{ref.name}: {form}")
+                form = _full_form(full[raw].weight)
+                if isinstance(form, str):
+                    problems.append(f"{ref.name}: {form}")
+                    continue
                 yield LayerMatrix(ref.name, ref.kind, form[0], ref.eig_scale, ref.aliases, ref.stored_dtype)
-                del weight, form  # a full weight must not outlive its layer
+                del form  # a full weight must not outlive its layer
             del full
             read.release()
     finally:
         walk.close()
         read.gather, read.target = False, None
         read.release()
+    if problems:
+        raise RuntimeError("; ".join(problems))
+
+
+def _full_form(weight) -> tuple | str:
+    """:func:`analysable` of a gathered weight, or why there is none."""
+    if is_stand_in(weight):
+        return "its weight was not gathered (the layer finder used a weight read for another layer)"
+    return analysable(weight)  # a reason only if the dtype differs from the plan's, which cannot happen
