@@ -281,8 +281,10 @@ def _unit_groups(units: list, module: nn.Module) -> list[list]:
     adapter update is computed from all of them. In model order; the same on every rank."""
     from ..analysis.adapters import lora_layers
 
-    nested = {id(u): {id(p) for v in units if v is not u and _inside(v, u) for p in v.parameters()} for u in units}
-    own = {id(u): {id(p) for p in u.parameters()} - nested[id(u)] for u in units}
+    inside = {id(u): {id(m) for m in u.modules()} for u in units}
+    params = {id(u): {id(p) for p in u.parameters()} for u in units}
+    own = {id(u): params[id(u)].difference(*(params[id(v)] for v in units if v is not u and id(v) in inside[id(u)]))
+           for u in units}
     group_of: dict[int, list] = {}
     for layer in lora_layers(module).values():
         ids = {id(p) for p in layer.parameters()}
@@ -296,10 +298,6 @@ def _unit_groups(units: list, module: nn.Module) -> list[list]:
             done.update(id(v) for v in group)
             groups.append(group)
     return groups
-
-
-def _inside(inner: nn.Module, outer: nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
 
 
 @contextlib.contextmanager
