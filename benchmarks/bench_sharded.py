@@ -92,10 +92,11 @@ def run(rank: int, world: int, port: int, width: int, layers: int, out_dir: str)
         owners = dict(zip((m.name for m in plan.matrices),
                           assign_owners([matrix_cost(m) for m in plan.matrices], world)))
         builder = SnapshotBuilder(0, 0, 0)
+        builder.reserve([m for m in plan.matrices if owners[m.name] == rank])
         owner = None if all_gather else (lambda m: owners[m.name])
         for m in iter_full_matrices(plan, owner=owner, rank=rank):
             if owners[m.name] == rank:
-                builder.add([m])
+                builder.fill(m)
             del m
         return builder.finish(), plan.materialiser
 

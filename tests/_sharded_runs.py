@@ -279,10 +279,10 @@ def failed_copy(model, config, rank, world) -> str:
     from ww_monitor.monitoring.snapshot import SnapshotBuilder
 
     class Failing(SnapshotBuilder):
-        def add(self, matrices):
+        def fill(self, m):
             if rank == 0:
                 raise RuntimeError("copy failed")
-            super().add(matrices)
+            super().fill(m)
 
     try:
         collect_into(Failing(0, 0, 0), model, config, rank, world)

@@ -24,7 +24,7 @@ def _zoo():
         nn.Linear(20, 30), nn.Conv2d(3, 12, 3), nn.LSTM(10, 12), nn.MultiheadAttention(16, 2),
         nn.utils.parametrizations.spectral_norm(nn.Linear(12, 20)),
         nn.utils.parametrizations.weight_norm(nn.Linear(14, 22)),
-        nn.utils.spectral_norm(nn.Linear(9, 18)), nn.Embedding(40, 10), nn.GRU(8, 9), nn.Linear(3, 40))
+        nn.utils.spectral_norm(nn.Linear(9, 18)), nn.Embedding(40, 10), nn.GRU(8, 9), nn.Linear(12, 40))
 
 
 def _gpt2():
@@ -81,3 +81,25 @@ def test_a_view_leaves_the_model_untouched():
     view[0].training = False  # the view's own flags
     assert model[0].training and all(p is before[n] for n, p in model.named_parameters())
     assert all(not is_stand_in(p) for p in model.parameters())
+
+
+def test_a_sharded_snapshot_reserves_one_buffer_per_dtype_and_fills_it_layer_by_layer():
+    from ww_monitor.monitoring.snapshot import SnapshotBuilder
+
+    model = _zoo()
+    model[-1].to(torch.bfloat16)  # a second dtype
+    config = AnalysisConfig()
+    reference, _ = select_matrices(model, config)
+    plan = plan_sharded(model, config)
+    builder = SnapshotBuilder(0, 0, 0)
+    builder.reserve(plan.matrices)  # from shapes and dtypes: the weights are stand-ins
+    assert builder.unfilled == [m.name for m in plan.matrices]
+    for m in iter_full_matrices(plan):
+        builder.fill(m)
+        del m
+    assert builder.unfilled == []
+    snap = builder.finish()
+    assert len(snap.buffers) == 1 and sorted(snap.buffers[0]) == ["bfloat16", "float32"]
+    assert snap.nbytes == sum(m.weight.numel() * m.weight.element_size() for m in reference)
+    assert [(m.name, m.weight.dtype) for m in snap.matrices()] == [(m.name, m.weight.dtype) for m in reference]
+    assert all(torch.equal(a.weight, b.weight.detach()) for a, b in zip(snap.matrices(), reference))

@@ -234,18 +234,33 @@ def _collect_sharded(builder, module, config, rank, world, loads, owners, carry=
     plan = plan_sharded(module, config)
     matrices, skipped = _rename(plan.matrices, plan.skipped)
     _add_owned(None, matrices, rank, world, loads, owners, carry)
-    if builder is not None:  # carried matrices have no owner: not gathered
-        error = None
-        for m in iter_full_matrices(plan, owner=lambda m: owners.get(m.name), rank=rank):
-            if error is None:  # after a failed copy, walk on (the other ranks wait for this one's gathers)
-                try:
-                    builder.add([m])
-                except Exception as err:
-                    error = err
-            del m  # copied: free the full weight before the next layer is gathered
-        if error is not None:
-            raise error
+    if builder is None:
+        return owners, skipped
+    error = None
+    try:  # one buffer per dtype for this rank's matrices, filled as their layers are gathered
+        builder.reserve([m for m in matrices if owners.get(m.name) == rank], source=_weights_device(module))
+    except Exception as err:
+        error = err
+    # carried (frozen) matrices have no owner: they are not gathered
+    for m in iter_full_matrices(plan, owner=lambda m: owners.get(m.name), rank=rank):
+        if error is None:  # after a failure, walk on: the other ranks wait for this one's gathers
+            try:
+                builder.fill(m)
+            except Exception as err:
+                error = err
+        del m  # copied: free the full weight before the next layer is gathered
+    if error is not None:
+        raise error
+    if builder.unfilled:
+        raise RuntimeError(f"layers not gathered: {', '.join(builder.unfilled)}")
     return owners, skipped
+
+
+def _weights_device(module: nn.Module) -> torch.device:
+    """The device sharded weights are gathered on (their shards' device)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def _collect_groups(groups, builder, module, config, rank, world, loads, owners, carry=None):

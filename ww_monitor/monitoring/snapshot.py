@@ -134,17 +134,40 @@ class SnapshotBuilder:
         self.share_memory = share_memory
         self.device = device if device is not None and device.type == "cuda" and not share_memory else None
         self.device_left = device_budget or 0
+        self._slots: dict[str, tuple] = {}  # reserved, not filled yet: name -> (spec, buffers, pin, on device)
         self._t0 = time.perf_counter()
 
     def add(self, matrices: Sequence[LayerMatrix]) -> None:
-        if not matrices:
-            return
+        """Copy ``matrices`` (views of live weights) into new buffers, one per dtype."""
+        if matrices:
+            self._copy(matrices, *self._allocate(matrices, None))
+
+    def reserve(self, matrices: Sequence[LayerMatrix], source: torch.device | None = None) -> None:
+        """Allocate the buffers of ``matrices`` now, one per dtype, from their shapes and dtypes
+        alone (their weights may be stand-ins); :meth:`fill` copies each in once its weight is at
+        hand (a sharded model's layers are gathered one at a time). ``source``: the device the
+        weights will come from (pinned or device buffers for CUDA)."""
+        if matrices:
+            specs, buffers, pin, on_device = self._allocate(matrices, source)
+            for spec in specs:
+                self._slots[spec.name] = (spec, buffers, pin, on_device)
+
+    def fill(self, m: LayerMatrix) -> None:
+        """Copy ``m`` into the slot :meth:`reserve` made for its name."""
+        spec, buffers, pin, on_device = self._slots.pop(m.name)
+        self._copy([m], [spec], buffers, pin, on_device)
+
+    @property
+    def unfilled(self) -> list[str]:
+        """Names reserved and not filled yet (their buffers hold no weights)."""
+        return list(self._slots)
+
+    def _allocate(self, matrices: Sequence[LayerMatrix], source: torch.device | None):
         snap = self.snapshot
         chunk_index = len(snap.buffers)
         totals: dict[str, int] = {}
         dtypes: dict[str, torch.dtype] = {}
         specs = []
-        any_cuda = False
         for m in matrices:
             key = _dtype_key(m.weight.dtype)
             dtypes[key] = m.weight.dtype
@@ -153,13 +176,12 @@ class SnapshotBuilder:
                               tuple(m.aliases), m.stored_dtype, m.frozen)
             totals[key] = off + spec.numel
             specs.append(spec)
-            any_cuda = any_cuda or m.weight.is_cuda
+        devices = {m.weight.device for m in matrices} if source is None else {torch.device(source)}
         # Pinned host memory lets CUDA copies run asynchronously; a process worker needs shared
         # memory instead (its copies are then synchronous).
-        pin = any_cuda and torch.cuda.is_available() and not self.share_memory
+        pin = any(d.type == "cuda" for d in devices) and torch.cuda.is_available() and not self.share_memory
         nbytes = sum(total * dtypes[key].itemsize for key, total in totals.items())
-        on_device = (self.device is not None and nbytes <= self.device_left
-                     and all(m.weight.device == self.device for m in matrices))
+        on_device = self.device is not None and nbytes <= self.device_left and devices == {self.device}
         if on_device:
             self.device_left -= nbytes
         buffers = {}
@@ -171,6 +193,11 @@ class SnapshotBuilder:
             if self.share_memory:
                 buf.share_memory_()
             buffers[key] = buf
+        snap.specs.extend(specs)
+        snap.buffers.append(buffers)
+        return specs, buffers, pin, on_device
+
+    def _copy(self, matrices: Sequence[LayerMatrix], specs, buffers, pin: bool, on_device: bool) -> None:
         with torch.no_grad():
             cuda_jobs = []
             for m, spec in zip(matrices, specs):
@@ -181,8 +208,6 @@ class SnapshotBuilder:
                     dst.copy_(m.weight.detach())
             if cuda_jobs:
                 self._copy_cuda(cuda_jobs)
-        snap.specs.extend(specs)
-        snap.buffers.append(buffers)
 
     def _copy_cuda(self, jobs) -> None:
         by_device: dict = {}
@@ -194,6 +219,9 @@ class SnapshotBuilder:
             with on_stream(stream):
                 for dst, src in pairs:
                     dst.copy_(src.detach(), non_blocking=True)
+                    # A gathered (sharded) weight is freed right after this call: its memory must
+                    # not be reused before the side stream has read it.
+                    src.record_stream(stream)
             self.snapshot.events.append((device, record_event(stream)))
 
     def finish(self) -> Snapshot:
