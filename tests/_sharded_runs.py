@@ -10,7 +10,8 @@ For every strategy: the sharded model and an unsharded replica with the same wei
   materialised at once never exceed the largest layer.
 * **monitor**: ``ww_monitor.Monitor`` on the sharded model and on the replica (its weights copied
   from the sharded model at each snapshot step), 1 training step, 2 snapshots; rank 0 writes
-  TensorBoard events for the sharded run (read back by the test) and both histories.
+  TensorBoard events for the sharded run (read back by the test) and both histories. A few
+  layers are frozen: analysed at the first snapshot, carried forward (not gathered) after.
 """
 
 from __future__ import annotations
@@ -74,17 +75,23 @@ class MLP(nn.Module):
         return self.out(x)
 
 
+#: Layers left frozen (``requires_grad=False``): the monitor analyses them once and carries them forward.
+FROZEN = {"zoo": ("conv", "proj.base_layer"), "mlp": ("up2",)}
+
+
 def build(strategy: str) -> nn.Module:
     torch.manual_seed(0)
     if strategy in ("tp", "fsdp2_tp"):
-        return MLP()
-    import peft
+        model, frozen = MLP(), FROZEN["mlp"]
+    else:
+        import peft
 
-    model = peft.get_peft_model(Zoo(), peft.LoraConfig(r=RANK_R, lora_alpha=16, target_modules=["proj"]))
+        model = peft.get_peft_model(Zoo(), peft.LoraConfig(r=RANK_R, lora_alpha=16, target_modules=["proj"]))
+        frozen = tuple(f"base_model.model.{name}" for name in FROZEN["zoo"])
     for name, p in model.named_parameters():
         if "lora_B" in name:  # a trained-looking adapter (B starts at zero)
             nn.init.normal_(p, std=0.02)
-        p.requires_grad_(True)  # train everything: the base weights change too
+        p.requires_grad_(not name.startswith(frozen))  # train the rest, base weights included
     return model
 
 
@@ -263,6 +270,16 @@ def check_collect(strategy, model, replica, config, rank, world) -> dict:
         for m in iter_full_matrices(plan, owner=lambda m: plan_owners[m.name], rank=rank):
             del m  # what collect_into does once it has copied it
         read = plan.materialiser
+        # frozen matrices carried forward have no owner: their layers are not gathered
+        carried = plan_sharded(watched, config)
+        report["frozen"] = sorted(m.name for m in carried.matrices if m.frozen)
+        report["walked_without_frozen"] = []
+        for m in iter_full_matrices(carried, owner=lambda m: None if m.frozen else plan_owners[m.name], rank=rank):
+            report["walked_without_frozen"].append(m.name)
+            del m
+        report.update(gathers_without_frozen=carried.materialiser.gathers,
+                      mine_without_frozen=sorted(n for n, r in plan_owners.items() if r == rank
+                                                 and n not in report["frozen"]))
         layer_bytes = {}
         for name, p in replica.named_parameters():
             layer_bytes[name.rpartition(".")[0]] = layer_bytes.get(name.rpartition(".")[0], 0) + p.numel() * 4

@@ -18,9 +18,12 @@ pytest.importorskip("peft")
 
 HERE = Path(__file__).resolve().parent
 STEPS = [0, 1]
-#: What each strategy's selection holds (the Zoo model with a LoRA layer, or the MLP under TP).
+#: What each strategy's selection holds (the Zoo model with a LoRA layer, or the MLP under TP),
+#: and its frozen matrices (analysed at the first snapshot, carried forward after).
 ZOO_LAYERS = 18
 MLP_LAYERS = 6
+ZOO_FROZEN = ["base_model.model.conv", "base_model.model.proj"]  # the LoRA base weight is `proj`
+MLP_FROZEN = ["up2"]
 
 
 def _checkout_path() -> str:
@@ -60,7 +63,7 @@ def _same(a, b) -> bool:
     return abs(a - b) <= 1e-10 * max(1.0, abs(b))
 
 
-def _check_snapshot(r0, r1, n_layers, planned):
+def _check_snapshot(r0, r1, n_layers, frozen, planned):
     c0, c1 = r0["collect"], r1["collect"]
     assert len(c0["reference"]) == n_layers
     assert c0["owners"] == c1["owners"] and sorted(c0["owners"]) == c0["reference"]  # every layer, one owner
@@ -69,6 +72,9 @@ def _check_snapshot(r0, r1, n_layers, planned):
         assert c1["owners_before_gather"] == c1["owners"]
         # a copy failing on one rank: it walks on through every gather, then raises
         assert (c0["failed_copy"], c1["failed_copy"]) == ("copy failed", "no error")
+        for c in (c0, c1):  # frozen matrices carried forward: not owned, their layers not gathered
+            assert c["frozen"] == frozen and sorted(c["walked_without_frozen"]) == c["mine_without_frozen"]
+            assert c["gathers_without_frozen"] < c["gathers"]
     for rank, c in enumerate((c0, c1)):
         assert c["mine"] == sorted(n for n, r in c["owners"].items() if r == rank)
         assert c["mine"], "both ranks own layers"
@@ -84,48 +90,59 @@ def _check_memory(r0, r1):
         assert c["live_bytes"] == 0  # nothing materialised outlives the walk
 
 
-def _check_histories(got: dict, want: dict, steps: list[int], n_layers: int, prefix: str = "") -> None:
-    """The sharded run's history is the replica's: same snapshots, layers and values (to 1e-10)."""
+def _check_histories(got: dict, want: dict, steps: list[int], n_layers: int, frozen: list[str],
+                     prefix: str = "") -> None:
+    """The sharded run's history is the replica's: same snapshots, layers and values (to 1e-10);
+    the frozen layers only at the first snapshot."""
     assert got["steps"] == want["steps"] == steps
     assert got["layers"] == [prefix + n for n in want["layers"]] and len(want["layers"]) == n_layers
+    first, *later = got["records"]
+    assert first["layers"] == got["layers"]
+    assert all(rec["layers"] == [n for n in got["layers"] if n not in [prefix + f for f in frozen]] for rec in later)
     for got_rec, want_rec in zip(got["records"], want["records"]):
         assert got_rec["layers"] == [prefix + n for n in want_rec["layers"]]
         for layer, a, b in zip(got_rec["layers"], got_rec["values"], want_rec["values"]):
             assert all(_same(x, y) for x, y in zip(a, b)), (layer, a, b)
 
 
-def _check_logged_once(logdir, layers, steps) -> None:
+def _rows(history: dict) -> int:
+    return sum(len(rec["layers"]) for rec in history["records"])
+
+
+def _check_logged_once(logdir, history: dict) -> None:
+    """Each layer logged once at every snapshot that analysed it (the history's records)."""
     acc = read_events(logdir)
-    for layer in layers:
-        assert scalar_steps(acc, f"ww/alpha/{layer}") == steps, layer  # once per snapshot
+    for layer in history["layers"]:
+        steps = [rec["step"] for rec in history["records"] if layer in rec["layers"]]
+        assert scalar_steps(acc, f"ww/alpha/{layer}") == steps, layer
         assert [h.step for h in acc.Histograms(f"ww/esd/{layer}")] == steps, layer
-    assert scalar_steps(acc, "ww/summary/alpha") == steps
+    assert scalar_steps(acc, "ww/summary/alpha") == history["steps"]
 
 
-STRATEGIES = {  # strategy: (layers selected, ownership planned from shapes, memory counted by the gather)
-    "fsdp2": (ZOO_LAYERS, True, True),
-    "tp": (MLP_LAYERS, True, True),
-    "fsdp2_tp": (MLP_LAYERS, True, True),  # 2-D mesh
+STRATEGIES = {  # strategy: (layers, frozen, ownership planned from shapes, memory counted by the gather)
+    "fsdp2": (ZOO_LAYERS, ZOO_FROZEN, True, True),
+    "tp": (MLP_LAYERS, MLP_FROZEN, True, True),
+    "fsdp2_tp": (MLP_LAYERS, MLP_FROZEN, True, True),  # 2-D mesh
     # FSDP1 units are summoned one at a time (a LoRA layer's units together) and ownership is
     # decided unit by unit, so it is not the unsharded model's; the results are.
-    "fsdp1": (ZOO_LAYERS, False, False),
-    "zero3": (ZOO_LAYERS, True, True),
+    "fsdp1": (ZOO_LAYERS, ZOO_FROZEN, False, False),
+    "zero3": (ZOO_LAYERS, ZOO_FROZEN, True, True),
 }
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_strategy_matches_the_unsharded_model(runs, strategy):
-    n_layers, planned, counted = STRATEGIES[strategy]
+    n_layers, frozen, planned, counted = STRATEGIES[strategy]
     r0, r1 = _report(runs, strategy)
-    _check_snapshot(r0, r1, n_layers, planned)
+    _check_snapshot(r0, r1, n_layers, frozen, planned)
     if counted:
         _check_memory(r0, r1)
     m0, m1 = r0["monitor"], r1["monitor"]
     for m in (m0, m1):
-        _check_histories(m["sharded"], m["plain"], STEPS, n_layers)
+        _check_histories(m["sharded"], m["plain"], STEPS, n_layers, frozen)
     assert m0["sharded"] == m1["sharded"]  # every rank holds the merged history
-    assert m0["here"] > 0 and m1["here"] > 0 and m0["here"] + m1["here"] == n_layers * len(STEPS)
-    _check_logged_once(runs[1] / f"tb_{strategy}", m0["sharded"]["layers"], STEPS)
+    assert m0["here"] > 0 and m1["here"] > 0 and m0["here"] + m1["here"] == _rows(m0["sharded"])
+    _check_logged_once(runs[1] / f"tb_{strategy}", m0["sharded"])
 
 
 def test_lightning_model_parallel_strategy(tmp_path):
@@ -140,7 +157,7 @@ def test_lightning_model_parallel_strategy(tmp_path):
     steps = [0, r0["global_step"]]
     assert r0["world"] == 2 and r0["global_step"] > 0 and r0["placements"] == ["(Shard(dim=0),)"]  # FSDP2 DTensors
     for r in (r0, r1):  # the LightningModule holds the model as `net`: its layers carry that prefix
-        _check_histories(r["sharded"], r["plain"], steps, ZOO_LAYERS, prefix="net.")
+        _check_histories(r["sharded"], r["plain"], steps, ZOO_LAYERS, ZOO_FROZEN, prefix="net.")
     assert r0["sharded"] == r1["sharded"] and r0["here"] > 0 and r1["here"] > 0
-    assert r0["here"] + r1["here"] == ZOO_LAYERS * len(steps)
-    _check_logged_once(tmp_path / "tb" / "version_0", r0["sharded"]["layers"], steps)
+    assert r0["here"] + r1["here"] == _rows(r0["sharded"])
+    _check_logged_once(tmp_path / "tb" / "version_0", r0["sharded"])

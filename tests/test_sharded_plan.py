@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 CONFIGS = [AnalysisConfig(), AnalysisConfig(conv_mode="slices", min_evals=2), AnalysisConfig(peft=True),
-           AnalysisConfig(peft="with_base", exclude=["mlp"])]
+           AnalysisConfig(peft="with_base", exclude=["mlp"]), AnalysisConfig(peft="auto")]
 
 
 def _zoo():
@@ -46,7 +46,7 @@ def _llama_lora():
 
 
 def _described(matrices):
-    return [(m.name, m.kind, tuple(m.weight.shape), m.eig_scale, m.aliases, m.stored_dtype) for m in matrices]
+    return [(m.name, m.kind, tuple(m.weight.shape), m.eig_scale, m.aliases, m.stored_dtype, m.frozen) for m in matrices]
 
 
 @pytest.mark.parametrize("build", [_zoo, _gpt2, _llama_lora], ids=["layer-types", "gpt2", "llama-lora"])
@@ -56,7 +56,8 @@ def test_plan_from_shapes_selects_like_the_model_and_the_walk_reads_every_weight
         reference, ref_skipped = select_matrices(model, config)
         plan = plan_sharded(model, config)
         assert all(is_stand_in(m.weight) for m in plan.matrices)  # no memory, nothing computed
-        assert _described(plan.matrices) == _described(reference)  # names, kinds, shapes, tied weights
+        # names, kinds, shapes, tied weights, frozen (LoRA base weights do not require grad)
+        assert _described(plan.matrices) == _described(reference)
         assert [(s.name, s.kind, s.shape, s.reason, s.aliases) for s in plan.skipped] == \
                [(s.name, s.kind, s.shape, s.reason, s.aliases) for s in ref_skipped]
         walked = [(m.name, m.weight.clone()) for m in iter_full_matrices(plan)]

@@ -255,7 +255,7 @@ class _Walk:
                 # The finder asks for the next layer, so it is done with this one; whoever still
                 # holds the list (the adapters' loop variable) must not keep its full weights alive.
                 for m in entry[2]:
-                    m.weight = None
+                    m.weight, m.reads = None, ()
             del entry
             j += 1
 
@@ -308,23 +308,27 @@ def plan_sharded(module: nn.Module, config: AnalysisConfig) -> ShardedPlan:
     return ShardedPlan(matrices, skipped, read, view, config, outer, inner, [m.name for m in matrices])
 
 
-def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int] | None = None,
+def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int | None] | None = None,
                        rank: int = 0) -> Iterator[LayerMatrix]:
     """The plan's selected matrices with their full weights, one layer at a time (collective:
     every rank iterates to the end, in the same order; stopping early leaves the others waiting).
 
-    ``owner`` (plan matrix -> global rank): yield only this ``rank``'s matrices; a layer whose
-    matrices all have one owner is gathered to that rank alone where the placement allows. None:
-    every rank gets every matrix. A yielded weight is valid until the next one is requested; drop
-    it before asking (``del m`` at the end of the loop body), or two layers are alive at once. A
-    matrix that cannot be read is left out and reported in one error after the walk.
+    ``owner`` (plan matrix -> global rank, or None: not wanted, e.g. frozen and carried forward):
+    yield only this ``rank``'s matrices; a layer whose wanted matrices all have one owner is
+    gathered to that rank alone where the placement allows, a layer with none is not gathered.
+    None: every rank gets every matrix. A yielded weight is valid until the next one is
+    requested; drop it before asking (``del m`` at the end of the loop body), or two layers are
+    alive at once. A matrix that cannot be read is left out and reported in one error after the
+    walk.
     """
     by_raw = dict(zip(plan._raw_names, plan.matrices))
 
+    def wanted(raw: str) -> bool:
+        return raw in by_raw and (owner is None or owner(by_raw[raw]) is not None)
+
     def serving(names: tuple[str, ...]) -> tuple[bool, int | None]:
-        wanted = [by_raw[n] for n in names if n in by_raw]
-        owners = {owner(m) for m in wanted} if owner is not None else set()
-        return bool(wanted), (next(iter(owners)) if len(owners) == 1 else None)
+        owners = {owner(by_raw[n]) for n in names if wanted(n)} if owner is not None else set()
+        return any(wanted(n) for n in names), (next(iter(owners)) if len(owners) == 1 else None)
 
     served = {"outer": [serving(names) for names in plan._outer], "inner": [serving(names) for names in plan._inner]}
 
@@ -345,13 +349,14 @@ def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int] | 
             del item
             for raw in names:
                 ref = by_raw.get(raw)
-                if ref is None or (owner is not None and owner(ref) != rank):
+                if not wanted(raw) or (owner is not None and owner(ref) != rank):
                     continue
                 form = _full_form(full[raw].weight)
                 if isinstance(form, str):
                     problems.append(f"{ref.name}: {form}")
                     continue
-                yield LayerMatrix(ref.name, ref.kind, form[0], ref.eig_scale, ref.aliases, ref.stored_dtype)
+                yield LayerMatrix(ref.name, ref.kind, form[0], ref.eig_scale, ref.aliases, ref.stored_dtype,
+                                  frozen=ref.frozen)
                 del form  # a full weight must not outlive its layer
             del full
             read.release()
