@@ -160,14 +160,23 @@ def test_report_of_the_deep_run(deep_run, tmp_path):
         assert f'<section id="{section}">' in page, section
     assert page.count('alt="alpha heatmap"') == 1 and 'alt="alpha over training"' not in page  # no spaghetti
     assert "48 layers: one row each in the heatmap" in page
-    # the worst layers are named in words, from the last snapshot's alphas
-    from ww_monitor.outputs.plotting import worst_layers
+    # the worst layers are named in words, ranked as in the heatmap's title (issue 21: the same
+    # ranking, on the same inputs, in TensorBoard and in the report)
+    from ww_monitor.outputs.offline_report import _alpha_grid
+    from ww_monitor.outputs.worst_layers import WORST_LISTED, worst_layers
 
-    last_alpha = ww.history[-1].metric("alpha")
-    worst = worst_layers(LAYERS, [last_alpha[l] for l in LAYERS], count=5)
-    if worst:
-        assert "Farthest outside the [2, 4] band" in page
-        assert all(f"<code>{name}</code> ({a:.2f})" in page for name, a in worst)
+    last = ww.history[-1]
+    _, (names, tb_steps, alphas, rel) = ww.history.figure_grids(LAYERS)
+    tails = [last.metric("num_pl_spikes")[l] for l in names]
+    in_tensorboard = worst_layers(names, alphas[:, -1], tails, rel[:, -1] > 0.5, count=WORST_LISTED)
+    r_names, r_steps, r_alphas, r_rel, r_tails = _alpha_grid(data)
+    in_report = worst_layers(r_names, r_alphas[:, -1], r_tails, r_rel[:, -1], count=WORST_LISTED)
+    assert (r_names, r_steps) == (names, tb_steps)
+    assert [(o.name, o.tail) for o in in_report] == [(o.name, o.tail) for o in in_tensorboard]
+    assert [o.alpha for o in in_report] == pytest.approx([o.alpha for o in in_tensorboard], rel=1e-6)
+    if in_report:
+        assert f"Worst at step {steps[-1]}, by standard errors of the fit outside the [2, 4] band" in page
+        assert all(f"<code>{o.name}</code> ({o.alpha:.2f}, tail {o.tail})" in page for o in in_report)
     else:
-        assert "Every layer is inside the [2, 4] band" in page
+        assert "Every layer with a reliable fit is inside the [2, 4] band" in page
     assert "train_loss" in page and "small/version_0" in page

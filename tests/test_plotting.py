@@ -15,7 +15,8 @@ from torch import nn
 import ww_monitor as wwm
 from ww_monitor.analysis import synthetic
 from ww_monitor.analysis.phases import Phase
-from ww_monitor.outputs.plotting import PHASE_COLORS, plot_alpha_per_layer, plot_esd, plot_phase_heatmap
+from ww_monitor.outputs.plotting import (ALPHA_GOOD_BAND, PHASE_COLORS, plot_alpha_per_layer, plot_esd,
+                                        plot_phase_heatmap)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -80,29 +81,42 @@ def test_plot_esd_without_fits_or_eigenvalues(report):
 def test_plot_alpha_per_layer(report, tmp_path):
     import dataclasses
 
+    from matplotlib.colors import to_rgba
+
+    from ww_monitor.outputs.alpha_figures import BAND_COLORS
+
     layers = list(report.layers) + [dataclasses.replace(report.layers[0], name="failed", alpha=math.nan)]
-    fig = plot_alpha_per_layer(layers)
+    fig = plot_alpha_per_layer(layers, step=7)
     (ax,) = fig.axes
-    names = [t.get_text() for t in ax.get_xticklabels()]
-    # Issue 10: each label carries the eigenvalue and tail counts; unreliable fits are a second, grey bar set.
-    assert names == [f"{l.name} ({l.num_evals}/{l.num_pl_spikes})" for l in layers]
-    bars = [p for p in ax.patches if p.get_label() != "$\\alpha \\in [2, 4]$"]
-    heights = sorted(p.get_height() for c in ax.containers for p in c)
-    assert heights == sorted(l.alpha for l in report.layers if math.isfinite(l.alpha))
-    assert sorted(p.get_height() for p in ax.containers[0]) == sorted(
-        l.alpha for l in report.layers if math.isfinite(l.alpha) and l.reliable)
+    # Issue 21: one horizontal bar per layer, first layer on top, every row labelled by its name.
+    assert [t.get_text() for t in ax.get_yticklabels()] == [l.name for l in layers]
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]
+    # Issue 10: each bar is annotated with alpha and the eigenvalue / tail counts it rests on.
+    notes = [t.get_text() for t in ax.texts]
+    for l in report.layers:
+        assert f"{l.alpha:.2f} ({l.num_evals}/{l.num_pl_spikes})" in notes
+    assert f"fit failed ({layers[-1].num_evals}/{layers[-1].num_pl_spikes})" in notes
+    bars = [p for c in ax.containers for p in c]
+    # bars end at alpha = 10 at most; a longer one ends in a ">" with its value written beside it
+    assert sorted(p.get_width() for p in bars) == pytest.approx(
+        sorted(min(l.alpha, 10.0) for l in report.layers if math.isfinite(l.alpha)))
+    beyond = [l for l in report.layers if l.alpha > 10.0]
+    assert len([ln for ln in ax.get_lines() if ln.get_marker() == ">"]) == len(beyond) >= 1
+    # colour by side of the band; unreliable fits white and hatched
+    lo, hi = ALPHA_GOOD_BAND
+    for p in ax.containers[0]:
+        a = p.get_width() if p.get_width() < 10.0 else 11.0
+        side = "below" if a < lo else "above" if a > hi else "inside"
+        assert p.get_facecolor() == pytest.approx(to_rgba(BAND_COLORS[side]))
     assert not report["2"].reliable and report["2"].phase is None  # the 10-eigenvalue head
-    assert len(bars) >= len(heights)
-    band = [p for p in ax.patches if "[2, 4]" in p.get_label()]
-    assert len(band) == 1
-    span = band[0]  # a Rectangle in matplotlib >= 3.9, a Polygon before
-    if hasattr(span, "get_height"):
-        lo, hi = span.get_y(), span.get_y() + span.get_height()
-    else:
-        ys = span.get_xy()[:, 1]
-        lo, hi = ys.min(), ys.max()
-    assert (lo, hi) == (pytest.approx(2.0), pytest.approx(4.0))
-    assert any("fit failed" in t for t in _legend_texts(ax))
+    (unsure,) = ax.containers[1]
+    assert unsure.get_hatch() == "///" and unsure.get_facecolor() == pytest.approx(to_rgba("white"))
+    # the band is shaded on the alpha axis; the key is a figure legend beside the axes, not on the bars
+    (band,) = [p for p in ax.patches if p not in bars]
+    xs = band.get_xy()[:, 0] if not hasattr(band, "get_width") else [band.get_x(), band.get_x() + band.get_width()]
+    assert (min(xs), max(xs)) == (pytest.approx(lo), pytest.approx(hi))
+    assert ax.get_legend() is None and len(fig.legends) == 1
+    assert "at step 7" in ax.get_title()
     fig.savefig(tmp_path / "alpha.png")
     assert (tmp_path / "alpha.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -130,7 +144,10 @@ def test_plot_phase_heatmap(tmp_path):
     assert tuple(rgba[0, 3]) == pytest.approx(to_rgba(PHASE_COLORS[Phase.HEAVY_TAILED]))
     assert tuple(rgba[2, 1]) == pytest.approx(to_rgba(PHASE_COLORS[Phase.RANK_COLLAPSE]))
     legend = _legend_texts(ax)
-    assert [p.value for p in Phase] == legend[:6] and legend[6] == "not analysed"
+    # Issue 21: the key says what each phase means (which are healthy) and sits beside the map
+    assert [t.split(":")[0] for t in legend[:6]] == [p.value for p in Phase] and legend[6] == "not analysed"
+    assert "healthy" in legend[3] and "healthy" in legend[4] and "problem" in legend[5]
+    assert "phase per layer" in ax.get_title() and "heavy-tailed" in ax.get_title()
     assert [t.get_text() for t in ax.get_yticklabels()] == names
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "100", "200", "300"]
     fig.savefig(tmp_path / "phases.png")

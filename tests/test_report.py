@@ -106,7 +106,10 @@ def test_report_from_tensorboard_logdir(run, tmp_path, capsys):
         assert f'alt="ESD evolution {layer}"' in page
         assert f'<td class="l">{layer}</td>' in page  # summary table row
     assert ALERT_TEXT.replace("<", "&lt;") in page  # alerts from the ww/alerts text
-    assert 'id="logged-figures"' in page  # the callback's own figures, embedded
+    # Issue 21: the callback's ESD figures (with fits) sit in the ESD section; the figures the report
+    # redraws from the scalars (alpha heatmap, phases, alpha per layer) are not embedded a second time.
+    assert 'alt="ww/plots/esd/' in page and 'id="logged-figures"' not in page
+    assert "ww/plots/alpha_heatmap" not in page and "ww/plots/phases" not in page
     assert len(images(page)) >= 5
 
 
@@ -190,8 +193,14 @@ def test_analyze_plot(run, tmp_path, capsys):
     assert [l["name"] for l in json.loads(captured.out)["layers"]] == LAYERS  # stdout stays parseable
     assert "wrote 2 figure(s)" in captured.err
     files = sorted(p.name for p in (tmp_path / "figs").iterdir())
-    assert files == ["alpha_per_layer.png", "esd_fc1.png"]
-    assert (tmp_path / "figs" / "esd_fc1.png").read_bytes()[:4] == b"\x89PNG"
+    # Issue 21: the ESD figure goes to the worst layer (by the report's ranking), else the first.
+    from ww_monitor.outputs.worst_layers import choose_figure_layers
+
+    rows = json.loads(captured.out)["layers"]
+    (chosen,) = choose_figure_layers([l["name"] for l in rows], None, 1, [l["alpha"] for l in rows],
+                                     [l["num_pl_spikes"] for l in rows], [l["reliable"] for l in rows])
+    assert files == ["alpha_per_layer.png", f"esd_{chosen}.png"]
+    assert (tmp_path / "figs" / f"esd_{chosen}.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["analyze", str(run["plain"]), "--plot", str(tmp_path / "none"), "--max-plots", "0"]) == 0
     assert [p.name for p in (tmp_path / "none").iterdir()] == ["alpha_per_layer.png"]
     capsys.readouterr()

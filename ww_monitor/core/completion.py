@@ -18,7 +18,7 @@ import torch
 from ..analysis.adapters import ZERO_UPDATE_REASON
 from ..analysis.results import Report
 from ..functional.distances import esd_shift as esd_shift_distance
-from ..monitoring.alerts import dispatch_alerts
+from ..monitoring.alert_dispatch import dispatch_alerts
 from ..monitoring.history import SnapshotRecord
 from ..monitoring.analysis_job import AnalysisOutput
 from ..outputs.layer_groups import group_scalars
@@ -220,7 +220,7 @@ class Completion:
         self.alerts_fired.extend(a for a in alerts if not a.resolved)
         writers = [exp for _, exp in self._writer._tb_writers(loggers)] if self._rank == 0 else []
         if dispatch_alerts(alerts, self.alert_tracker.config, tensorboard_writers=writers,
-                           on_alert=self.on_alert, rank=self._rank, active=active):
+                           on_alert=self.on_alert, rank=self._rank, active=active, layers=results):
             first = next(a for a in alerts if not a.resolved and "stop" in self.alert_tracker.config.actions_for(a.rule))
             log.info("%s: stopping training on alert %s: %s", self.warning_prefix, first.rule, first.message)
             host.should_stop = True

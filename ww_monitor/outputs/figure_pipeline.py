@@ -109,7 +109,7 @@ class FigurePipeline:
         """A complete snapshot: keep it as the latest without figures; render it when ``submit``."""
         if not results or not self.wanted(loggers):
             return
-        esd = choose_figure_layers([r.name for r in results], self.layers, self.max_layers)
+        esd = choose_figure_layers([r.name for r in results], self.layers, self.max_layers, results)
         self._pending = (step, strip_eigenvalues(results, esd), esd)
         if submit:
             self.submit(grids)

@@ -28,24 +28,23 @@ import html
 import io
 import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import WWMonitorError
+from .display_names import display_name_map
+from .report_alerts import alerts_html, markdown_html  # noqa: F401  (markdown_html: public here)
 from .run_data import EsdSnapshot, RunData, _choose_layers, load_run  # noqa: F401  (EsdSnapshot: public here)
 from .tensorboard_writer import MAX_LAYERS_PER_CHART
+from .worst_layers import ALPHA_GOOD_BAND, WORST_LISTED, worst_layers
 
 __all__ = ["RunData", "EsdSnapshot", "load_run", "render_html", "write_report", "write_figures"]
 
-#: Layers named in the report's "farthest outside the band" line.
-_WORST_LISTED = 5
-
-
-def _alpha_grid(data: "RunData") -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
-    """``(layers, steps, alpha[layer, step], reliable[layer, step])`` from the per-layer series
-    (NaN alpha where a layer has no value at a step; reliable where not logged)."""
+def _alpha_grid(data: "RunData") -> tuple[list[str], list[int], np.ndarray, np.ndarray, list[float]]:
+    """``(layers, steps, alpha[layer, step], reliable[layer, step], tails)`` from the per-layer
+    series (NaN alpha where a layer has no value at a step; reliable where not logged); ``tails``:
+    each layer's tail size at the last step, from the per-layer table (NaN if unknown)."""
     names = list(data.alpha)
     steps = sorted({s for st, _ in data.alpha.values() for s in st})
     col = {s: j for j, s in enumerate(steps)}
@@ -57,7 +56,10 @@ def _alpha_grid(data: "RunData") -> tuple[list[str], list[int], np.ndarray, np.n
         for s, v in zip(*data.reliable.get(name, ([], []))):
             if s in col and math.isfinite(v):
                 reliable[i, col[s]] = v > 0.5
-    return names, steps, values, reliable
+    last = steps[-1] if steps else None
+    by_layer = {row["layer"]: row.get("num_pl_spikes", math.nan) for row in data.table} \
+        if data.table_step == last else {}
+    return names, steps, values, reliable, [float(by_layer.get(n, math.nan)) for n in names]
 
 
 # --------------------------------------------------------------------------- figures
@@ -133,6 +135,10 @@ def render_html(data: RunData, title: str | None = None) -> str:
         run = "/".join(parts[-2:]) if data.source_kind == "tensorboard" else (parts[-1] if parts else data.source)
         title = f"ww-monitor report: {run}"
     errors: list[str] = []
+    # every layer by its displayed name (the wrapper prefix left out), one rule for the whole page
+    shown = display_name_map(list(data.alpha) + [row["layer"] for row in data.table]
+                             + [r.name for r in data.final_results] + list(data.esd_evolution)
+                             + [n for n, _ in data.skipped] + (list(data.phases[0]) if data.phases else []))
     out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
            f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     kind = {"tensorboard": "TensorBoard log", "checkpoint": "checkpoint with WeightWatcherCallback history",
@@ -164,9 +170,9 @@ def render_html(data: RunData, title: str | None = None) -> str:
     if data.summary_series:
         out.append('<section id="overview"><h2>Over training: mean alpha, reliable layers, the run&#39;s metrics'
                    '</h2>')
-        shown = list(data.training_scalars)[:MAX_TRAINING_PANELS]
-        more = len(data.training_scalars) - len(shown)
-        out.append(f'<p class="note">Run metrics from the same event files: {html.escape(", ".join(shown) or "none")}'
+        panels = list(data.training_scalars)[:MAX_TRAINING_PANELS]
+        more = len(data.training_scalars) - len(panels)
+        out.append(f'<p class="note">Run metrics from the same event files: {html.escape(", ".join(panels) or "none")}'
                    + (f" ({more} more not shown)" if more > 0 else "") + ".</p>")
         out.append(_figure_html(plot_run_overview, data.summary_series, data.training_scalars,
                                 alt="mean alpha over training", errors=errors))
@@ -184,19 +190,22 @@ def render_html(data: RunData, title: str | None = None) -> str:
     out.append('<section id="alpha"><h2>Alpha per layer over training</h2>')
     multi = any(len(steps) > 1 for steps, _ in data.alpha.values())
     if data.alpha and (multi or data.source_kind != "model"):
-        names, steps, values, reliable = _alpha_grid(data)
-        worst = plotting.worst_layers(names, values[:, -1].tolist(), count=_WORST_LISTED)
+        names, steps, values, reliable, tails = _alpha_grid(data)
+        # the same ranking (and count) as the heatmap's title, in TensorBoard and here
+        worst = worst_layers(names, values[:, -1].tolist(), tails, reliable[:, -1].tolist(), count=WORST_LISTED)
+        band = f"[{ALPHA_GOOD_BAND[0]:g}, {ALPHA_GOOD_BAND[1]:g}]"
         if worst:
-            out.append(f'<p>Farthest outside the [{plotting.ALPHA_GOOD_BAND[0]:g}, {plotting.ALPHA_GOOD_BAND[1]:g}] '
-                       f"band at step {steps[-1]}: " + ", ".join(
-                           f"<code>{html.escape(n)}</code> ({a:.2f})" for n, a in worst) + ".</p>")
+            out.append(f"<p>Worst at step {steps[-1]}, by standard errors of the fit outside the {band} band: "
+                       + ", ".join(f"<code>{html.escape(shown.get(o.name, o.name))}</code> ({o.alpha:.2f}"
+                                   + (f", tail {o.tail}" if o.tail is not None else "") + ")" for o in worst)
+                       + ".</p>")
         else:
-            out.append(f'<p>Every layer is inside the [{plotting.ALPHA_GOOD_BAND[0]:g}, '
-                       f"{plotting.ALPHA_GOOD_BAND[1]:g}] band at step {steps[-1]}.</p>")
-        out.append(_figure_html(plotting.plot_alpha_heatmap, names, steps, values, reliable,
+            out.append(f"<p>Every layer with a reliable fit is inside the {band} band at step {steps[-1]}.</p>")
+        out.append(_figure_html(plotting.plot_alpha_heatmap, names, steps, values, reliable, None, tails,
                                 alt="alpha heatmap", errors=errors))
         if len(names) <= MAX_LAYERS_PER_CHART:
-            out.append(_figure_html(plot_alpha_over_training, data.alpha, alt="alpha over training", errors=errors))
+            series = {shown.get(n, n): v for n, v in data.alpha.items()}
+            out.append(_figure_html(plot_alpha_over_training, series, alt="alpha over training", errors=errors))
         else:
             out.append(f'<p class="note">{len(names)} layers: one row each in the heatmap (model order) instead of '
                        "one line each.</p>")
@@ -216,31 +225,41 @@ def render_html(data: RunData, title: str | None = None) -> str:
         out.append('<p class="note">No phases logged.</p>')
     out.append("</section>")
 
-    # ESDs
+    # ESDs: the worst layers first
     out.append('<section id="esd"><h2>Eigenvalue spectra (ESD)</h2>')
     if data.esd_evolution:
-        shown = max(len(v) for v in data.esd_evolution.values())
-        left_out = (f" {shown} of the {data.esd_snapshots_total} logged snapshots are shown, spread evenly "
+        most = max(len(v) for v in data.esd_evolution.values())
+        left_out = (f" {most} of the {data.esd_snapshots_total} logged snapshots are shown, spread evenly "
                     "(first and last kept; <code>--max-snapshots 0</code> shows all)."
-                    if data.esd_snapshots_total > shown else "")
-        out.append('<p class="note">ESD histograms logged at each snapshot (<code>ww/esd/&lt;layer&gt;</code>), one '
-                   f"column per snapshot, colour = density on a log scale.{left_out}</p><div class=\"grid\">")
+                    if data.esd_snapshots_total > most else "")
+        out.append('<p class="note">ESD histograms logged at each snapshot (<code>ww/esd/&lt;layer&gt;</code>) of the '
+                   "worst layers at the last snapshot (then layers spread over the depth): x = training step, "
+                   f"colour = density on a log scale.{left_out}</p><div class=\"grid\">")
         for layer, snaps in data.esd_evolution.items():
-            out.append(_figure_html(plot_esd_density, layer, snaps, alt=f"ESD evolution {layer}", errors=errors))
+            out.append(_figure_html(plot_esd_density, shown.get(layer, layer), snaps, alt=f"ESD evolution {layer}",
+                                    errors=errors))
+        out.append("</div>")
+    if data.logged_figures:
+        step = max(st for st, _ in data.logged_figures.values())
+        out.append(f'<p class="note">ESD with the Marchenko-Pastur and power-law fits, as logged during training at '
+                   f"step {step} (<code>ww/plots/esd/&lt;layer&gt;</code>).</p><div class=\"grid\">")
+        for tag, (st, png) in data.logged_figures.items():
+            out.append(_img(base64.b64encode(png).decode("ascii"), tag, f"{tag} (step {st})"))
         out.append("</div>")
     if data.esd_results:
         out.append(f'<p class="note">ESD of the {"final " if data.source_kind == "checkpoint" else ""}weights with the '
-                   "Marchenko-Pastur fit and the power-law tail fit.</p><div class=\"grid\">")
+                   "Marchenko-Pastur fit and the power-law tail fit, worst layers first.</p><div class=\"grid\">")
         for r in data.esd_results:
-            out.append(_figure_html(plotting.plot_esd, r, alt=f"ESD {r.name}", errors=errors))
+            out.append(_figure_html(plotting.plot_esd, r, None, shown.get(r.name, r.name), alt=f"ESD {r.name}",
+                                    errors=errors))
         out.append("</div>")
-    if not data.esd_evolution and not data.esd_results:
+    if not data.esd_evolution and not data.esd_results and not data.logged_figures:
         out.append('<p class="note">No ESDs available.</p>')
     out.append("</section>")
 
     # alerts
     out.append('<section id="alerts"><h2>Alerts</h2>')
-    out.append(_alerts_html(data))
+    out.append(alerts_html(data))
     out.append("</section>")
 
     # per-layer table
@@ -258,74 +277,22 @@ def render_html(data: RunData, title: str | None = None) -> str:
         for row in data.table:
             cells = "".join(f'<td{" class=l" if c in ("kind", "phase") else ""}>{_cell(c, row.get(c))}</td>'
                             for c in cols)
-            out.append(f'<tr><td class="l">{html.escape(row["layer"])}</td>{cells}</tr>')
+            out.append(f'<tr><td class="l">{html.escape(shown.get(row["layer"], row["layer"]))}</td>{cells}</tr>')
         out.append("</table>")
     else:
         out.append('<p class="note">No per-layer metrics.</p>')
     if data.skipped:
         out.append(f"<h3>Skipped layers ({len(data.skipped)})</h3><ul>"
-                   + "".join(f"<li><code>{html.escape(n)}</code>: {html.escape(r)}</li>" for n, r in data.skipped)
+                   + "".join(f"<li><code>{html.escape(shown.get(n, n))}</code>: {html.escape(r)}</li>"
+                             for n, r in data.skipped)
                    + "</ul>")
     out.append("</section>")
 
-    if data.logged_figures:
-        out.append('<section id="logged-figures"><h2>Figures logged during training (latest of each)</h2>'
-                   '<div class="grid">')
-        for tag, (step, png) in data.logged_figures.items():
-            out.append(_img(base64.b64encode(png).decode("ascii"), tag, f"{tag} (step {step})"))
-        out.append("</div></section>")
     if errors:
         out.append('<section id="errors"><h2>Figures that failed</h2><ul>'
                    + "".join(f"<li>{html.escape(e)}</li>" for e in errors) + "</ul></section>")
     out.append("</body></html>\n")
     return "\n".join(out)
-
-
-_MD_INLINE = ((re.compile(r"\*\*(.+?)\*\*"), r"<strong>\1</strong>"), (re.compile(r"`([^`]+)`"), r"<code>\1</code>"))
-
-
-def markdown_html(text: str) -> str:
-    """The small markdown subset the alert texts use (paragraphs, ``* `` bullet lists,
-    ``**bold**``, ```code```), escaped and rendered as HTML, as TensorBoard's Text tab shows it."""
-    out: list[str] = []
-    in_list = False
-    for line in text.splitlines():
-        body = html.escape(line.strip())
-        for pattern, repl in _MD_INLINE:
-            body = pattern.sub(repl, body)
-        if line.lstrip().startswith("* "):
-            if not in_list:
-                out.append("<ul>")
-                in_list = True
-            out.append(f"<li>{body[2:]}</li>")
-            continue
-        if in_list:
-            out.append("</ul>")
-            in_list = False
-        if body:
-            out.append(f"<p>{body}</p>")
-    if in_list:
-        out.append("</ul>")
-    return "\n".join(out)
-
-
-def _alerts_html(data: RunData) -> str:
-    if not data.alerts:
-        if data.source_kind == "tensorboard":
-            return '<p class="note">No alerts: this log has no <code>ww/alerts</code> text.</p>'
-        return f'<p class="note">No alerts ({html.escape(data.alerts_origin)}).</p>'
-    parts = [f'<p class="note">Source: {html.escape(data.alerts_origin)}.</p>']
-    if "text" in data.alerts[0]:
-        for a in data.alerts:
-            parts.append(f"<h4>step {a['step']}</h4>{markdown_html(a['text'])}")
-        return "\n".join(parts)
-    parts.append('<table><tr><th>step</th><th class="l">status</th><th class="l">rule</th><th class="l">layer</th>'
-                 '<th class="l">message</th></tr>')
-    for a in data.alerts:
-        parts.append(f"<tr><td>{a['step']}</td>" + "".join(
-            f'<td class="l">{html.escape(str(a[k]))}</td>' for k in ("status", "rule", "layer", "message")) + "</tr>")
-    parts.append("</table>")
-    return "\n".join(parts)
 
 
 def write_report(path: str | os.PathLike, out: str | os.PathLike = "report.html", **kwargs) -> Path:
@@ -352,7 +319,7 @@ def _safe_filename(name: str) -> str:
 
 def write_figures(report, folder: str | os.PathLike, max_esd: int = 12, dpi: int = 100) -> list[Path]:
     """Save ``alpha_per_layer.png`` and one ``esd_<layer>.png`` (ESD with its MP and power-law
-    fits) for at most ``max_esd`` analysed layers spread over the depth (0: none) into
+    fits) for at most ``max_esd`` analysed layers, the worst first, then spread over the depth (0: none), into
     ``folder``. ``report`` is a :class:`~ww_monitor.analysis.results.Report` analysed with eigenvalues
     kept. Returns the files written."""
     from . import plotting
@@ -377,7 +344,10 @@ def write_figures(report, folder: str | os.PathLike, max_esd: int = 12, dpi: int
     if report.layers:
         save(plotting.plot_alpha_per_layer(report.layers), "alpha_per_layer.png")
     with_evals = [r for r in report.layers if r.eigenvalues is not None]
-    chosen = set(_choose_layers([r.name for r in with_evals], None, max_esd)) if max_esd > 0 else set()
+    chosen = set(_choose_layers([r.name for r in with_evals], None, max_esd, [r.alpha for r in with_evals],
+                                [r.num_pl_spikes for r in with_evals], [float(r.reliable) for r in with_evals])
+                 ) if max_esd > 0 else set()
+    shown = display_name_map([r.name for r in report.layers])
     used: set[str] = set()
     for r in with_evals:
         if r.name not in chosen:
@@ -388,7 +358,7 @@ def write_figures(report, folder: str | os.PathLike, max_esd: int = 12, dpi: int
             k += 1
             name = f"{stem}_{k}.png"
         used.add(name)
-        save(plotting.plot_esd(r), name)
+        save(plotting.plot_esd(r, None, shown[r.name]), name)
     return written
 
 

@@ -35,6 +35,8 @@ MAX_TRAINING_PANELS = 4
 _DENSITY_DECADES = 4.0
 #: Bins per decade of eigenvalue in the ESD heatmap (as in the ESD figures).
 _BINS_PER_DECADE = 12
+#: Tick label size of the report's figures (points).
+_TICK_FONT = 9
 
 
 def robust_limits(values, always: Sequence[float] = ()) -> tuple[float, float]:
@@ -72,11 +74,13 @@ def plot_run_overview(summary: Mapping[str, tuple[Sequence[int], Sequence[float]
                       training: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None) -> Figure:
     """Mean alpha and reliable-layer count (from ``summary``: ``{"alpha": (steps, values),
     "num_layers": ..., "num_unreliable": ...}``), then up to :data:`MAX_TRAINING_PANELS` of the
-    run's own scalars, all on one step axis."""
+    run's own scalars, all on one step axis. Keys sit beside the panels (never on a point); the
+    reliable-layer line is drawn over a wide band of the analysed-layer count, so where every
+    layer is reliable both stay visible."""
     training = training or {}
     names = list(training)[:MAX_TRAINING_PANELS]
     panels = 2 + len(names)
-    fig = Figure(figsize=(8.0, 1.9 * panels + 0.6), layout="constrained")
+    fig = Figure(figsize=(9.0, 1.9 * panels + 0.6), layout="constrained")
     axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     ax = axes[0]
     ax.axhspan(*ALPHA_GOOD_BAND, color="#55a868", alpha=0.12, label="$\\alpha \\in [2, 4]$")
@@ -91,18 +95,20 @@ def plot_run_overview(summary: Mapping[str, tuple[Sequence[int], Sequence[float]
     ax.set_ylabel("mean $\\alpha$")
     ax.set_title("model level: mean alpha over reliable layers, reliable layers, the run's own metrics",
                  fontsize="medium")
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     ax = axes[1]
     if "num_layers" in summary:
         steps, total = summary["num_layers"]
-        ax.plot(steps, total, drawstyle="steps-post", color="#888888", label="analysed layers")
+        ax.plot(steps, total, drawstyle="steps-post", color="#bbbbbb", lw=6, solid_capstyle="butt", zorder=1,
+                label="analysed layers (wide grey)")
+        top = max(total) if total else 1
         if "num_unreliable" in summary:
             by_step = dict(zip(*summary["num_unreliable"]))
             reliable = [t - by_step.get(s, math.nan) for s, t in zip(steps, total)]
-            ax.plot(steps, reliable, drawstyle="steps-post", color="#4c72b0", marker="o", ms=3,
+            ax.plot(steps, reliable, drawstyle="steps-post", color="#4c72b0", marker="o", ms=3, lw=1.5, zorder=3,
                     label="reliable layers")
-        ax.set_ylim(bottom=0)
-        ax.legend(loc="lower left", fontsize="small")
+        ax.set_ylim(0, top * 1.15 + 1)  # a line at the maximum stays off the frame
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     ax.set_ylabel("layers")
     for ax, name in zip(axes[2:], names):
         steps, values = training[name]
@@ -134,12 +140,24 @@ def plot_runs_compared(runs: Mapping[str, tuple[Sequence[int], Sequence[float]]]
     return fig
 
 
+def _step_edges(steps: Sequence[int]) -> np.ndarray:
+    """Column edges on a step axis: each snapshot's column reaches halfway to its neighbours (the
+    first and last as far out as their one neighbour), so uneven intervals show as uneven widths."""
+    s = np.asarray(steps, dtype=np.float64)
+    if s.size == 1:
+        return np.array([s[0] - 0.5, s[0] + 0.5])
+    mid = (s[1:] + s[:-1]) / 2.0
+    return np.concatenate([[s[0] - (mid[0] - s[0])], mid, [s[-1] + (s[-1] - mid[-1])]])
+
+
 def plot_esd_density(layer: str, snapshots: Sequence) -> Figure:
-    """ESD of one layer at every snapshot as a heatmap: x = snapshot (training step), y =
-    log10(lambda), colour = log10 of the density (counts per log10 unit, normalised per
-    snapshot); ``snapshots`` are :class:`~ww_monitor.outputs.offline_report.EsdSnapshot`. A heavy tail
-    growing shows as colour creeping upwards."""
+    """ESD of one layer at every snapshot as a heatmap: x = training step (each snapshot a column
+    as wide as the steps around it, so uneven intervals look uneven; a tick mark on top per
+    snapshot), y = log10(lambda), colour = log10 of the density (counts per log10 unit, normalised
+    per snapshot); ``snapshots`` are :class:`~ww_monitor.outputs.offline_report.EsdSnapshot`. A heavy
+    tail growing shows as colour creeping upwards."""
     from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.5, 4.0), layout="constrained")
     ax = fig.add_subplot()
@@ -161,15 +179,18 @@ def plot_esd_density(layer: str, snapshots: Sequence) -> Figure:
             dens[:, j] = np.where(mass > 0, np.log10(mass / np.diff(grid)), np.nan)
     top = np.nanmax(dens)
     cmap = colormaps["magma_r"].with_extremes(bad="#ffffff")
-    im = ax.imshow(dens, origin="lower", aspect="auto", cmap=cmap, vmin=top - _DENSITY_DECADES, vmax=top,
-                   extent=(-0.5, len(snapshots) - 0.5, lo, hi), interpolation="nearest")
-    every = max(1, math.ceil(len(snapshots) / 12))
-    ticks = np.arange(0, len(snapshots), every)
-    ax.set_xticks(ticks, [str(snapshots[i].step) for i in ticks], rotation=90, fontsize="small")
-    ax.set_xlabel("training step (one column per logged snapshot)")
+    steps = [s.step for s in snapshots]
+    mesh = ax.pcolormesh(_step_edges(steps), grid, np.ma.masked_invalid(dens), cmap=cmap, vmin=top - _DENSITY_DECADES,
+                         vmax=top)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    ax.tick_params(labelsize=_TICK_FONT)
+    marks = ax.secondary_xaxis("top")  # where the snapshots are
+    marks.set_xticks(steps, [""] * len(steps))
+    marks.tick_params(direction="in", length=4)
+    ax.set_xlabel(f"training step ({len(steps)} snapshots, marked on top)", fontsize=_TICK_FONT + 1)
     ax.set_ylabel("log10 eigenvalue $\\lambda$ of $W^TW$")
     ax.set_title(f"ESD of {layer} over training", fontsize="medium")
-    fig.colorbar(im, ax=ax, label="log10 density", shrink=0.8)
+    fig.colorbar(mesh, ax=ax, label="log10 density", shrink=0.8)
     return fig
 
 

@@ -44,9 +44,11 @@ def from_weights(p: Path, weights_only: bool, esd_layers, max_esd_layers: int, a
     data = RunData(source=str(p), source_kind="checkpoint" if len(history) else "model")
     data.final_results = list(report.layers)
     data.skipped = [(s.name, s.reason) for s in report.skipped]
-    chosen = set(_choose_layers([r.name for r in report.layers if r.eigenvalues is not None], esd_layers,
-                                max_esd_layers))
-    data.esd_results = [r for r in report.layers if r.name in chosen]
+    with_evals = [r for r in report.layers if r.eigenvalues is not None]
+    chosen = _choose_layers([r.name for r in with_evals], esd_layers, max_esd_layers, [r.alpha for r in with_evals],
+                            [r.num_pl_spikes for r in with_evals], [float(r.reliable) for r in with_evals])
+    by_name = {r.name: r for r in with_evals}
+    data.esd_results = [by_name[n] for n in chosen]  # worst first
     if len(history):
         _fill_from_history(data, history)
     else:
@@ -172,14 +174,19 @@ def _int(v) -> int:
 
 
 def _replay_alerts(snapshots) -> list[dict]:
+    """The default alert rules replayed over ``(step, epoch, results, skipped)`` snapshots: one
+    ``{"step", "text"}`` entry per snapshot with alerts, the markdown TensorBoard would show."""
     from ..monitoring.alerts import AlertTracker
+    from .alert_text import alerts_markdown
 
     tracker = AlertTracker()
     out = []
     for step, epoch, results, skipped in snapshots:
-        for a in tracker.update(results, skipped, step=step, epoch=epoch):
-            out.append({"step": a.step, "rule": a.rule, "layer": a.layer, "message": a.message,
-                        "status": "resolved" if a.resolved else "raised"})
+        alerts = tracker.update(results, skipped, step=step, epoch=epoch)
+        if alerts:
+            text = alerts_markdown(alerts, step, len(tracker.active), [r.name for r in results],
+                                   {r.name: r.num_pl_spikes for r in results})
+            out.append({"step": step, "text": text})
     return out
 
 

@@ -31,6 +31,8 @@ _FULL_TABLE_COLUMNS = ("kind", "N", "M", "num_evals", "num_pl_spikes", "reliable
                        "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes", "phase")
 _SIZE_GUIDANCE = {k: 0 for k in ("compressedHistograms", "images", "audio", "scalars", "histograms", "tensors")}
 _MAX_TB_FIGURES = 12
+#: Logged figures the report embeds: the ESDs with their fits (it redraws the others from scalars).
+_LOGGED_FIGURES = "ww/plots/esd/"
 #: Scalars Lightning logs that are not the run's metrics (the epoch counter, the hparams placeholder).
 _NOT_TRAINING_SCALARS = ("epoch", "hp_metric")
 
@@ -62,7 +64,7 @@ class RunData:
     table_step: int | None = None
     summary: dict[str, float] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    logged_figures: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # tag -> (step, PNG bytes)
+    logged_figures: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # ESD tag -> (step, PNG bytes)
     num_snapshots: int = 0
     notes: list[str] = field(default_factory=list)
     reliable: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # 1/0 per layer and step
@@ -87,8 +89,9 @@ def load_run(
     Args:
         path: log folder, event file, ``.ckpt`` with the callback's state, model file or folder.
         weights_only: load checkpoints with PyTorch's safe unpickler (default).
-        esd_layers: regexes choosing the layers of the ESD section (default: ``max_esd_layers``
-            layers spread over the depth).
+        esd_layers: regexes choosing the layers of the ESD section (default: the worst layers at
+            the last snapshot by :func:`~ww_monitor.outputs.worst_layers.worst_layers`, then layers
+            spread over the depth, ``max_esd_layers`` in all).
         max_esd_layers: most layers in the ESD section.
         max_esd_snapshots: most snapshots per ESD evolution heatmap (spread evenly, first
             and last always kept).
@@ -206,7 +209,9 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
         data.phases = (phase_layers, phase_steps, grid)
 
     hist_layers = [t[len("ww/esd/"):] for t in tags.get("histograms", []) if t.startswith("ww/esd/")]
-    for layer in _choose_layers(hist_layers, esd_layers, max_esd_layers):
+    last_value = _last_values(scalars, all_steps[-1] if all_steps else None)
+    for layer in _choose_layers(hist_layers, esd_layers, max_esd_layers, *(
+            [last_value(f"ww/{m}/{n}") for n in hist_layers] for m in ("alpha", "num_pl_spikes", "reliable"))):
         events = _dedupe_events(acc.Histograms(f"ww/esd/{layer}"))
         data.esd_snapshots_total = max(data.esd_snapshots_total, len(events))
         snaps = [_esd_from_histogram(e.step, e.histogram_value) for e in _spread(events, max_esd_snapshots)]
@@ -243,12 +248,18 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
                 by_step = dict(zip(steps, values))
                 data.summary[t[len("ww/summary/"):]] = by_step.get(last, values[-1])
 
+    # The ESD figures with their fits (the report redraws every other figure from the scalars): those
+    # of the latest snapshot that has any, i.e. its worst layers.
+    latest: dict[str, object] = {}
     for tag in tags.get("images", []):
-        if tag.startswith("ww/plots/") and len(data.logged_figures) < _MAX_TB_FIGURES:
+        if tag.startswith(_LOGGED_FIGURES):
             events = acc.Images(tag)
             if events:
-                e = max(events, key=lambda ev: (ev.step, ev.wall_time))
-                data.logged_figures[tag] = (e.step, bytes(e.encoded_image_string))
+                latest[tag] = max(events, key=lambda ev: (ev.step, ev.wall_time))
+    newest = max((e.step for e in latest.values()), default=None)
+    for tag, e in latest.items():
+        if e.step == newest and len(data.logged_figures) < _MAX_TB_FIGURES:
+            data.logged_figures[tag] = (e.step, bytes(e.encoded_image_string))
     return data
 
 
@@ -262,6 +273,15 @@ def _frozen_at(scalars: dict, layers: Sequence[str]) -> dict[str, int]:
         if frozen_steps and analysed and frozen_steps[-1] >= analysed[-1]:
             out[layer] = frozen_steps[-1]
     return out
+
+
+def _last_values(scalars: dict, step):
+    """``value(tag)``: the tag's value at ``step`` (NaN if not logged there)."""
+    def value(tag: str) -> float:
+        steps, values = scalars.get(tag, ([], []))
+        return dict(zip(steps, values)).get(step, math.nan)
+
+    return value
 
 
 def _dedupe_events(events) -> list:
@@ -284,10 +304,12 @@ def _spread(items: list, n: int) -> list:
     return [items[i] for i in dict.fromkeys(idx.tolist())]
 
 
-def _choose_layers(names: Sequence[str], patterns, max_layers: int) -> list[str]:
-    from .tensorboard_writer import choose_figure_layers
+def _choose_layers(names: Sequence[str], patterns, max_layers: int, alphas=None, tails=None, reliable=None) -> list[str]:
+    """The ESD layers: ``patterns``, else the worst by alpha (given ``alphas``), then spread."""
+    from .worst_layers import choose_figure_layers
 
-    return choose_figure_layers(list(names), list(patterns) if patterns else None, max_layers)
+    rel = [bool(r > 0.5) if math.isfinite(r) else True for r in reliable] if reliable is not None else None
+    return choose_figure_layers(list(names), list(patterns) if patterns else None, max_layers, alphas, tails, rel)
 
 
 def _esd_from_histogram(step: int, h) -> EsdSnapshot | None:

@@ -37,6 +37,7 @@ from ..analysis.reliability import RELIABLE_MIN_EVALS, RELIABLE_MIN_TAIL
 from ..analysis.results import SUMMARY_COUNTS, SUMMARY_METRICS, LayerResult
 from ..functional.histogram import ESD_MAX_BINS, ESD_MIN_BINS, EsdHistogram, esd_bins, esd_histogram, esd_log10
 from ..user_warnings import warn_user
+from .display_names import display_name_map
 
 __all__ = [
     "LAYER_METRICS",
@@ -131,11 +132,12 @@ def custom_scalars_layout(names: Sequence[str] = ()) -> dict:
     """Custom-scalars layout (docs/tensorboard.md).
 
     * ``ww overview``: mean alpha, the layer counts, active alerts, mean alpha per block and per kind;
-    * ``ww alpha per block``: one chart per block with the alpha of its layers (given ``names``);
+    * ``ww alpha per block``: one chart per block with the alpha of its layers (given ``names``),
+      titled by the block's displayed name (``alpha layers.3``, not ``alpha model.model.layers.3``);
     * ``ww per-layer`` (at most :data:`MAX_LAYERS_PER_CHART` layers): one chart per metric, every layer;
     * ``ww summary``: one chart per model-level mean.
     """
-    from .layer_groups import BLOCK_PREFIX, KIND_PREFIX, group_names
+    from .layer_groups import BLOCK_PREFIX, KIND_PREFIX, block_of, group_names
 
     overview = {
         "mean alpha (reliable layers)": ["Multiline", [r"^ww/summary/alpha$"]],
@@ -145,10 +147,11 @@ def custom_scalars_layout(names: Sequence[str] = ()) -> dict:
         "mean alpha per kind": ["Multiline", [rf"^{KIND_PREFIX}/alpha/"]],
     }
     layout = {"ww overview": overview}
-    if names:
+    if names:  # charts titled by the block as displayed (wrapper prefix left out); tags keep full names
+        shown = display_name_map(names)
         layout["ww alpha per block"] = {
             f"alpha {block}": ["Multiline", [_exact(f"ww/alpha/{n}" for n in layers)]]
-            for block, layers in group_names(names).items()
+            for block, layers in group_names(names, key=lambda n: block_of(shown[n])).items()
         }
     if not names or len(names) <= MAX_LAYERS_PER_CHART:
         layout["ww per-layer"] = {m: ["Multiline", [rf"^ww/{re.escape(m)}/"]] for m in LAYER_METRICS + ("phase",)}
@@ -162,19 +165,20 @@ def layers_markdown(results: Sequence[LayerResult], carried: Sequence[str] = ())
     head = ("| layer | kind | eigenvalues | tail | reliable | alpha | alpha_weighted | log_spectral_norm "
             "| stable_rank | rank_loss | phase | frozen |\n")
     head += "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    shown = display_name_map([r.name for r in results] + list(carried))
     rows = []
     for r in results:
         rows.append(
-            f"| {r.name} | {r.kind} | {r.num_evals} | {r.num_pl_spikes} | {'yes' if r.reliable else 'no'} "
+            f"| {shown[r.name]} | {r.kind} | {r.num_evals} | {r.num_pl_spikes} | {'yes' if r.reliable else 'no'} "
             f"| {r.alpha:.3f} | {r.alpha_weighted:.3f} | {r.log_spectral_norm:.3f} "
             f"| {r.stable_rank:.2f} | {r.rank_loss} | {r.phase if r.phase is not None else UNDETERMINED} "
             f"| {'yes' if getattr(r, 'frozen', False) else ''} |"
         )
     if carried:
-        shown = ", ".join(carried[:_MAX_CARRIED_LISTED])
+        listed = ", ".join(shown[n] for n in carried[:_MAX_CARRIED_LISTED])
         more = f" and {len(carried) - _MAX_CARRIED_LISTED} more" if len(carried) > _MAX_CARRIED_LISTED else ""
         rows.append(f"\n{len(carried)} frozen layer(s) not analysed again (their weights do not require grad and "
-                    f"have not changed since their last analysis, shown at that step): {shown}{more}.")
+                    f"have not changed since their last analysis, shown at that step): {listed}{more}.")
     legend = (f"\n\n*tail* = eigenvalues in the power-law fit; a layer is *reliable* with >= {RELIABLE_MIN_EVALS} "
               f"eigenvalues and >= {RELIABLE_MIN_TAIL} in the tail. Unreliable layers are left out of the "
               f"`ww/summary/alpha*` means (counted in `ww/summary/num_unreliable`); layers under "
@@ -192,18 +196,19 @@ def is_tensorboard_logger(logger) -> bool:
     return any(c.__name__ == "TensorBoardLogger" for c in type(logger).__mro__)
 
 
-def choose_figure_layers(names: Sequence[str], patterns: Sequence[str] | None, max_layers: int) -> list[str]:
-    """Layers that get an ESD figure: those matching ``patterns``, else up to ``max_layers``
-    spread evenly from first to last."""
-    if patterns:
-        chosen = [n for n in names if any(re.search(p, n) for p in patterns)]
-        return chosen[:max_layers] if max_layers else chosen
-    if max_layers <= 0 or not names:
-        return []
-    if len(names) <= max_layers:
-        return list(names)
-    idx = np.linspace(0, len(names) - 1, max_layers).round().astype(int)
-    return [names[i] for i in dict.fromkeys(idx.tolist())]
+def choose_figure_layers(names: Sequence[str], patterns: Sequence[str] | None, max_layers: int,
+                         results: Sequence[LayerResult] | None = None) -> list[str]:
+    """Layers that get an ESD figure: those matching ``patterns``, else the worst layers of
+    ``results`` (:func:`~ww_monitor.outputs.worst_layers.choose_figure_layers`), then layers spread
+    from first to last, up to ``max_layers``."""
+    from .worst_layers import choose_figure_layers as choose
+
+    if results is None:
+        return choose(names, patterns, max_layers)
+    by_name = {r.name: r for r in results}
+    rows = [by_name.get(n) for n in names]
+    return choose(names, patterns, max_layers, alphas=[r.alpha if r else math.nan for r in rows],
+                  tails=[r.num_pl_spikes if r else 0 for r in rows], reliable=[bool(r and r.reliable) for r in rows])
 
 
 def _figure_to_rgb(fig) -> np.ndarray:
@@ -238,6 +243,8 @@ def render_figures(
 
     images: dict[str, np.ndarray] = {}
     errors: list[str] = []
+    shown = display_name_map([r.name for r in results])
+    step = alpha_grid[1][-1] if alpha_grid is not None and len(alpha_grid[1]) else None
 
     def attempt(tag, fn, *args):
         try:
@@ -246,12 +253,12 @@ def render_figures(
             log.debug("figure %s failed: %s", tag, err)
             errors.append(f"{tag}: {type(err).__name__}: {err}")
 
-    attempt("ww/plots/alpha_per_layer", plotting.plot_alpha_per_layer, list(results))
+    attempt("ww/plots/alpha_per_layer", plotting.plot_alpha_per_layer, list(results), None, step)
     by_name = {r.name: r for r in results}
     for name in esd_layers:
         r = by_name.get(name)
         if r is not None and r.eigenvalues is not None:
-            attempt(f"ww/plots/esd/{name}", plotting.plot_esd, r)
+            attempt(f"ww/plots/esd/{name}", plotting.plot_esd, r, None, shown.get(name, name))
     if phase_grid is not None:
         names, steps, phases = phase_grid
         if any(p is not None for row in phases for p in row):
@@ -259,8 +266,10 @@ def render_figures(
     if alpha_grid is not None:
         names, steps, alphas, reliable = alpha_grid
         if np.isfinite(np.asarray(alphas, dtype=np.float64)).any():
+            # the tails of this snapshot (the last column), for the ranking of the worst layers
+            tails = [by_name[n].num_pl_spikes if n in by_name else math.nan for n in names]
             attempt("ww/plots/alpha_heatmap", plotting.plot_alpha_heatmap, list(names), list(steps), alphas,
-                    np.asarray(reliable) > 0.5)
+                    np.asarray(reliable) > 0.5, None, tails)
     return images, errors
 
 
