@@ -85,7 +85,8 @@ def test_plot_alpha_per_layer(report, tmp_path):
 
     from ww_monitor.outputs.alpha_figures import BAND_COLORS
 
-    layers = list(report.layers) + [dataclasses.replace(report.layers[0], name="failed", alpha=math.nan)]
+    far = dataclasses.replace(report.layers[0], name="far", alpha=14.0)  # beyond the axis (10)
+    layers = list(report.layers) + [far, dataclasses.replace(report.layers[0], name="failed", alpha=math.nan)]
     fig = plot_alpha_per_layer(layers, step=7)
     (ax,) = fig.axes
     # Issue 21: one horizontal bar per layer, first layer on top, every row labelled by its name.
@@ -93,19 +94,19 @@ def test_plot_alpha_per_layer(report, tmp_path):
     assert ax.get_ylim()[0] > ax.get_ylim()[1]
     # Issue 10: each bar is annotated with alpha and the eigenvalue / tail counts it rests on.
     notes = [t.get_text() for t in ax.texts]
-    for l in report.layers:
+    for l in layers[:-1]:
         assert f"{l.alpha:.2f} ({l.num_evals}/{l.num_pl_spikes})" in notes
     assert f"fit failed ({layers[-1].num_evals}/{layers[-1].num_pl_spikes})" in notes
     bars = [p for c in ax.containers for p in c]
     # bars end at alpha = 10 at most; a longer one ends in a ">" with its value written beside it
     assert sorted(p.get_width() for p in bars) == pytest.approx(
-        sorted(min(l.alpha, 10.0) for l in report.layers if math.isfinite(l.alpha)))
-    beyond = [l for l in report.layers if l.alpha > 10.0]
+        sorted(min(l.alpha, 10.0) for l in layers if math.isfinite(l.alpha)))
+    beyond = [l for l in layers if l.alpha > 10.0]
     assert len([ln for ln in ax.get_lines() if ln.get_marker() == ">"]) == len(beyond) >= 1
     # colour by side of the band; unreliable fits white and hatched
     lo, hi = ALPHA_GOOD_BAND
     for p in ax.containers[0]:
-        a = p.get_width() if p.get_width() < 10.0 else 11.0
+        a = p.get_width()  # 10 for a bar cut at the axis: above the band either way
         side = "below" if a < lo else "above" if a > hi else "inside"
         assert p.get_facecolor() == pytest.approx(to_rgba(BAND_COLORS[side]))
     assert not report["2"].reliable and report["2"].phase is None  # the 10-eigenvalue head

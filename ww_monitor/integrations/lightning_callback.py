@@ -112,7 +112,8 @@ class WeightWatcherMixin(MonitorEngine):
         figures_every_n_snapshots: render figures (alpha per layer, ESDs, phase heatmap) every
             this many snapshots and at the final one; ``None`` or 0 disables figures.
         figure_layers: regex or list of regexes selecting the layers that get an ESD figure;
-            ``None`` picks ``max_figure_layers`` layers spread over the depth.
+            ``None`` picks the ``max_figure_layers`` worst layers (standard errors outside the
+            alpha band, :mod:`ww_monitor.outputs.worst_layers`), then layers spread over the depth.
         max_figure_layers: most ESD figures per snapshot.
         figures_min_run_seconds: figures are drawn only once training has run this long (default
             60 s; 0: always). The renderer's start-up costs a few CPU-seconds, more than a short

@@ -177,13 +177,12 @@ def alerts_markdown(alerts: Sequence[Alert], step: int, active: int | None = Non
     names = display_name_map(list(layer_names) + [a.layer for a in alerts])
     lines = [f"**{_header(alerts, step, active)}**", ""]
     for g in group_alerts(alerts):
-        summary = group_summary(g, names, len(layer_names) or None, tails)
         if g.resolved:
             shown = ", ".join(f"`{names.get(a.layer, a.layer)}`" for a in g.alerts)
             lines.append(f"* resolved: **{g.rule}** on {shown}")
             continue
-        link = alert_docs_url(g.rule)
-        lines.append(f"* **{g.rule}**: {summary} ([what to do]({link}))")
+        summary = group_summary(g, names, len(layer_names) or None, tails)
+        lines.append(f"* **{g.rule}**: {summary} ([what to do]({alert_docs_url(g.rule)}))")
         if len(g.alerts) > 1 or g.alerts[0].detail == "":
             lines.append("    * " + ", ".join(f"`{names.get(a.layer, a.layer)}` {_value(a)}".rstrip()
                                               for a in g.alerts))

@@ -73,7 +73,7 @@ def _png_base64(fig, dpi: int = 90) -> str:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}
+table{border-collapse:collapse;font-size:.85em;display:block;overflow-x:auto;max-width:100%}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.3em 0}
 .note{color:#666;font-size:.9em}pre{background:#f8f8f8;padding:.5em;overflow-x:auto;font-size:.85em}
 .grid{display:flex;flex-wrap:wrap;gap:.5em}.grid figure{margin:0;flex:1 1 480px}

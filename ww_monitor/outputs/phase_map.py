@@ -80,7 +80,7 @@ def plot_phase_heatmap(
     fig, ax = figure_and_axes(ax, (size[0] + 1.5, size[1]))  # the key is wider than a colour bar
     ax.imshow(codes, cmap=cmap, vmin=-0.5, vmax=undetermined + 0.5, aspect="auto", interpolation="nearest")
     label_rows(ax, layer_names, shown)
-    block_separators(ax, shown, color="white")
+    block_separators(ax, shown)
     label_steps(ax, list(steps))
     title = ["phase per layer: the shape of its ESD (docs/phases.md)",
              f"heavy-tailed = a power-law tail with alpha <= {HEAVY_TAILED_MAX_ALPHA:g} reaching past 2x the random "

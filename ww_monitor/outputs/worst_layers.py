@@ -94,7 +94,8 @@ def choose_figure_layers(names: Sequence[str], patterns: Sequence[str] | None, m
         return list(names)
     chosen = [o.name for o in worst_layers(names, alphas, tails, reliable, count=max_layers)] if alphas is not None \
         else []
-    rest = [n for n in names if n not in set(chosen)]
+    taken = set(chosen)
+    rest = [n for n in names if n not in taken]
     need = max_layers - len(chosen)
     if need > 0 and rest:
         idx = np.linspace(0, len(rest) - 1, need).round().astype(int)
