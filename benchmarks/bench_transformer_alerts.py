@@ -1,6 +1,6 @@
 """Is ``alpha_low`` on a transformer's layers a signal of over-training, or noise? Evidence.
 
-    python benchmarks/bench_transformer_alerts.py               # 2 seeds x 2 regimes (~10 min on 2 busy cores)
+    python benchmarks/bench_transformer_alerts.py               # 2 seeds x 2 regimes (~5 min on 2 busy cores)
     python benchmarks/bench_transformer_alerts.py --seeds 1
 
 The LLaMA copy task of ``examples/transformer_copy_task.py`` (6 blocks, 44 matrices) in two
