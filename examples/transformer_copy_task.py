@@ -1,9 +1,10 @@
 """A 6-block LLaMA (44 weight matrices) learns to copy a sequence, with ``WeightWatcherCallback``.
 
-Runs on CPU in about a minute (no download: the model is built from a ``LlamaConfig``)::
+Runs on CPU in 2-3 minutes on a busy 2-core machine (no download: the model is built from a
+``LlamaConfig``)::
 
     python examples/transformer_copy_task.py                 # logs to ww_logs/
-    python examples/transformer_copy_task.py --logdir /tmp/ww --epochs 10 --seed 1
+    python examples/transformer_copy_task.py --every-snapshot --report   # 11 snapshots + report.html
     ww-monitor report ww_logs/copy_task/version_0 --out report.html
     tensorboard --logdir ww_logs/
 

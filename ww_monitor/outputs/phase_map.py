@@ -85,7 +85,7 @@ def plot_phase_heatmap(
     title = ["phase per layer: the shape of its ESD (docs/phases.md)",
              f"heavy-tailed = a power-law tail with alpha <= {HEAVY_TAILED_MAX_ALPHA:g} reaching past 2x the random "
              "(Marchenko-Pastur) edge, or no random bulk at all; wider than the alpha band [2, 4], so layers "
-             f"outside the band can be heavy-tailed (alpha > {HEAVY_TAILED_MAX_ALPHA:g} reads as bulk-decay)"]
+             f"outside the band can be heavy-tailed (a tail with alpha > {HEAVY_TAILED_MAX_ALPHA:g} makes it bulk-decay)"]
     ax.set_title(wrap_title(title, fig.get_figwidth() * 0.75), fontsize=TITLE_FONT)
     handles = [Patch(facecolor=PHASE_COLORS[p], edgecolor="black", label=f"{p.value}: {PHASE_MEANING[p]}")
                for p in order]
