@@ -168,6 +168,11 @@ class WeightWatcherCallback(TrainerCallback):
     def alerts_fired(self) -> list:
         return self.engine.alerts_fired
 
+    def plan(self, model, ranks: int | None = None, **options):
+        """What monitoring ``model`` will cost per snapshot, before training: see
+        :meth:`ww_monitor.WeightWatcherCallback.plan` (same arguments)."""
+        return self.engine.plan(model, ranks, **options)
+
     # Trainer events ---------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         host, engine = self._host, self.engine

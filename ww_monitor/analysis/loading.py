@@ -130,7 +130,8 @@ def natural_key(name: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
 
 
-def _load_file(p: Path, weights_only: bool) -> dict[str, torch.Tensor]:
+def _load_file(p: Path, weights_only: bool, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """One file's tensors; PyTorch files onto ``map_location`` (``"meta"``: shapes only, no data read)."""
     if not os.access(p, os.R_OK):
         raise CheckpointError(f"{p}: not readable (permission denied)")
     suffix = p.suffix.lower()
@@ -141,7 +142,7 @@ def _load_file(p: Path, weights_only: bool) -> dict[str, torch.Tensor]:
             f"{p}: unsupported file type {p.suffix or '(none)'}; expected one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=weights_only)
+        obj = torch.load(p, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
         # The restricted unpickler names the class it refused ("Unsupported global: GLOBAL x.y");
         # anything else it chokes on is a file that is not a valid pickle at all.

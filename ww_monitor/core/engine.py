@@ -58,7 +58,7 @@ from ..analysis.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVA
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from ..monitoring.alerts import Alert, AlertConfig
 from ..monitoring.budget import DEFAULT_MAX_OVERHEAD
-from ..monitoring.cost import estimate_seconds
+from ..monitoring.cost import calibration, estimate_seconds
 from ..monitoring.device import resolve_analysis_device, staging_budget
 from ..monitoring.distributed import Collectives, TorchCollectives, collect_into
 from ..monitoring.snapshot import SnapshotBuilder
@@ -67,6 +67,7 @@ from ..monitoring.worker import make_worker
 from ..outputs.figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
 from ..user_warnings import warn_user
 from .completion import Completion
+from .planning import Planning
 from .hooks import rank_zero_warn
 from .run_state import RunState
 from .selection_report import SelectionReport
@@ -79,7 +80,7 @@ log = logging.getLogger(__name__)
 
 
 
-class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
+class MonitorEngine(RunState, Completion, SelectionReport, Thinning, Planning):
     """The monitor itself, for any training loop: see the module docstring. Its arguments are
     those of :class:`ww_monitor.WeightWatcherCallback` (documented there); front doors
     subclass it and translate their framework's events into the run-level methods."""
@@ -317,8 +318,11 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning):
         if self.estimated_snapshot_seconds is None and device.type == "cpu" and snap.specs:
             # The cost model is calibrated for CPU analysis; said once, up front. Frozen matrices
             # are carried forward after this snapshot: the snapshots to come cost the others.
-            shapes = [s.shape for s in snap.specs if self.watch_frozen or not s.frozen]
-            self.estimated_snapshot_seconds = estimate_seconds(shapes)
+            later = [s for s in snap.specs if self.watch_frozen or not s.frozen]
+            shapes = [s.shape for s in later]
+            self.estimated_snapshot_seconds = estimate_seconds(
+                shapes, [s.dtype for s in later], self.config.method,
+                calibration(self.worker_threads))  # as the worker runs it
             if self._rank == 0:
                 log.info("ww_monitor: one snapshot (%d matrices) will take about %.1f s of analysis here%s",
                          len(shapes), self.estimated_snapshot_seconds,

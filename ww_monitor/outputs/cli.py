@@ -5,6 +5,8 @@
 * ``ww-monitor report LOGDIR_OR_CKPT [--out report.html]``: a self-contained HTML report of a
   monitored run (TensorBoard log folder, checkpoint with the callback's history, or model file);
   see :mod:`ww_monitor.outputs.offline_report`.
+* ``ww-monitor plan CONFIG_OR_CHECKPOINT [--ranks N] [--device cpu|cuda] ...``: what monitoring a
+  model will cost per snapshot, from its shapes alone (:mod:`ww_monitor.outputs.plan_cli`).
 
 While layers are analysed a progress bar is drawn on stderr, only when stderr is a terminal.
 Results go to stdout; notes (files written) to stderr. User errors (missing, unreadable,
@@ -24,6 +26,7 @@ from typing import Sequence
 
 from ..errors import WWMonitorError
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
+from .plan_cli import add_plan_parser, run_plan
 
 __all__ = ["main"]
 
@@ -97,6 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="most snapshots (columns) per ESD evolution heatmap (default: 8; 0: all)")
     r.add_argument("--unsafe-load", action="store_true",
                    help="load pickled checkpoints with weights_only=False; can run code: only for files you trust")
+    add_plan_parser(sub)
     return parser
 
 
@@ -240,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _analyze(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "plan":
+            return run_plan(args)
     except WWMonitorError as err:
         print(f"ww-monitor: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
