@@ -12,12 +12,14 @@ which a busy machine inflates), and the relative error ``predicted / measured - 
 median and worst absolute error of each table.
 
 Times are CPU seconds of the process (``time.process_time``; one thread, so a noisy neighbour
-changes them much less than wall time), the minimum over ``--repeats``. The load average is
-printed before and after.
+changes them much less than wall time), the least of ``--repeats`` runs, averaged over
+``--seeds`` matrices per shape (the mixed route's rank certificate fails on some random square
+matrices and not on others; the model predicts the mean). The load average is printed before
+and after.
 
 Run::
 
-    python benchmarks/bench_cost_model.py            # shapes up to 32000 x 4096 (~4 min on one core)
+    python benchmarks/bench_cost_model.py            # shapes up to 32000 x 4096 (~5 min on one core)
     python benchmarks/bench_cost_model.py --quick    # shapes up to 2048 x 2048 (~10 s)
 """
 
@@ -60,12 +62,13 @@ QUICK_MAX = 2048 * 2048
 ESTIMATE_ABOVE = 1024
 
 
-def _weights(rows: int, cols: int, dtype: str) -> torch.Tensor:
-    g = torch.Generator().manual_seed(rows * 7 + cols)
+def _weights(rows: int, cols: int, dtype: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * seed + rows * 7 + cols)
     return (torch.randn(rows, cols, generator=g) / cols ** 0.5).to(getattr(torch, dtype))
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
+def _cpu_seconds(fn, repeats: int) -> tuple[float, float]:
+    """(least CPU seconds, least wall seconds) over ``repeats`` calls."""
     cpu, wall = [], []
     for _ in range(repeats):
         c, w = time.process_time(), time.perf_counter()
@@ -75,29 +78,41 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
     return min(cpu), min(wall)
 
 
-def _row(label: str, route: str, predicted: float, cpu: float, wall: float) -> tuple[str, float]:
-    err = predicted / cpu - 1
-    print(f"{label:<22} {route:<7} {predicted:>10.3f} {cpu:>10.3f} {wall:>9.3f} {err:>+8.1%}", flush=True)
-    return label, err
+def _table(title: str, cases, job, predict, route, args) -> list[float]:
+    """Time ``job(matrix)`` for each (rows, cols, dtype) and compare with ``predict(shape, dtype)``.
 
-
-def _header(title: str) -> None:
+    Shapes under 4096 x 4096 are measured on ``--seeds`` different matrices (the mixed route's
+    rank certificate fails on some square ones and not on others: the model predicts the mean),
+    each the least of ``--repeats`` runs; larger ones once.
+    """
     print(f"\n{title}")
     print(f"{'shape, dtype':<22} {'route':<7} {'predicted':>10} {'measured':>10} {'wall':>9} {'error':>8}")
-
-
-def _summary(errors: list[float]) -> None:
+    errors = []
+    for rows, cols, dtype in cases:
+        if args.quick and rows * cols > QUICK_MAX:
+            continue
+        small = rows * cols < 4096 * 4096
+        runs = [_cpu_seconds(lambda: job(LayerMatrix("layer", "linear", _weights(rows, cols, dtype, seed))),
+                             args.repeats if small else 1) for seed in range(args.seeds if small else 1)]
+        cpu, wall = statistics.mean(r[0] for r in runs), statistics.mean(r[1] for r in runs)
+        dt = getattr(torch, dtype)
+        predicted = predict((rows, cols), dt)
+        err = predicted / cpu - 1
+        errors.append(err)
+        print(f"{f'{rows}x{cols} {dtype}':<22} {route(dt, min(rows, cols)):<7} {predicted:>10.3f} {cpu:>10.3f} "
+              f"{wall:>9.3f} {err:>+8.1%}", flush=True)
     if errors:
         worst = max(errors, key=abs)
         print(f"median |error| {statistics.median(abs(e) for e in errors):.1%}, worst {worst:+.1%} "
               f"({len(errors)} shapes)")
+    return errors
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shapes up to 2048 x 2048 only")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of shapes under 4096 x 4096 (default 3)")
-    parser.add_argument("--big-repeats", type=int, default=1, help="repeats of larger shapes (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per matrix under 4096 x 4096 (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="matrices per shape under 4096 x 4096 (default 3)")
     parser.add_argument("--no-sampled", action="store_true", help="skip the sampled-estimate table")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="intra-op threads (default 1)")
     args = parser.parse_args()
@@ -105,42 +120,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()[0]:.2f}; threads: {torch.get_num_threads()}")
     cal = calibration()
-    print(f"calibration: {cal.seconds * 1e3:.0f} ms CPU; gram {cal.gram:.3g} s/(N M^2), eig64 {cal.eig64:.3g}, "
-          f"eig32 {cal.eig32:.3g}, cholesky {cal.cholesky:.3g}, ldl {cal.ldl:.3g} s/M^3, "
-          f"per matrix {cal.per_matrix * 1e3:.2f} ms, per eigenvalue {cal.per_eigenvalue * 1e6:.2f} us")
+    print(f"calibration: {cal.seconds * 1e3:.0f} ms CPU; gram {cal.gram:.3g} s/(N M^2), upcast {cal.upcast:.3g} "
+          f"s/(N M), eig64 {cal.eig64:.3g}, eig32 {cal.eig32:.3g}, cholesky {cal.cholesky:.3g}, ldl {cal.ldl:.3g} "
+          f"s/M^3, per matrix {cal.per_matrix * 1e3:.2f} ms, per eigenvalue {cal.per_eigenvalue * 1e6:.2f} us")
     config = AnalysisConfig(keep_eigenvalues=True)  # the monitor's analysis options at its defaults
-
-    def small(rows, cols):
-        return rows * cols < 4096 * 4096
-
-    _header("full analysis (the worker's job for one matrix), CPU seconds")
-    full_errors = []
-    for rows, cols, dtype in FULL:
-        if args.quick and rows * cols > QUICK_MAX:
-            continue
-        w = _weights(rows, cols, dtype)
-        m = LayerMatrix("layer", "linear", w)
-        route = choose_method(w.dtype, "auto", min(rows, cols))
-        cpu, wall = _timed(lambda: analyze_snapshot(take_snapshot([m]), config, histograms=True),
-                           args.repeats if small(rows, cols) else args.big_repeats)
-        full_errors.append(_row(f"{rows}x{cols} {dtype}", route, matrix_seconds(w.shape, w.dtype, cal=cal), cpu,
-                                wall)[1])
-    _summary(full_errors)
-
+    _table("full analysis (the worker's job for one matrix), CPU seconds", FULL,
+           lambda m: analyze_snapshot(take_snapshot([m]), config, histograms=True),
+           lambda shape, dt: matrix_seconds(shape, dt, cal=cal), lambda dt, m: choose_method(dt, "auto", m), args)
     if not args.no_sampled:
-        _header(f"sampled estimate (estimate_above={ESTIMATE_ABOVE}), CPU seconds")
-        sampled_config = AnalysisConfig(keep_eigenvalues=True, estimate_above=ESTIMATE_ABOVE)
-        sampled_errors = []
-        for rows, cols, dtype in SAMPLED:
-            if args.quick and rows * cols > QUICK_MAX:
-                continue
-            w = _weights(rows, cols, dtype)
-            m = LayerMatrix("layer", "linear", w)
-            cpu, wall = _timed(lambda: analyze_matrices([m], sampled_config),
-                               args.repeats if small(rows, cols) else args.big_repeats)
-            sampled_errors.append(_row(f"{rows}x{cols} {dtype}", "sampled", sampled_seconds(w.shape, w.dtype, cal=cal),
-                                       cpu, wall)[1])
-        _summary(sampled_errors)
+        sampled = AnalysisConfig(keep_eigenvalues=True, estimate_above=ESTIMATE_ABOVE)
+        _table(f"sampled estimate (estimate_above={ESTIMATE_ABOVE}), CPU seconds", SAMPLED,
+               lambda m: analyze_matrices([m], sampled), lambda shape, dt: sampled_seconds(shape, dt, cal=cal),
+               lambda dt, m: "sampled", args)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -4,29 +4,29 @@ The analysis of an (N x M, N >= M) matrix follows the route of
 :func:`~ww_monitor.functional.eigenvalues.choose_method` for its dtype and M:
 
 * ``"gram"`` (float32/16-bit weights with M < 512, or ``method="gram"``): the float64 Gram product
-  (``dsyrk``, ~ N M^2) and a float64 symmetric eigensolve (``dsyevd``, ~ M^3);
+  (``dsyrk``, ~ N M^2, after the float64 upcast, ~ N M) and a float64 symmetric eigensolve
+  (``dsyevd``, ~ M^3);
 * ``"mixed"`` (float32/16-bit weights with M >= 512): the same Gram, a float32 eigensolve
-  (``ssyevd``, ~0.55x the float64 one), and where float32 cannot decide the rank (the smallest
-  eigenvalue near the rank tolerance: square-ish matrices) a float64 Cholesky certificate
-  (``dpotrf``, ~1/8 of the float64 solve's time); where the certificate fails (a random square
-  float32 matrix above M ~ 2000, and any square 16-bit one, has eigenvalues below the rank
-  tolerance) a second Gram and an LDL^T count (``dsytrf``);
+  (``ssyevd``, ~0.5-0.65x the float64 one); where float32 cannot decide the rank (square-ish
+  matrices) a float64 Cholesky certificate (``dpotrf``); where that fails (a random square float32
+  matrix above M ~ 2000, any square 16-bit one) a second Gram and an LDL^T count (``dsytrf``); and
+  where the float32 error bound is not small against the fit's xmin, a float64 re-solve (a third
+  Gram and ``dsyevd``: random float32 matrices of 4096 x 11008 and 32000 x 4096 take it);
 * ``"svd"`` (float64 weights): ``torch.linalg.svdvals``, ~ N M^2 + M^3;
 
-plus the fits, a fixed cost per matrix and a few microseconds per eigenvalue. Whether a matrix
-needs the certificate is judged from a random (Marchenko-Pastur) matrix of its shape: the
-smallest eigenvalue ``((sqrt(Q) - 1) / (sqrt(Q) + 1))^2 lambda_max`` (at least
-``lambda_max / (4 N M)``, the hard edge of a square one) against the float32 error bound and the
-rank tolerance, and how often it fails from the smallest eigenvalue of a square random matrix
-(:func:`_certificate`). A trained matrix with a longer small end needs it more often.
+plus a fixed cost per matrix and a few microseconds per eigenvalue for the fits. Which of the
+mixed route's steps a matrix takes is judged from a random (Marchenko-Pastur) matrix of its shape,
+as at initialisation (:func:`_mixed_route`). A trained layer whose tail starts far below
+lambda_max is re-solved in float64 more often: its analysis can take up to ~1.8x the estimate
+(a square 4096 one).
 
-:func:`calibration` times each piece once per process and thread count on this machine, at
-M = ``_PROBE_M`` (about 60 ms in all, CPU time of the calling thread, so a busy machine does not
-inflate it): per-M^3 and per-N M^2 rates measured there hold within ~20% up to M = 4096 on the
-benchmark machine (``benchmarks/bench_cost_model.py`` prints predicted against measured times and
-the error). :func:`sampled_seconds` adds the route of ``estimate_above=`` (sampled submatrices plus
-Lanczos on the whole matrix, whose memory-bound passes are timed by a separate, larger probe
-taken only when that route is asked for).
+:func:`calibration` times each piece once per process and thread count on this machine at
+M = ``_PROBE_M`` (60-100 ms of CPU in all, measured as CPU time of the calling thread, so a busy
+machine inflates it little), with the measured trends to large M (:data:`GRAM_LARGE_M_SPEEDUP`,
+:data:`EIG32_LARGE_M_SPEEDUP`). ``benchmarks/bench_cost_model.py`` prints predicted against
+measured times per shape and the error. :func:`sampled_seconds` adds the route of
+``estimate_above=`` (sampled submatrices plus Lanczos on the whole matrix, whose memory-bound
+passes are timed by a separate, larger probe taken only when that route is asked for).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="most snapshots (columns) per ESD evolution heatmap (default: 8; 0: all)")
     r.add_argument("--unsafe-load", action="store_true",
                    help="load pickled checkpoints with weights_only=False; can run code: only for files you trust")
-    add_plan_parser(sub)
+    add_plan_parser(sub, _positive)
     return parser
 
 

@@ -30,16 +30,8 @@ read, nothing is downloaded): the matrices analysed and skipped (the monitor's s
 copied per rank, analysis seconds per rank on this machine's CPU (a cost model calibrated here),
 the same with wwm.analyze's sampled estimate (--estimate-above), and a schedule that keeps the
 monitor within --max-overhead of the training time."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+_EXAMPLE = """\
+example: ww-monitor plan configs/llama-2-7b.json --ranks 8 --step-seconds 2"""
 
 
 def _positive_float(text: str) -> float:
@@ -69,31 +61,32 @@ def _one_line_error(prog: str):
     return error
 
 
-def add_plan_parser(sub) -> None:
-    """Register ``plan`` on the ``ww-monitor`` subcommands."""
+def add_plan_parser(sub, positive_int) -> None:
+    """Register ``plan`` on the ``ww-monitor`` subcommands (``positive_int``: the CLI's argument type
+    for whole numbers >= 1)."""
     p = sub.add_parser("plan", help="what monitoring a model will cost per snapshot (from a config or checkpoint)",
-                       description=_DESCRIPTION)
+                       description=_DESCRIPTION, epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = _one_line_error(p.prog)  # one line naming the argument, no usage block
     p.add_argument("path", metavar="CONFIG_OR_CHECKPOINT",
                    help="transformers config.json (or a folder with one), .safetensors, .pt/.pth/.ckpt/.bin, "
                         "or a folder of checkpoint files")
-    p.add_argument("--ranks", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--ranks", type=positive_int, default=1, metavar="N",
                    help="processes sharing the analysis, as under DDP (default: 1)")
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where the analysis runs; GPU times are not calibrated here and say so (default: cpu)")
     sched = p.add_mutually_exclusive_group()
-    sched.add_argument("--every-n-steps", type=_positive_int, default=None, metavar="N",
+    sched.add_argument("--every-n-steps", type=positive_int, default=None, metavar="N",
                        help="the schedule you plan (every_n_train_steps), checked against the budget")
-    sched.add_argument("--every-n-epochs", type=_positive_int, default=None, metavar="N",
+    sched.add_argument("--every-n-epochs", type=positive_int, default=None, metavar="N",
                        help="the schedule you plan in epochs (needs --steps-per-epoch to be checked)")
-    p.add_argument("--steps-per-epoch", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--steps-per-epoch", type=positive_int, default=None, metavar="N",
                    help="optimizer steps per epoch, to express the schedule in epochs")
     p.add_argument("--step-seconds", type=_positive_float, default=None, metavar="S",
                    help="wall time of one training step (default: 1 s, said in the output)")
     p.add_argument("--max-overhead", type=_share, default=DEFAULT_MAX_OVERHEAD, metavar="F",
                    help=f"largest share of training time the monitor may cost (default: {DEFAULT_MAX_OVERHEAD}; "
                         "'none': no budget)")
-    p.add_argument("--estimate-above", type=_positive_int, default=DEFAULT_SAMPLE_SIZE, metavar="K",
+    p.add_argument("--estimate-above", type=positive_int, default=DEFAULT_SAMPLE_SIZE, metavar="K",
                    help="also price the sampled estimate of matrices whose smaller side exceeds K "
                         f"(default: {DEFAULT_SAMPLE_SIZE})")
     p.add_argument("--include", action="append", default=None, metavar="REGEX",
@@ -102,7 +95,7 @@ def add_plan_parser(sub) -> None:
                    help="skip layers whose name matches (repeatable), as the callback's exclude=")
     p.add_argument("--dtype", choices=PLAN_DTYPES, default=None,
                    help="plan for weights in this dtype (default: the config's dtype or the stored ones)")
-    p.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N",
                    help="the analysis worker's threads (worker_threads; default: 1)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
     p.add_argument("--unsafe-load", action="store_true",
