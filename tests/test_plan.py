@@ -90,6 +90,29 @@ def test_ranks_split_as_the_monitor_splits_them():
         assert snap.nbytes == plan.bytes_per_rank[rank] and len(snap) == plan.matrices_per_rank[rank]
 
 
+def test_frozen_matrices_are_planned_for_the_baseline_only():
+    model = _materialised("gpt2")
+    for module in (model.transformer.wte, model.transformer.h[0]):  # a frozen embedding and block
+        module.requires_grad_(False)
+    monitor = ww_monitor.Monitor(blocking=True, every_n_steps=1)
+    plan = monitor.plan(model, 2)
+    frozen = {m.name for m in plan.frozen}
+    assert frozen == {"transformer.wte"} | {m.name for m in plan.matrices if m.name.startswith("transformer.h.0.")}
+    # after the baseline the monitor leaves the frozen matrices out before splitting the rest
+    owners, _ = collect_into(None, model, monitor.config, 0, 2, carry=lambda m: m.frozen)
+    assert {m.name: m.rank for m in plan.matrices if m.rank is not None} == owners
+    assert {m.name: m.baseline_rank for m in plan.matrices} == collect_into(None, model, monitor.config, 0, 2)[0]
+    single = monitor.plan(model)
+    with pytest.warns(RuntimeWarning, match="no logger or sink"):
+        monitor.step(model, 1)
+    assert monitor.stats["snapshot_bytes"] == sum(m.nbytes for m in single.matrices)  # the baseline: all
+    monitor.step(model, 2)
+    assert monitor.stats["snapshot_bytes"] == sum(single.bytes_per_rank)  # then the trainable ones
+    assert list(monitor.history[1].layers) == [m.name for m in single.matrices if m.rank is not None]
+    monitor.close(model, 2)
+    assert ww_monitor.Monitor(watch_frozen=True).plan(model).frozen == []
+
+
 def test_cli_on_a_config_json(tmp_path, capsys):
     # A real subprocess with the Hub switched off: the plan needs no download.
     res = cli(_write_config(tmp_path, "llama"), "--ranks", "2", "--step-seconds", "0.5", "--format", "json")

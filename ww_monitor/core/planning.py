@@ -57,6 +57,6 @@ class Planning:
             model, self.config, ranks=_world_size() if ranks is None else ranks, device=device,
             threads=self.worker_threads, estimate_above=estimate_above, max_overhead=self.max_overhead,
             step_seconds=step_seconds, every_n_train_steps=self.every_n_train_steps,
-            every_n_epochs=self.every_n_epochs, steps_per_epoch=steps_per_epoch,
+            every_n_epochs=self.every_n_epochs, steps_per_epoch=steps_per_epoch, watch_frozen=self.watch_frozen,
             source=f"{type(model).__name__} ({self.warning_prefix}'s settings)",
         )

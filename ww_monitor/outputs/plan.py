@@ -57,10 +57,12 @@ class PlannedMatrix:
     shape: tuple
     dtype: str
     nbytes: int
-    rank: int
+    rank: int | None  #: owner at the snapshots after the baseline (None: frozen, carried forward)
+    baseline_rank: int  #: owner at the baseline, where every matrix is copied
     seconds: float
     sampled_seconds: float  #: with ``estimate_above`` (equal to ``seconds`` when not sampled)
     sampled: bool
+    frozen: bool = False  #: no parameter it reads requires grad
     aliases: tuple = ()  #: other names of this tied tensor (copied and analysed once)
 
 
@@ -83,12 +85,21 @@ class CostPlan:
     skipped: list[SkippedLayer] = field(default_factory=list)
     copy_bytes_per_second: float = math.inf
     calibration_seconds: float = 0.0
+    watch_frozen: bool = False
 
-    def _per_rank(self, key) -> list[float]:
+    def _per_rank(self, key, baseline: bool = False) -> list[float]:
+        """Per rank, at the snapshots after the baseline (frozen matrices carried) or at the baseline."""
         out = [0.0] * self.ranks
         for m in self.matrices:
-            out[m.rank] += key(m)
+            rank = m.baseline_rank if baseline else m.rank
+            if rank is not None:
+                out[rank] += key(m)
         return out
+
+    @property
+    def frozen(self) -> list[PlannedMatrix]:
+        """Matrices analysed at the baseline only and carried forward afterwards."""
+        return [m for m in self.matrices if m.rank is None]
 
     @property
     def bytes_per_rank(self) -> list[int]:
@@ -106,13 +117,13 @@ class CostPlan:
     def sampled_seconds_per_rank(self) -> list[float]:
         return self._per_rank(lambda m: m.sampled_seconds)
 
-    def snapshot_seconds(self, sampled: bool = False) -> float | None:
-        """Copy plus analysis on the slowest rank: what one snapshot costs the run (the budget waits
-        for every rank). ``None`` on a GPU (not calibrated)."""
+    def snapshot_seconds(self, sampled: bool = False, baseline: bool = False) -> float | None:
+        """Copy plus analysis on the slowest rank: what one snapshot after the baseline (or the
+        baseline) costs the run; the budget waits for every rank. ``None`` on a GPU (not calibrated)."""
         if self.device != "cpu":
             return None
-        per_rank = self.sampled_seconds_per_rank if sampled else self.seconds_per_rank
-        copies = [b / self.copy_bytes_per_second for b in self.bytes_per_rank]
+        per_rank = self._per_rank(lambda m: m.sampled_seconds if sampled else m.seconds, baseline)
+        copies = [b / self.copy_bytes_per_second for b in self._per_rank(lambda m: m.nbytes, baseline)]
         return max(c + s for c, s in zip(copies, per_rank)) if per_rank else 0.0
 
     def seconds_between_snapshots(self, sampled: bool = False) -> float | None:
@@ -147,6 +158,9 @@ class CostPlan:
         d["per_rank"] = [{"rank": r, "matrices": c, "bytes": b, "analysis_seconds": s, "sampled_seconds": e}
                          for r, (c, b, s, e) in enumerate(zip(self.matrices_per_rank, self.bytes_per_rank,
                                                                 self.seconds_per_rank, self.sampled_seconds_per_rank))]
+        d["baseline_per_rank"] = [{"rank": r, "matrices": int(c), "bytes": int(b)} for r, (c, b) in enumerate(
+            zip(self._per_rank(lambda m: 1, True), self._per_rank(lambda m: m.nbytes, True)))]
+        d["baseline_snapshot_seconds"] = self.snapshot_seconds(baseline=True)
         d["snapshot_seconds"] = self.snapshot_seconds()
         d["snapshot_seconds_sampled"] = self.snapshot_seconds(sampled=True)
         d["seconds_between_snapshots"] = self.seconds_between_snapshots()
@@ -160,9 +174,10 @@ def plan_costs(model, config: AnalysisConfig, *, ranks: int = 1, device: str = "
                estimate_above: int | None = DEFAULT_SAMPLE_SIZE, max_overhead: float | None = None,
                step_seconds: float | None = None, every_n_train_steps: int | None = None,
                every_n_epochs: int | None = None, steps_per_epoch: int | None = None,
-               source: str = "model") -> CostPlan:
+               watch_frozen: bool = False, source: str = "model") -> CostPlan:
     """The :class:`CostPlan` of ``model`` (a module, possibly on the meta device, or a state dict of
-    tensors, possibly meta) under the selection ``config``. See the module docstring."""
+    tensors, possibly meta) under the selection ``config``. See the module docstring. Frozen
+    matrices are copied at the baseline only unless ``watch_frozen`` (:mod:`ww_monitor.monitoring.carry`)."""
     check_int("ranks", ranks, 1)
     if device not in DEVICES:
         raise WWMonitorError(f"`device` must be one of {DEVICES}, got {device!r}.")
@@ -178,25 +193,28 @@ def plan_costs(model, config: AnalysisConfig, *, ranks: int = 1, device: str = "
     for m in found:  # the names the monitor logs (wrappers stripped), as distributed.collect_into does
         m.name = strip_wrapper_names(m.name)
     skipped = [SkippedLayer(strip_wrapper_names(s.name), s.kind, s.shape, s.reason, s.aliases) for s in skipped]
-    owners = assign_owners([matrix_cost(m) for m in found], ranks)
+    baseline_owners = assign_owners([matrix_cost(m) for m in found], ranks)
+    # After the baseline the monitor leaves the frozen matrices out before assigning owners.
+    watched = [m for m in found if watch_frozen or not m.frozen]
+    later = dict(zip((id(m) for m in watched), assign_owners([matrix_cost(m) for m in watched], ranks)))
     cal = calibration(threads)
     stream = stream_calibration() if device == "cpu" else None
     plan = CostPlan(source=source, ranks=ranks, device=device, threads=threads, estimate_above=estimate_above,
                     max_overhead=max_overhead, step_seconds=step_seconds or ASSUMED_STEP_SECONDS,
                     step_seconds_assumed=step_seconds is None, every_n_train_steps=every_n_train_steps,
                     every_n_epochs=every_n_epochs, steps_per_epoch=steps_per_epoch, skipped=skipped,
-                    calibration_seconds=cal.seconds)
+                    calibration_seconds=cal.seconds, watch_frozen=watch_frozen)
     if stream is not None:  # a snapshot's buffers are fresh memory, written once and read by the copy
         plan.copy_bytes_per_second = 1.0 / (stream.fresh + stream.matvec)
-    for m, rank in zip(found, owners):
+    for m, base_rank in zip(found, baseline_owners):
         w = m.weight
         full = matrix_seconds(tuple(w.shape), w.dtype, config.method, cal)
         sampled = wants_estimate(m, estimate_above)
         est = (sampled_seconds(tuple(w.shape), w.dtype, config.estimate_size, config.estimate_samples,
                                config.method, cal) if sampled else full)
         plan.matrices.append(PlannedMatrix(m.name, m.kind, tuple(w.shape), str(w.dtype).replace("torch.", ""),
-                                           w.numel() * w.element_size(), rank, full, est, sampled,
-                                           tuple(m.aliases)))
+                                           w.numel() * w.element_size(), later.get(id(m)), base_rank, full,
+                                           est, sampled, bool(m.frozen), tuple(m.aliases)))
     return plan
 
 
@@ -213,6 +231,10 @@ def _secs(s: float | None) -> str:
     return f"{s:.3g} s" if s < 100 else f"{s:,.0f} s"
 
 
+def _num(s: float) -> str:
+    return f"{s:,.2f}" if s >= 1 else f"{s:.3g}"
+
+
 def _shape(shape) -> str:
     return " x ".join(str(s) for s in shape)
 
@@ -221,10 +243,14 @@ def format_plan(plan: CostPlan) -> str:
     """The plan as text, every line at most 100 columns: shapes, per-rank table, schedule, skipped."""
     sampled = any(m.sampled for m in plan.matrices)
     est = f"estimate_above={plan.estimate_above}"
+    frozen = plan.frozen
     lines = [f"cost plan: {plan.source}",
-             f"  {len(plan.matrices)} matrices analysed per snapshot, {len(plan.skipped)} skipped; "
+             f"  {len(plan.matrices) - len(frozen)} matrices analysed per snapshot, {len(plan.skipped)} skipped; "
              f"{plan.ranks} rank(s); analysis on {plan.device}"
              + (f" with {plan.threads} thread(s)" if plan.threads else "")]
+    if frozen:
+        lines.append(f"  + {len(frozen)} frozen matrices (no parameter requires grad), copied and analysed at the "
+                     "baseline only, then carried forward (watch_frozen=True analyses them every time)")
     if plan.device != "cpu":
         lines.append("  GPU analysis time: unmeasured (no GPU calibration here); the seconds below are this "
                      "CPU's, what the analysis costs with analysis_device='cpu'")
@@ -235,9 +261,9 @@ def format_plan(plan: CostPlan) -> str:
                      f"{plan.estimate_above} (the monitor analyses whole matrices)")
     elif plan.estimate_above is not None:
         lines.append(f"  {est}: no matrix has a smaller side above {plan.estimate_above}")
-    groups: dict = {}  # the shapes table: one row per (kind, shape, dtype)
+    groups: dict = {}  # the shapes table: one row per (kind, shape, dtype, carried forward)
     for m in plan.matrices:
-        groups.setdefault((m.kind, m.shape, m.dtype), []).append(m)
+        groups.setdefault((m.kind + (" (frozen)" if m.rank is None else ""), m.shape, m.dtype), []).append(m)
     head = ("kind", "shape", "dtype", "count", "bytes each", "s each") + ((f"s each, {est}",) if sampled else ())
     rows = [head]
     for (kind, shape, dtype), ms in groups.items():
@@ -246,9 +272,9 @@ def format_plan(plan: CostPlan) -> str:
     lines += ["", *_table(rows, right_from=3)]
     rows = [("rank", "matrices", "bytes copied", "analysis s") + ((f"s, {est}",) if sampled else ())]
     per_rank = zip(plan.matrices_per_rank, plan.bytes_per_rank, plan.seconds_per_rank, plan.sampled_seconds_per_rank)
-    totals = ("all", str(len(plan.matrices)), _size(sum(plan.bytes_per_rank)), f"{sum(plan.seconds_per_rank):,.2f}",
-              f"{sum(plan.sampled_seconds_per_rank):,.2f}")
-    for row in [(str(r), str(c), _size(b), f"{s:,.2f}", f"{e:,.2f}") for r, (c, b, s, e) in enumerate(per_rank)] \
+    totals = ("all", str(sum(plan.matrices_per_rank)), _size(sum(plan.bytes_per_rank)),
+              _num(sum(plan.seconds_per_rank)), _num(sum(plan.sampled_seconds_per_rank)))
+    for row in [(str(r), str(c), _size(b), _num(s), _num(e)) for r, (c, b, s, e) in enumerate(per_rank)] \
             + ([totals] if plan.ranks > 1 else []):
         rows.append(row if sampled else row[:4])
     lines += ["", *_table(rows, right_from=1)]
@@ -290,7 +316,11 @@ def _schedule_lines(plan: CostPlan, est: str | None) -> list[str]:
         lines.append(f"requested schedule: {share:.1%} of the training time ({verdict})")
     elif plan.every_n_epochs is not None and plan.every_n_train_steps is None:
         lines.append("requested schedule: every_n_epochs is checked with --steps-per-epoch")
-    lines.append(f"the baseline and the final snapshot are always taken: {_secs(cost)} each")
+    if plan.frozen:
+        lines.append(f"the baseline is always taken: {_secs(plan.snapshot_seconds(baseline=True))} with the frozen "
+                     f"matrices; the final snapshot: {_secs(cost)}")
+    else:
+        lines.append(f"the baseline and the final snapshot are always taken: {_secs(cost)} each")
     return lines
 
 
