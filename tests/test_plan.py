@@ -158,6 +158,17 @@ def test_cli_on_a_checkpoint_file_reads_shapes_only(tmp_path, capsys, fmt):
     assert plan["per_rank"][0]["bytes"] == sum(t.numel() * t.element_size() for t in stored.values())
 
 
+def test_a_tied_weight_saved_once_is_planned_once(tmp_path):
+    emb, head = nn.Embedding(100, 32), nn.Linear(32, 100, bias=False)
+    head.weight = emb.weight
+    torch.save(nn.ModuleDict({"emb": emb, "head": head, "x": nn.Linear(32, 64)}).state_dict(), tmp_path / "tied.pt")
+    shapes, _ = load_shapes(tmp_path / "tied.pt")
+    plan = ww_monitor.Monitor().plan(shapes)
+    report = ww_monitor.analyze(tmp_path / "tied.pt")
+    assert [(m.name, m.aliases) for m in plan.matrices] == [(l.name, l.aliases) for l in report.layers]
+    assert plan.matrices[0].aliases == ("head",)
+
+
 @pytest.mark.parametrize("args, argument", [
     (["--ranks", "0"], "--ranks"),
     (["--max-overhead", "2"], "--max-overhead"),

@@ -130,8 +130,9 @@ def natural_key(name: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
 
 
-def _load_file(p: Path, weights_only: bool, map_location: str = "cpu") -> dict[str, torch.Tensor]:
-    """One file's tensors; PyTorch files onto ``map_location`` (``"meta"``: shapes only, no data read)."""
+def _load_file(p: Path, weights_only: bool, map_location: str = "cpu", mmap: bool = False) -> dict[str, torch.Tensor]:
+    """One file's tensors; PyTorch files onto ``map_location`` (``"meta"``: shapes only, no data read),
+    memory-mapped with ``mmap`` (zip-format files: their storages are not read until used)."""
     if not os.access(p, os.R_OK):
         raise CheckpointError(f"{p}: not readable (permission denied)")
     suffix = p.suffix.lower()
@@ -142,7 +143,7 @@ def _load_file(p: Path, weights_only: bool, map_location: str = "cpu") -> dict[s
             f"{p}: unsupported file type {p.suffix or '(none)'}; expected one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
     try:
-        obj = torch.load(p, map_location=map_location, weights_only=weights_only)
+        obj = torch.load(p, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as err:
         # The restricted unpickler names the class it refused ("Unsupported global: GLOBAL x.y");
         # anything else it chokes on is a file that is not a valid pickle at all.

@@ -98,15 +98,12 @@ class AnalysisConfig:
         return LayerSelection(self.include, self.exclude, self.kinds)
 
 
-def select_matrices(source, config: AnalysisConfig, *,
-                    shapes_only: bool = False) -> tuple[list[LayerMatrix], list[SkippedLayer]]:
+def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], list[SkippedLayer]]:
     """Find the matrices of ``source`` (module or state dict) that ``config`` selects.
 
     The returned :class:`LayerMatrix` objects reference (views of) the live weights, so the
     callback can select once and copy at every snapshot. Each is marked ``frozen`` when no
     parameter it reads requires grad (:mod:`.frozen`; never for a state dict's tensors).
-    ``shapes_only``: weights on the meta device are selected like materialised ones (a cost plan
-    from shapes, :mod:`ww_monitor.outputs.plan`).
     """
     if isinstance(source, nn.Module):
         found = find_layers(source, config)
@@ -143,7 +140,7 @@ def select_matrices(source, config: AnalysisConfig, *,
                 _add_alias(owners[key][0], m.name, matrices, skipped)
                 continue
             original = m.weight
-            problem = _selection_problem(m, config, shapes_only)
+            problem = _selection_problem(m, config)
             if problem is None:
                 form = analysable(m.weight)
                 if isinstance(form, str):
@@ -171,12 +168,12 @@ def find_layers(module: nn.Module, config: AnalysisConfig, tap=None) -> Iterator
     return with_adapters(tap(found) if tap is not None else found, module, config.peft)
 
 
-def _selection_problem(m: LayerMatrix, config: AnalysisConfig, shapes_only: bool = False) -> str | None:
-    """Why ``m`` is outside the configured limits (size, memory, meta device unless ``shapes_only``), or None."""
+def _selection_problem(m: LayerMatrix, config: AnalysisConfig) -> str | None:
+    """Why ``m`` is outside the configured limits (size, memory, meta device), or None."""
     problem = size_problem(m, config.min_evals, config.max_evals, config.max_n)
     if problem is None and config.max_matrix_bytes is not None and nbytes_float64(m) > config.max_matrix_bytes:
         problem = f"float64 copy needs {nbytes_float64(m)} bytes > max_matrix_bytes={config.max_matrix_bytes}"
-    if problem is None and m.weight.is_meta and not shapes_only:
+    if problem is None and m.weight.is_meta:
         problem = "weights on the meta device (not materialised)"
     return problem
 

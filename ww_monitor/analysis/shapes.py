@@ -6,9 +6,10 @@
   7B model costs a few seconds and no memory. It has the module types and tied weights that the
   monitor sees in training. Needs ``transformers`` (``pip install "ww-monitor[huggingface]"``).
 * A checkpoint (``.safetensors``: the header's names, shapes and dtypes; ``.pt``/``.pth``/``.ckpt``/
-  ``.bin``: ``torch.load(map_location="meta", weights_only=True)``, which reads the pickle but not the
-  tensor data; or a folder of them): a state dict of meta tensors, selected as
-  :func:`~ww_monitor.analysis.analyze` selects from a state dict.
+  ``.bin``: ``torch.load(weights_only=True)`` memory-mapped, which reads the pickle but not the
+  tensor data; or a folder of them): a state dict of meta tensors (one per stored tensor, so a
+  tied weight saved under two names stays one), selected as :func:`~ww_monitor.analysis.analyze`
+  selects from a state dict.
 
 ``dtype`` casts every floating weight, e.g. to plan a bfloat16 run from a float32 checkpoint.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -125,7 +127,7 @@ def meta_state_dict(path: str | os.PathLike, *, weights_only: bool = True) -> di
         if suffix in SAFETENSORS_SUFFIXES:
             merged.update(_safetensors_shapes(f))
         elif suffix in TORCH_SUFFIXES:
-            merged.update(_load_file(f, weights_only, map_location="meta"))
+            merged.update(_torch_shapes(f, weights_only))
         else:
             raise CheckpointError(f"{f}: unsupported file type {f.suffix or '(none)'}; expected a config.json, "
                                   f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)} or a folder")
@@ -147,4 +149,20 @@ def _safetensors_shapes(p: Path) -> dict[str, torch.Tensor]:
                 out[key] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{p}: corrupt or not a safetensors file ({err})") from None
+    return out
+
+
+def _torch_shapes(p: Path, weights_only: bool) -> dict[str, torch.Tensor]:
+    """A PyTorch file's tensors as meta tensors. Zip-format files (``torch.save``'s default) are
+    memory-mapped, so no tensor data is read, and tensors saved once under two names (tied
+    weights) become one meta tensor; older files are loaded onto the meta device directly."""
+    if not zipfile.is_zipfile(p):
+        return _load_file(p, weights_only, map_location="meta")
+    state = _load_file(p, weights_only, mmap=True)
+    metas: dict = {}
+    out = {}
+    for name, t in state.items():
+        ptr = t.untyped_storage().data_ptr()
+        key = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) if ptr else name
+        out[name] = metas.setdefault(key, torch.empty(t.shape, dtype=t.dtype, device="meta"))
     return out

@@ -98,18 +98,13 @@ def alias_key(w: torch.Tensor):
     """Identity of the memory a (view of a) weight reads: equal keys mean the same matrix.
 
     Tied weights (GPT-2's ``wte``/``lm_head``, any Parameter shared by two modules) give the
-    same key; None for tensors without addressable storage (sparse, quantized). Meta tensors
-    (a model built on ``torch.device("meta")`` for a cost plan) have no addresses; their storage
-    object identifies them instead.
+    same key; None for tensors without addressable storage (meta, sparse, quantized).
     """
-    if not isinstance(w, torch.Tensor) or w.layout != torch.strided or w.is_quantized:
+    if not isinstance(w, torch.Tensor) or w.is_meta or w.layout != torch.strided or w.is_quantized:
         return None
     try:
-        if w.is_meta:
-            return (w.device, w.dtype, w.untyped_storage()._cdata, w.storage_offset(), tuple(w.shape),
-                    tuple(w.stride()))
         return (w.device, w.dtype, w.data_ptr(), tuple(w.shape), tuple(w.stride()))
-    except (RuntimeError, NotImplementedError, AttributeError):
+    except (RuntimeError, NotImplementedError):
         return None
 
 

@@ -4,8 +4,9 @@ From the weights' shapes alone (a meta-device model built from a config, a check
 headers, or a live module) and the monitor's settings, per snapshot:
 
 * the matrices analysed, selected exactly as the monitor selects them
-  (:func:`~ww_monitor.analysis.selection.select_matrices`: size limits, include/exclude, kinds,
-  tied weights once, conv kernels pooled) and those skipped, with the monitor's reasons;
+  (:func:`~ww_monitor.analysis.selection.select_matrices` on stand-in weights, as for a sharded
+  model: size limits, include/exclude, kinds, tied weights once, conv kernels pooled, frozen
+  matrices) and those skipped, with the monitor's reasons;
 * the bytes each rank copies: the matrices it owns under the monitor's greedy split
   (:func:`~ww_monitor.monitoring.distributed.assign_owners`), in the weights' dtype (what the
   snapshot buffers hold);
@@ -27,8 +28,10 @@ from __future__ import annotations
 import math
 import textwrap
 from dataclasses import asdict, dataclass, field
+from typing import Mapping
 
 import torch
+from torch import nn
 
 from ..analysis.estimate import wants_estimate
 from ..analysis.results import SkippedLayer
@@ -37,6 +40,8 @@ from ..errors import WWMonitorError
 from ..functional.sampled import DEFAULT_SAMPLE_SIZE
 from ..monitoring.cost import calibration, matrix_seconds, sampled_seconds, stream_calibration
 from ..monitoring.distributed import assign_owners, matrix_cost, strip_wrapper_names
+from ..monitoring.model_view import stand_in
+from ..monitoring.sharded import plan_sharded
 from ..validation import check_fraction, check_int, check_number
 
 __all__ = ["PlannedMatrix", "CostPlan", "plan_costs", "format_plan", "DEVICES", "ASSUMED_STEP_SECONDS"]
@@ -189,7 +194,7 @@ def plan_costs(model, config: AnalysisConfig, *, ranks: int = 1, device: str = "
     check_int("every_n_epochs", every_n_epochs, 1, allow_none=True)
     check_int("steps_per_epoch", steps_per_epoch, 1, allow_none=True)
     with torch.no_grad():
-        found, skipped = select_matrices(model, config, shapes_only=True)
+        found, skipped = _select(model, config)
     for m in found:  # the names the monitor logs (wrappers stripped), as distributed.collect_into does
         m.name = strip_wrapper_names(m.name)
     skipped = [SkippedLayer(strip_wrapper_names(s.name), s.kind, s.shape, s.reason, s.aliases) for s in skipped]
@@ -216,6 +221,30 @@ def plan_costs(model, config: AnalysisConfig, *, ranks: int = 1, device: str = "
                                            w.numel() * w.element_size(), later.get(id(m)), base_rank, full,
                                            est, sampled, bool(m.frozen), tuple(m.aliases)))
     return plan
+
+
+def _select(model, config: AnalysisConfig):
+    """The monitor's selection from shapes alone: every tensor is read as a stand-in (a tensor of
+    its shape and dtype, without memory, that the selection takes for a weight), as the monitor
+    plans a sharded model (:func:`~ww_monitor.monitoring.sharded.plan_sharded`). A state dict's
+    tensors that share storage (a tied weight saved under two names) share one stand-in."""
+    if isinstance(model, nn.Module):
+        planned = plan_sharded(model, config)
+        return planned.matrices, planned.skipped
+    if not isinstance(model, Mapping):
+        raise WWMonitorError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
+    shared: dict = {}
+
+    def shape_only(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        storage = t.untyped_storage()  # meta storages have no address; their storage object is the identity
+        base = getattr(storage, "_cdata", None) if t.is_meta else storage.data_ptr()
+        key = (base if base is not None else ("tensor", id(t)), t.storage_offset(), tuple(t.shape), t.stride(),
+               t.dtype)
+        return shared.setdefault(key, stand_in(t.shape, t.dtype))
+
+    return select_matrices({k: shape_only(v) for k, v in model.items()}, config)
 
 
 def _size(nbytes: float) -> str:
