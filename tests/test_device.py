@@ -73,16 +73,19 @@ def test_streamed_groups_give_the_same_results_as_one_pass():
 def test_cost_model_scales_with_shape_and_is_calibrated_once():
     from ww_monitor.monitoring.cost import calibration, estimate_seconds
 
-    cal = calibration()
-    assert min(cal.gram, cal.eig64, cal.eig32, cal.cholesky, cal.per_matrix) > 0
-    assert calibration() is cal  # cached
-    one = estimate_seconds([(256, 128)])
-    assert estimate_seconds([(256, 128), (128, 256)]) == pytest.approx(2 * one)
+    cal = calibration(1)  # the worker's thread count, as the monitor and the plan calibrate
+    assert cal.threads == 1 and min(cal.gram, cal.eig64, cal.eig32, cal.cholesky, cal.per_matrix) > 0
+    assert calibration(1) is cal  # cached
+
+    def est(shapes):
+        return estimate_seconds(shapes, cal=cal)
+
+    one = est([(256, 128)])
+    assert est([(256, 128), (128, 256)]) == pytest.approx(2 * one)
     # A pooled conv stack is one ESD: its fixed cost once, the per-slice work nine times.
-    slice_ = estimate_seconds([(128, 64)])
-    assert estimate_seconds([(9, 128, 64)]) == pytest.approx(9 * slice_ - 8 * cal.per_matrix)
+    assert est([(9, 128, 64)]) == pytest.approx(9 * est([(128, 64)]) - 8 * cal.per_matrix)
     # Beyond the fixed cost per matrix, the work grows ~M^3: (1024/128)^3 = 512 on one route.
-    assert estimate_seconds([(1024, 1024)]) - cal.per_matrix > 100 * (estimate_seconds([(128, 128)]) - cal.per_matrix)
+    assert est([(1024, 1024)]) - cal.per_matrix > 100 * (est([(128, 128)]) - cal.per_matrix)
 
 
 def test_callback_estimates_snapshot_time_and_warns_when_the_schedule_cannot_keep_up(tmp_path):
