@@ -34,6 +34,9 @@ def main(argv=None) -> ww_monitor.Monitor:
     p.add_argument("--every", type=int, default=100, help="snapshot every this many steps")
     p.add_argument("--on-lag", default="skip", choices=["skip", "wait"],
                    help="when the analysis is behind: skip the snapshot (never blocks training) or wait for it")
+    p.add_argument("--every-snapshot", action="store_true",
+                   help="take every scheduled snapshot (max_overhead=None); by default the cost budget may "
+                        "defer some in a run this short")
     p.add_argument("--balance", choices=sorted(BALANCERS), default=None,
                    help="also balance per-layer learning rates (tempbalance) or weight decays (alphadecay)")
     args = p.parse_args(argv)
@@ -47,7 +50,8 @@ def main(argv=None) -> ww_monitor.Monitor:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=weight_decay)
     teacher = nn.Linear(64, 10)  # synthetic labels: a fixed random teacher
     writer = SummaryWriter(args.logdir)
-    monitor = ww_monitor.Monitor(writer, every_n_steps=args.every, on_lag=args.on_lag)
+    budget = {"max_overhead": None} if args.every_snapshot else {}
+    monitor = ww_monitor.Monitor(writer, every_n_steps=args.every, on_lag=args.on_lag, **budget)
     balancer = None
     if args.balance:
         monitor.step(model, 0)  # the baseline before the first step, shared with the balancer's train start

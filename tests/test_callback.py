@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def plotting_available():
     return True
 
 
-def check_tensorboard(logdir, steps, layers, figures_at=None):
+def check_tensorboard(logdir, steps, layers, figures_at=None, max_esd=3):
     """Every layer's scalars and ESD histogram at every snapshot step, summary, layout, text."""
     acc = read_events(logdir)
     tags = acc.Tags()
@@ -133,7 +134,9 @@ def check_tensorboard(logdir, steps, layers, figures_at=None):
     if figures_at is not None:
         assert [e.step for e in acc.Images("ww/plots/alpha_per_layer")] == figures_at
         esd_tags = [t for t in tags["images"] if t.startswith("ww/plots/esd/")]
-        assert esd_tags and all(scalar_steps_img(acc, t) == figures_at for t in esd_tags)
+        # ESD figures go to the worst layers of each figure snapshot, so a layer's tag may skip some.
+        per_step = Counter(step for t in esd_tags for step in scalar_steps_img(acc, t))
+        assert sorted(per_step) == figures_at and all(1 <= n <= max_esd for n in per_step.values()), per_step
     return acc
 
 
@@ -157,8 +160,10 @@ def test_tensorboard_layout_background(tmp_path):
     from pytorch_lightning.loggers import TensorBoardLogger
 
     # Epochs of 4 tiny batches are faster than an analysis: allow every snapshot to be in flight.
+    # The layout of every scheduled snapshot: the cost budget (tested in test_budget.py) may defer
+    # some of these tiny epochs' snapshots on a busy machine, so it is off here.
     cb = ww_monitor.WeightWatcherCallback(figures_every_n_snapshots=2, max_figure_layers=2, max_pending=4,
-                                          figures_min_run_seconds=0, figures_timeout=300)
+                                          figures_min_run_seconds=0, figures_timeout=300, max_overhead=None)
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     trainer, _ = fit(tmp_path, cb, max_epochs=3, logger=logger)
     steps = [0, BATCHES, 2 * BATCHES, 3 * BATCHES]  # baseline + every epoch end; no duplicate final
@@ -168,7 +173,7 @@ def test_tensorboard_layout_background(tmp_path):
     assert cb.stats["snapshots_taken"] == 4 and cb.stats["snapshots_skipped"] == 0
     assert 0 < cb.stats["train_thread_seconds"]
     figures = [0, 2 * BATCHES, 3 * BATCHES] if plotting_available() else None  # every 2nd + final
-    check_tensorboard(logger.log_dir, steps, EXPECTED_LAYERS, figures_at=figures)
+    check_tensorboard(logger.log_dir, steps, EXPECTED_LAYERS, figures_at=figures, max_esd=2)
     # the worker is gone and the summary is available to other callbacks
     assert cb._worker is None
     assert torch.isfinite(trainer.callback_metrics["ww/summary/alpha"])

@@ -28,6 +28,7 @@ def _run(tmp_path, max_epochs, callbacks, ckpt_path=None, validation=False, **kw
 def _ww(**kw):
     kw.setdefault("figures_every_n_snapshots", None)
     kw.setdefault("max_pending", 8)  # tiny epochs: never skip for lag, so runs are comparable
+    kw.setdefault("max_overhead", None)  # nor defer for the cost budget (its resume: test_budget.py)
     return ww_monitor.WeightWatcherCallback(**kw)
 
 

@@ -120,7 +120,8 @@ def test_plain_loop_example(tmp_path, capsys):
     from pathlib import Path
 
     example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "plain_loop.py"))
-    monitor = example["main"](["--logdir", str(tmp_path / "tb"), "--steps", "12", "--every", "5", "--on-lag", "wait"])
+    monitor = example["main"](["--logdir", str(tmp_path / "tb"), "--steps", "12", "--every", "5", "--on-lag", "wait",
+                                "--every-snapshot"])
     assert monitor.history.steps == [1, 5, 10, 12]
     assert "4 snapshots" in capsys.readouterr().out
     assert list((tmp_path / "tb").glob("events.out.tfevents*"))
