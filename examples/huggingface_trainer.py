@@ -75,7 +75,7 @@ def main(argv=None) -> WeightWatcherCallback:
 
     df = ww.history.to_pandas()
     print(f"{len(ww.history)} snapshots at steps {ww.history.steps}")
-    print(df[df.step == df.step.max()][["layer", "alpha", "stable_rank"]].to_string(index=False))
+    print(df[df.step == df.step.max()][["name", "alpha", "stable_rank"]].to_string(index=False))
     if args.balance:
         balancer = callbacks[1]
         last = balancer.history[-1]

@@ -79,7 +79,7 @@ def main(argv=None) -> ww_monitor.Monitor:
 
     df = monitor.history.to_pandas()
     print(f"{len(monitor.history)} snapshots at steps {monitor.history.steps}")
-    print(df[df.step == df.step.max()][["layer", "alpha", "stable_rank"]].to_string(index=False))
+    print(df[df.step == df.step.max()][["name", "alpha", "stable_rank"]].to_string(index=False))
     if balancer is not None:
         last = balancer.history[-1]
         print(f"{type(balancer).__name__}: updates at steps {[r.step for r in balancer.history]}; "

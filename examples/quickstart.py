@@ -73,8 +73,8 @@ def make_model(pl):
 def print_table(history, val_acc: float | None) -> None:
     df = history.to_pandas()
     last = df[df["step"] == df["step"].max()]
-    first = df[df["step"] == df["step"].min()].set_index("layer")
-    cols = ["layer", "kind", "N", "M", "num_evals", "num_pl_spikes", "reliable", "alpha", "alpha_weighted",
+    first = df[df["step"] == df["step"].min()].set_index("name")
+    cols = ["name", "kind", "N", "M", "num_evals", "num_pl_spikes", "reliable", "alpha", "alpha_weighted",
             "log_spectral_norm", "stable_rank", "rank_loss", "phase"]
     print(f"\nPer-layer summary at step {int(last['step'].iloc[0])} (snapshot {len(history)} of {len(history)};"
           f" alpha at the baseline in brackets):")
@@ -83,12 +83,12 @@ def print_table(history, val_acc: float | None) -> None:
     print(header)
     print("-" * len(header))
     for _, row in last[cols].iterrows():
-        a0 = first.loc[row["layer"], "alpha"] if row["layer"] in first.index else math.nan
+        a0 = first.loc[row["name"], "alpha"] if row["name"] in first.index else math.nan
         nm = f"{int(row['N'])}x{int(row['M'])}"
         counts = f"{int(row['num_evals'])}/{int(row['num_pl_spikes'])}"
         mark = " " if row["reliable"] else "*"  # * : too few eigenvalues for a trusted fit
         phase = row["phase"] if isinstance(row["phase"], str) else "undetermined"
-        print(f"{row['layer']:<8}{row['kind']:<8}{nm:>10}{counts:>12}{row['alpha']:>8.2f}{mark}({a0:>5.2f})"
+        print(f"{row['name']:<8}{row['kind']:<8}{nm:>10}{counts:>12}{row['alpha']:>8.2f}{mark}({a0:>5.2f})"
               f"{row['alpha_weighted']:>9.2f}{row['log_spectral_norm']:>10.2f}{row['stable_rank']:>9.1f}"
               f"{int(row['rank_loss']):>8}  {phase}")
     mean = history[-1].summary

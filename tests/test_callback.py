@@ -178,7 +178,7 @@ def test_tensorboard_layout_background(tmp_path):
     assert cb._worker is None
     assert torch.isfinite(trainer.callback_metrics["ww/summary/alpha"])
     df = cb.history.to_pandas()
-    assert len(df) == 4 * 3 and set(df["layer"]) == set(EXPECTED_LAYERS)
+    assert len(df) == 4 * 3 and set(df["name"]) == set(EXPECTED_LAYERS)
 
 
 def test_step_schedule_blocking_and_csv_logger(tmp_path):
@@ -218,8 +218,8 @@ def test_selection_passthrough(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"every_n_epochs": -1}, "`every_n_epochs` must be None or an int >= 0, got -1"),
-        ({"every_n_train_steps": 0}, "`every_n_train_steps` must be None or an int >= 1, got 0"),
+        ({"every_n_epochs": -1}, "`every_n_epochs` must be None or an int >= 1, got -1"),
+        ({"every_n_train_steps": 0}, "`every_n_train_steps=0` is not a schedule"),
         ({"max_pending": 0}, "`max_pending` must be an int >= 1, got 0"),
         ({"blocking": "yes"}, "`blocking` must be True or False"),
         ({"worker_type": "fork"}, "`worker_type` must be one of"),

@@ -48,7 +48,7 @@ def test_to_pandas_and_metric():
         h.add(_record(i, 5 * i, alpha=2.0 + i))
     df = h.to_pandas()
     assert len(df) == 6
-    assert {"snapshot", "step", "epoch", "layer", "kind", "rank", "phase", *HISTORY_METRICS} <= set(df.columns)
+    assert {"snapshot", "step", "epoch", "name", "kind", "rank", "phase", *HISTORY_METRICS} <= set(df.columns)
     wide = h.metric("alpha")
     assert list(wide.index) == [0, 5, 10] and list(wide.columns) == ["a", "b"]
     assert wide.loc[10, "b"] == pytest.approx(5.0)

@@ -51,7 +51,7 @@ def test_trainer_logs_every_layer_and_resumes_without_gaps(tmp_path, monkeypatch
     ww = callback()
     trainer_for(tmp_path, ww).train()
     assert ww.history.steps == [0, 3, 6]
-    layers = sorted(set(ww.history.to_pandas().layer))
+    layers = sorted(set(ww.history.to_pandas().name))
     assert len(layers) >= 6  # q, k, v, attention output, intermediate, output dense ...
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -94,7 +94,7 @@ def test_report_to_integrations_receive_the_scalars(tmp_path):
     (run,) = (tmp_path / "out" / "runs").iterdir()  # the integration's run folder
     acc = read_run(run)
     assert [e.value for e in acc.Scalars("train/ww/snapshot_step")] == [0, 3, 6]
-    for layer in sorted(set(ww.history.to_pandas().layer)):
+    for layer in sorted(set(ww.history.to_pandas().name)):
         assert [e.step for e in acc.Scalars(f"train/ww/alpha/{layer}")] == [0, 3, 6], layer
     assert [e.value for e in acc.Scalars("train/ww/summary/alpha")] == pytest.approx(
         [r.summary["alpha"] for r in ww.history])

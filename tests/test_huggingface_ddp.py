@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent('''
     df = ww.history.to_pandas()
     rank = dist.get_rank() if dist.is_initialized() else -1
     with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
-        json.dump({{"steps": ww.history.steps, "layers": sorted(set(df.layer)),
+        json.dump({{"steps": ww.history.steps, "layers": sorted(set(df.name)),
                    "ranks": sorted(set(int(r) for r in df["rank"])) if "rank" in df else [],
                    "here": ww.stats["layers_analysed_here"]}}, f)
 ''')

@@ -56,7 +56,7 @@ def test_summary_writer_gets_the_callback_tags(tmp_path):
     for layer in LAYERS:
         assert [e.step for e in acc.Scalars(f"ww/alpha/{layer}")] == monitor.history.steps
         assert [e.step for e in acc.Histograms(f"ww/esd/{layer}")] == monitor.history.steps
-        alpha = monitor.history.to_pandas().query("layer == @layer").alpha.tolist()
+        alpha = monitor.history.to_pandas().query("name == @layer").alpha.tolist()
         assert [e.value for e in acc.Scalars(f"ww/alpha/{layer}")] == pytest.approx(alpha, rel=1e-6)
     assert "ww/summary/alpha" in tags["scalars"]
     assert "ww/alpha/4" not in tags["scalars"]

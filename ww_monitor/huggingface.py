@@ -32,11 +32,12 @@ from .balancing.huggingface import AlphaDecay, SpectralBalancer, TempBalance  # 
 from .core.engine import MonitorEngine
 from .core.hooks import training_thread_time
 from .core.monitor import _distributed
+from .core.settings import check_schedule
 from .core.sinks import LoopHost, SummaryWriterSink, as_sinks
 from .errors import WWMonitorError
 from .integrations.alpha_drift import AlphaDriftEarlyStoppingMixin
 from .user_warnings import warn_user
-from .validation import check_bool, check_int
+from .validation import CheckedKeywords, check_bool
 
 __all__ = ["WeightWatcherCallback", "STATE_FILE", "SpectralBalancer", "TempBalance", "AlphaDecay"]
 
@@ -87,7 +88,7 @@ class _Drift(AlphaDriftEarlyStoppingMixin):
     """The Lightning-free alpha-drift rule (the same checks on the same ``ww/...`` values)."""
 
 
-class WeightWatcherCallback(TrainerCallback):
+class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
     """Watch the eigenvalue spectra of the model's weights while a ``transformers.Trainer`` trains.
 
     Example::
@@ -103,7 +104,8 @@ class WeightWatcherCallback(TrainerCallback):
 
     Args:
         every_n_steps: snapshot every this many optimizer steps (``None``: off).
-        every_n_epochs: snapshot at the end of every this many epochs (``None``: off).
+        every_n_epochs: snapshot at the end of every this many epochs (``None``: off). With both
+            off, pass ``ends_only=True`` (only the baseline and final snapshots are taken).
         tensorboard: write ``ww/...`` scalars, ESD histograms ``ww/esd/<layer>``, the layer table
             and figures to a ``SummaryWriter`` (rank 0): ``"auto"`` when ``report_to`` includes
             ``"tensorboard"``, or True/False.
@@ -127,14 +129,18 @@ class WeightWatcherCallback(TrainerCallback):
             base weights under LoRA, are analysed once and carried forward).
     """
 
+    warning_prefix = "huggingface.WeightWatcherCallback"
+    _options_signature = MonitorEngine.__init__
+    _not_here = {"every_n_train_steps": "every_n_steps", "log_callback_metrics": None}
+
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1,
                  tensorboard: str | bool = "auto", tensorboard_dir: str | None = None, sinks=None,
                  alpha_drift: dict | None = None, report_to_integrations: bool = True, **options: Any) -> None:
-        for name in ("every_n_train_steps", "log_callback_metrics"):
-            if name in options:
-                raise WWMonitorError(f"huggingface.WeightWatcherCallback: `{name}` is not an argument here"
-                                     + ("; use `every_n_steps`." if name == "every_n_train_steps" else "."))
-        check_int("every_n_steps", every_n_steps, 1, allow_none=True, owner="huggingface.WeightWatcherCallback")
+        try:
+            check_schedule(("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
+                           ends_only=options.get("ends_only", False))
+        except WWMonitorError as err:
+            raise WWMonitorError(f"huggingface.WeightWatcherCallback: {err}") from None
         if tensorboard not in _TENSORBOARD:
             raise WWMonitorError(f"huggingface.WeightWatcherCallback: `tensorboard` must be 'auto', True or False, "
                                  f"got {tensorboard!r}.")
@@ -149,7 +155,10 @@ class WeightWatcherCallback(TrainerCallback):
         self.tensorboard = tensorboard
         self.tensorboard_dir = tensorboard_dir
         self._extra_sinks = as_sinks(sinks)
-        self.drift = _Drift(**alpha_drift) if alpha_drift is not None else None
+        try:
+            self.drift = _Drift(**alpha_drift) if alpha_drift is not None else None
+        except WWMonitorError as err:
+            raise WWMonitorError(f"huggingface.WeightWatcherCallback: `alpha_drift`: {err}") from None
         self._host = LoopHost([])
         self._host.global_rank = 0
         self._writer = None

@@ -9,7 +9,8 @@ from typing import Iterable
 
 from .errors import WWMonitorError
 
-__all__ = ["check_int", "check_number", "check_bool", "check_seconds", "check_names"]
+__all__ = ["check_int", "check_number", "check_bool", "check_seconds", "check_names", "check_keywords",
+           "CheckedKeywords"]
 
 
 def _fail(owner: str, name: str, must: str, value) -> WWMonitorError:
@@ -75,3 +76,61 @@ def check_names(name: str, value, allowed: Iterable[str], what: str = "name", ow
         prefix = f"{owner}: " if owner else ""
         raise WWMonitorError(f"{prefix}`{name}` has unknown {what}(s) {bad}; choose from {list(allowed)}.")
     return items
+
+
+def check_keywords(owner: str, given: Iterable[str], valid: Iterable[str], instead: dict | None = None) -> None:
+    """Every name in ``given`` is one of ``valid``; else a :class:`WWMonitorError` that names the
+    front door (``owner``), the unknown argument and the closest valid name (``difflib``), or the
+    argument to use ``instead`` (``{name: replacement or None}``) for names known not to apply."""
+    import difflib
+
+    valid = sorted(set(valid))
+    instead = instead or {}
+    for name in given:
+        if name in valid:
+            continue
+        if name in instead:
+            use = instead[name]
+            raise WWMonitorError(f"{owner}: `{name}` is not an argument here" + (f"; use `{use}`." if use else "."))
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"did you mean `{close[0]}`?" if close else f"valid arguments: {', '.join(valid)}."
+        raise WWMonitorError(f"{owner}: unknown argument `{name}`; {hint}")
+
+
+def _parameters(fn) -> tuple[list[str], list[str], bool]:
+    """(positional-or-keyword names, keyword names, takes ``**kwargs``) of ``fn``, without ``self``."""
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    kinds = inspect.Parameter
+    positional = [p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    keywords = [p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
+    return positional, keywords, any(p.kind is kinds.VAR_KEYWORD for p in params)
+
+
+class CheckedKeywords:
+    """Base of the public front doors: a misspelt or inapplicable keyword is a
+    :class:`WWMonitorError` naming the front door (``warning_prefix``) and the closest valid name,
+    not a ``TypeError`` about an internal base class's ``__init__``.
+
+    The check runs in ``__new__``, before Python binds the arguments to ``__init__``, so
+    ``__init__`` keeps its typed signature (LightningCLI and ``help()`` read it). Valid names are
+    those of ``__init__``; where it takes ``**options``, also those of ``_options_signature``
+    (the function the options are passed on to) except the keys of ``_not_here``
+    (``{name: what to use instead, or None}``).
+    """
+
+    warning_prefix = ""
+    _options_signature = None
+    _not_here: dict = {}
+
+    def __new__(cls, *args, **kwargs):
+        positional, valid, takes_options = _parameters(cls.__init__)
+        owner = cls.warning_prefix or cls.__name__
+        if len(args) > len(positional):
+            raise WWMonitorError(f"{owner}: takes at most {len(positional)} positional argument(s) "
+                                 f"({', '.join(positional)}), got {len(args)}; pass the others by name.")
+        if takes_options and cls._options_signature is not None:
+            valid = valid + [n for n in _parameters(cls._options_signature)[1] if n not in cls._not_here]
+        check_keywords(owner, kwargs, valid, cls._not_here)
+        return super().__new__(cls)

@@ -66,6 +66,7 @@ from ..monitoring.analysis_job import CHUNK_BYTES, analyze_snapshot, failed_anal
 from ..monitoring.worker import make_worker
 from ..outputs.figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
 from ..user_warnings import warn_user
+from ..validation import CheckedKeywords
 from .completion import Completion
 from .planning import Planning
 from .hooks import rank_zero_warn
@@ -80,7 +81,7 @@ log = logging.getLogger(__name__)
 
 
 
-class MonitorEngine(RunState, Completion, SelectionReport, Thinning, Planning):
+class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thinning, Planning):
     """The monitor itself, for any training loop: see the module docstring. Its arguments are
     those of :class:`ww_monitor.WeightWatcherCallback` (documented there); front doors
     subclass it and translate their framework's events into the run-level methods."""
@@ -135,6 +136,7 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning, Planning):
         esd_shift: bool = True,
         summary_include_unreliable: bool = False,
         max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
+        ends_only: bool = False,
     ) -> None:
         super().__init__()
         settings = MonitorSettings.from_arguments(
@@ -150,7 +152,7 @@ class MonitorEngine(RunState, Completion, SelectionReport, Thinning, Planning):
             detX=detX, fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh, fit=fit,
             randomize=randomize, peft=peft, distance_from_init=distance_from_init, esd_shift=esd_shift,
             summary_include_unreliable=summary_include_unreliable, max_overhead=max_overhead,
-            watch_frozen=watch_frozen,
+            watch_frozen=watch_frozen, ends_only=ends_only, owner=self.warning_prefix,
         )
         for name, value in settings.public_items():  # config, every_n_epochs, blocking, ...: as attributes
             setattr(self, name, value)

@@ -7,18 +7,42 @@ step and :meth:`Monitor.close` at the end.
 
 from __future__ import annotations
 
+import atexit
+import threading
+import weakref
 from typing import Any
 
 from ..errors import WWMonitorError
+from ..user_warnings import warn_user
 from ..validation import check_int
 from .engine import MonitorEngine
 from .hooks import on_training_thread as _on_training_thread
+from .settings import check_schedule
 from .sinks import LoopHost, as_sinks
 
 __all__ = ["Monitor"]
 
 #: Arguments of the Lightning callback that a plain loop has no use for.
 _NOT_HERE = {"every_n_epochs": "every_n_steps", "every_n_train_steps": "every_n_steps"}
+
+#: Monitors with a run in progress, closed at interpreter exit if their user did not (weak: a
+#: monitor dropped by its user is closed by ``__del__`` instead).
+_RUNNING: "weakref.WeakSet[Monitor]" = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _close_running_monitors() -> None:
+    for monitor in list(_RUNNING):
+        monitor._close_unclosed("the interpreter exits")
+
+
+def _watch_until_closed(monitor: "Monitor") -> None:
+    """Register the exit hook on the first run (not at import: importing has no side effects)."""
+    global _atexit_registered
+    _RUNNING.add(monitor)
+    if not _atexit_registered:
+        atexit.register(_close_running_monitors)
+        _atexit_registered = True
 
 
 def _distributed() -> tuple[int, int]:
@@ -57,13 +81,19 @@ class Monitor(MonitorEngine):
         monitor.close(model, step)
         df = monitor.history.to_pandas()
 
-    Warnings begin with ``Monitor:``.
+    Warnings begin with ``Monitor:``. A monitor not closed by the end of the program (or dropped
+    without :meth:`close`) warns, takes the final snapshot of the model last passed to
+    :meth:`step` and writes what is still in flight, so nothing is lost silently; under
+    ``torch.distributed`` (where that needs every rank) it warns and drops the results in flight.
+    :meth:`step` numbers must not go back (a per-epoch batch index would): a step before the
+    previous one is ignored, with a warning (once per run).
 
     Args:
         sinks: where results go: a ``SummaryWriter``, any callable ``fn(metrics, step)``, an object
             with ``log_metrics(metrics, step)`` (e.g. a Lightning logger), or a list of these.
             ``None`` keeps them in :attr:`history` and :attr:`metrics` only.
-        every_n_steps: take a snapshot every this many steps (``step % every_n_steps == 0``).
+        every_n_steps: take a snapshot every this many steps (``step % every_n_steps == 0``);
+            ``None`` only with ``ends_only=True`` (the first and the final snapshot only).
         **options: any other argument of :class:`ww_monitor.WeightWatcherCallback` (``include``,
             ``exclude``, ``kinds``, ``background``, ``blocking``, ``alerts``, ``on_alert``,
             ``esd_shift``, ...), with the same meaning and defaults: ``peft="auto"`` (LoRA adapter
@@ -75,13 +105,19 @@ class Monitor(MonitorEngine):
     no_logger_message = ("no logger or sink; results are kept only in `monitor.history` and `monitor.metrics`. "
                          "Pass a SummaryWriter, a callable fn(metrics, step) or a logger as `sinks`.")
 
-    def __init__(self, sinks=None, every_n_steps: int = 100, **options: Any) -> None:
-        for name, instead in _NOT_HERE.items():
-            if name in options:
-                raise WWMonitorError(f"Monitor: `{name}` is not an argument here; use `{instead}`.")
-        check_int("every_n_steps", every_n_steps, 1, owner="Monitor")
+    _options_signature = MonitorEngine.__init__
+    _not_here = _NOT_HERE
+
+    def __init__(self, sinks=None, every_n_steps: int | None = 100, **options: Any) -> None:
+        try:
+            check_schedule(("every_n_steps", every_n_steps), ends_only=options.get("ends_only", False))
+        except WWMonitorError as err:
+            raise WWMonitorError(f"Monitor: {err}") from None
         super().__init__(every_n_epochs=None, every_n_train_steps=every_n_steps, **options)
         self._host = LoopHost(as_sinks(sinks))
+        self._model_ref = None  # the model last passed to step(), for a close at exit
+        self._training_thread: int | None = None
+        self._warned_backwards = False
 
     @property
     def every_n_steps(self) -> int:
@@ -107,12 +143,22 @@ class Monitor(MonitorEngine):
         writes finished results, and returns :attr:`should_stop`."""
         self._check_step(model, step)
         host = self._host
+        if self._active and step < host.global_step:
+            self._step_went_back(step, host.global_step)
+            if self._world == 1:
+                self._collect(host)
+            return host.should_stop
         host.global_step = step
+        self._model_ref = weakref.ref(model)
+        self._training_thread = threading.get_ident()
+        n = self.every_n_train_steps
         if not self._active:
             self._check_reuse(step)
             rank, world = _distributed()
+            self._warned_backwards = False
             self._start_run(host, model, rank, world, epoch)
-        elif step % self.every_n_train_steps == 0 and step != self._checked_step:
+            _watch_until_closed(self)
+        elif n and step % n == 0 and step != self._checked_step:
             self._checked_step = step
             self._sync_point(host, model, snapshot=step != self._last_step, epoch=epoch)
         elif self._world == 1:
@@ -135,7 +181,10 @@ class Monitor(MonitorEngine):
             self._check_step(model, step if step is not None else host.global_step)
             if step is not None:
                 host.global_step = step
-        self._finish_run(host, model, epoch)
+        try:
+            self._finish_run(host, model, epoch)
+        finally:
+            _RUNNING.discard(self)
 
     def state_dict(self) -> dict[str, Any]:
         """The history, alert state and schedule, for ``torch.save`` next to the model's
@@ -149,6 +198,51 @@ class Monitor(MonitorEngine):
         if exc_type is None:
             self.close()
         else:
+            self._abort_run()
+            _RUNNING.discard(self)
+
+    def __del__(self) -> None:
+        if getattr(self, "_active", False):
+            self._close_unclosed("it is garbage-collected")
+
+    def _step_went_back(self, step: int, previous: int) -> None:
+        if self._warned_backwards:
+            return
+        self._warned_backwards = True
+        warn_user(f"Monitor: step {step} is before the previous step {previous}; `step` must count optimizer "
+                  "steps from the start of training and never go back (a batch index that restarts every "
+                  "epoch does). Calls with a step that went back are ignored (warned once per run).",
+                  RuntimeWarning)
+
+    def _close_unclosed(self, when: str) -> None:
+        """:meth:`close` for a monitor its user did not close: warn, then take the final snapshot of
+        the model last passed to :meth:`step` and write everything still in flight."""
+        if not self._active:
+            return
+        _RUNNING.discard(self)
+        host = self._host
+        flushable = self._world == 1 and self._training_thread in (None, threading.get_ident())
+        if not flushable:
+            # Under torch.distributed the final snapshot is a collective the other ranks are not
+            # in; on another thread (a garbage collection run by the worker) closing would join it.
+            warn_user(f"Monitor: not closed when {when}; the results still in flight are dropped. Call "
+                      "`monitor.close(model, step)` at the end of training.", RuntimeWarning)
+            self._active = False
+            try:
+                self._stop_worker(cancel=True)
+            except RuntimeError:  # the worker's own thread: it ends with the process (a daemon)
+                pass
+            return
+        model = self._model_ref() if self._model_ref is not None else None
+        warn_user(f"Monitor: not closed when {when}; closing it now: the final snapshot (step "
+                  f"{host.global_step}) and the results still in flight are written. Call "
+                  "`monitor.close(model, step)` at the end of training, or use `with Monitor(...) as monitor:`.",
+                  RuntimeWarning)
+        try:
+            self.close(model, host.global_step if model is not None else None)
+        except Exception as err:  # at exit or in a garbage collection: never raise
+            warn_user(f"Monitor: closing failed ({type(err).__name__}: {err}); results still in flight are "
+                      "dropped.", RuntimeWarning)
             self._abort_run()
 
     @staticmethod

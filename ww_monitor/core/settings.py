@@ -3,7 +3,7 @@
 Every front door (``WeightWatcherCallback``, ``ww_monitor.Monitor``, the Hugging Face callback)
 takes the same arguments (documented on ``ww_monitor.WeightWatcherCallback``). They are
 validated here, once, with a :class:`~ww_monitor.errors.WWMonitorError` that names the argument,
-and normalised (``0`` schedules -> ``None``, one regex -> a tuple, ``background=False`` implies
+and normalised (one regex -> a tuple, ``background=False`` implies
 ``blocking``) into a frozen dataclass the engine copies onto itself.
 """
 
@@ -19,10 +19,31 @@ from ..monitoring.alerts import Alert, AlertConfig
 from ..monitoring.device import validate_analysis_device
 from ..validation import check_bool, check_fraction, check_int, check_seconds
 
-__all__ = ["MonitorSettings", "as_tuple"]
+__all__ = ["MonitorSettings", "as_tuple", "check_schedule"]
 
 WORKER_TYPES = ("thread", "process")
 LAG_POLICIES = ("skip", "wait")
+
+
+def check_schedule(*schedules: tuple[str, object], ends_only: bool) -> None:
+    """The snapshot schedule of a front door: each ``(name, value)`` None (off) or an int >= 1, and
+    at least one of them on unless ``ends_only`` (then all must be off). A zero, or every schedule
+    off without ``ends_only``, would silently watch nothing between the baseline and the final
+    snapshot."""
+    check_bool("ends_only", ends_only)
+    for name, value in schedules:
+        if value == 0 and not isinstance(value, bool):
+            raise WWMonitorError(f"`{name}=0` is not a schedule: pass an int >= 1, or None to turn it off.")
+        check_int(name, value, 1, allow_none=True)
+    names = " and ".join(f"`{name}`" for name, _ in schedules)
+    on = [f"{name}={value}" for name, value in schedules if value is not None]
+    if ends_only and on:
+        raise WWMonitorError(f"`ends_only=True` takes only the baseline and final snapshots, but {', '.join(on)} "
+                             f"asks for more; set {names} to None, or leave `ends_only` False.")
+    if not ends_only and not on:
+        raise WWMonitorError(f"no snapshot schedule: {names} {'are' if len(schedules) > 1 else 'is'} None, so only "
+                             "the baseline and final snapshots would be taken. Pass an int >= 1, or "
+                             "`ends_only=True` if the baseline and final snapshots are what you want.")
 
 
 def as_tuple(value, name: str) -> tuple[str, ...] | None:
@@ -74,19 +95,31 @@ class MonitorSettings:
     summary_include_unreliable: bool
     max_overhead: float | None  #: the cost budget's share of training time (None: off)
     watch_frozen: bool = False  #: analyse frozen matrices at every snapshot (default: once, then carried)
+    ends_only: bool = False  #: only the baseline and final snapshots (no schedule)
 
     @classmethod
-    def from_arguments(
+    def from_arguments(cls, *, owner: str = "", **arguments) -> "MonitorSettings":
+        """:meth:`_checked`, with the front door's name (``owner``) at the start of its error."""
+        try:
+            return cls._checked(**arguments)
+        except WWMonitorError as err:
+            message = str(err)
+            if owner and not message.startswith(f"{owner}:"):
+                message = f"{owner}: {message}"
+            raise WWMonitorError(message) from None
+
+    @classmethod
+    def _checked(
         cls, *, every_n_epochs, every_n_train_steps, include, exclude, kinds, conv_mode, min_evals, max_evals,
         max_n, background, blocking, worker_type, worker_threads, worker_nice, worker_idle, max_pending, on_lag,
         log_histograms, log_text, log_callback_metrics, figures_every_n_snapshots, figure_layers,
         max_figure_layers, figures_min_run_seconds, figures_timeout, method, analysis_device, drain_timeout,
         alerts, on_alert, detX, fix_fingers, max_fingers, finger_thresh, fit, randomize, peft,
-        distance_from_init, esd_shift, summary_include_unreliable, max_overhead, watch_frozen=False,
+        distance_from_init, esd_shift, summary_include_unreliable, max_overhead, watch_frozen=False, ends_only=False,
     ) -> "MonitorSettings":
         """Check every argument (a :class:`WWMonitorError` naming the first bad one) and normalise."""
-        check_int("every_n_epochs", every_n_epochs, 0, allow_none=True)
-        check_int("every_n_train_steps", every_n_train_steps, 1, allow_none=True)
+        check_schedule(("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps),
+                       ends_only=ends_only)
         for name, flag in (("background", background), ("blocking", blocking), ("worker_idle", worker_idle),
                            ("log_histograms", log_histograms),
                            ("log_text", log_text), ("log_callback_metrics", log_callback_metrics),
@@ -131,7 +164,7 @@ class MonitorSettings:
         if figure_t:
             AnalysisConfig(include=figure_t)  # same regex validation
         return cls(
-            config=config, every_n_epochs=every_n_epochs or None, every_n_train_steps=every_n_train_steps,
+            config=config, every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps,
             background=background, blocking=blocking or not background, worker_type=worker_type,
             worker_threads=worker_threads, worker_nice=worker_nice, worker_idle=worker_idle,
             max_pending=max_pending, on_lag=on_lag, log_histograms=log_histograms, log_text=log_text,
@@ -143,6 +176,7 @@ class MonitorSettings:
             on_alert=on_alert, distance_from_init=distance_from_init, esd_shift=esd_shift,
             summary_include_unreliable=summary_include_unreliable,
             max_overhead=None if max_overhead is None else float(max_overhead), watch_frozen=watch_frozen,
+            ends_only=ends_only,
         )
 
     def public_items(self):

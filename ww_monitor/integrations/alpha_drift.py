@@ -34,7 +34,7 @@ from typing import Any
 from ..monitoring.early_stopping import AlphaDriftRule
 from ..errors import WWMonitorError
 from ..user_warnings import warn_user
-from ..validation import check_bool, check_int, check_number
+from ..validation import CheckedKeywords, check_bool, check_int, check_number
 
 __all__ = ["AlphaDriftEarlyStoppingMixin", "AlphaDriftEarlyStopping", "WARMUP_MAX_RANDOM_SHARE",
            "spectra_left_random_state"]
@@ -57,7 +57,7 @@ def spectra_left_random_state(num_layers: float, num_undetermined: float, num_ra
     return phased <= 0 or num_random_like / phased < WARMUP_MAX_RANDOM_SHARE
 
 
-class AlphaDriftEarlyStoppingMixin:
+class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
     """Stop when the monitored spectral quantity falls below a floor, degrades, or converges.
 
     Example::
@@ -83,6 +83,8 @@ class AlphaDriftEarlyStoppingMixin:
         verbose: also log the decision and the end of the warm-up at INFO level (the stop reason
             is always shown as a warning).
     """
+
+    warning_prefix = "AlphaDriftEarlyStopping"
 
     def __init__(self, monitor: str = "ww/summary/alpha", floor: float | None = 2.0, max_rise: float | None = None,
                  min_delta: float | None = None, patience: int = 3, min_snapshots: int = 2, verbose: bool = True,

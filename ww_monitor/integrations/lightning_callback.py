@@ -76,8 +76,11 @@ class WeightWatcherMixin(MonitorEngine):
 
     Args:
         every_n_epochs: take a snapshot at the end of every this many training epochs;
-            ``None`` or 0 disables the epoch schedule.
+            ``None`` disables the epoch schedule (0 is an error, not "off").
         every_n_train_steps: take a snapshot every this many optimizer steps (``None``: off).
+            With both schedules off, pass ``ends_only=True``: then only the baseline (train
+            start) and final (train end) snapshots are taken; without it that is an error (a
+            monitor that watches nothing in between is more often a mistake than a choice).
         include: regex or list of regexes (``re.search`` on layer names); only matching layers
             are analysed. Naming a layer of an unrecognised module type analyses it too.
         exclude: regex or list of regexes; matching layers are not analysed.
@@ -192,6 +195,10 @@ class WeightWatcherMixin(MonitorEngine):
             every epoch thins out instead of slowing down. ``None`` takes every scheduled
             snapshot (then ``on_lag`` decides what happens when the analysis cannot keep up).
             Not applied with ``blocking=True``, whose point is a deterministic schedule.
+        ends_only: only the baseline and final snapshots; ``every_n_epochs`` and
+            ``every_n_train_steps`` must then be ``None``.
+
+    A misspelt argument is a ``WWMonitorError`` naming the closest valid one.
 
     ``callback.stats`` counts what the monitor did and cost: ``snapshots_taken``/``_skipped``/
     ``_failed``/``_deferred`` (by ``max_overhead``), ``copy_seconds`` (weight copies), ``analysis_seconds`` (worker wall time), ``analysis_cpu_seconds``,

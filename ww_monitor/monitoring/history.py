@@ -207,26 +207,35 @@ class History:
         names, steps, alpha = self.grid("alpha", layers)
         return self.phases(layers), (names, steps, alpha, self.grid("reliable", layers)[2])
 
-    def to_pandas(self):
-        """Long format: one row per (snapshot, layer) with step, epoch, layer, kind, rank, phase
-        and every metric of :data:`HISTORY_METRICS`. ``frozen`` (bool): the matrix did not
+    def to_pandas(self, layer_column: str = "name"):
+        """Long format: one row per (snapshot, layer) with snapshot, step, epoch, name, kind, rank,
+        phase and every metric of :data:`HISTORY_METRICS`. ``frozen`` (bool): the matrix did not
         require grad; the training-time monitors analyse such a layer once and carry it forward,
-        so it has rows only at the snapshots that analysed it (its values hold until it trains)."""
+        so it has rows only at the snapshots that analysed it (its values hold until it trains).
+
+        The per-layer columns carry :class:`~ww_monitor.analysis.results.LayerResult`'s field names,
+        as in ``Report.to_pandas()`` and the CLI's CSV/JSON, so the layer is ``name`` and the two
+        frames join on it. Version 0.1.0 called it ``layer``: ``layer_column="layer"`` keeps that
+        name for code written against it (deprecated; it will be removed).
+        """
         import pandas as pd
 
+        if layer_column not in ("name", "layer"):
+            from ..errors import WWMonitorError
+
+            raise WWMonitorError(f"History.to_pandas: `layer_column` must be 'name' or 'layer' (the name in 0.1.0), "
+                                 f"got {layer_column!r}.")
+        head = ["snapshot", "step", "epoch", layer_column, "kind", "rank"]
         frames = []
         for r in self.records:
             df = pd.DataFrame(r.values, columns=list(r.columns))
-            df.insert(0, "snapshot", r.index)
-            df.insert(1, "step", r.step)
-            df.insert(2, "epoch", r.epoch)
-            df.insert(3, "layer", list(r.layers))
-            df.insert(4, "kind", list(r.kinds))
-            df.insert(5, "rank", list(r.ranks))
+            for i, (column, value) in enumerate(zip(head, (r.index, r.step, r.epoch, list(r.layers), list(r.kinds),
+                                                           list(r.ranks)))):
+                df.insert(i, column, value)
             df["phase"] = list(r.phases)
             frames.append(df)
         if not frames:
-            return pd.DataFrame(columns=["snapshot", "step", "epoch", "layer", "kind", "rank", *HISTORY_METRICS, "phase"])
+            return pd.DataFrame(columns=[*head, *HISTORY_METRICS, "phase"])
         df = pd.concat(frames, ignore_index=True)
         df["frozen"] = df["frozen"] == 1.0  # NaN (a state saved before the column existed): not frozen
         return df
@@ -234,7 +243,7 @@ class History:
     def metric(self, name: str):
         """Wide pandas frame of one metric: index = step, one column per layer."""
         df = self.to_pandas()
-        return df.pivot(index="step", columns="layer", values=name)
+        return df.pivot(index="step", columns="name", values=name)
 
     def state_dict(self) -> dict:
         return {"version": _STATE_VERSION, "records": [r.to_state() for r in self.records]}
