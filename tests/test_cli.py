@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,9 @@ from torch import nn
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "ww_monitor", *map(str, args)], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # the whole table (tests/test_cli_table.py fits it)
+    return subprocess.run([sys.executable, "-m", "ww_monitor", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=env)
 
 
 @pytest.fixture(scope="module")

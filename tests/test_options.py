@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -150,8 +151,9 @@ def test_lora_update_core_and_state_dict_adapters():
 
 
 def _cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # the whole table, not fitted to a width
     return subprocess.run([sys.executable, "-m", "ww_monitor", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
 
 
 def test_cli_flags_add_their_columns(tmp_path):

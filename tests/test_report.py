@@ -230,7 +230,8 @@ def test_progress_bar_only_on_a_terminal(run):
     cmd = [sys.executable, "-m", "ww_monitor", "analyze", str(run["plain"])]
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # the whole table, not fitted to a width
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     err = b""
     try:

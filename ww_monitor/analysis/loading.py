@@ -3,10 +3,11 @@ or a folder of them (sharded checkpoints are merged).
 
 Order of the tensors (and so of the rows of every report): a PyTorch file keeps the order it was
 saved in, which is the module's own order (``state_dict()``). A safetensors file does not store
-the module order (its header is sorted by name), so its tensors are put in **natural order** of
-the dotted name, numeric parts compared as numbers (``layers.2`` before ``layers.10``): that is
-the module order for stacks of numbered blocks; differently named siblings (``features`` and
-``classifier``) still come alphabetically. The files of a folder are read in natural order too.
+the module order (its header is sorted by name), so its tensors are put in the module order as
+far as the names tell it (:mod:`.model_order`): numeric parts compared as numbers (``layers.2``
+before ``layers.10``), embeddings first, attention before the MLP and query, key, value, output
+within attention, heads (``lm_head``, ``classifier``) last; other siblings in natural order. The
+files of a folder are read in natural order.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Mapping
 import torch
 
 from ..errors import CheckpointError
+from .model_order import model_order_key, natural_key
 
 __all__ = ["load_state_dict", "checkpoint_files", "natural_key", "TORCH_SUFFIXES", "SAFETENSORS_SUFFIXES",
            "SUPPORTED_SUFFIXES"]
@@ -67,6 +69,8 @@ def load_state_dict(path: str | os.PathLike, *, weights_only: bool = True) -> di
         merged: dict[str, torch.Tensor] = {}
         for f in files:
             merged.update(_load_file(f, weights_only))
+        if all(f.suffix in SAFETENSORS_SUFFIXES for f in files):  # shards split blocks: order the whole
+            merged = {k: merged[k] for k in sorted(merged, key=model_order_key)}
         return merged
     return _load_file(p, weights_only)
 
@@ -124,12 +128,6 @@ def _indexed_shards(folder: Path, entries: list[Path], suffix: str) -> list[Path
     return []
 
 
-def natural_key(name: str) -> tuple:
-    """Sort key that compares the digit runs of ``name`` as numbers: ``layers.2.fc`` sorts before
-    ``layers.10.fc`` (plain string order puts 10 first)."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
-
-
 def _load_file(p: Path, weights_only: bool, map_location: str = "cpu", mmap: bool = False) -> dict[str, torch.Tensor]:
     """One file's tensors; PyTorch files onto ``map_location`` (``"meta"``: shapes only, no data read),
     memory-mapped with ``mmap`` (zip-format files: their storages are not read until used)."""
@@ -169,7 +167,7 @@ def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
         tensors = load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{p}: corrupt or not a safetensors file ({err})") from None
-    return {k: tensors[k] for k in sorted(tensors, key=natural_key)}
+    return {k: tensors[k] for k in sorted(tensors, key=model_order_key)}
 
 
 def _flatten(obj, p: Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """``ww-monitor`` command line.
 
-* ``ww-monitor analyze PATH [--format table|csv|json] [--plot DIR]``: one row per layer; with
-  ``--plot`` also PNG figures (alpha per layer, ESD with fits of up to ``--max-plots`` layers).
+* ``ww-monitor analyze PATH [--format table|csv|json] [--columns LIST] [--sort COLUMN]
+  [--worst N] [--plot DIR]``: one row per layer; the table fits the terminal width
+  (:mod:`ww_monitor.outputs.table`); with ``--plot`` also PNG figures (alpha per layer, ESD with
+  fits of up to ``--max-plots`` layers).
 * ``ww-monitor report LOGDIR_OR_CKPT [--out report.html]``: a self-contained HTML report of a
   monitored run (TensorBoard log folder, checkpoint with the callback's history, or model file);
   see :mod:`ww_monitor.outputs.offline_report`.
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import math
 import os
 import sys
 from typing import Sequence
@@ -27,6 +28,7 @@ from typing import Sequence
 from ..errors import WWMonitorError
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from .plan_cli import add_plan_parser, run_plan
+from .table import KEEP_PRIORITY, check_column, format_table, parse_columns, select_rows, terminal_width
 
 __all__ = ["main"]
 
@@ -34,30 +36,20 @@ EXIT_USER_ERROR = 2
 #: ``analyze --plot``: ESD figures for at most this many layers unless ``--max-plots`` says otherwise.
 DEFAULT_MAX_PLOTS = 12
 
-#: Columns of ``--format table``: a subset of the CSV/JSON columns (``Report.to_dicts()`` keys),
-#: under the same names and in the same order, so one vocabulary serves every format.
-_TABLE_COLUMNS = ("name", "kind", "N", "M", "num_evals", "num_pl_spikes", "reliable", "log_norm",
-                  "log_spectral_norm", "stable_rank", "rank_loss", "alpha", "D", "alpha_weighted", "num_spikes",
-                  "phase")
-#: Columns of the options (``--detX``, ``--fit TPL``, ...), shown in the table when any layer has them.
-_OPTION_COLUMNS = ("detX_num", "ERG_gap", "num_fingers", "Lambda", "rand_distance", "ww_softrank")
-
-
-def table_columns(dicts) -> list[str]:
-    """Columns of the table for these rows: :data:`_TABLE_COLUMNS`, then the option columns any row
-    has, all ordered as in :data:`ww_monitor.results.LAYER_COLUMNS` (the CSV/JSON order)."""
-    from ..analysis.results import LAYER_COLUMNS
-
-    wanted = set(_TABLE_COLUMNS) | {k for k in _OPTION_COLUMNS if any(d.get(k) is not None for d in dicts)}
-    return [c for c in LAYER_COLUMNS if c in wanted]
-
-
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ww-monitor", description="Spectral (ESD) analysis of neural network weights.")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="analyse a checkpoint (.ckpt, .pt/.pth/.bin, .safetensors, or a folder)")
     a.add_argument("path", help="checkpoint file or folder of checkpoint files")
     a.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)")
+    a.add_argument("--columns", metavar="LIST", default=None,
+                   help="table (and CSV) columns: 'all', or a comma-separated list of CSV/JSON column names. "
+                        "Default: the table fits the terminal width ($COLUMNS), leaving out columns in the order "
+                        f"{', '.join(reversed(KEEP_PRIORITY[2:]))}")
+    a.add_argument("--sort", metavar="COLUMN", default=None, help="order the layers by this column (default: model order)")
+    a.add_argument("--descending", action="store_true", help="with --sort: largest first")
+    a.add_argument("--worst", type=_positive, metavar="N", default=None,
+                   help="only the N layers farthest outside alpha in [2, 4], worst first")
     a.add_argument("--include", action="append", default=None, metavar="REGEX", help="only layers whose name matches (repeatable)")
     a.add_argument("--exclude", action="append", default=None, metavar="REGEX", help="skip layers whose name matches (repeatable)")
     a.add_argument("--conv-mode", choices=("pooled", "slices"), default="pooled", help="one ESD per conv layer, or per kernel position")
@@ -121,48 +113,27 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
-
-
-def format_table(report) -> str:
-    """Fixed-width text table, one row per analysed layer (model order), then skipped layers and the
-    summary. Column headers are the CSV/JSON names (:func:`table_columns`).
-
-    Columns of the options (``--detX``, ``--fit TPL``, ...) are added when any layer has them."""
-    dicts = report.to_dicts()
-    columns = table_columns(dicts)
-    rows = [list(columns)]
-    for layer in dicts:
-        if layer["aliases"]:  # a tied weight, analysed once: name its other owners too
-            layer["name"] += f" (= {', '.join(layer['aliases'])})"
-        rows.append([_fmt(layer[key]) for key in columns])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    if report.skipped:
-        lines.append("")
-        lines.append(f"skipped {len(report.skipped)} layer(s):")
-        lines.extend(f"  {s.name} {list(s.shape)}: {s.reason}" for s in report.skipped)
-    summary = report.summary()
-    lines.append("")
-    lines.append("summary: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()))
-    return "\n".join(lines)
-
-
-def format_csv(report) -> str:
+def format_csv(report, rows: list[dict] | None = None, columns: list[str] | None = None) -> str:
+    """Every column (or ``columns``) of ``rows`` (default: every analysed layer, model order)."""
     from ..analysis.results import LAYER_COLUMNS
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(LAYER_COLUMNS))
+    writer = csv.DictWriter(buf, fieldnames=columns or list(LAYER_COLUMNS), extrasaction="ignore")
     writer.writeheader()
-    for row in report.to_dicts():
-        row["aliases"] = ";".join(row["aliases"])  # tied weights: the other names of the tensor
+    for row in rows if rows is not None else report.to_dicts():
+        row = dict(row, aliases=";".join(row["aliases"]))  # tied weights: the other names of the tensor
         writer.writerow(row)
     return buf.getvalue()
+
+
+def format_json(report, rows: list[dict] | None = None) -> str:
+    """``Report.to_json`` with ``rows`` as its layers; the summary is always over every layer."""
+    if rows is None:
+        return report.to_json(indent=2)
+    from ..analysis.results import strict_json_dumps
+
+    payload = {"layers": rows, "skipped": [s.to_dict() for s in report.skipped], "summary": report.summary()}
+    return strict_json_dumps(payload, indent=2)
 
 
 def _show_progress() -> bool:
@@ -193,6 +164,13 @@ def run_analysis(source, *, progress: bool | None = None, weights_only: bool = T
 
 
 def _analyze(args) -> int:
+    columns = parse_columns(args.columns)  # option errors before a long analysis
+    if args.sort is not None:
+        check_column(args.sort, "--sort")
+    elif args.descending:
+        raise WWMonitorError("--descending orders the rows of --sort COLUMN; give --sort too")
+    if args.format == "json" and columns not in (None, ["all"]):
+        raise WWMonitorError("--columns selects columns of the table and the CSV; --format json keeps every field")
     if args.plot is not None and os.path.exists(args.plot) and not os.path.isdir(args.plot):
         raise WWMonitorError(f"{args.plot}: exists and is not a folder (--plot wants a folder)")
     if os.path.isdir(args.path):
@@ -208,12 +186,17 @@ def _analyze(args) -> int:
     )
     if not report.layers and not report.skipped:
         raise WWMonitorError(f"{args.path}: no weight matrices found")
-    if args.format == "json":
-        out = report.to_json(indent=2)
-    elif args.format == "csv":
-        out = format_csv(report)
-    else:
-        out = format_table(report)
+    if args.format == "table":
+        out = format_table(report, width=terminal_width(), columns=columns, sort=args.sort,
+                           descending=args.descending, worst=args.worst)
+    else:  # csv and json: every row the options choose, never cut to a width
+        rows = None
+        if args.sort is not None or args.worst is not None:
+            rows = select_rows(report.to_dicts(), sort=args.sort, descending=args.descending, worst=args.worst)[0]
+        if args.format == "csv":
+            out = format_csv(report, rows, None if columns in (None, ["all"]) else columns)
+        else:
+            out = format_json(report, rows)
     sys.stdout.write(out if out.endswith("\n") else out + "\n")
     if args.plot is not None:
         from .offline_report import write_figures
