@@ -74,8 +74,8 @@ def test_lora_fine_tune_at_the_callback_defaults_watches_the_adapters(tmp_path, 
     df = cb.history.to_pandas()
     for step in steps[1:]:
         rows = df[df.step == step]
-        assert sorted(rows.layer) == adapters and not rows.frozen.any() and (rows.num_evals == 8).all()
-    assert (df[df.layer.isin(base)].step == 0).all() and df[df.layer.isin(base)].frozen.all()
+        assert sorted(rows.name) == adapters and not rows.frozen.any() and (rows.num_evals == 8).all()
+    assert (df[df.name.isin(base)].step == 0).all() and df[df.name.isin(base)].frozen.all()
     assert not any(a.rule == "rank_collapse" for a in cb.alerts_fired)
     # The summary covers what trains (the adapters), at the baseline as later; the rest is counted.
     assert [r.summary["num_frozen"] for r in cb.history] == [len(base)] * len(steps)
@@ -172,7 +172,7 @@ def fit_frozen_half(tmp_path, **kwargs):
 def rows_of(history, layer):
     """``[(step, frozen)]`` of a layer's rows in the history."""
     df = history.to_pandas()
-    return [(int(s), bool(f)) for s, f in zip(df[df.layer == layer].step, df[df.layer == layer].frozen)]
+    return [(int(s), bool(f)) for s, f in zip(df[df.name == layer].step, df[df.name == layer].frozen)]
 
 
 def test_frozen_layers_are_analysed_once_and_unfrozen_ones_watched_again(tmp_path):
@@ -184,9 +184,9 @@ def test_frozen_layers_are_analysed_once_and_unfrozen_ones_watched_again(tmp_pat
     # Frozen at epoch 1: analysed once more (its weights moved since step 4? no, but that is not
     # known without a copy), then carried forward; the two analyses agree.
     assert rows_of(cb.history, "net.6") == [(0, False), (4, False), (8, True)]
-    log_norms = cb.history.to_pandas().query("layer == 'net.6'").log_norm.tolist()
+    log_norms = cb.history.to_pandas().query("name == 'net.6'").log_norm.tolist()
     assert log_norms[1] == pytest.approx(log_norms[2], rel=1e-12)
-    unfrozen = cb.history.to_pandas().query("layer == 'net.2'").log_norm.tolist()
+    unfrozen = cb.history.to_pandas().query("name == 'net.2'").log_norm.tolist()
     assert unfrozen[1] != pytest.approx(unfrozen[0], rel=1e-6)  # it trained after unfreezing
     # Copied (and analysed) once per row; carried 4 + 2 + 2 times; the last snapshot copied net.2, net.4.
     assert cb.stats["layers_analysed_here"] == len(cb.history.to_pandas()) == 12
@@ -215,7 +215,7 @@ def test_watch_frozen_true_analyses_every_matrix_at_every_snapshot(tmp_path):
     cb, _ = fit_frozen_half(tmp_path, watch_frozen=True)
     df = cb.history.to_pandas()
     for step in (0, 4, 8, 12, 16):
-        assert sorted(df[df.step == step].layer) == ["net.0", "net.2", "net.4", "net.6"]
+        assert sorted(df[df.step == step].name) == ["net.0", "net.2", "net.4", "net.6"]
     assert rows_of(cb.history, "net.0") == [(s, True) for s in (0, 4, 8, 12, 16)]  # still marked frozen
     assert cb.stats["layers_carried"] == 0 and cb.stats["carried_bytes"] == 0
     assert cb.stats["snapshot_bytes"] == (32 * 64 + 64 * 64 + 64 * 48 + 48 * 16) * 4
@@ -278,11 +278,11 @@ def test_huggingface_trainer_watches_lora_adapters_by_default(tmp_path, monkeypa
     hf.trainer_for(tmp_path, ww).train()
     assert ww.history.steps == [0, 3, 6]
     df = ww.history.to_pandas()
-    base = sorted(df[df.step == 0].layer)
+    base = sorted(df[df.step == 0].name)
     adapters = [n for n, reason in ww.history[0].skipped if reason == ZERO_UPDATE_REASON]
     assert len(adapters) == 2 and base and df[df.step == 0].frozen.all()
     for step in (3, 6):
-        assert sorted(df[df.step == step].layer) == sorted(adapters)
+        assert sorted(df[df.step == step].name) == sorted(adapters)
     acc = hf.read_run(tmp_path / "tb")
     for layer in base:
         assert [e.step for e in acc.Scalars(f"ww/alpha/{layer}")] == [0], layer

@@ -10,7 +10,7 @@ from typing import Iterable
 from .errors import WWMonitorError
 
 __all__ = ["check_int", "check_number", "check_bool", "check_seconds", "check_names", "check_keywords",
-           "CheckedKeywords"]
+           "keyword_parameters", "CheckedKeywords"]
 
 
 def _fail(owner: str, name: str, must: str, value) -> WWMonitorError:
@@ -78,10 +78,12 @@ def check_names(name: str, value, allowed: Iterable[str], what: str = "name", ow
     return items
 
 
-def check_keywords(owner: str, given: Iterable[str], valid: Iterable[str], instead: dict | None = None) -> None:
+def check_keywords(owner: str, given: Iterable[str], valid: Iterable[str], instead: dict | None = None,
+                   suggest: dict | None = None) -> None:
     """Every name in ``given`` is one of ``valid``; else a :class:`WWMonitorError` that names the
-    front door (``owner``), the unknown argument and the closest valid name (``difflib``), or the
-    argument to use ``instead`` (``{name: replacement or None}``) for names known not to apply."""
+    front door (``owner``), the unknown argument and the closest valid name (``difflib``, or
+    ``suggest[name]``: what a sibling front door's argument is called here), or the argument to
+    use ``instead`` (``{name: replacement or None}``) for names known not to apply."""
     import difflib
 
     valid = sorted(set(valid))
@@ -92,12 +94,12 @@ def check_keywords(owner: str, given: Iterable[str], valid: Iterable[str], inste
         if name in instead:
             use = instead[name]
             raise WWMonitorError(f"{owner}: `{name}` is not an argument here" + (f"; use `{use}`." if use else "."))
-        close = difflib.get_close_matches(name, valid, n=1)
+        close = [suggest[name]] if suggest and name in suggest else difflib.get_close_matches(name, valid, n=1)
         hint = f"did you mean `{close[0]}`?" if close else f"valid arguments: {', '.join(valid)}."
         raise WWMonitorError(f"{owner}: unknown argument `{name}`; {hint}")
 
 
-def _parameters(fn) -> tuple[list[str], list[str], bool]:
+def keyword_parameters(fn) -> tuple[list[str], list[str], bool]:
     """(positional-or-keyword names, keyword names, takes ``**kwargs``) of ``fn``, without ``self``."""
     import inspect
 
@@ -125,12 +127,12 @@ class CheckedKeywords:
     _not_here: dict = {}
 
     def __new__(cls, *args, **kwargs):
-        positional, valid, takes_options = _parameters(cls.__init__)
+        positional, valid, takes_options = keyword_parameters(cls.__init__)
         owner = cls.warning_prefix or cls.__name__
         if len(args) > len(positional):
             raise WWMonitorError(f"{owner}: takes at most {len(positional)} positional argument(s) "
                                  f"({', '.join(positional)}), got {len(args)}; pass the others by name.")
         if takes_options and cls._options_signature is not None:
-            valid = valid + [n for n in _parameters(cls._options_signature)[1] if n not in cls._not_here]
+            valid = valid + [n for n in keyword_parameters(cls._options_signature)[1] if n not in cls._not_here]
         check_keywords(owner, kwargs, valid, cls._not_here)
         return super().__new__(cls)

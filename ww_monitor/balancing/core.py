@@ -20,8 +20,6 @@ doors: :mod:`.callback` (Lightning), :mod:`.loop` (plain PyTorch), :mod:`.huggin
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 import math
 import time
@@ -37,7 +35,7 @@ from ..errors import WWMonitorError
 from ..functional.balancing import MAPPINGS, SIGMOID_SCALES, SIGMOID_TEMPERATURE, TEMPBALANCE_RANGE, balance_factors
 from ..functional.hill import DEFAULT_XMIN_POS
 from ..monitoring.distributed import Collectives, TorchCollectives
-from ..validation import check_bool, check_int, check_number
+from ..validation import check_bool, check_int, check_keywords, check_number, keyword_parameters
 from .estimate import ESTIMATORS, MIN_BALANCE_EVALS, LocalWeights, WeightSource, monitor_alphas, own_alphas, \
     read_weights, unit_alphas
 from .groups import BALANCE_KINDS, StepScaler, check_optimizer, find_units, sharded_by
@@ -73,13 +71,7 @@ _SIBLING_NAMES = {"every_n_steps": "every_n_train_steps"}
 def _check_keywords(cls: type, kwargs: dict) -> None:
     """Unknown keyword arguments: a WWMonitorError naming the class and the closest valid name
     (instead of Python's TypeError naming an internal base class)."""
-    valid = [n for n, p in inspect.signature(cls.__init__).parameters.items()
-             if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for name in kwargs:
-        if name not in valid:
-            close = [_SIBLING_NAMES[name]] if name in _SIBLING_NAMES else difflib.get_close_matches(name, valid, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else f"; valid arguments: {', '.join(valid)}."
-            raise WWMonitorError(f"{cls.__name__}: unknown argument `{name}`{hint}")
+    check_keywords(cls.__name__, kwargs, keyword_parameters(cls.__init__)[1], suggest=_SIBLING_NAMES)
 
 
 class SpectralBalancerCore:
