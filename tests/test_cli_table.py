@@ -124,7 +124,7 @@ def test_csv_and_json_do_not_depend_on_the_width(checkpoints, capsys, monkeypatc
 
 
 def test_sort_and_worst(checkpoints, capsys, monkeypatch):
-    from ww_monitor.outputs.plotting import worst_layers
+    from ww_monitor.outputs.worst_layers import worst_layers
 
     path = checkpoints / "llama.safetensors"
     every = list(csv.DictReader(io.StringIO(analyze(capsys, monkeypatch, path, "--format", "csv"))))
@@ -136,8 +136,11 @@ def test_sort_and_worst(checkpoints, capsys, monkeypatch):
     down = analyze(capsys, monkeypatch, path, "--sort", "num_pl_spikes", "--descending", "--format", "csv")
     tails = [int(r["num_pl_spikes"]) for r in csv.DictReader(io.StringIO(down))]
     assert tails == sorted(tails, reverse=True)
-    # --worst: the ranking of the figures (farthest outside [2, 4] first), in every format
-    expected = [name for name, _ in worst_layers(list(alpha), list(alpha.values()), count=5)]
+    # --worst: the ranking of the figures (standard errors outside [2, 4], reliable fits), in every format
+    tails = [int(r["num_pl_spikes"]) for r in every]
+    reliable = [r["reliable"] == "True" for r in every]
+    expected = [o.name for o in worst_layers(list(alpha), list(alpha.values()), tails, reliable, count=5)]
+    assert len(expected) == 5 and set(expected) <= {r["name"] for r in every if r["reliable"] == "True"}
     _, rows, rest = table_parts(analyze(capsys, monkeypatch, path, "--worst", "5", columns=100))
     assert [r[0] for r in rows] == expected and any("farthest outside alpha in [2, 4]" in line for line in rest)
     payload = json.loads(analyze(capsys, monkeypatch, path, "--worst", "5", "--format", "json"))

@@ -49,7 +49,8 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sort", metavar="COLUMN", default=None, help="order the layers by this column (default: model order)")
     a.add_argument("--descending", action="store_true", help="with --sort: largest first")
     a.add_argument("--worst", type=_positive, metavar="N", default=None,
-                   help="only the N layers farthest outside alpha in [2, 4], worst first")
+                   help="only the N layers farthest outside alpha in [2, 4] in standard errors of their fit "
+                        "(reliable fits only), worst first")
     a.add_argument("--include", action="append", default=None, metavar="REGEX", help="only layers whose name matches (repeatable)")
     a.add_argument("--exclude", action="append", default=None, metavar="REGEX", help="skip layers whose name matches (repeatable)")
     a.add_argument("--conv-mode", choices=("pooled", "slices"), default="pooled", help="one ESD per conv layer, or per kernel position")

@@ -8,8 +8,8 @@ layer names alone are too wide, they are shortened in the middle (``model.layers
 note says so. Every other line (skipped layers, summary, notes) is wrapped to the width.
 
 Rows: :func:`select_rows` sorts by any column (``--sort``) or keeps the ``worst`` layers by how
-far alpha lies outside [2, 4] (the ranking of the TensorBoard and report figures,
-:func:`ww_monitor.outputs.plotting.worst_layers`).
+many standard errors of its fit alpha lies outside [2, 4] (the ranking of the TensorBoard and
+report figures, :func:`ww_monitor.outputs.worst_layers.worst_layers`).
 """
 
 from __future__ import annotations
@@ -119,14 +119,17 @@ def select_rows(dicts: list[dict], *, sort: str | None = None, descending: bool 
     note = ""
     rows = list(dicts)
     if worst is not None:
-        from .plotting import ALPHA_GOOD_BAND, worst_layers
+        from .worst_layers import ALPHA_GOOD_BAND, worst_layers
 
-        ranked = worst_layers([d["name"] for d in rows], [d["alpha"] for d in rows], count=worst)
+        ranked = worst_layers([d["name"] for d in rows], [d["alpha"] for d in rows],
+                              tails=[d["num_pl_spikes"] for d in rows], reliable=[d["reliable"] for d in rows],
+                              count=worst)
         by_name = {d["name"]: d for d in rows}
         lo, hi = ALPHA_GOOD_BAND
-        note = (f"the {len(ranked)} of {len(rows)} layers farthest outside alpha in [{lo:g}, {hi:g}], worst first"
-                f"{' (the others are inside it)' if len(ranked) < min(worst, len(rows)) else ''}")
-        rows = [by_name[name] for name, _ in ranked]
+        note = (f"the {len(ranked)} of {len(rows)} layers farthest outside alpha in [{lo:g}, {hi:g}] in standard "
+                f"errors of their fit, worst first; reliable fits only"
+                f"{' (no other is outside the band)' if len(ranked) < min(worst, len(rows)) else ''}")
+        rows = [by_name[o.name] for o in ranked]
     if sort is not None:
         check_column(sort, "--sort")
         missing = [d for d in rows if _sort_value(sort, d.get(sort))[0]]
