@@ -116,7 +116,9 @@ def run_plan(args) -> int:
     monitor = MonitorEngine(every_n_epochs=args.every_n_epochs, every_n_train_steps=args.every_n_steps,
                             include=args.include, exclude=args.exclude, max_overhead=args.max_overhead,
                             worker_threads=args.threads, alerts=False,
-                            figures_every_n_snapshots=None)
+                            figures_every_n_snapshots=None,
+                            # no schedule planned: the plan suggests one (a monitor must say so explicitly)
+                            ends_only=args.every_n_epochs is None and args.every_n_steps is None)
     plan = monitor.plan(source, args.ranks, device=args.device, step_seconds=args.step_seconds,
                         steps_per_epoch=args.steps_per_epoch, estimate_above=args.estimate_above)
     plan.source = what
