@@ -86,26 +86,29 @@ def test_console_script_fits_100_columns_on_a_lightning_checkpoint(checkpoints):
     assert max(len(line) for line in lines) <= 100
     header, rows, rest = table_parts(res.stdout)
     assert len(rows) == 7 * BLOCKS + 2
-    assert rows[1][0] == "model.model.layers.0.self_attn.q_proj" and rows[-1][0] == "model.lm_head"
+    # displayed without the LightningModule's and the HF model's wrapper attributes (model.model.)
+    assert rows[1][0] == "layers.0.self_attn.q_proj" and rows[-1][0] == "lm_head"
     # the columns left out are the lowest-priority ones; the note under the table names them
     dropped = [c for c in LAYER_COLUMNS if c in TABLE_COLUMNS and c not in header]
     assert dropped and set(dropped) == set(KEEP_PRIORITY[len(KEEP_PRIORITY) - len(dropped):])
     notes = " ".join(rest)
     assert f"(left out to fit 100 columns: {', '.join(dropped)} (--columns all shows them))" in notes
+    assert "layer names without their wrapper prefix" in notes
     # the kept ones in the CSV/JSON order
-    assert header == [c for c in LAYER_COLUMNS if c in header] and header[:2] == ["name", "num_evals"]
+    assert header == [c for c in LAYER_COLUMNS if c in header] and header[0] == "name"
 
 
-@pytest.mark.parametrize("width", [100, 40])
+@pytest.mark.parametrize("width", [100, 40, 28])
 def test_every_line_fits_and_columns_all_restores_them(checkpoints, capsys, monkeypatch, width):
     for source in ("llama.ckpt", "llama.safetensors"):
         out = analyze(capsys, monkeypatch, checkpoints / source, columns=width)
         assert max(len(line) for line in out.splitlines()) <= width, source
         header, rows, _ = table_parts(out)
         assert {"name", "alpha"} <= set(header) and len(rows) == 7 * BLOCKS + 2
-        if source == "llama.ckpt" and width == 40:  # too narrow for the names: shortened in the middle
-            assert any(r[0].startswith("model.mod") and "…" in r[0] and r[0].endswith("_proj") for r in rows)
-            assert "shortened in the middle" in out
+        assert not any(r[0].startswith("model.") for r in rows)  # the wrapper prefix is not displayed
+        if width == 28:  # too narrow for the names: shortened in the middle
+            assert any(r[0].startswith("layers.") and "…" in r[0] and r[0].endswith("_proj") for r in rows)
+            assert "shortened in the middle" in " ".join(out.split())  # the note is wrapped to the width
     full = analyze(capsys, monkeypatch, checkpoints / "llama.ckpt", "--columns", "all", columns=width)
     assert table_parts(full)[0] == list(TABLE_COLUMNS)  # everything, at any width
     chosen = analyze(capsys, monkeypatch, checkpoints / "llama.ckpt", "--columns", "alpha,D,log_norm", columns=width)
@@ -142,7 +145,8 @@ def test_sort_and_worst(checkpoints, capsys, monkeypatch):
     expected = [o.name for o in worst_layers(list(alpha), list(alpha.values()), tails, reliable, count=5)]
     assert len(expected) == 5 and set(expected) <= {r["name"] for r in every if r["reliable"] == "True"}
     _, rows, rest = table_parts(analyze(capsys, monkeypatch, path, "--worst", "5", columns=100))
-    assert [r[0] for r in rows] == expected and any("farthest outside alpha in [2, 4]" in line for line in rest)
+    assert [r[0] for r in rows] == [e.removeprefix("model.") for e in expected]  # displayed names
+    assert any("farthest outside alpha in [2, 4]" in line for line in rest)
     payload = json.loads(analyze(capsys, monkeypatch, path, "--worst", "5", "--format", "json"))
     assert [l["name"] for l in payload["layers"]] == expected
     assert payload["summary"]["num_layers"] == 7 * BLOCKS + 2  # the summary is still over every layer
@@ -187,5 +191,5 @@ def test_safetensors_order_is_the_module_order(family):
 def test_safetensors_table_lists_layers_like_the_checkpoint(checkpoints, capsys, monkeypatch):
     ckpt = table_parts(analyze(capsys, monkeypatch, checkpoints / "llama.ckpt", "--columns", "alpha"))[1]
     st = table_parts(analyze(capsys, monkeypatch, checkpoints / "llama.safetensors", "--columns", "alpha"))[1]
-    assert [r[0] for r in ckpt] == ["model." + r[0] for r in st]  # the LightningModule's attribute, then the same
+    assert [r[0] for r in ckpt] == [r[0] for r in st]  # the same layers, shown without their wrapper prefixes
     assert [r[1] for r in ckpt] == [r[1] for r in st]

@@ -22,6 +22,7 @@ import textwrap
 from typing import Sequence
 
 from ..errors import WWMonitorError
+from .display_names import display_name_map
 
 __all__ = ["TABLE_COLUMNS", "OPTION_COLUMNS", "KEEP_PRIORITY", "table_columns", "check_column", "parse_columns",
            "select_rows", "format_table", "terminal_width"]
@@ -188,13 +189,18 @@ def format_table(report, *, width: int | None = None, columns: list[str] | None 
     default = table_columns(report.to_dicts())
     shown = default if columns is None or columns == ["all"] else columns
     cells: dict[str, list[str]] = {c: [c] for c in shown}
+    # Displayed names leave out the wrapper prefix (``model.model.``...): one rule for every view.
+    every = [d["name"] for d in dicts] + [a for d in dicts for a in d["aliases"]] + [s.name for s in report.skipped]
+    short = display_name_map(every)
     for layer in dicts:
-        name = layer["name"]
+        name = short[layer["name"]]
         if layer["aliases"]:  # a tied weight, analysed once: name its other owners too
-            name += f" (= {', '.join(layer['aliases'])})"
+            name += f" (= {', '.join(short[a] for a in layer['aliases'])})"
         for c in shown:
             cells[c].append(name if c == "name" else _fmt(layer.get(c)))
     notes = [note] if note else []
+    if any(short[n] != n for n in every):
+        notes.append("layer names without their wrapper prefix (model., module., ...); --format csv has them whole")
     if width is not None and columns is None:
         shown, dropped = _fit(shown, cells, width)
         if dropped:
@@ -214,7 +220,7 @@ def format_table(report, *, width: int | None = None, columns: list[str] | None 
         lines.append("")
         lines.append(f"skipped {len(report.skipped)} layer(s):")
         for s in report.skipped:
-            lines.extend(_wrap(f"  {s.name} {list(s.shape)}: {s.reason}", width, indent="    "))
+            lines.extend(_wrap(f"  {short[s.name]} {list(s.shape)}: {s.reason}", width, indent="    "))
     summary = report.summary()
     lines.append("")
     lines.extend(_wrap("summary: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.items()), width, indent="  "))
