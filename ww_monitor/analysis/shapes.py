@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, WWMonitorError
-from .loading import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, _load_file, checkpoint_files, natural_key
+from .loading import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, _load_file, checkpoint_files
+from .model_order import model_order_key
 
 __all__ = ["load_shapes", "meta_model_from_config", "meta_state_dict", "CONFIG_NAME"]
 
@@ -140,7 +141,7 @@ def _safetensors_shapes(p: Path) -> dict[str, torch.Tensor]:
     out = {}
     try:
         with safe_open(str(p), framework="pt") as f:
-            for key in sorted(f.keys(), key=natural_key):
+            for key in sorted(f.keys(), key=model_order_key):  # the order the analysis lists them in
                 part = f.get_slice(key)
                 name = part.get_dtype()
                 dtype = _SAFETENSORS_DTYPES.get(name)
