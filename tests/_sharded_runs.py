@@ -337,9 +337,7 @@ def run_monitor(strategy, model, optimizer, replica, options, rank, out) -> dict
 
 
 def run(rank: int, world: int, port: int, out: str, strategies: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    start_group(rank, world, port)
     from ww_monitor.analysis.analyze import AnalysisConfig
 
     options = dict(blocking=True, figures_every_n_snapshots=None, peft="with_base", alerts=False, max_overhead=None)
@@ -349,11 +347,7 @@ def run(rank: int, world: int, port: int, out: str, strategies: list[str]) -> No
         t0 = time.perf_counter()
         try:
             if strategy == "zero3":
-                import deepspeed  # noqa: F401
-                import deepspeed.ops
-
-                # gloo collectives; skip JIT-compiling DeepSpeed's shared-memory op (needs a compiler)
-                deepspeed.ops.__compatible_ops__ = {}
+                deepspeed_on_cpu()
             replica = build(strategy)
             model, optimizer = shard(strategy, build(strategy), world)
             report["collect"] = check_collect(strategy, model, replica, config, rank, world)
@@ -366,16 +360,37 @@ def run(rank: int, world: int, port: int, out: str, strategies: list[str]) -> No
         with open(os.path.join(out, f"{strategy}.rank{rank}.json"), "w") as f:
             json.dump(report, f)
         dist.barrier()
-    # Gloo aborts a process whose peer tears down with transfers in flight: meet first.
-    dist.barrier()
+    end_group()
+
+
+def deepspeed_on_cpu() -> None:
+    """DeepSpeed with gloo collectives, without JIT-compiling its shared-memory op (needs a compiler)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {}
+
+
+def start_group(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def end_group() -> None:
+    dist.barrier()  # gloo aborts a process whose peer tears down with transfers in flight: meet first
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def spawn(run, names) -> None:
+    """``python SCRIPT OUT [name,name...]``: ``run(rank, 2, port, OUT, names)`` on 2 processes."""
     out_dir = sys.argv[1]
-    which = sys.argv[2].split(",") if len(sys.argv) > 2 else list(STRATEGIES)
+    which = sys.argv[2].split(",") if len(sys.argv) > 2 else list(names)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     free_port = s.getsockname()[1]
     s.close()
     mp.spawn(run, args=(2, free_port, out_dir, which), nprocs=2)
+
+
+if __name__ == "__main__":
+    spawn(run, STRATEGIES)

@@ -1,7 +1,7 @@
 """The plain-loop and Hugging Face balancers under ``torchrun --nproc_per_node 2`` (gloo, CPU): rank 0
-computes, every rank applies the same factors; a collective weight source (the hook a sharded
-strategy replaces) is read by every rank in step; an FSDP2 model is left alone with a warning.
-One torchrun runs all parts."""
+computes, every rank applies the same factors; a collective weight source (what a sharded model
+gets) is read by every rank in step, each rank decomposing the matrices it yields to that rank.
+One torchrun runs all parts (sharded models: tests/test_balancing_sharded.py)."""
 
 import json
 import os
@@ -21,7 +21,6 @@ SCRIPT = textwrap.dedent('''
     from torch import nn
     sys.path.insert(0, {tests!r})
     import transformers
-    import ww_monitor.balancing.core as core
     from ww_monitor.balancing import hill_alpha
     from ww_monitor.balancing.loop import TempBalance
     from ww_monitor.huggingface import TempBalance as HFTempBalance
@@ -30,25 +29,24 @@ SCRIPT = textwrap.dedent('''
     out = sys.argv[1]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if rank != 0:  # only rank 0 may decompose: any other rank that tries fails loudly
-        def refuse(*args, **kwargs):
-            raise AssertionError("a rank other than 0 computed the factors")
-        core.own_alphas = refuse
 
     class Gathering:
         """A collective weight source, one layer at a time (as a sharded gather is): each read is
-        an all_reduce, so a rank that did not read along would hang rank 0."""
+        an all_reduce, so a rank that did not read along would hang the others; each matrix is
+        yielded to one rank (round robin), which decomposes it."""
         collective = True
 
         def __init__(self):
-            self.reads = 0
+            self.reads, self.mine = 0, []
 
         def __call__(self, matrices):
-            for m in matrices:
+            for i, m in enumerate(matrices):
                 w = m.weight.detach().clone()
                 dist.all_reduce(w)
                 self.reads += 1
-                yield [(m, w / world)]
+                if i % world == rank:
+                    self.mine.append(m.name)
+                    yield [(m, w / world)]
 
     # plain loop: DDP model, per-rank data, StepLR
     torch.manual_seed(0)
@@ -75,28 +73,8 @@ SCRIPT = textwrap.dedent('''
         oracle = [hill_alpha(torch.linalg.svdvals(m.weight.double()).square().numpy())
                   for m in net if isinstance(m, nn.Linear)]
     loop = {{"history": tb.history.state_dict(), "seen": seen, "layers": tb.group_layers(), "reads": source.reads,
-             "failures": tb.stats["failures"], "weights": [float(p.sum()) for p in net.parameters()],
-             "oracle": oracle}}
-
-    # FSDP2 (fully_shard: DTensor parameters): not balanced yet, so the balancer says so and stays off
-    import warnings
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    sharded = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    fully_shard(sharded)
-    opt = torch.optim.SGD(sharded.parameters(), lr=0.1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        off = TempBalance(every_n_epochs=None, every_n_train_steps=1).attach(sharded, opt)
-        for step in range(1, 3):
-            sharded(torch.randn(4, 32)).sum().backward()
-            opt.step()
-            opt.zero_grad()
-            off.step(step)
-        off.close()
-    fsdp2 = {{"warnings": [str(w.message) for w in caught if "sharded" in str(w.message)], "updates": len(off.history),
-              "groups": len(opt.param_groups)}}
+             "mine": source.mine, "failures": tb.stats["failures"],
+             "weights": [float(p.sum()) for p in net.parameters()], "oracle": oracle}}
 
     # Hugging Face Trainer (accelerate uses the process group above)
     probe_seen = []
@@ -123,7 +101,7 @@ SCRIPT = textwrap.dedent('''
     huggingface = {{"history": hf.history.state_dict(), "seen": probe_seen, "layers": hf.group_layers(),
                    "failures": hf.stats["failures"], "ref": ref}}
     with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
-        json.dump({{"loop": loop, "hf": huggingface, "fsdp2": fsdp2}}, f)
+        json.dump({{"loop": loop, "hf": huggingface}}, f)
 ''')
 
 
@@ -149,8 +127,10 @@ def test_plain_loop_two_ranks_apply_rank_zeros_factors(ranks):
     assert [r["step"] for r in records] == [0, 3, 6, 9]
     assert r0["history"] == r1["history"] and r0["failures"] == r1["failures"] == 0
     assert r0["layers"] == r1["layers"] == ["0", "2", "4", "6", "8"]  # DDP's "module." is not part of the names
-    # every rank read every layer's weight at every update, in step (5 layers x 4 updates)
+    # every rank read every layer's weight at every update, in step (5 layers x 4 updates), and
+    # decomposed the ones yielded to it (3 and 2 of the 5 at each update)
     assert r0["reads"] == r1["reads"] == 5 * 4
+    assert r0["mine"] == ["0", "4", "8"] * 4 and r1["mine"] == ["2", "6"] * 4
     assert any(f != 1.0 for r in records for f in r["factors"])
     assert records[-1]["alphas"] == pytest.approx(r0["oracle"], rel=1e-6)  # the gathered weights, decomposed
     assert r0["seen"] == r1["seen"] and len(r0["seen"]) == 9
@@ -171,10 +151,3 @@ def test_huggingface_two_ranks_apply_rank_zeros_factors(ranks):
         factors = dict(zip(*[factors_at(records, step)[k] for k in ("layers", "factors")]))
         assert lrs == pytest.approx([factors.get(n, 1.0) * r0["ref"][step] for n in r0["layers"]], rel=1e-12,
                                     abs=1e-18)
-
-
-def test_fsdp2_model_is_left_alone_with_a_warning(ranks):
-    r0, r1 = (r["fsdp2"] for r in ranks)
-    assert len(r0["warnings"]) == 1 and "DTensor parameters (FSDP2" in r0["warnings"][0]
-    assert r1["warnings"] == []  # warned on rank 0 only
-    assert r0["updates"] == r1["updates"] == 0 and r0["groups"] == r1["groups"] == 1

@@ -12,17 +12,12 @@ never touched.
 
 from __future__ import annotations
 
-from ..core.hooks import rank_zero_warn
 from ..errors import WWMonitorError
 from ..integrations.lightning_callback import WeightWatcherMixin
 from ..monitoring.distributed import LightningCollectives
 from .core import SCALES, SpectralBalancerCore
 
 __all__ = ["SpectralBalancerMixin", "SCALES"]
-
-#: Strategies whose modules hold sharded flat parameters: per-layer groups are not formed there yet.
-_SHARDED_STRATEGIES = ("FSDP", "DeepSpeed")
-
 
 class SpectralBalancerMixin(SpectralBalancerCore):
     """Lightning callback. Example::
@@ -44,11 +39,11 @@ class SpectralBalancerMixin(SpectralBalancerCore):
               init_args: {every_n_epochs: 1}
 
     Put it after a :class:`~ww_monitor.WeightWatcherCallback` to reuse its analysis. The factors go
-    to the trainer's loggers; ``LearningRateMonitor`` shows the schedule. Under the FSDP and
-    DeepSpeed strategies it warns and stays off.
+    to the trainer's loggers; ``LearningRateMonitor`` shows the schedule. Sharded models
+    (``FSDPStrategy``, ``ModelParallelStrategy``) are balanced with full weights gathered one layer
+    at a time (:mod:`.sharded`); ``DeepSpeedStrategy`` raises a ``WWMonitorError`` at train start
+    (its optimizer steps flattened groups).
     """
-
-    _disabled = False
 
     @property
     def state_key(self) -> str:
@@ -62,20 +57,14 @@ class SpectralBalancerMixin(SpectralBalancerCore):
                                  "AlphaDecay for 'weight_decay').")
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        strategy = type(trainer.strategy).__name__
-        self._disabled = any(s in strategy for s in _SHARDED_STRATEGIES)
-        if self._disabled:
-            rank_zero_warn(f"{type(self).__name__}: the {strategy} strategy shards parameters, so per-layer param groups "
-                           "cannot be formed; balancing is off for this run.", RuntimeWarning)
-        elif not self._restored:  # (a checkpoint's state is loaded before this hook)
+        if not self._restored:  # (a checkpoint's state is loaded before this hook)
             self._new_run()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self._disabled or getattr(trainer, "sanity_checking", False):
+        if getattr(trainer, "sanity_checking", False):
             return
-        if not self._attach(pl_module, trainer.optimizers, LightningCollectives(trainer.strategy),
-                            trainer.global_rank, trainer.world_size):
-            return
+        self._attach(pl_module, trainer.optimizers, LightningCollectives(trainer.strategy), trainer.global_rank,
+                     trainer.world_size, root=getattr(trainer.strategy, "model", None))
         if self.at_train_start and not len(self.history):
             self._lightning_update(trainer, pl_module)
 

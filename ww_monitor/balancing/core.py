@@ -3,13 +3,17 @@
 :class:`SpectralBalancerCore` holds what a balancer decides and keeps, and three operations the
 front doors call at their own events:
 
-* ``_attach(model, optimizers, collectives, rank, world)``: find the balanced layers and hook
-  each optimizer's step (:class:`~ww_monitor.balancing.groups.StepScaler`); ``_detach()``.
-* ``_update(model, step, epoch, monitor, loggers)``: rank 0 estimates the alphas (from a monitor's
-  latest completed snapshot when one is given, else from the weights through
-  :attr:`~SpectralBalancerCore.weight_source`), maps them to factors, and every rank applies
-  rank 0's (identical factors under DDP); logged as ``ww/balance/<layer>`` and
-  ``ww/balance_alpha/<layer>`` (weight decay: ``ww/balance_wd/...``, ``ww/balance_wd_alpha/...``).
+* ``_attach(model, optimizers, collectives, rank, world, root)``: find the balanced layers and hook
+  each optimizer's step (:class:`~ww_monitor.balancing.groups.StepScaler`); ``_detach()``. A
+  sharded model (FSDP1 ``use_orig_params=True``, FSDP2 / DTensor) gets a weight source that
+  gathers one layer at a time (:mod:`.sharded`); a strategy that cannot have per-layer groups
+  (DeepSpeed ZeRO) raises a ``WWMonitorError`` here.
+* ``_update(model, step, epoch, monitor, loggers)``: the alphas (from a monitor's latest
+  completed snapshot when one is given, else from the weights through the weight source: rank 0
+  alone, or, with a collective source, every rank its share, gathered), mapped to factors on
+  rank 0, and every rank applies rank 0's (identical factors under DDP and sharding); logged as
+  ``ww/balance/<layer>`` and ``ww/balance_alpha/<layer>`` (weight decay: ``ww/balance_wd/...``,
+  ``ww/balance_wd_alpha/...``).
 * ``state_dict()`` / ``load_state_dict()``: factors and history, for resume.
 
 The math is in :mod:`ww_monitor.functional.balancing` and :mod:`ww_monitor.functional.hill`,
@@ -36,10 +40,12 @@ from ..functional.balancing import MAPPINGS, SIGMOID_SCALES, SIGMOID_TEMPERATURE
 from ..functional.hill import DEFAULT_XMIN_POS
 from ..monitoring.distributed import Collectives, TorchCollectives
 from ..validation import check_bool, check_int, check_keywords, check_number, keyword_parameters
-from .estimate import ESTIMATORS, MIN_BALANCE_EVALS, LocalWeights, WeightSource, monitor_alphas, own_alphas, \
-    read_weights, unit_alphas
-from .groups import BALANCE_KINDS, StepScaler, check_optimizer, find_units, sharded_by
+from ..monitoring.sharding import stand_in_view
+from .estimate import ESTIMATORS, MIN_BALANCE_EVALS, EsdAlpha, LocalWeights, WeightSource, gathered_alphas, \
+    monitor_alphas, own_alphas, unit_alphas
+from .groups import BALANCE_KINDS, StepScaler, check_optimizer, find_units
 from .records import BalanceHistory, BalanceRecord
+from .sharded import ShardedWeights, check_strategy
 
 __all__ = ["SpectralBalancerCore", "SCALES", "TAGS", "STATE_VERSION"]
 
@@ -190,9 +196,12 @@ class SpectralBalancerCore:
         #: Every update (:class:`~ww_monitor.balancing.records.BalanceHistory`).
         self.history = BalanceHistory()
         self.stats: dict[str, Any] = {"updates": 0, "failures": 0, "seconds": 0.0}
-        #: How the weights are read for the alphas (see :mod:`.estimate`); a sharded strategy
-        #: replaces it with a source that gathers one layer's full weight at a time.
+        #: How the weights are read for the alphas (see :mod:`.estimate`). For a sharded model the
+        #: default is replaced at attach by one that gathers one layer at a time (:mod:`.sharded`).
         self.weight_source: WeightSource = LocalWeights()
+        self._source: WeightSource = self.weight_source  # the one in use this run
+        self._root = None  # the strategy-wrapped model (FSDP1 units), when the front door knows it
+        self._sharding: str | None = None
         self._scalers: list[StepScaler] = []  # of the current (or last) run: kept for group_layers()
         self._attached = False
         self._collectives: Collectives = TorchCollectives()
@@ -247,18 +256,18 @@ class SpectralBalancerCore:
             log.info("%s: a new run: starting with factor 1 and an empty history.", type(self).__name__)
         self.factors, self.history, self._last_step, self._monitor_step = {}, BalanceHistory(), None, None
 
-    def _attach(self, model, optimizers: Sequence, collectives: Collectives, rank: int, world: int) -> bool:
+    def _attach(self, model, optimizers: Sequence, collectives: Collectives, rank: int, world: int,
+                root=None) -> None:
         """Hook each optimizer's step with the per-layer groups of ``model``'s balanced layers.
-        Returns False (warned, balancing off) when the parameters are sharded and the weight source
-        cannot read full weights."""
+        ``root``: the strategy-wrapped model where it is not ``model`` (FSDP1 units are looked up
+        there). Raises a ``WWMonitorError`` where the strategy cannot have per-layer groups."""
         self._detach()
-        sharding = sharded_by(model) if not getattr(self.weight_source, "collective", False) else None
-        if sharding is not None:
-            rank_zero_warn(f"{type(self).__name__}: the model's parameters are sharded ({sharding}); per-layer "
-                           "balancing of sharded models is not supported yet, so balancing is off for this run.",
-                           RuntimeWarning)
-            return False
-        units = find_units(model, self.include, self.exclude, self.kinds, self.follow_norms)
+        self._root, self._rank, self._world = root, int(rank), int(world)
+        self._sharding = check_strategy(type(self).__name__, model, optimizers, root)
+        self._source = self.weight_source
+        if self._sharding is not None and isinstance(self.weight_source, LocalWeights):
+            self._source = ShardedWeights(model, self._sharding, rank, world, root)
+        units = self._find_units(model)
         if not units:
             rank_zero_warn(f"{type(self).__name__}: no layer matches the selection (include/exclude/kinds); nothing "
                            "is balanced.", RuntimeWarning)
@@ -266,13 +275,12 @@ class SpectralBalancerCore:
             check_optimizer(optimizer, self.scale, i)
         self._scalers = [StepScaler(opt, units, self.scale, lambda: self.factors) for opt in optimizers]
         if units and not any(s.owned() for s in self._scalers):
-            rank_zero_warn(f"{type(self).__name__}: none of the optimizer's parameters belongs to a balanced layer (a "
-                           "flat-parameter wrapper such as FSDP with use_orig_params=False, or an optimizer over other "
-                           "parameters); nothing is balanced.", RuntimeWarning)
-        self._collectives, self._rank, self._world = collectives, int(rank), int(world)
+            rank_zero_warn(f"{type(self).__name__}: none of the optimizer's parameters belongs to a balanced layer (an "
+                           "optimizer over other parameters, or a wrapper that hands it copies); nothing is balanced.",
+                           RuntimeWarning)
+        self._collectives = collectives
         self._restored = False
         self._attached = True
-        return True
 
     def _detach(self) -> None:
         for s in self._scalers:  # the factors stop applying; the optimizer has its own groups
@@ -306,23 +314,29 @@ class SpectralBalancerCore:
         return record
 
     # ------------------------------------------------------------------ internals
+    def _find_units(self, model):
+        """The balanced units; a sharded model's are found on its stand-in view (full shapes)."""
+        view = stand_in_view(model, self._root) if self._sharding is not None else None
+        return find_units(model, self.include, self.exclude, self.kinds, self.follow_norms, view=view)
+
     def _compute(self, model, step: int, epoch: int, monitor) -> BalanceRecord | None:
         """Rank 0: the record of this update (None: the monitor has nothing newer). Other ranks:
-        None, after reading the weights along with rank 0 when the weight source is collective."""
-        units = find_units(model, self.include, self.exclude, self.kinds, self.follow_norms)
+        None, after decomposing their share of the weights when the weight source is collective."""
+        units = self._find_units(model)
         latest = getattr(monitor, "latest_results", None) if monitor is not None else None
         if self._rank == 0 and latest is not None and not self._covers(units, latest[1]):
             latest = None  # (warned) the monitor watches other layers: decompose here instead
-        collective = getattr(self.weight_source, "collective", False) and self._world > 1
-        if collective:  # every rank reads the weights exactly when rank 0 decomposes them
-            reads = self._collectives.broadcast_object(latest is None, self._world)
+        esds: list[EsdAlpha] | None = None
+        if getattr(self._source, "collective", False) and self._world > 1:
+            # rank 0 decides; then every rank reads in step, each decomposing what the source yields it
+            if self._collectives.broadcast_object(latest is None, self._world):
+                esds = gathered_alphas(units, self.estimator, self.xmin_pos, self.min_evals, self._source,
+                                       self._collectives, self._rank, self._world)
             if self._rank != 0:
-                if reads:
-                    read_weights(units, self.weight_source)
                 return None
         elif self._rank != 0:
             return None
-        if latest is not None:
+        if esds is None and latest is not None:
             snap_step, results = latest
             if snap_step == self._monitor_step:
                 return None
@@ -330,7 +344,8 @@ class SpectralBalancerCore:
             esds = monitor_alphas(results, self.estimator, self.xmin_pos, self.min_evals)
             source = f"monitor:{self.estimator}@{snap_step}"
         else:
-            esds = own_alphas(units, self.estimator, self.xmin_pos, self.min_evals, weights=self.weight_source)
+            if esds is None:
+                esds = own_alphas(units, self.estimator, self.xmin_pos, self.min_evals, weights=self._source)
             source = self.estimator
         alphas, reliable = unit_alphas(units, esds)
         n = len(units)

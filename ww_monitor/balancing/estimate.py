@@ -12,10 +12,10 @@ Computed here, the eigenvalues are those of the Gram matrix W^T W in float64
 (:func:`ww_monitor.functional.eigenvalues.batched_eigenvalues`, ``eigvalsh``; conv kernels pooled
 over kernel positions with each slice scaled by sqrt(1/2), as weightwatcher and TempBalance do).
 The weights are read through a *weight source* (:class:`LocalWeights` by default: each matrix
-as this process holds it, all in one batch). A sharded strategy replaces it with one that
-materialises each layer's full weight in turn (FSDP2: ``DTensor.full_tensor()``; FSDP1:
-``summon_full_params`` per unit) and marks itself ``collective``: every rank then iterates it in
-step (the balancer arranges that), and only rank 0 decomposes.
+as this process holds it, all in one batch; rank 0 alone decomposes). A sharded model's source
+(:class:`~ww_monitor.balancing.sharded.ShardedWeights`) materialises one layer's full weights
+at a time and marks itself ``collective``: every rank then iterates it in step, decomposes what
+it yields to that rank (its share), and the alphas are gathered (:func:`gathered_alphas`).
 
 A unit whose ESD has fewer than ``min_evals`` eigenvalues, or whose fit failed, is *unreliable*
 and keeps factor 1. A unit with several ESDs (attention q/k/v, RNN gates) gets the mean alpha of
@@ -39,7 +39,7 @@ from ..analysis.layers import LayerMatrix
 from .groups import Unit
 
 __all__ = ["ESTIMATORS", "MIN_BALANCE_EVALS", "EsdAlpha", "WeightSource", "LocalWeights", "own_alphas",
-           "read_weights", "monitor_alphas", "unit_alphas"]
+           "gathered_alphas", "monitor_alphas", "unit_alphas"]
 
 ESTIMATORS = ("hill_median", "ww")
 
@@ -63,10 +63,11 @@ WeightBatch = list[tuple[LayerMatrix, torch.Tensor]]
 
 
 class WeightSource(Protocol):
-    """Yields the full weight of every given matrix, in batches that are decomposed together."""
+    """Yields the full weight of the given matrices, in batches that are decomposed together."""
 
-    #: True when reading is a collective (gathering shards): every rank must iterate the source
-    #: together, in the same order, whichever rank decomposes.
+    #: True when reading is a collective (gathering shards): every rank iterates the source
+    #: together, in the same order, and gets the matrices it decomposes (each matrix on one rank,
+    #: or on several: the first rank's alpha counts). False: every matrix, on rank 0 alone.
     collective: bool
 
     def __call__(self, matrices: Sequence[LayerMatrix]) -> Iterator[WeightBatch]: ...
@@ -112,6 +113,7 @@ def own_alphas(units: Sequence[Unit], estimator: str, xmin_pos: float, min_evals
                 for (m, w), ev in zip(batch, evals):
                     n, k = max(w.shape[-2:]), min(w.shape[-2:])
                     out.append(_esd_alpha(m.name, ev * m.eig_scale, estimator, xmin_pos, min_evals, n, k, m.precision))
+                batch = w = None  # a gathered full weight must not outlive its layer
         except Exception:
             if getattr(source, "collective", False):  # keep reading along with the other ranks, then fail
                 for _ in batches:
@@ -120,12 +122,25 @@ def own_alphas(units: Sequence[Unit], estimator: str, xmin_pos: float, min_evals
     return out
 
 
-def read_weights(units: Sequence[Unit], weights: WeightSource) -> None:
-    """Iterate ``weights`` without decomposing: what the other ranks do while rank 0 runs
-    :func:`own_alphas` with a collective source."""
-    with torch.no_grad():
-        for _ in weights(_matrices(units)):
-            pass
+def gathered_alphas(units: Sequence[Unit], estimator: str, xmin_pos: float, min_evals: int, weights: WeightSource,
+                    collectives, rank: int, world: int) -> list[EsdAlpha]:
+    """Every rank (a collective ``weights``): :func:`own_alphas` of what the source yields this rank,
+    gathered from every rank over ``collectives`` (``all_gather_object``). A failure on any rank
+    raises on every rank, after the gather, so no rank is left waiting."""
+    esds, error = [], None
+    try:
+        esds = own_alphas(units, estimator, xmin_pos, min_evals, weights=weights)
+    except Exception as err:  # reported after the gather, which every rank must reach
+        error = f"rank {rank}: {type(err).__name__}: {err}"
+    parts = collectives.all_gather_object((esds, error), world)
+    errors = [e for _, e in parts if e is not None]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    merged: dict[str, EsdAlpha] = {}
+    for part, _ in parts:
+        for e in part:
+            merged.setdefault(e.name, e)
+    return list(merged.values())
 
 
 def monitor_alphas(results, estimator: str, xmin_pos: float, min_evals: int) -> list[EsdAlpha]:

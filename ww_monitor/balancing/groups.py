@@ -39,7 +39,7 @@ from ..analysis.layers import LayerMatrix, LayerSelection, clean_name, matrices_
 from ..monitoring.distributed import strip_wrapper_names
 
 __all__ = ["Unit", "find_units", "layer_plan", "split_param_groups", "expand_schedulers", "StepScaler",
-           "unwrap_optimizer", "check_optimizer", "sharded_by", "BALANCE_KINDS", "NORM_TYPES"]
+           "unwrap_optimizer", "check_optimizer", "BALANCE_KINDS", "NORM_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,17 @@ class Unit:
 
 
 def find_units(model: nn.Module, include=None, exclude=None, kinds: Sequence[str] | None = BALANCE_KINDS,
-               follow_norms: bool = True) -> list[Unit]:
+               follow_norms: bool = True, view: nn.Module | None = None) -> list[Unit]:
     """The balanced units of ``model`` in registration order (see the module docstring), named
     as the monitor names its layers (wrapper segments such as DDP's ``module.``, Fabric's
-    ``_forward_module.`` or activation checkpointing's removed), so a monitor's results match."""
+    ``_forward_module.`` or activation checkpointing's removed), so a monitor's results match.
+    ``view``: where the layers' weights are read instead (a sharded model's
+    :func:`~ww_monitor.monitoring.sharding.stand_in_view`: full shapes, no data); the parameters
+    each unit steers are always ``model``'s own, found by the same names."""
     selection = LayerSelection.build(include, exclude, kinds)
     modules = {_name(raw): m for raw, m in model.named_modules()}
     units: dict[str, Unit] = {}
-    for raw, kind, item in matrices_from_module(model, "pooled"):
+    for raw, kind, item in matrices_from_module(view if view is not None else model, "pooled"):
         name = strip_wrapper_names(raw)
         if isinstance(item, str) or selection.why_not(name, kind) is not None:
             continue
@@ -328,27 +331,6 @@ def _same(a, b) -> bool:
         return bool(a == b) if not isinstance(a, torch.Tensor) else bool(torch.equal(a, b))
     except Exception:  # values that cannot be compared are treated as different
         return False
-
-
-def sharded_by(model: nn.Module) -> str | None:
-    """What shards ``model``'s parameters, if anything: then the weights a rank holds are not the
-    layers' weights (the alphas need a gathering weight source, see :mod:`.estimate`)."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch built without distributed
-        FullyShardedDataParallel = ()
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()
-    if FullyShardedDataParallel and any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        return "FSDP"
-    for p in model.parameters():
-        if DTensor and isinstance(p, DTensor):
-            return "DTensor parameters (FSDP2 fully_shard, tensor parallel)"
-        if hasattr(p, "ds_id"):  # DeepSpeed ZeRO-3 partitions parameters and tags them
-            return "DeepSpeed ZeRO-3"
-    return None
 
 
 def check_optimizer(optimizer, key: str, index: int) -> None:

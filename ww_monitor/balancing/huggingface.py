@@ -40,8 +40,6 @@ STATE_FILE = "ww_monitor_balance_{scale}.pt"
 #: How far up the stack the Trainer's ``CallbackHandler.call_event`` is from our event method
 #: (it calls us directly; one more level tolerates a wrapper).
 _HANDLER_FRAMES = 3
-#: Environment switches with which ``accelerate launch`` shards the model (FSDP, DeepSpeed).
-_SHARDING_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
 
 
 def _calling_handler(callback) -> CallbackHandler | None:
@@ -81,8 +79,10 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
 
     Put it after a ``ww_monitor.huggingface.WeightWatcherCallback`` to reuse its analysis. The
     factors go to the ``report_to`` integrations (TensorBoard: ``train/ww/balance/<layer>``); the
-    Trainer's logged ``learning_rate`` is the schedule's. Under FSDP or DeepSpeed it warns and
-    stays off.
+    Trainer's logged ``learning_rate`` is the schedule's. Under FSDP (the Trainer hands its
+    callbacks the wrapped model) the full weights are gathered one layer at a time; under
+    DeepSpeed ZeRO it raises a ``WWMonitorError`` at train start (see
+    :mod:`ww_monitor.balancing.sharded`).
     """
 
     _monitor = None
@@ -97,11 +97,6 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
         if len(same) > 1:
             raise WWMonitorError(f"{len(same)} balancers scale {self.scale!r} ({', '.join(type(c).__name__ for c in same)});"
                                  " their factors would multiply. Use one per setting.")
-        if (getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)
-                or any(os.environ.get(v, "").lower() == "true" for v in _SHARDING_ENV)):
-            rank_zero_warn(f"{name}: FSDP/DeepSpeed shard the parameters, so per-layer param groups cannot be formed; "
-                           "balancing is off for this run.", RuntimeWarning)
-            return control
         if optimizer is None or model is None:
             raise WWMonitorError(f"{name}: the Trainer gave no model or optimizer at on_train_begin.")
         if state.global_step > 0:
@@ -112,8 +107,7 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
                              None)
         classes = tuple(_reporting_callbacks())
         self._reporters = [c for c in callbacks if classes and isinstance(c, classes)]
-        if not self._attach(model, [optimizer], TorchCollectives(), *_rank_and_world()):
-            return control
+        self._attach(model, [optimizer], TorchCollectives(), *_rank_and_world())
         if self.at_train_start and not len(self.history):
             self._hf_update(args, state, control, model, int(round(state.epoch or 0)))
         return control

@@ -56,7 +56,10 @@ class LoopBalancerMixin(SpectralBalancerCore):
     ``monitor.step(model, 0)`` before ``attach`` to share the baseline too, and ``monitor.step``
     before ``balancer.step`` at each step); the factors then go to the monitor's sinks unless
     ``sinks`` is given. Under ``torch.distributed`` every rank makes the same calls: rank 0
-    computes, every rank applies the same factors.
+    computes, every rank applies the same factors. A sharded model (FSDP with
+    ``use_orig_params=True``: attach the ``FullyShardedDataParallel`` model; FSDP2
+    ``fully_shard``) is balanced with full weights gathered one layer at a time, each rank
+    decomposing its share; DeepSpeed ZeRO raises a ``WWMonitorError`` (see :mod:`.sharded`).
     """
 
     _sinks: list = []
@@ -64,7 +67,6 @@ class LoopBalancerMixin(SpectralBalancerCore):
     _step: int | None = None
     _epoch = 0
     _epoch_ends = 0
-    _off = False  # attached to a model it cannot balance (sharded parameters)
 
     def attach(self, model: nn.Module, optimizer, monitor: MonitorEngine | None = None, sinks=None):
         """Bind to ``model`` and ``optimizer`` (or a list of optimizers) before the first step, and
@@ -81,9 +83,7 @@ class LoopBalancerMixin(SpectralBalancerCore):
         restored = self._restored
         self._sinks = as_sinks(sinks) if sinks is not None else (list(monitor.sinks) if monitor is not None else [])
         self._monitor, self._model = monitor, model
-        self._off = not self._attach(model, optimizers, TorchCollectives(), *_rank_and_world())
-        if self._off:  # (warned) step / epoch_end do nothing
-            return self
+        self._attach(model, optimizers, TorchCollectives(), *_rank_and_world())
         if not restored:
             self._new_run()
         self._step = self._last_step
@@ -96,8 +96,7 @@ class LoopBalancerMixin(SpectralBalancerCore):
         """Call after each optimizer step with the number of steps done (every rank alike):
         updates the factors when ``every_n_train_steps`` is due."""
         check_int("step", step, 0, owner=type(self).__name__)
-        if self._check_attached("step"):
-            return
+        self._check_attached("step")
         self._step = step
         n = self.every_n_train_steps
         if n and step % n == 0 and step != self._last_step:
@@ -107,8 +106,7 @@ class LoopBalancerMixin(SpectralBalancerCore):
         """Call at the end of each epoch with the number of epochs done (1 after the first):
         updates the factors when ``every_n_epochs`` is due."""
         check_int("epoch", epoch, 1, owner=type(self).__name__)
-        if self._check_attached("epoch_end"):
-            return
+        self._check_attached("epoch_end")
         self._epoch, self._epoch_ends = epoch, self._epoch_ends + 1
         n = self.every_n_epochs
         step = self._step or 0
@@ -132,13 +130,9 @@ class LoopBalancerMixin(SpectralBalancerCore):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _check_attached(self, call: str) -> bool:
-        """True when balancing is off for this run (the call does nothing); raises before attach."""
-        if self._off:
-            return True
+    def _check_attached(self, call: str) -> None:
         if not self._attached:
             raise WWMonitorError(f"{type(self).__name__}: call attach(model, optimizer) before {call}().")
-        return False
 
     def _loop_update(self, step: int) -> None:
         self._update(self._model, step, self._epoch, monitor=self._monitor, loggers=self._sinks)

@@ -42,7 +42,8 @@ from ..analysis.analyze import AnalysisConfig, select_matrices
 from ..analysis.layers import LayerMatrix
 from ..analysis.results import SkippedLayer
 from .model_view import without_wrappers
-from .sharded import has_sharded_parameters, iter_full_matrices, plan_sharded
+from .sharded import iter_full_matrices, plan_sharded
+from .sharding import FSDP1, sharding_of
 from .snapshot import SnapshotBuilder
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "matrix_cost",
     "parallelism",
     "collect_into",
+    "fsdp_views",
     "strip_wrapper_names",
 ]
 
@@ -171,11 +173,9 @@ def assign_owners(costs: Sequence[float], world_size: int, loads: list[float] | 
 
 def parallelism(root: nn.Module | None, module: nn.Module) -> str:
     """``"fsdp"`` (FSDP1 units), ``"sharded"`` (DTensor or DeepSpeed ZeRO-3 parameters: FSDP2,
-    tensor parallel, ZeRO-3; see :mod:`.sharded`) or ``"plain"``."""
-    for m in (root or module).modules():
-        if type(m).__name__ == "FullyShardedDataParallel":
-            return "fsdp"
-    return "sharded" if has_sharded_parameters(module) else "plain"
+    tensor parallel, ZeRO-3; see :mod:`.sharded`) or ``"plain"`` (:func:`.sharding.sharding_of`)."""
+    kind = sharding_of(module, root)
+    return "plain" if kind is None else "fsdp" if kind == FSDP1 else "sharded"
 
 
 def _rename(matrices: list[LayerMatrix], skipped: list[SkippedLayer]) -> tuple[list[LayerMatrix], list[SkippedLayer]]:
@@ -263,23 +263,29 @@ def _weights_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _collect_groups(groups, builder, module, config, rank, world, loads, owners, carry=None):
-    """For each context manager in ``groups`` (materialising some parameters), add the newly
-    visible full matrices. Matrices already seen (parameters no wrapper manages) count once."""
+def _collect_fsdp(builder, module, root, config, rank, world, loads, owners, carry=None):
+    """For each group of FSDP1 units summoned together, add the newly visible full matrices.
+    Matrices already seen (parameters no wrapper manages) count once."""
     all_skipped: dict[str, SkippedLayer] = {}
-    for ctx in groups:
-        with ctx:
-            matrices, skipped = _rename(*select_matrices(without_wrappers(module), config))
-            new = [m for m in matrices if m.name not in owners]
-            _add_owned(builder, new, rank, world, loads, owners, carry)
+    for view in fsdp_views(module, root):
+        matrices, skipped = _rename(*select_matrices(view, config))
+        new = [m for m in matrices if m.name not in owners]
+        _add_owned(builder, new, rank, world, loads, owners, carry)
         for s in skipped:
             all_skipped.setdefault(s.name, s)
     return owners, [s for name, s in all_skipped.items() if name not in owners]
 
 
-def _collect_fsdp(builder, module, root, config, rank, world, loads, owners, carry=None):
+def fsdp_views(module: nn.Module, root: nn.Module | None = None):
+    """FSDP1 (collective: every rank iterates to the end): for each group of units summoned
+    together (one unit, ``recurse=False``; a LoRA layer's units together), a view of ``module``
+    without the FSDP wrappers (:func:`.model_view.without_wrappers`) in which that group's
+    parameters are full; valid until the next one is requested. Parameters of the units not
+    summoned read as this rank's 1-D pieces. With ``use_orig_params=False`` the whole model is
+    summoned once (offloaded to CPU from a GPU). ``root``: the strategy-wrapped model."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    root = root if root is not None else module
     units = FSDP.fsdp_modules(root)
     orig = all(getattr(u, "_use_orig_params", True) for u in units)
     if orig:
@@ -287,7 +293,9 @@ def _collect_fsdp(builder, module, root, config, rank, world, loads, owners, car
     else:  # original parameters are not 1-D shards outside the context: gather everything once
         on_gpu = any(p.is_cuda for p in root.parameters())
         groups = [FSDP.summon_full_params(root, recurse=True, writeback=False, offload_to_cpu=on_gpu)]
-    return _collect_groups(groups, builder, module, config, rank, world, loads, owners, carry)
+    for ctx in groups:
+        with ctx:
+            yield without_wrappers(module)
 
 
 def _unit_groups(units: list, module: nn.Module) -> list[list]:

@@ -56,7 +56,7 @@ from ..analysis.selection import AnalysisConfig, find_layers, select_matrices
 from ..analysis.weight_access import analysable
 from .model_view import is_stand_in, proxy, stand_in
 
-__all__ = ["is_sharded", "has_sharded_parameters", "global_shape", "Materialiser", "ShardedPlan", "plan_sharded",
+__all__ = ["is_sharded", "has_sharded_parameters", "global_shape", "Materialiser", "Finder", "ShardedPlan", "plan_sharded",
            "iter_full_matrices"]
 
 
@@ -81,6 +81,7 @@ def is_sharded(p) -> bool:
 
 def has_sharded_parameters(module: nn.Module) -> bool:
     return any(is_sharded(p) for p in module.parameters())
+
 
 
 def global_shape(p) -> torch.Size:
@@ -221,18 +222,25 @@ class Materialiser:
         return sum(b for r, b in self._live if r is None or r() is not None)
 
 
+#: A layer finder other than the selection's: ``finder(module, tap)`` -> ``(layer name, kind,
+#: [LayerMatrix] or reason)`` in model order, with ``tap`` wrapped around the per-module finder's
+#: output (``lambda m, tap: tap(matrices_from_module(m))`` is the per-module finder alone).
+Finder = Callable[[nn.Module, Callable], Iterator[tuple[str, str, object]]]
+
+
 class _Walk:
     """One walk of the layer finder over a proxy, telling the :class:`Materialiser` which layer
     each weight read belongs to: the per-module finder's layer being produced (*inner* ``j``), or,
     when the adapters read LoRA factors, the walk's layer being produced (*outer* ``k``).
     ``policy(scope, index)`` -> ``(gather, target)`` sets how those reads are served."""
 
-    def __init__(self, proxy: nn.Module, config: AnalysisConfig, read: Materialiser,
-                 policy: Callable[[str, int], tuple[bool, int | None]] | None = None) -> None:
+    def __init__(self, proxy: nn.Module, config: AnalysisConfig | None, read: Materialiser,
+                 policy: Callable[[str, int], tuple[bool, int | None]] | None = None, finder: Finder | None = None
+                 ) -> None:
         self.read, self.policy = read, policy
         self.inner: list = []  # the per-module finder's layers, in order (their matrices renamed by the walk)
         self._k = 0
-        self._walk = iter(find_layers(proxy, config, tap=self._tap))
+        self._walk = iter(finder(proxy, self._tap) if finder is not None else find_layers(proxy, config, tap=self._tap))
 
     def _set(self, scope: str, index: int) -> None:
         if self.policy is not None:
@@ -280,32 +288,40 @@ class ShardedPlan:
     """The selection of a sharded model, from global shapes (see the module docs).
 
     ``matrices`` (stand-in weights) and ``skipped`` are what :func:`select_matrices` gives for the
-    unsharded model; callers may rename them. ``materialiser`` holds the memory counters."""
+    unsharded model (with a ``finder``: every matrix it finds, none skipped); callers may rename
+    them. ``materialiser`` holds the memory counters."""
 
     matrices: list[LayerMatrix]
     skipped: list[SkippedLayer]
     materialiser: Materialiser
     _proxy: nn.Module
-    _config: AnalysisConfig
+    _config: AnalysisConfig | None
     _outer: list[tuple[str, ...]]  # names of each layer of the walk
     _inner: list[tuple[str, ...]]  # names (after the walk) of each layer of the per-module finder
     _raw_names: list[str]
+    _finder: Finder | None = None
 
 
 def _names(item) -> tuple[str, ...]:
     return () if isinstance(item, str) else tuple(m.name for m in item)
 
 
-def plan_sharded(module: nn.Module, config: AnalysisConfig) -> ShardedPlan:
-    """Select the matrices of ``module`` (sharded parameters read as stand-ins). Local: no collective."""
+def plan_sharded(module: nn.Module, config: AnalysisConfig | None = None, finder: Finder | None = None) -> ShardedPlan:
+    """Select the matrices of ``module`` (sharded parameters read as stand-ins), by ``config``'s
+    selection or, given a ``finder``, every matrix it finds. Local: no collective."""
     read = Materialiser()
     view = proxy(module, read)
-    walk = _Walk(view, config, read)
-    outer = [_names(item) for _, _, item in walk]
+    found: list = []
+    walk = _Walk(view, config, read, finder=finder)
+    outer = []
+    for _, _, item in walk:
+        outer.append(_names(item))
+        if finder is not None and not isinstance(item, str):
+            found.extend(item)
     inner = [_names(item) for item in walk.inner]
     walk.close()
-    matrices, skipped = select_matrices(view, config)
-    return ShardedPlan(matrices, skipped, read, view, config, outer, inner, [m.name for m in matrices])
+    matrices, skipped = select_matrices(view, config) if finder is None else (found, [])
+    return ShardedPlan(matrices, skipped, read, view, config, outer, inner, [m.name for m in matrices], finder)
 
 
 def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int | None] | None = None,
@@ -338,7 +354,7 @@ def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int | N
 
     read = plan.materialiser
     read.rank = rank
-    walk = _Walk(plan._proxy, plan._config, read, policy)
+    walk = _Walk(plan._proxy, plan._config, read, policy, plan._finder)
     problems: list[str] = []  # raised after the walk: stopping halfway would leave the other ranks waiting
     try:
         for names in plan._outer:
