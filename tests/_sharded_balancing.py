@@ -2,7 +2,7 @@
 (run by tests/test_balancing_sharded.py as ``python _sharded_balancing.py OUT``; each rank writes
 OUT/<setup>.rank<r>.json). Models, sharding and training steps are tests/_sharded_runs.py's.
 
-* ``fsdp2`` / ``fsdp1`` / ``tp``: the plain-loop ``TempBalance`` (lr, every 2 steps) and
+* ``fsdp2`` / ``fsdp1`` / ``tp`` / ``fsdp2_tp`` (2-D mesh): the plain-loop ``TempBalance`` (lr, every 2 steps) and
   ``AlphaDecay`` (weight decay, every step) on one optimizer (SGD, momentum, weight decay, StepLR)
   of the sharded model, and the same on an unsharded replica with the same weights and batches.
   Recorded: both histories, the lr / weight decay / parameters of every group each optimizer step
@@ -11,8 +11,8 @@ OUT/<setup>.rank<r>.json). Models, sharding and training steps are tests/_sharde
   balancers do) with a ``ww_monitor.Monitor`` on the sharded model; ``TempBalance`` takes its
   alphas from the monitor's snapshots (no eigensolve of its own), an ``AlphaDecay`` without
   the monitor decomposes the same weights.
-* ``zero3`` / ``fsdp1_flat``: attaching raises ``WWMonitorError`` (DeepSpeed ZeRO-3;
-  FSDP with ``use_orig_params=False``).
+* ``zero3`` / ``zero2`` / ``fsdp1_flat``: attaching raises ``WWMonitorError`` (DeepSpeed ZeRO-3 and
+  ZeRO-2: their optimizers step flattened partitions; FSDP with ``use_orig_params=False``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _sharded_runs import apply_fsdp2, build, deepspeed_on_cpu, end_group, full_state, shard, spawn, start_group, \
     train_step  # noqa: E402
 
-SETUPS = ("fsdp2", "fsdp1", "tp", "monitor", "zero3", "fsdp1_flat")
+SETUPS = ("fsdp2", "fsdp1", "tp", "fsdp2_tp", "monitor", "zero3", "zero2", "fsdp1_flat")
 STEPS = 4
 LR, GAMMA, STEP_SIZE, WD = 0.05, 0.5, 2, 1e-3
 #: The models' layers have 8 to 72 eigenvalues; the papers' 50 would leave most at factor 1.
@@ -121,6 +121,15 @@ def expect_error(strategy: str, world: int) -> dict:
         model = FSDP(nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 24)), use_orig_params=False,
                      device_id=torch.device("cpu"))
         optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    elif strategy == "zero2":
+        import deepspeed
+
+        deepspeed_on_cpu()
+        config = {"train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True,
+                  "zero_optimization": {"stage": 2}}
+        model = build("tp")
+        model, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                                      config=config)
     else:
         deepspeed_on_cpu()
         model, optimizer = shard(strategy, build(strategy), world)
@@ -138,7 +147,7 @@ def run(rank: int, world: int, port: int, out: str, setups: list[str]) -> None:
         try:
             if setup == "monitor":
                 report = run_monitor(world)
-            elif setup in ("zero3", "fsdp1_flat"):
+            elif setup in ("zero3", "zero2", "fsdp1_flat"):
                 report = expect_error(setup, world)
             else:
                 report = run_balanced(setup, world)

@@ -3,7 +3,9 @@ watched by the Lightning ``WeightWatcherCallback`` (run by tests/test_sharded.py
 ``python _sharded_lightning.py OUT``; Lightning launches rank 1 itself).
 
 A second callback, after it, copies the full weights into an unsharded replica at the same hooks
-and drives a ``ww_monitor.Monitor`` on it; rank 0 writes both histories to OUT/lightning.json.
+and drives a ``ww_monitor.Monitor`` on it; each rank writes both histories to OUT/lightning.rank<r>.json.
+The Lightning ``TempBalance`` (its own alphas, gathered) and ``AlphaDecay`` (the monitor's) balance the
+training; a last callback records the lr and weight decay of every group each optimizer step runs with.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
 
 import ww_monitor  # noqa: E402
+from ww_monitor.monitoring.distributed import strip_wrapper_names  # noqa: E402
+
+LR, WD = 0.05, 1e-3
 
 
 class Net(pl.LightningModule):
@@ -40,7 +45,7 @@ class Net(pl.LightningModule):
         return nn.functional.cross_entropy(self.net(tokens).reshape(-1, VOCAB), tokens.reshape(-1))
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        return torch.optim.SGD(self.parameters(), lr=LR, weight_decay=WD)
 
 
 class Replica(pl.Callback):
@@ -67,16 +72,40 @@ class Replica(pl.Callback):
         self.monitor.close(self.replica, trainer.global_step)
 
 
+class Probe(pl.Callback):
+    """After the balancers: the groups (lr, weight decay, parameter names) of every optimizer step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_start(self, trainer, pl_module):
+        names = {id(p): strip_wrapper_names(n) for n, p in pl_module.named_parameters()}
+        trainer.optimizers[0].register_step_pre_hook(lambda o, a, k: self.seen.append(
+            (trainer.global_step, [(g["lr"], g["weight_decay"], sorted(names[id(p)] for p in g["params"]))
+                                   for g in o.param_groups])))
+
+
+def balancers_report(tb, ad, probe, pl_module) -> dict:
+    names = {id(p): strip_wrapper_names(n) for n, p in pl_module.named_parameters()}
+    return {"lr": tb.history.state_dict(), "wd": ad.history.state_dict(), "seen": probe.seen,
+            "units": {u.name: sorted(names[id(p)] for p in u.params) for u in tb._find_units(pl_module)},
+            "owned": {"lr": tb._source.last_owned, "wd": getattr(ad._source, "last_owned", [])},
+            "failures": tb.stats["failures"] + ad.stats["failures"]}
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
     options = dict(blocking=True, figures_every_n_snapshots=None, peft="with_base", alerts=False, max_overhead=None)
     callback = ww_monitor.WeightWatcherCallback(every_n_epochs=1, **options)
     replica = Replica(options)
+    tb = ww_monitor.TempBalance(every_n_epochs=None, every_n_train_steps=2, min_evals=8, use_monitor=False)
+    ad = ww_monitor.AlphaDecay(every_n_train_steps=2, min_evals=8)  # after the monitor: reuses its analysis
+    probe = Probe()
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randint(0, VOCAB, (16, 6), generator=g))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_epochs=1, logger=TensorBoardLogger(out, name="tb", version=0), callbacks=[callback, replica],
+        max_epochs=1, logger=TensorBoardLogger(out, name="tb", version=0), callbacks=[callback, replica, tb, ad, probe],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1)
     model = Net()
     trainer.fit(model, DataLoader(data, batch_size=4))
@@ -84,4 +113,5 @@ if __name__ == "__main__":
     with open(os.path.join(out, f"lightning.rank{trainer.global_rank}.json"), "w") as f:
         json.dump({"world": trainer.world_size, "global_step": trainer.global_step, "placements": placements,
                    "sharded": dump_history(callback.history), "plain": dump_history(replica.monitor.history),
-                   "here": callback.stats["layers_analysed_here"]}, f)
+                   "here": callback.stats["layers_analysed_here"],
+                   "balancers": balancers_report(tb, ad, probe, model)}, f)

@@ -1,8 +1,8 @@
 """TempBalance / AlphaDecay on sharded models, real 2-process gloo runs on CPU (one process group for
 every setup: tests/_sharded_balancing.py): FSDP2 ``fully_shard``, FSDP1 (``use_orig_params=True``)
-and tensor parallel train with per-layer lr and weight decay exactly as an unsharded replica does;
+tensor parallel and both on a 2-D mesh train with per-layer lr and weight decay exactly as an unsharded replica does;
 every rank applies the same factors; each rank decomposes its share of the layers; a monitor's
-analysis is reused without a second eigensolve; DeepSpeed ZeRO-3 and FSDP with
+analysis is reused without a second eigensolve; DeepSpeed ZeRO-2/3 and FSDP with
 ``use_orig_params=False`` raise at attach."""
 
 import json
@@ -69,7 +69,7 @@ def _same_history(got: dict, want: dict) -> None:
         assert a["factors"] == pytest.approx(b["factors"], rel=1e-5)
 
 
-@pytest.mark.parametrize("setup", ["fsdp2", "fsdp1", "tp"])
+@pytest.mark.parametrize("setup", ["fsdp2", "fsdp1", "tp", "fsdp2_tp"])
 def test_sharded_balancing_trains_as_the_unsharded_model(runs, setup):
     r0, r1 = _report(runs, setup)
     s0, s1, plain = r0["sharded"], r1["sharded"], r0["plain"]
@@ -113,13 +113,14 @@ def test_sharded_balancer_reuses_the_monitors_analysis(runs):
     _check_steps(r0, r0["units"])
 
 
-def test_deepspeed_zero3_raises_at_attach(runs):
-    r0, r1 = _report(runs, "zero3")
+@pytest.mark.parametrize("setup, named", [("zero3", "ZeRO stage 3"), ("zero2", "ZeRO stage 1/2")])
+def test_deepspeed_zero_raises_at_attach(runs, setup, named):
+    r0, r1 = _report(runs, setup)
     for r in (r0, r1):
         message = r["raised"]
         assert message is not None, "attach did not raise"
         assert message.startswith("TempBalance: per-layer balancing cannot run under DeepSpeed")
-        assert "ZeRO stage 3" in message and "flattens" in message and "FSDP2" in message
+        assert named in message and "flattens" in message and "FSDP2" in message
 
 
 def test_fsdp_with_flat_parameters_raises_at_attach(runs):

@@ -145,19 +145,59 @@ def test_strategy_matches_the_unsharded_model(runs, strategy):
     _check_logged_once(runs[1] / f"tb_{strategy}", m0["sharded"])
 
 
-def test_lightning_model_parallel_strategy(tmp_path):
-    """A real Trainer with ModelParallelStrategy on CPU (FSDP2 in ``configure_model``) and the
-    Lightning callback: the same per-layer results as the unsharded replica, each logged once."""
+@pytest.fixture(scope="module")
+def lightning(tmp_path_factory):
+    """A real Trainer with ModelParallelStrategy on CPU (FSDP2 in ``configure_model``): both ranks' reports, the folder."""
     pytest.importorskip("pytorch_lightning")
+    out = tmp_path_factory.mktemp("lightning")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=_checkout_path())
-    res = subprocess.run([sys.executable, str(HERE / "_sharded_lightning.py"), str(tmp_path)], capture_output=True,
-                         text=True, timeout=300, env=env, cwd=tmp_path)
+    res = subprocess.run([sys.executable, str(HERE / "_sharded_lightning.py"), str(out)], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=out)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    r0, r1 = (json.loads((tmp_path / f"lightning.rank{r}.json").read_text()) for r in (0, 1))
+    return tuple(json.loads((out / f"lightning.rank{r}.json").read_text()) for r in (0, 1)), out
+
+
+def test_lightning_model_parallel_strategy(lightning):
+    """The Lightning callback under ModelParallelStrategy: the same per-layer results as the
+    unsharded replica, each logged once."""
+    (r0, r1), out = lightning
     steps = [0, r0["global_step"]]
     assert r0["world"] == 2 and r0["global_step"] > 0 and r0["placements"] == ["(Shard(dim=0),)"]  # FSDP2 DTensors
     for r in (r0, r1):  # the LightningModule holds the model as `net`: its layers carry that prefix
         _check_histories(r["sharded"], r["plain"], steps, ZOO_LAYERS, ZOO_FROZEN, prefix="net.")
     assert r0["sharded"] == r1["sharded"] and r0["here"] > 0 and r1["here"] > 0
     assert r0["here"] + r1["here"] == _rows(r0["sharded"])
-    _check_logged_once(tmp_path / "tb" / "version_0", r0["sharded"])
+    _check_logged_once(out / "tb" / "version_0", r0["sharded"])
+
+
+def test_lightning_balancers_under_model_parallel_strategy(lightning):
+    """The Lightning TempBalance (its own alphas: each rank decomposes its share, gathered) and
+    AlphaDecay (the monitor's analysis) on the FSDP2 model: the same factors on both ranks, and
+    every optimizer step's lr / weight decay = factor x the optimizer's, per layer."""
+    (r0, r1), _ = lightning
+    b0, b1 = r0["balancers"], r1["balancers"]
+    assert b0["failures"] == b1["failures"] == 0
+    assert b0["lr"] == b1["lr"] and b0["wd"] == b1["wd"] and b0["seen"] == b1["seen"] and b0["units"] == b1["units"]
+    lr, wd = b0["lr"]["records"], b0["wd"]["records"]
+    assert [r["step"] for r in lr] == list(range(0, r0["global_step"] + 1, 2))
+    assert [(r["step"], r["source"]) for r in wd] == [(0, "monitor:hill_median@0")]  # the monitor's baseline
+    # two paths, one answer: the monitor's eigenvalues and the gathered weights (the LoRA factors A
+    # and B are not layers the monitor analyses: they keep factor 1 under its analysis)
+    uncovered = [n for n, a in zip(wd[0]["layers"], wd[0]["alphas"]) if a is None or a != a]
+    assert uncovered == ["net.base_model.model.proj.lora_A.default", "net.base_model.model.proj.lora_B.default"]
+    for layer, a, b in zip(lr[0]["layers"], lr[0]["alphas"], wd[0]["alphas"]):
+        assert layer in uncovered or a == pytest.approx(b, rel=1e-6), layer
+    assert any(f != 1.0 for r in lr + wd for f in r["factors"])
+    mine0, mine1 = b0["owned"]["lr"], b1["owned"]["lr"]
+    assert mine0 and mine1 and not set(mine0) & set(mine1)
+    assert b0["owned"]["wd"] == b1["owned"]["wd"] == []  # AlphaDecay decomposed nothing itself
+    unit_of = {n: u for u, names in b0["units"].items() for n in names}
+    assert len(b0["seen"]) == r0["global_step"]
+    for step, groups in b0["seen"]:
+        lr_f = dict(zip(*[[r for r in lr if r["step"] <= step][-1][k] for k in ("layers", "factors")]))
+        wd_f = dict(zip(wd[0]["layers"], wd[0]["factors"]))
+        assert len(groups) >= len(b0["units"])
+        for g_lr, g_wd, names in groups:
+            (unit,) = {unit_of.get(n) for n in names}
+            assert g_lr == pytest.approx(0.05 * lr_f.get(unit, 1.0), rel=1e-12)
+            assert g_wd == pytest.approx(1e-3 * wd_f.get(unit, 1.0), rel=1e-12)

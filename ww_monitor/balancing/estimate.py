@@ -148,20 +148,28 @@ def monitor_alphas(results, estimator: str, xmin_pos: float, min_evals: int) -> 
 
     ``"ww"`` takes the monitor's own fit; a ``reliable`` flag on the result, where the monitor
     provides one, decides, else ``fit_ok`` and ``min_evals``. ``"hill_median"`` recomputes the
-    Hill estimate from the result's eigenvalues (kept by the monitor), no eigensolve.
+    Hill estimate from the result's eigenvalues (kept by the monitor), no eigensolve. A tied
+    weight, analysed once under its first name, is given under each of its names (``aliases``:
+    GPT-2's ``lm_head`` of ``wte``).
     """
     out = []
     for r in results:
         if estimator == "ww":
             flag = getattr(r, "reliable", None)
             ok = bool(r.fit_ok) and math.isfinite(r.alpha) and r.num_evals >= min_evals
-            reliable = ok if flag is None else (bool(flag) and math.isfinite(r.alpha))
-            out.append(EsdAlpha(r.name, float(r.alpha), int(r.num_evals), reliable))
+            alpha, reliable = float(r.alpha), ok if flag is None else (bool(flag) and math.isfinite(r.alpha))
         elif r.eigenvalues is not None:
-            alpha = hill_alpha(r.eigenvalues, xmin_pos)
+            alpha = float(hill_alpha(r.eigenvalues, xmin_pos))
             reliable = math.isfinite(alpha) and alpha > 1.0 and r.num_evals >= min_evals
-            out.append(EsdAlpha(r.name, float(alpha), int(r.num_evals), reliable))
+        else:
+            continue
+        out.extend(EsdAlpha(name, alpha, int(r.num_evals), reliable) for name in (r.name, *r.aliases))
     return out
+
+
+#: Name segment of a LoRA layer's base weight; the monitor's layer finder names that matrix after
+#: the LoRA layer itself (``<layer>.base_layer`` -> ``<layer>``, see ``analysis/adapters.py``).
+_LORA_BASE = ".base_layer"
 
 
 def unit_alphas(units: Sequence[Unit], esds: Sequence[EsdAlpha]) -> tuple[list[float], list[bool]]:
@@ -170,7 +178,8 @@ def unit_alphas(units: Sequence[Unit], esds: Sequence[EsdAlpha]) -> tuple[list[f
     by_name = {e.name: e for e in esds}
     alphas, reliable = [], []
     for u in units:
-        found = [by_name[m.name] for m in u.matrices if m.name in by_name]
+        found = [e for e in (by_name.get(m.name) or by_name.get(m.name.replace(_LORA_BASE, "", 1))
+                             for m in u.matrices) if e is not None]
         good = [e.alpha for e in found if e.reliable]
         shown = good or [e.alpha for e in found if math.isfinite(e.alpha)]
         alphas.append(float(np.mean(shown)) if shown else math.nan)
