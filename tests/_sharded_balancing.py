@@ -12,7 +12,8 @@ OUT/<setup>.rank<r>.json). Models, sharding and training steps are tests/_sharde
   alphas from the monitor's snapshots (no eigensolve of its own), an ``AlphaDecay`` without
   the monitor decomposes the same weights.
 * ``zero3`` / ``zero2`` / ``fsdp1_flat``: attaching raises ``WWMonitorError`` (DeepSpeed ZeRO-3 and
-  ZeRO-2: their optimizers step flattened partitions; FSDP with ``use_orig_params=False``).
+  ZeRO-2, the latter inside accelerate's wrapper as the Hugging Face Trainer hands it to callbacks:
+  their optimizers step flattened partitions; FSDP with ``use_orig_params=False``).
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ def expect_error(strategy: str, world: int) -> dict:
         model = build("tp")
         model, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
                                                       config=config)
+        from accelerate import Accelerator
+        from accelerate.utils.deepspeed import DeepSpeedOptimizerWrapper
+
+        Accelerator(cpu=True)  # the wrapper reads accelerate's state
+        optimizer = DeepSpeedOptimizerWrapper(optimizer)  # as the Hugging Face Trainer hands it to callbacks
     else:
         deepspeed_on_cpu()
         model, optimizer = shard(strategy, build(strategy), world)

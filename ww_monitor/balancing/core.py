@@ -344,7 +344,7 @@ class SpectralBalancerCore:
             esds = monitor_alphas(results, self.estimator, self.xmin_pos, self.min_evals)
             source = f"monitor:{self.estimator}@{snap_step}"
         else:
-            if esds is None:
+            if esds is None:  # not gathered above: rank 0 decomposes every layer
                 esds = own_alphas(units, self.estimator, self.xmin_pos, self.min_evals, weights=self._source)
             source = self.estimator
         alphas, reliable = unit_alphas(units, esds)
