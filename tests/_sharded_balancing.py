@@ -79,6 +79,7 @@ def train(strategy: str, model, optimizer, monitor=None) -> dict:
     return {"lr": tb.history.state_dict(), "wd": ad.history.state_dict(), "seen": seen, "units": units,
             "failures": tb.stats["failures"] + ad.stats["failures"], "groups": len(optimizer.param_groups),
             "owned": {"lr": getattr(tb._source, "last_owned", None), "wd": getattr(ad._source, "last_owned", None)},
+            "peak_bytes": getattr(tb._source, "last_peak_bytes", None),
             "matrices": sorted(m.name for u in tb._find_units(model) for m in u.matrices)}
 
 
@@ -92,6 +93,11 @@ def run_balanced(strategy: str, world: int) -> dict:
     full, ref = full_state(strategy, model), replica.state_dict()
     report["max_weight_diff"] = max(float((full[k] - ref[k]).abs().max()) for k in full if k in ref)
     report["compared"] = sum(k in ref for k in full)
+    layer_bytes: dict[str, int] = {}
+    for name, p in replica.named_parameters():
+        layer = name.rpartition(".")[0]
+        layer_bytes[layer] = layer_bytes.get(layer, 0) + p.numel() * p.element_size()
+    report["largest_layer_bytes"] = max(layer_bytes.values())
     return report
 
 

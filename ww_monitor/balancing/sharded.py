@@ -114,6 +114,9 @@ class ShardedWeights:
         self.model, self.kind, self.rank, self.world, self.root = model, kind, int(rank), int(world), root
         #: Matrices decomposed here at the last read (how the work was shared; for tests and logs).
         self.last_owned: list[str] = []
+        #: DTensor: the most bytes of gathered full weights alive at once on this rank during the
+        #: last read (:attr:`~ww_monitor.monitoring.sharded.Materialiser.peak_bytes`); FSDP1: None.
+        self.last_peak_bytes: int | None = None
 
     def owners(self, matrices: Sequence[LayerMatrix]) -> dict[str, int]:
         """Owner rank of each matrix (by name): the monitor's greedy balance of the eigensolve cost."""
@@ -131,6 +134,7 @@ class ShardedWeights:
 
     def _dtensor(self, wanted: dict[str, LayerMatrix], owners: dict[str, int]):
         plan = plan_sharded(self.model, finder=_finder)
+        self.last_peak_bytes = 0
 
         def owner(m: LayerMatrix) -> int | None:  # None: not balanced, so not gathered
             return owners.get(strip_wrapper_names(m.name))
@@ -138,6 +142,7 @@ class ShardedWeights:
         for full in iter_full_matrices(plan, owner=owner, rank=self.rank):
             yield [(wanted[strip_wrapper_names(full.name)], full.weight)]
             del full
+            self.last_peak_bytes = plan.materialiser.peak_bytes
 
     def _fsdp(self, wanted: dict[str, LayerMatrix], owners: dict[str, int]):
         shapes = {n: tuple(m.weight.shape) for n, m in wanted.items()}
