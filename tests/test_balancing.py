@@ -325,7 +325,8 @@ def test_lightning_pytorch_flavour(tmp_path):
 @pytest.mark.parametrize("kwargs, argument", [
     ({"scale": "momentum"}, "scale"), ({"mapping": "cubic"}, "mapping"), ({"estimator": "svd"}, "estimator"),
     ({"factor_range": (1.5, 0.5)}, "factor_range"), ({"factor_range": 2}, "factor_range"),
-    ({"every_n_epochs": -1}, "every_n_epochs"), ({"every_n_train_steps": 0}, "every_n_train_steps"),
+    ({"every_n_epochs": -1}, "every_n_epochs"), ({"every_n_epochs": 0}, "is not a schedule"),
+    ({"every_n_train_steps": 0}, "every_n_train_steps"),
     ({"min_evals": 1}, "min_evals"), ({"xmin_pos": 0.5}, "xmin_pos"), ({"include": "("}, "include"),
     ({"kinds": ["linear", "mlp"]}, "kinds"), ({"sigmoid_temperature": 0}, "sigmoid_temperature"),
     ({"follow_norms": "yes"}, "follow_norms"),

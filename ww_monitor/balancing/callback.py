@@ -29,7 +29,7 @@ class SpectralBalancerMixin(SpectralBalancerCore):
         # or AlphaDecay() (weight decay, every 500 steps), SpectralBalancer(mapping="sigmoid") ...
         trainer = pl.Trainer(max_epochs=50, callbacks=[balancer])
         trainer.fit(model, datamodule=dm)      # configure_optimizers / schedulers unchanged
-        balancer.history.to_pandas()            # step, layer, alpha, factor of every update
+        balancer.history.to_pandas()            # step, name, alpha, factor of every update
 
     In a LightningCLI config::
 

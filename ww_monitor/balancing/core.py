@@ -106,7 +106,7 @@ class SpectralBalancerCore:
             based) or ``"sigmoid"`` (Model Balancing); see :mod:`ww_monitor.functional.balancing`.
         factor_range: ``(low, high)`` factors of the smallest and largest alpha (``linear``,
             ``step``).
-        every_n_epochs: update the factors at the end of every this many epochs (``None``/0: off).
+        every_n_epochs: update the factors at the end of every this many epochs (``None``: off).
         every_n_train_steps: update every this many optimizer steps (``None``: off).
         at_train_start: also compute factors before the first step (the papers do).
         estimator: ``"hill_median"`` (the papers' Hill estimator, xmin at the median eigenvalue)
@@ -165,7 +165,10 @@ class SpectralBalancerCore:
         s_min, s_max = _check_pair("sigmoid_scales", sigmoid_scales, owner)
         check_number("sigmoid_temperature", sigmoid_temperature, above=0.0, owner=owner)
         check_number("xmin_pos", xmin_pos, at_least=1.0, owner=owner)
-        check_int("every_n_epochs", every_n_epochs, 0, allow_none=True, owner=owner)
+        if every_n_epochs == 0 and not isinstance(every_n_epochs, bool):  # as the monitors' schedules
+            raise WWMonitorError(f"{owner}: `every_n_epochs=0` is not a schedule: pass an int >= 1, or None to "
+                                 "turn it off.")
+        check_int("every_n_epochs", every_n_epochs, 1, allow_none=True, owner=owner)
         check_int("every_n_train_steps", every_n_train_steps, 1, allow_none=True, owner=owner)
         check_int("min_evals", min_evals, 2, allow_none=False, owner=owner)
         for name, flag in (("at_train_start", at_train_start), ("exclude_first_last", exclude_first_last),
@@ -183,7 +186,7 @@ class SpectralBalancerCore:
 
         self.scale, self.mapping, self.estimator = scale, mapping, estimator
         self.factor_range = (low, high)
-        self.every_n_epochs = every_n_epochs or None
+        self.every_n_epochs = every_n_epochs
         self.every_n_train_steps = every_n_train_steps
         self.at_train_start = at_train_start
         self.xmin_pos, self.min_evals = float(xmin_pos), min_evals

@@ -60,14 +60,14 @@ class BalanceHistory:
         self.records.append(record)
 
     def to_pandas(self):
-        """Long format: one row per (update, layer) with step, epoch, source, layer, alpha,
-        balanced, factor."""
+        """Long format: one row per (update, layer) with step, epoch, source, name (the layer, as in
+        the monitor's ``history.to_pandas()`` and ``Report.to_pandas()``), alpha, balanced, factor."""
         import pandas as pd
 
-        rows = [{"step": r.step, "epoch": r.epoch, "source": r.source, "layer": name, "alpha": a,
-                 "balanced": b, "factor": f}
+        columns = ["step", "epoch", "source", "name", "alpha", "balanced", "factor"]
+        rows = [dict(zip(columns, (r.step, r.epoch, r.source, name, a, b, f)))
                 for r in self.records for name, a, b, f in zip(r.layers, r.alphas, r.balanced, r.factors)]
-        return pd.DataFrame(rows, columns=["step", "epoch", "source", "layer", "alpha", "balanced", "factor"])
+        return pd.DataFrame(rows, columns=columns)
 
     def state_dict(self) -> dict:
         return {"records": [r.to_state() for r in self.records]}
