@@ -43,8 +43,9 @@ def make_model(hidden: int) -> nn.Module:
     )
 
 
-def train_one(batch_size: int, lr: float, weight_decay: float, epochs: int, hidden: int, seed: int, split) -> dict:
-    xtr, ytr, xte, yte = split
+def fit(batch_size: int, lr: float, weight_decay: float, epochs: int, hidden: int, seed: int, split) -> nn.Module:
+    """Train one MLP with SGD (momentum 0.9) on the training part of ``split``; returns it in eval mode."""
+    xtr, ytr = split[0], split[1]
     torch.manual_seed(seed)
     model = make_model(hidden)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -58,7 +59,12 @@ def train_one(batch_size: int, lr: float, weight_decay: float, epochs: int, hidd
             opt.zero_grad(set_to_none=True)
             loss_fn(model(xtr[idx]), ytr[idx]).backward()
             opt.step()
-    model.eval()
+    return model.eval()
+
+
+def train_one(batch_size: int, lr: float, weight_decay: float, epochs: int, hidden: int, seed: int, split) -> dict:
+    model = fit(batch_size, lr, weight_decay, epochs, hidden, seed, split)
+    xte, yte = split[2], split[3]
     with torch.no_grad():
         acc = (model(xte).argmax(1) == yte).float().mean().item()
     summary = wwm.analyze(model).summary()
