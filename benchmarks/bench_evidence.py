@@ -65,8 +65,12 @@ MONITOR_KWARGS = {"blocking": True, "figures_every_n_snapshots": None}
 #: first, then each proposed change on its own.
 WHAT_IF = {
     "defaults": {},
+    "alpha_high = 4": {"alpha_high": 4.0},
+    "alpha_high = 5": {"alpha_high": 5.0},
     "alpha_high = 6": {"alpha_high": 6.0},
-    "alpha_high_warmup = 10": {"alpha_high_warmup": 10},
+    "no alpha_low on attention q, k": {"alpha_low_skip": r"self_attn\.[qk]$"},
+    "no alpha_low on any attention projection": {"alpha_low_skip": r"self_attn\."},
+    "+ shrinking rule (proposed)": {"shrinking": True},
 }
 DEFAULT_OUT = os.path.join(HERE, "results", "evidence")
 FULL = {"seeds": 3, "healthy_grid": 16, "variants": None, "resamples": 2000}
@@ -107,19 +111,6 @@ def parse(argv):
     return args
 
 
-def healthy_plan(archs, seeds, grid_points: int) -> list:
-    """The base runs for every seed, then ``grid_points`` of each architecture's 16-point grid,
-    evenly spread over it (2 points: the first and the last, which differ in every factor)."""
-    specs = C.healthy_specs(archs, seeds)
-    base = [s for s in specs if s == C.base_spec(s.arch, s.seed)]
-    chosen = []
-    for arch in archs:
-        own = [s for s in specs if s.arch == arch and s not in base]
-        k = min(grid_points, len(own))
-        chosen += [own[round(i * (len(own) - 1) / (k - 1))] for i in range(k)] if k > 1 else own[:k]
-    return base + chosen
-
-
 def main(argv=None) -> dict:
     args = parse(argv)
     import pytorch_lightning  # noqa: F401  (its loggers exist once imported)
@@ -133,24 +124,18 @@ def main(argv=None) -> dict:
     def say(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    healthy_specs = healthy_plan(args.archs, seeds, args.healthy_grid)
+    healthy_specs = C.healthy_specs(args.archs, seeds, args.healthy_grid)
     failure_specs = C.failure_specs(args.kinds, args.archs, seeds)
     records = {}
     for group, specs in (("healthy", healthy_specs), ("failure", failure_specs)):
         for i, spec in enumerate(specs):
-            rec = C.train(spec, MONITOR_KWARGS)
-            records[rec["label"] + ("" if group == "failure" else f"/{i}")] = rec
+            records[spec.label] = rec = C.train(spec, MONITOR_KWARGS)
             say(f"  {group} {i + 1}/{len(specs)}: {spec.label} ({rec['seconds']:.1f} s, "
                 f"{len(M.raised(rec))} alerts)")
-    healthy_recs = [r for k, r in records.items() if r["spec"]["kind"] == "healthy"]
-    failure_recs = {k: r for k, r in records.items() if r["spec"]["kind"] != "healthy"}
-    for key, rec in records.items():
-        rec["key"] = key
+    healthy_recs = [r for r in records.values() if r["spec"]["kind"] == "healthy"]
     pairs = M.healthy_pairs(healthy_recs)
-    failures = [P.failure_row(r, pairs) for r in failure_recs.values()]
+    failures = [P.failure_row(r, pairs) for r in records.values() if r["spec"]["kind"] != "healthy"]
     healthy = [P.healthy_row(r) for r in healthy_recs]
-    for row, rec in zip(healthy, healthy_recs):
-        row["label"] = rec["key"]
 
     n_var = args.variants if args.variants is not None else len(R.variants(args.quick))
     rank_rows = R.run(args.quick, limit=n_var, progress=say) if n_var else []

@@ -51,9 +51,14 @@ class RunSpec:
     ramp_to: float = 1.0
     spike: tuple | None = None  # (start step, steps, lr factor)
     pretrain_epochs: int = 0  # > 0: forgetting case; stage 1 on the base task, then the run on a conflicting one
+    init_std: float | None = None  # transformer only: N(0, init_std^2) weights (GPT-2: 0.02)
 
     @property
     def label(self) -> str:
+        if self.kind == "healthy":  # the grid varies more than the seed
+            init = f"/init-std{self.init_std:g}" if self.init_std is not None else ""
+            return (f"healthy/{self.arch}/{self.width}x{self.depth}/{self.optimizer}-{self.schedule}{init}"
+                    f"/seed{self.seed}")
         return f"{self.kind}/{self.arch}/seed{self.seed}"
 
 
@@ -122,15 +127,27 @@ HEALTHY_OPTIMIZERS = {"sgd": {"mlp": 0.05, "transformer": 0.03}, "adamw": {"mlp"
 HEALTHY_SCHEDULES = ("cosine", "step")
 
 
-def healthy_specs(archs, seeds) -> list[RunSpec]:
-    """Per architecture: the base run for every seed (the failures' reference), then the 2^4
-    grid width x depth x optimizer x schedule, each grid point with one seed (cycling)."""
+#: GPT-2's initialisation (every weight matrix N(0, 0.02^2)): the healthy transformer runs also
+#: use it, since many transformers are initialised this way rather than with PyTorch's defaults.
+GPT2_INIT_STD = 0.02
+
+
+def healthy_specs(archs, seeds, grid_points: int = 16) -> list[RunSpec]:
+    """Per architecture: the base run for every seed (the failures' reference; the transformer's
+    also with GPT-2's initialisation), then ``grid_points`` of the 2^4 grid width x depth x
+    optimizer x schedule, evenly spread over it (2 points: the first and the last, which differ
+    in every factor), the seeds cycling."""
     specs = [base_spec(arch, seed) for arch in archs for seed in seeds]
+    specs += [base_spec(arch, seed, init_std=GPT2_INIT_STD) for arch in archs if arch == "transformer"
+              for seed in seeds]
     for arch in archs:
         widths, depths = HEALTHY_SIZES[arch]
         grid = [(w, d, o, s) for w in widths for d in depths for o in HEALTHY_OPTIMIZERS for s in HEALTHY_SCHEDULES]
-        for i, (w, d, o, s) in enumerate(grid):
-            specs.append(base_spec(arch, seeds[i % len(seeds)], width=w, depth=d, optimizer=o, schedule=s,
+        k = min(grid_points, len(grid))
+        picks = [round(i * (len(grid) - 1) / (k - 1)) for i in range(k)] if k > 1 else list(range(k))
+        for n, i in enumerate(picks):
+            w, d, o, s = grid[i]
+            specs.append(base_spec(arch, seeds[n % len(seeds)], width=w, depth=d, optimizer=o, schedule=s,
                                    lr=HEALTHY_OPTIMIZERS[o][arch], weight_decay=0.01 if o == "adamw" else 0.0))
     return specs
 
@@ -139,7 +156,7 @@ def healthy_specs(archs, seeds) -> list[RunSpec]:
 def _net(spec: RunSpec):
     if spec.arch == "mlp":
         return T.mlp(spec.width, spec.depth, spec.init_scale)
-    return T.OrderTransformer(spec.width, spec.depth, spec.init_scale)
+    return T.OrderTransformer(spec.width, spec.depth, spec.init_scale, spec.init_std)
 
 
 def _task(spec: RunSpec, stage2: bool = False):
@@ -174,7 +191,7 @@ def train(spec: RunSpec, monitor_kwargs: dict) -> dict:
     # The activation-scale ground truth's reference: this network at PyTorch's default
     # initialisation (same seed), built before the run's own seeding so it draws nothing from it.
     pl.seed_everything(spec.seed, verbose=False)
-    reference = _net(replace(spec, init_scale=1.0))
+    reference = _net(replace(spec, init_scale=1.0, init_std=None))
     pl.seed_everything(spec.seed, verbose=False)
     net = _net(spec)
     old_task = None

@@ -35,14 +35,54 @@ def record_history(history) -> list[dict]:
     return out
 
 
-def replay(layer_history: list[dict], config=None) -> list[dict]:
-    """The alerts ``AlertTracker(config)`` raises (and resolves) on the recorded snapshots, as
-    the dicts ``evidence_cases.train`` records for live alerts."""
+#: A proposed rule, evaluated here by replay only (it is not in the package): ``shrinking`` fires
+#: when a layer's largest eigenvalue fell more than this many decades below the largest it ever
+#: had (its spectral norm shrank > ~30x): the weights are decaying to zero, as under excessive
+#: weight decay. The mirror image of ``diverging`` (which watches jumps up); needed because
+#: once the eigenvalues fall under the fit's absolute floor the power-law fit fails and no
+#: alpha rule can speak.
+SHRINK_DECADES = 3.0
+
+
+def proposed_tracker(config=None, shrinking: bool = False, alpha_low_skip: str | None = None):
+    """An ``AlertTracker`` with proposed changes that ``AlertConfig`` cannot express: the
+    ``shrinking`` rule added (:data:`SHRINK_DECADES`), and/or no ``alpha_low`` on layers whose
+    name matches the regular expression ``alpha_low_skip``."""
+    import re
+    from dataclasses import replace
+
+    from ww_monitor.monitoring.alerts import AlertConfig, AlertTracker
+
+    class ProposedTracker(AlertTracker):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            if shrinking:
+                object.__setattr__(self.config, "enabled", (*self.config.enabled, "shrinking"))
+            self.norm_max: dict[str, float] = {}
+
+        def _conditions(self, layers, skipped):
+            for cond in super()._conditions(layers, skipped):
+                if not (alpha_low_skip and cond[0] == "alpha_low" and re.search(alpha_low_skip, cond[1])):
+                    yield cond
+            for l in layers if shrinking else ():
+                if not math.isfinite(l.log_spectral_norm):
+                    continue
+                top = self.norm_max[l.name] = max(self.norm_max.get(l.name, -math.inf), l.log_spectral_norm)
+                if top - l.log_spectral_norm > SHRINK_DECADES:
+                    yield ("shrinking", l.name, top - l.log_spectral_norm, SHRINK_DECADES,
+                           f"{l.name}: lambda_max fell {top - l.log_spectral_norm:.1f} decades below its peak")
+
+    return ProposedTracker(replace(config or AlertConfig()))
+
+
+def replay(layer_history: list[dict], config=None, tracker=None) -> list[dict]:
+    """The alerts ``AlertTracker(config)`` (or the given ``tracker``) raises and resolves on the
+    recorded snapshots, as the dicts ``evidence_cases.train`` records for live alerts."""
     from ww_monitor.analysis.phases import Phase
     from ww_monitor.analysis.results import LayerResult, SkippedLayer
     from ww_monitor.monitoring.alerts import AlertTracker
 
-    tracker = AlertTracker(config)
+    tracker = tracker if tracker is not None else AlertTracker(config)
     alerts = []
     for snap in layer_history:
         layers = []

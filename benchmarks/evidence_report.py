@@ -50,6 +50,7 @@ def healthy_row(rec: dict) -> dict:
     alarms = [_alert(a) for a in M.raised(rec)]
     return {"label": rec["label"], "arch": spec["arch"], "seed": spec["seed"], "width": spec["width"],
             "depth": spec["depth"], "optimizer": spec["optimizer"], "schedule": spec["schedule"],
+            "init_std": spec.get("init_std"),
             "final_val_acc": last["val_acc"], "num_alarms": len(alarms), "alarms": alarms,
             "drift_step": rec["alpha_drift"]["stopped_step"], "drift_reason": rec["alpha_drift"]["reason"],
             "es_step": M.early_stopping_step(rec), "steps": last["step"], "seconds": rec["seconds"]}
@@ -123,20 +124,26 @@ def ranking(rows: list[dict], n_resamples: int) -> dict:
 
 def what_if(records: dict, configs: dict) -> list[dict]:
     """The headline numbers with the alert rules replayed (``evidence_replay``) under each
-    ``AlertConfig(**kwargs)`` of ``configs`` on the same runs; AlphaDrift and the baselines do
-    not depend on the alert rules."""
+    ``AlertConfig(**kwargs)`` of ``configs`` on the same runs (``shrinking`` and ``alpha_low_skip``
+    in kwargs go to ``evidence_replay.proposed_tracker``); AlphaDrift and the baselines do not
+    depend on the alert rules."""
     from ww_monitor.monitoring.alerts import AlertConfig
 
     out = []
     for name, kwargs in configs.items():
-        cfg = AlertConfig(**kwargs)
-        replayed = {k: dict(r, alerts=RP.replay(r["layer_history"], cfg)) for k, r in records.items()}
+        kwargs = dict(kwargs)
+        proposed = {k: kwargs.pop(k) for k in ("shrinking", "alpha_low_skip") if k in kwargs}
+
+        def tracker():  # changes AlertConfig cannot express (evidence_replay.proposed_tracker)
+            return RP.proposed_tracker(AlertConfig(**kwargs), **proposed) if proposed else None
+        replayed = {k: dict(r, alerts=RP.replay(r["layer_history"], AlertConfig(**kwargs), tracker()))
+                    for k, r in records.items()}
         healthy = [r for r in replayed.values() if r["spec"]["kind"] == "healthy"]
         pairs = M.healthy_pairs(healthy)
         rows = [failure_row(r, pairs) for r in replayed.values() if r["spec"]["kind"] != "healthy"]
         o = overall(rows, [healthy_row(r) for r in healthy])
         by_rule = Counter(a["rule"] for r in healthy for a in M.raised(r))
-        out.append({"name": name, "config": kwargs, "healthy_alarms_by_rule": dict(by_rule),
+        out.append({"name": name, "config": configs[name], "healthy_alarms_by_rule": dict(by_rule),
                     "detected_kinds": sorted({(r["kind"], r["arch"]) for r in rows if r["detected"]}),
                     **{k: o[k] for k in ("with_gt", "detected", "detected_before_gt", "median_lead_epochs",
                                          "earlier_than_es", "healthy_runs", "healthy_alarms",

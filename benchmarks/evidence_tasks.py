@@ -115,9 +115,11 @@ def mlp(width: int = 256, depth: int = 3, init_scale: float = 1.0) -> nn.Sequent
 
 class OrderTransformer(nn.Module):
     """Token + learned position embeddings, ``depth`` pre-LN (GPT-style) ``nn.TransformerEncoderLayer``
-    (4 heads, ReLU feed-forward of 2x width, no dropout), mean pooling, linear head."""
+    (4 heads, ReLU feed-forward of 2x width, no dropout), mean pooling, linear head.
+    ``init_std``: every weight matrix drawn from N(0, init_std^2) (GPT-2 uses 0.02) instead of
+    PyTorch's defaults."""
 
-    def __init__(self, width: int = 64, depth: int = 2, init_scale: float = 1.0):
+    def __init__(self, width: int = 64, depth: int = 2, init_scale: float = 1.0, init_std: float | None = None):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, width)
         self.pos = nn.Parameter(torch.randn(SEQ_LEN, width) * 0.02)
@@ -125,6 +127,11 @@ class OrderTransformer(nn.Module):
                                            norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.head = nn.Linear(width, ORDER_CLASSES)
+        if init_std is not None:
+            with torch.no_grad():
+                for p in self.parameters():
+                    if p.dim() >= 2:
+                        p.normal_(0.0, init_std)
         _scale_weights(self, init_scale)
 
     def forward(self, x):
