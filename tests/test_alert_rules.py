@@ -34,7 +34,7 @@ def test_alpha_bounds_and_warmup():
     assert t.update([layer(alpha=7.0)], [], 0, 0) == []
     assert t.update([layer(alpha=7.0)], [], 1, 0) == []
     a = t.update([layer(alpha=7.0)], [], 2, 0)
-    assert fired(a) == [("alpha_high", "fc", False)] and a[0].threshold == 4.0 and a[0].value == 7.0
+    assert fired(a) == [("alpha_high", "fc", False)] and a[0].threshold == 6.0 and a[0].value == 7.0
     b = t.update([layer(alpha=1.5)], [], 3, 0)
     assert fired(b) == [("alpha_high", "fc", True), ("alpha_low", "fc", False)]
     # A failed fit says nothing about alpha.
