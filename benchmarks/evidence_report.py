@@ -39,7 +39,8 @@ def failure_row(rec: dict, healthy_pairs: dict) -> dict:
                                   if (a["rule"], a["layer"]) not in healthy_pairs.get(spec["arch"], set())}),
         "es_step": es, "es_lead_gt": M.lead(gt, es), "lead_es": M.lead(es, at),
         "nan_step": nan, "nan_lead_gt": M.lead(gt, nan), "lead_nan": M.lead(nan, at),
-        "drift_step": drift, "drift_lead_gt": M.lead(gt, drift), "drift_reason": rec["alpha_drift"]["reason"],
+        "drift_step": drift, "drift_lead_gt": M.lead(gt, drift), "drift_lead_es": M.lead(es, drift),
+        "drift_reason": rec["alpha_drift"]["reason"],
         "num_alerts": len(M.raised(rec)), "seconds": rec["seconds"],
     }
 
@@ -102,6 +103,8 @@ def overall(rows: list[dict], healthy: list[dict]) -> dict:
         "nan_fired": sum(r["nan_step"] is not None for r in with_gt),
         "drift_stopped": sum(r["drift_step"] is not None for r in with_gt),
         "median_drift_lead_epochs": M.median(_epochs(r["drift_lead_gt"], r["steps_per_epoch"]) for r in with_gt),
+        "drift_before_es": sum(r["drift_step"] is not None and (r["es_step"] is None or r["drift_lead_es"] > 0)
+                               for r in with_gt),
         "healthy_runs": len(healthy), "healthy_alarms": sum(h["num_alarms"] for h in healthy),
         "healthy_runs_with_alarm": sum(h["num_alarms"] > 0 for h in healthy),
         "healthy_drift_stops": sum(h["drift_step"] is not None for h in healthy),
@@ -173,7 +176,7 @@ def markdown(result: dict) -> str:
                 f"{_f(o['median_es_lead_epochs'])} epochs); the alert came first in {o['earlier_than_es']} runs, "
                 f"later in {o['later_than_es']}. The NaN/Inf-loss check fired in {o['nan_fired']}. "
                 f"AlphaDriftEarlyStopping() stopped {o['drift_stopped']} (median lead "
-                f"{_f(o['median_drift_lead_epochs'])} epochs).", "",
+                f"{_f(o['median_drift_lead_epochs'])} epochs; before EarlyStopping in {o['drift_before_es']}).", "",
                 "| kind | arch | runs (with ground truth) | detected (before GT) | by rule | median lead, epochs | "
                 "any alert | EarlyStopping stopped, median lead | alert before ES | NaN check | AlphaDrift stopped, "
                 "median lead |",
@@ -189,7 +192,7 @@ def markdown(result: dict) -> str:
         out += ["", *skipped, "", "## Failure corpus: every run (steps)", "",
                 "| run | ground truth | final / best val acc | first new alert (lead) | rules of the new alerts | "
                 "first alert of any rule (lead) | EarlyStopping (lead vs GT; alert lead) | NaN check (alert lead) | "
-                "AlphaDrift (lead) |",
+                "AlphaDrift (lead; vs ES) |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for r in result["failures"]:
             out.append(f"| {r['label']} | {_f(r['gt_step'], 'd', 'none')} | {_f(r['final_val_acc'], '.3f')} / "
@@ -198,17 +201,19 @@ def markdown(result: dict) -> str:
                        f"{_a(r['first_alert'])} ({_f(r['lead_gt_any'], 'd')}) | {_f(r['es_step'], 'd', 'never')} "
                        f"({_f(r['es_lead_gt'], 'd')}; {_f(r['lead_es'], 'd')}) | {_f(r['nan_step'], 'd', 'never')} "
                        f"({_f(r['lead_nan'], 'd')}) | "
-                       f"{_f(r['drift_step'], 'd', 'never')} ({_f(r['drift_lead_gt'], 'd')}) |")
+                       f"{_f(r['drift_step'], 'd', 'never')} ({_f(r['drift_lead_gt'], 'd')}; "
+                       f"{_f(r['drift_lead_es'], 'd')}) |")
     if result["healthy"]:
         out += ["", "## Healthy corpus: false alarms at the defaults", "",
                 f"{o['healthy_alarms']} alarms in {o['healthy_runs']} healthy runs "
                 f"({o['healthy_alarms'] / max(o['healthy_runs'], 1):.2f} per run; {o['healthy_runs_with_alarm']} runs "
                 f"with at least one); AlphaDriftEarlyStopping() would have stopped {o['healthy_drift_stops']}.", "",
-                "| run | width x depth | optimizer, schedule | final val acc | alarms | AlphaDrift stop |",
+                "| run | width x depth | optimizer, schedule, init | final val acc | alarms | AlphaDrift stop |",
                 "|---|---|---|---|---|---|"]
         for h in result["healthy"]:
             alarms = "; ".join(f"`{a['rule']}` {a['layer']} @{a['step']} ({a['value']:.2f})" for a in h["alarms"])
-            out.append(f"| {h['label']} | {h['width']} x {h['depth']} | {h['optimizer']}, {h['schedule']} | "
+            init = f"N(0, {h['init_std']:g}^2)" if h.get("init_std") is not None else "PyTorch default"
+            out.append(f"| {h['label']} | {h['width']} x {h['depth']} | {h['optimizer']}, {h['schedule']}, {init} | "
                        f"{h['final_val_acc']:.3f} | {h['num_alarms']}{': ' + alarms if alarms else ''} | "
                        f"{_f(h['drift_step'], 'd', 'none')} |")
     if result.get("what_if"):

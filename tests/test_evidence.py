@@ -122,6 +122,7 @@ def test_lead_times_from_logged_steps(run):
         assert row["lead_nan"] == sub(nan, at)
         assert row["drift_lead_gt"] == sub(row["gt_step"], drift)
         assert row["es_lead_gt"] == sub(row["gt_step"], es)
+        assert row["drift_lead_es"] == sub(es, drift)
         first_any = raised(rec)[0] if raised(rec) else None
         assert row["lead_gt_any"] == sub(row["gt_step"], None if first_any is None else first_any["step"])
     o = result["overall"]
