@@ -113,12 +113,26 @@ def parse(argv):
 
 
 def main(argv=None) -> dict:
+    """Run the benchmark; returns what it wrote to ``results.json``. Called in-process (the
+    test does), it puts back the torch thread count and Lightning's log levels it changed."""
     args = parse(argv)
     import pytorch_lightning  # noqa: F401  (its loggers exist once imported)
+    import torch
 
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    C.set_threads(args.threads)
+    quiet = ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric")
+    levels, threads = {n: logging.getLogger(n).level for n in quiet}, torch.get_num_threads()
+    try:
+        for name in quiet:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        C.set_threads(args.threads)
+        return run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def run(args, argv) -> dict:
     seeds = list(range(args.seeds))
     started, load_before, t0 = datetime.datetime.now().isoformat(timespec="seconds"), uptime(), time.perf_counter()
 
@@ -141,7 +155,8 @@ def main(argv=None) -> dict:
     n_var = args.variants if args.variants is not None else len(R.variants(args.quick))
     rank_rows = R.run(args.quick, limit=n_var, progress=say) if n_var else []
     result = {
-        "meta": {"command": "python benchmarks/bench_evidence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "meta": {"command": " ".join(["python benchmarks/bench_evidence.py",
+                                      *(argv if argv is not None else sys.argv[1:])]),
                  "started": started, "uptime_before": load_before, "machine": platform.platform(),
                  "cpus": os.cpu_count(), "python": platform.python_version(), "monitor_kwargs": MONITOR_KWARGS,
                  "es_patience": M.ES_PATIENCE, "ground_truth_rules": M.GROUND_TRUTH_RULES},

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from scipy import stats
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -25,7 +26,9 @@ def run(tmp_path_factory):
         import bench_evidence
     finally:
         sys.path.remove(str(BENCH))
+    threads = torch.get_num_threads()
     bench_evidence.main([*ARGS, "--out", str(out)])
+    assert torch.get_num_threads() == threads  # the in-process run puts the process back as it was
     with open(out / "results.json") as f:
         result = json.load(f)  # what was written, not the in-memory object
     return result, out
