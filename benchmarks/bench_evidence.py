@@ -60,6 +60,7 @@ import evidence_figures as F  # noqa: E402
 import evidence_metrics as M  # noqa: E402
 import evidence_ranking as R  # noqa: E402
 import evidence_report as P  # noqa: E402
+from ww_monitor.monitoring.alerts import ALPHA_LOW_EXCLUDE  # noqa: E402
 
 #: What the callback runs with (module docstring: why these two differ from the defaults).
 MONITOR_KWARGS = {"blocking": True, "figures_every_n_snapshots": None}
@@ -69,8 +70,9 @@ WHAT_IF = {
     "defaults": {},
     "alpha_high = 4 (the default before this benchmark)": {"alpha_high": 4.0},
     "alpha_high = 5": {"alpha_high": 5.0},
-    "no alpha_low on attention q, k": {"alpha_low_skip": r"self_attn\.[qk]$"},
-    "no alpha_low on any attention projection": {"alpha_low_skip": r"self_attn\."},
+    "alpha_low also on attention q, k (alpha_low_exclude=())": {"alpha_low_exclude": ()},
+    "alpha_low on no attention projection (v, out_proj excluded too)":
+        {"alpha_low_exclude": (*ALPHA_LOW_EXCLUDE, r"self_attn\.(v|out_proj)$")},
     "+ shrinking rule (proposed, not in the package)": {"shrinking": True},
 }
 DEFAULT_OUT = os.path.join(HERE, "results", "evidence")

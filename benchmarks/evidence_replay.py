@@ -44,11 +44,9 @@ def record_history(history) -> list[dict]:
 SHRINK_DECADES = 3.0
 
 
-def proposed_tracker(config=None, shrinking: bool = False, alpha_low_skip: str | None = None):
-    """An ``AlertTracker`` with proposed changes that ``AlertConfig`` cannot express: the
-    ``shrinking`` rule added (:data:`SHRINK_DECADES`), and/or no ``alpha_low`` on layers whose
-    name matches the regular expression ``alpha_low_skip``."""
-    import re
+def proposed_tracker(config=None, shrinking: bool = True):
+    """An ``AlertTracker`` with the proposed ``shrinking`` rule (:data:`SHRINK_DECADES`) added,
+    which ``AlertConfig`` cannot express."""
     from dataclasses import replace
 
     from ww_monitor.monitoring.alerts import AlertConfig, AlertTracker
@@ -61,16 +59,15 @@ def proposed_tracker(config=None, shrinking: bool = False, alpha_low_skip: str |
             self.norm_max: dict[str, float] = {}
 
         def _conditions(self, layers, skipped):
-            for cond in super()._conditions(layers, skipped):
-                if not (alpha_low_skip and cond[0] == "alpha_low" and re.search(alpha_low_skip, cond[1])):
-                    yield cond
+            yield from super()._conditions(layers, skipped)
             for l in layers if shrinking else ():
                 if not math.isfinite(l.log_spectral_norm):
                     continue
                 top = self.norm_max[l.name] = max(self.norm_max.get(l.name, -math.inf), l.log_spectral_norm)
                 if top - l.log_spectral_norm > SHRINK_DECADES:
-                    yield ("shrinking", l.name, top - l.log_spectral_norm, SHRINK_DECADES,
-                           f"{l.name}: lambda_max fell {top - l.log_spectral_norm:.1f} decades below its peak")
+                    detail = f"lambda_max fell {top - l.log_spectral_norm:.1f} decades below its peak"
+                    yield ("shrinking", l.name, top - l.log_spectral_norm, SHRINK_DECADES, f"{l.name}: {detail}",
+                           detail)
 
     return ProposedTracker(replace(config or AlertConfig()))
 

@@ -127,15 +127,15 @@ def ranking(rows: list[dict], n_resamples: int) -> dict:
 
 def what_if(records: dict, configs: dict) -> list[dict]:
     """The headline numbers with the alert rules replayed (``evidence_replay``) under each
-    ``AlertConfig(**kwargs)`` of ``configs`` on the same runs (``shrinking`` and ``alpha_low_skip``
-    in kwargs go to ``evidence_replay.proposed_tracker``); AlphaDrift and the baselines do not
+    ``AlertConfig(**kwargs)`` of ``configs`` on the same runs (``shrinking=True`` in kwargs adds
+    the rule of ``evidence_replay.proposed_tracker``); AlphaDrift and the baselines do not
     depend on the alert rules."""
     from ww_monitor.monitoring.alerts import AlertConfig
 
     out = []
     for name, kwargs in configs.items():
         kwargs = dict(kwargs)
-        proposed = {k: kwargs.pop(k) for k in ("shrinking", "alpha_low_skip") if k in kwargs}
+        proposed = {k: kwargs.pop(k) for k in ("shrinking",) if k in kwargs}
 
         def tracker():  # changes AlertConfig cannot express (evidence_replay.proposed_tracker)
             return RP.proposed_tracker(AlertConfig(**kwargs), **proposed) if proposed else None
