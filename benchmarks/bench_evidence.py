@@ -2,9 +2,9 @@
 on healthy runs, and how well spectral metrics rank models without test data.
 
     python benchmarks/bench_evidence.py                 # full: 3 seeds, both architectures, 32 variants
-                                                        # (21 min on a shared 2-core VM at a load of ~5)
+                                                        # (10 min on a shared 2-core VM at a load of ~3, 21 at ~5)
     python benchmarks/bench_evidence.py --quick         # CI-sized: 1 seed, a smaller healthy grid, 16 variants
-                                                        # (3.5 min at a load of 2-5)
+                                                        # (2-3.5 min at a load of 0.4-5)
     python benchmarks/bench_evidence.py --quick --cases label_noise,lr_too_high --archs mlp \\
         --healthy-grid 0 --variants 6                   # the subset tests/test_evidence.py runs
 
