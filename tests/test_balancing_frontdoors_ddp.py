@@ -102,6 +102,10 @@ SCRIPT = textwrap.dedent('''
                    "failures": hf.stats["failures"], "ref": ref}}
     with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
         json.dump({{"loop": loop, "hf": huggingface}}, f)
+    # Tear the process group down before the interpreter exits: left to exit-time destructors,
+    # gloo's threads can abort the process ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 ''')
 
 
