@@ -60,20 +60,33 @@ import evidence_figures as F  # noqa: E402
 import evidence_metrics as M  # noqa: E402
 import evidence_ranking as R  # noqa: E402
 import evidence_report as P  # noqa: E402
-from ww_monitor.monitoring.alerts import ALPHA_LOW_EXCLUDE  # noqa: E402
+from ww_monitor.monitoring.alerts import ALPHA_LOW_EXCLUDE, RULES  # noqa: E402
 
 #: What the callback runs with (module docstring: why these two differ from the defaults).
 MONITOR_KWARGS = {"blocking": True, "figures_every_n_snapshots": None}
+#: The alert rules as they were before the model-level band conditions and the shrinking rule.
+PREVIOUS_DEFAULTS = {"alpha_low_sigmas": 0.0, "alpha_low_min_share": 0.0, "alpha_high_min_share": 0.0,
+                     "enabled": tuple(r for r in RULES if r != "shrinking")}
 #: Alert settings whose effect on the same runs is replayed (``evidence_replay``): the defaults
-#: first, then each proposed change on its own.
+#: first, the previous defaults, then one change at a time from the defaults.
 WHAT_IF = {
     "defaults": {},
-    "alpha_high = 4 (the default before this benchmark)": {"alpha_high": 4.0},
-    "alpha_high = 5": {"alpha_high": 5.0},
+    "previous defaults (any one layer outside [2, 6]; no shrinking rule)": PREVIOUS_DEFAULTS,
+    "previous defaults + shrinking": {**PREVIOUS_DEFAULTS, "enabled": RULES},
+    "alpha_low: no share condition (alpha_low_min_share=0)": {"alpha_low_min_share": 0.0},
+    "alpha_low: no margin (alpha_low_sigmas=0)": {"alpha_low_sigmas": 0.0},
+    "alpha_low: 1 standard error (alpha_low_sigmas=1)": {"alpha_low_sigmas": 1.0},
+    "alpha_low only on heavy-tailed layers, no margin or share (replay only)":
+        {"alpha_low_sigmas": 0.0, "alpha_low_min_share": 0.0, "low_phases": ("heavy-tailed",)},
+    "alpha_high on any one layer (alpha_high_min_share=0)": {"alpha_high_min_share": 0.0},
+    "alpha_high like alpha_low: 2 standard errors, more than 20%":
+        {"alpha_high_sigmas": 2.0, "alpha_high_min_share": 0.2},
+    "alpha_high = 4": {"alpha_high": 4.0},
+    "alpha_confirm_snapshots = 1": {"alpha_confirm_snapshots": 1},
+    "alpha_confirm_snapshots = 3": {"alpha_confirm_snapshots": 3},
     "alpha_low also on attention q, k (alpha_low_exclude=())": {"alpha_low_exclude": ()},
     "alpha_low on no attention projection (v, out_proj excluded too)":
         {"alpha_low_exclude": (*ALPHA_LOW_EXCLUDE, r"self_attn\.(v|out_proj)$")},
-    "+ shrinking rule (proposed, not in the package)": {"shrinking": True},
 }
 DEFAULT_OUT = os.path.join(HERE, "results", "evidence")
 FULL = {"seeds": 3, "healthy_grid": 16, "variants": None, "resamples": 2000}

@@ -125,29 +125,45 @@ def ranking(rows: list[dict], n_resamples: int) -> dict:
                         "correlations": ranking_table(trained, n_resamples) if len(trained) > 3 else {}}}
 
 
+#: The groups of runs each what-if row is also given for (the check against over-fitting the
+#: rules to these runs: a change chosen for its reason must help on every group alike).
+SPLITS = {"MLP": lambda spec: spec["arch"] == "mlp", "transformer": lambda spec: spec["arch"] == "transformer",
+          "seeds 0-1": lambda spec: spec["seed"] in (0, 1), "seed 2": lambda spec: spec["seed"] == 2}
+
+
+def _replayed_numbers(replayed: dict) -> tuple[dict, list, list]:
+    healthy = [r for r in replayed.values() if r["spec"]["kind"] == "healthy"]
+    pairs = M.healthy_pairs(healthy)
+    rows = [failure_row(r, pairs) for r in replayed.values() if r["spec"]["kind"] != "healthy"]
+    return overall(rows, [healthy_row(r) for r in healthy]), rows, healthy
+
+
 def what_if(records: dict, configs: dict) -> list[dict]:
     """The headline numbers with the alert rules replayed (``evidence_replay``) under each
-    ``AlertConfig(**kwargs)`` of ``configs`` on the same runs (``shrinking=True`` in kwargs adds
-    the rule of ``evidence_replay.proposed_tracker``); AlphaDrift and the baselines do not
-    depend on the alert rules."""
+    ``AlertConfig(**kwargs)`` of ``configs`` on the same runs (``low_phases`` in kwargs: the
+    replay-only candidate of ``evidence_replay.candidate_tracker``), overall and per group of
+    :data:`SPLITS` (detections count against the healthy runs of the same group). AlphaDrift and
+    the baselines do not depend on the alert rules."""
     from ww_monitor.monitoring.alerts import AlertConfig
 
     out = []
     for name, kwargs in configs.items():
         kwargs = dict(kwargs)
-        proposed = {k: kwargs.pop(k) for k in ("shrinking",) if k in kwargs}
-
-        def tracker():  # changes AlertConfig cannot express (evidence_replay.proposed_tracker)
-            return RP.proposed_tracker(AlertConfig(**kwargs), **proposed) if proposed else None
-        replayed = {k: dict(r, alerts=RP.replay(r["layer_history"], AlertConfig(**kwargs), tracker()))
+        low_phases = kwargs.pop("low_phases", None)
+        config = AlertConfig(**kwargs)
+        replayed = {k: dict(r, alerts=RP.replay(r["layer_history"], config, RP.candidate_tracker(config, low_phases)))
                     for k, r in records.items()}
-        healthy = [r for r in replayed.values() if r["spec"]["kind"] == "healthy"]
-        pairs = M.healthy_pairs(healthy)
-        rows = [failure_row(r, pairs) for r in replayed.values() if r["spec"]["kind"] != "healthy"]
-        o = overall(rows, [healthy_row(r) for r in healthy])
+        o, rows, healthy = _replayed_numbers(replayed)
+        splits = {}
+        for split, member in SPLITS.items():
+            part = {k: r for k, r in replayed.items() if member(r["spec"])}
+            if part:
+                so = _replayed_numbers(part)[0]
+                splits[split] = {k: so[k] for k in ("with_gt", "detected", "healthy_runs", "healthy_alarms")}
         by_rule = Counter(a["rule"] for r in healthy for a in M.raised(r))
         out.append({"name": name, "config": configs[name], "healthy_alarms_by_rule": dict(by_rule),
                     "detected_kinds": sorted({(r["kind"], r["arch"]) for r in rows if r["detected"]}),
+                    "splits": splits,
                     **{k: o[k] for k in ("with_gt", "detected", "detected_before_gt", "median_lead_epochs",
                                          "earlier_than_es", "healthy_runs", "healthy_alarms",
                                          "healthy_runs_with_alarm")}})
@@ -225,6 +241,14 @@ def markdown(result: dict) -> str:
             out.append(f"| {w['name']} | {w['detected']} ({w['detected_before_gt']}) of {w['with_gt']} | "
                        f"{_f(w['median_lead_epochs'])} | {w['earlier_than_es']} | {w['healthy_alarms']} "
                        f"({w['healthy_runs_with_alarm']} of {w['healthy_runs']}) | {rules} |")
+        splits = [s for s in SPLITS if any(s in w.get("splits", {}) for w in result["what_if"])]
+        if splits:
+            out += ["", "By group of runs (detected of runs with GT; healthy alarms in healthy runs):", "",
+                    "| alert settings | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+            for w in result["what_if"]:
+                cells = [(lambda g: f"{g['detected']}/{g['with_gt']}; {g['healthy_alarms']} in {g['healthy_runs']}")(
+                    w["splits"][s]) if s in w.get("splits", {}) else "-" for s in splits]
+                out.append(f"| {w['name']} | " + " | ".join(cells) + " |")
     rk = result["ranking"]
     if rk["rows"]:
         rows = rk["rows"]

@@ -10,9 +10,14 @@ from ww_monitor.analysis.phases import Phase
 from ww_monitor.analysis.results import LayerResult, SkippedLayer
 
 
-def layer(name="fc", alpha=3.0, rank_loss=0, num_evals=100, phase=Phase.HEAVY_TAILED, traps=None, ok=True):
+def layer(name="fc", alpha=3.0, rank_loss=0, num_evals=100, phase=Phase.HEAVY_TAILED, traps=None, ok=True, tail=100):
+    """A layer whose fit rests on ``tail`` eigenvalues: standard error (alpha - 1) / sqrt(tail)."""
     return LayerResult(name=name, kind="linear", N=200, M=num_evals, Q=2.0, num_evals=num_evals, alpha=alpha,
-                       rank_loss=rank_loss, phase=phase, num_traps=traps, fit_ok=ok)
+                       rank_loss=rank_loss, phase=phase, num_traps=traps, fit_ok=ok, num_pl_spikes=tail)
+
+
+#: The alpha band rules as they were before the per-layer margin and the model-level share.
+PER_LAYER_BAND = dict(alpha_low_sigmas=0, alpha_low_min_share=0, alpha_high_min_share=0)
 
 
 def fired(alerts):
@@ -130,7 +135,7 @@ def test_persistent_phase_regression_fires_once_confirmed():
 
 
 def test_alpha_band_needs_confirmation_and_does_not_flap():
-    t = AlertTracker(AlertConfig(alpha_high_warmup=0))
+    t = AlertTracker(AlertConfig(alpha_high_warmup=0, **PER_LAYER_BAND))  # the hysteresis alone
     # Hugging the boundary: never two consecutive snapshots below 2 -> no alert at all.
     for step, a in enumerate((2.01, 1.99, 2.02, 1.98, 2.05, 1.99, 2.3)):
         assert t.update([layer(alpha=a)], [], step, 0) == []
@@ -175,3 +180,110 @@ def test_diverging_layer_gets_diverging_not_rank_collapse_advice():
     assert fired(out) == [("diverging", "fc", False)] and "learning rate" in out[0].message
     assert t.update(snap(30.5, rank_loss=95, alpha=1.2), [], 5, 0) == []  # stays diverging, nothing else
     assert fired(t.update(snap(3.1), [], 6, 0)) == [("diverging", "fc", True)]
+
+
+def _with_norm(log_spec, **kw):
+    r = layer(**kw)
+    r.log_spectral_norm = log_spec
+    return [r]
+
+
+def test_shrinking_layer_gets_shrinking_not_alpha_or_phase_advice():
+    t = AlertTracker(AlertConfig(alpha_confirm_snapshots=1))
+    for step, v in enumerate((1.0, 1.4, 0.5, -1.0, -1.59)):  # up to 2.99 decades below the peak 1.4
+        assert t.update(_with_norm(v), [], step, 0) == [], (step, v)
+    # 3.1 decades below the peak; the spectrum's shape changed too (alpha < 2, a phase regression):
+    # consequences of the same decay, so only shrinking speaks.
+    out = t.update(_with_norm(-1.7, alpha=1.5, phase=Phase.BULK_PLUS_SPIKES), [], 5, 0)
+    assert fired(out) == [("shrinking", "fc", False)]
+    assert out[0].value == pytest.approx(3.1) and out[0].threshold == 3.0
+    assert "weight decay" in out[0].message and "docs/alerts.md#shrinking" in out[0].message
+    assert "1.26e+03x" in out[0].detail
+    assert t.update(_with_norm(-2.5, alpha=1.5, phase=Phase.BULK_PLUS_SPIKES), [], 6, 0) == []  # still shrinking
+    # Back within 3 decades of the peak: shrinking resolves and the other rules read the layer
+    # again (its phase stayed behind the heavy-tailed one it had reached).
+    out = t.update(_with_norm(-1.0, phase=Phase.BULK_PLUS_SPIKES), [], 7, 0)
+    assert fired(out) == [("phase_regression", "fc", False), ("shrinking", "fc", True)]
+
+
+def test_shrinking_ignores_a_divergence_peak_and_can_be_disabled():
+    t = AlertTracker(AlertConfig(alpha_confirm_snapshots=1))
+    t.update(_with_norm(0.5), [], 0, 0)
+    assert fired(t.update(_with_norm(30.0), [], 1, 0)) == [("diverging", "fc", False)]
+    # Back to normal: the divergence resolves, and its peak is not the reference of a "fall".
+    assert fired(t.update(_with_norm(0.4), [], 2, 0)) == [("diverging", "fc", True)]
+    assert t.norm_peak == {"fc": 0.5}
+    off = AlertTracker(AlertConfig(enabled=tuple(r for r in AlertConfig().enabled if r != "shrinking"),
+                                   alpha_confirm_snapshots=1))
+    off.update(_with_norm(1.0), [], 0, 0)
+    # With the rule off, the other rules read the layer as usual.
+    assert fired(off.update(_with_norm(-5.0, alpha=1.5), [], 1, 0)) == [("alpha_low", "fc", False)]
+
+
+def test_shrinking_state_round_trip_and_validation():
+    t = AlertTracker()
+    t.update(_with_norm(2.0), [], 0, 0)
+    u = AlertTracker()
+    u.load_state_dict(t.state_dict())
+    assert u.norm_peak == {"fc": 2.0}
+    assert fired(u.update(_with_norm(-1.5), [], 1, 0)) == [("shrinking", "fc", False)]
+    with pytest.raises(ValueError, match="shrinking_decades"):
+        AlertConfig(shrinking_decades=0)
+
+
+def test_alpha_low_needs_a_fit_that_resolves_it():
+    """alpha + 2 sigma < 2, sigma = (alpha - 1) / sqrt(tail): 1.9 on 25 tail points (sigma 0.18)
+    is not below 2; on 2500 (sigma 0.018) it is; without the margin both are."""
+    def run(tail, **kw):
+        t = AlertTracker(AlertConfig(alpha_confirm_snapshots=1, **kw))
+        return fired(t.update([layer(alpha=1.9, tail=tail)], [], 0, 0))
+
+    assert run(25) == []
+    assert run(2500) == [("alpha_low", "fc", False)]
+    assert run(25, alpha_low_sigmas=0) == [("alpha_low", "fc", False)]
+    t = AlertTracker(AlertConfig(alpha_confirm_snapshots=1))
+    out = t.update([layer(alpha=1.9, tail=2500)], [], 0, 0)
+    assert "alpha=1.90 < 2 (standard error 0.02) in fc (1 of the 1 layers it reads)" in out[0].message
+
+
+def test_alpha_low_fires_when_more_than_a_fifth_of_the_layers_it_reads_are_below():
+    def snap(low):  # 10 layers the rule reads (+ a query projection it skips), `low` of them at 1.5
+        return ([layer(f"l{i}", alpha=1.5 if i < low else 3.0) for i in range(10)]
+                + [layer("attn.q_proj", alpha=1.5)])
+
+    t = AlertTracker()
+    for step in range(3):  # 2 of 10 = 20%, not more: what well-trained models show
+        assert t.update(snap(2), [], step, 0) == []
+    assert t.update(snap(3), [], 3, 0) == []  # 30%: confirmed on the next snapshot
+    out = t.update(snap(3), [], 4, 0)
+    assert fired(out) == [("alpha_low", f"l{i}", False) for i in range(3)]
+    assert "(3 of the 10 layers it reads)" in out[0].message
+    # The share falls back to 20%: every layer of the finding resolves (after as many snapshots).
+    assert t.update(snap(2), [], 5, 0) == []
+    assert fired(t.update(snap(2), [], 6, 0)) == [("alpha_low", f"l{i}", True) for i in range(3)]
+    old = AlertTracker(AlertConfig(alpha_confirm_snapshots=1, **PER_LAYER_BAND))
+    assert fired(old.update(snap(1), [], 0, 0)) == [("alpha_low", "l0", False)]  # the former behaviour
+
+
+def test_alpha_high_fires_when_most_of_the_model_is_above_6_after_the_warmup():
+    def snap(high):  # 4 layers, `high` of them at alpha 8 (a thin tail: sigma 0.7 on 100 points)
+        return [layer(f"l{i}", alpha=8.0 if i < high else 3.0) for i in range(4)]
+
+    t = AlertTracker(AlertConfig(alpha_high_warmup=1, alpha_confirm_snapshots=1))
+    assert t.update(snap(4), [], 0, 0) == []  # warm-up
+    assert t.update(snap(2), [], 1, 0) == []  # half the model: not most of it
+    out = t.update(snap(3), [], 2, 0)
+    assert fired(out) == [("alpha_high", f"l{i}", False) for i in range(3)]
+    assert "(3 of the 4 layers it reads)" in out[0].message
+    margin = AlertTracker(AlertConfig(alpha_high_warmup=0, alpha_confirm_snapshots=1, alpha_high_sigmas=3))
+    assert margin.update(snap(4), [], 0, 0) == []  # 8 - 3 x 0.7 = 5.9: not resolved above 6
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(alpha_low_sigmas=-1), "alpha_low_sigmas"), (dict(alpha_high_sigmas=math.inf), "alpha_high_sigmas"),
+    (dict(alpha_low_min_share=1.0), "alpha_low_min_share"), (dict(alpha_high_min_share=-0.1), "alpha_high_min_share"),
+    (dict(alpha_high_min_share="half"), "alpha_high_min_share"),
+])
+def test_band_settings_are_validated(kwargs, name):
+    with pytest.raises(ValueError, match=f"AlertConfig: `{name}`"):
+        AlertConfig(**kwargs)

@@ -65,6 +65,35 @@ def trainer(callbacks, epochs=4, **kw):
                       enable_model_summary=False, enable_checkpointing=False, **kw)
 
 
+class DecayedMLP(MLP):
+    def __init__(self, weight_decay: float):
+        super().__init__(lr=0.1)
+        self.weight_decay = weight_decay
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 3.0])
+def test_weight_decay_that_erases_the_layers_raises_shrinking(weight_decay):
+    """lr x weight decay = 0.3: every step keeps 70% of the weights (8 steps an epoch), so the
+    largest eigenvalues fall ~2.5 decades an epoch; without weight decay nothing shrinks."""
+    fired = []
+    ww = wwm.WeightWatcherCallback(every_n_epochs=1, blocking=True, figures_every_n_snapshots=None,
+                                   on_alert=fired.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WWMonitorAlert)
+        trainer([ww], epochs=3).fit(DecayedMLP(weight_decay), loader())
+    shrinking = [a for a in fired if a.rule == "shrinking" and not a.resolved]
+    if weight_decay == 0:
+        assert shrinking == []
+        return
+    assert {"fc1", "fc2"} <= {a.layer for a in shrinking}
+    assert all(a.value > a.threshold == 3.0 and a.step > 0 for a in shrinking)
+    # The decay is the finding; no alpha advice on the same layers ("over-trained?" would mislead).
+    assert not [a for a in fired if a.rule.startswith("alpha") and a.layer in {"fc1", "fc2"}]
+
+
 def test_non_finite_layer_alerts_and_training_continues():
     fired = []
     ww = wwm.WeightWatcherCallback(every_n_epochs=1, blocking=True, figures_every_n_snapshots=None, on_alert=fired.append)

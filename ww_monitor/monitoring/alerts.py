@@ -4,57 +4,33 @@ An alert fires when a layer *enters* a bad state and a resolved notice when it l
 is repeated while a layer stays put. The rules are pure: :class:`AlertTracker` turns a snapshot
 (layer results + skipped layers) into :class:`Alert` objects; the callback carries out actions.
 What each rule means and what to do about it: ``docs/alerts.md`` (linked from every message).
-
-Default thresholds and why:
-
-* ``alpha_low = 2.0``: 80-90% of layers of well-trained production models have alpha in [2, 4]
-  (Martin & Mahoney, JMLR 2021); alpha < 2 signals over-training (very heavy tails).
-* ``alpha_high = 6.0``: above 6 a layer's spectrum is close to random (little learned
-  correlation). Not 4, the upper edge of that band: layers at 4-6 are common in small,
-  well-trained transformers, and at 4 this rule was the main source of false alarms on the
-  healthy runs of ``benchmarks/bench_evidence.py`` while adding almost no detection
-  (``docs/evidence.md``, the table of replayed alert settings).
-* ``alpha_high_warmup = 5`` snapshots: every layer starts random-like with a large alpha, so the
-  high-alpha rule only speaks once training had time to move the spectrum.
-* ``alpha_min_evals = 50``: the alpha rules ignore layers with fewer eigenvalues, and layers
-  whose fit is not reliable (:mod:`ww_monitor.analysis.reliability`): a power-law fit on a handful of
-  points swings by several units between snapshots, and an alert on it would be noise.
-* ``alpha_confirm_snapshots = 2``: alpha must be outside the band on this many consecutive
-  snapshots to fire, and back inside on as many to resolve, so a layer hugging a boundary
-  (alpha 1.99, 2.01, 1.98 ...) neither flaps nor fires on one noisy fit.
-* ``rank_loss_fraction = 0.1``: a tenth of a layer's directions below the precision-aware rank
-  tolerance is far beyond what healthy layers show (they lose none) yet well before collapse.
-  Fires at once: zeros are not a fit, so there is no noise to confirm away.
-* ``phase_regression_steps = 2`` and ``phase_confirm_snapshots = 2``: a phase counts once the
-  layer showed it on two consecutive snapshots (a one-snapshot excursion across a rule's
-  boundary is not a change); the rule fires when the confirmed phase is at least two phases
-  behind the furthest confirmed phase (e.g. heavy-tailed -> bulk+spikes), or in rank-collapse
-  after another phase. Active while the layer stays there, so it fires once.
-
-* ``diverging_decades = 3.0``: lambda_max (the squared spectral norm) of a layer grew more than
-  1000x above its last value before the jump. Healthy training moves log10(lambda_max) by at
-  most ~0.6 between epoch snapshots, and by 2.1 over the first 10 epochs of an unregularised
-  over-fitting run (``bench_signals.py``); a learning rate that diverges moves it by 6-30
-  decades in one snapshot. Fires at once and stays
-  until lambda_max is back within the factor of that reference.
+The thresholds, and why they are what they are: :mod:`ww_monitor.monitoring.alert_config`.
 
 Rules that explain each other are ordered: a diverging layer gets no rank_collapse ("too much
 regularization" would point the wrong way: one exploding direction makes the rest look like
-zeros next to it), alpha_low or phase_regression; a layer whose rank collapsed (rank_collapse holds)
+zeros next to it), shrinking, alpha_low or phase_regression; a shrinking layer gets no alpha or
+phase_regression advice ("over-trained?", "under-trained?" or "correlations lost?" would hide
+the cause, and adding weight decay would make it worse; rank_collapse still fires, it says the
+same: too much regularization); a layer whose rank collapsed (rank_collapse holds)
 gets no alpha_high/alpha_low advice (zeros distort the fit; "under-trained?" would point the
 wrong way) and no phase_regression into rank-collapse (the same finding twice).
+
+The two alpha band rules read the model as well as the layer: a layer counts when its alpha is
+outside the band by more than the configured number of the fit's standard errors, and the rule
+fires only when such layers are more than a configured share of the layers it reads
+(:meth:`AlertTracker._band_conditions`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 from ..analysis.phases import Phase
 from ..analysis.results import LayerResult, SkippedLayer
+from .alert_config import ACTIONS, ALPHA_LOW_EXCLUDE, BAND_RULES, RULES, AlertConfig
 
 __all__ = [
     "Alert", "AlertConfig", "AlertTracker", "AlertError", "WWMonitorAlert",
@@ -75,26 +51,14 @@ class AlertError(RuntimeError):
         super().__init__(alert.message)
         self.alert = alert
 
-# Ordered by severity: alerts of one snapshot are reported in this order.
-RULES = ("non_finite", "diverging", "rank_collapse", "phase_regression", "alpha_low", "alpha_high",
-         "correlation_traps")
-ACTIONS = ("log", "warn", "tensorboard", "callback", "raise", "stop")
-# "log" is opt-in: with "warn" on too, an unconfigured logging setup would print each alert twice.
-DEFAULT_ACTIONS = ("warn", "tensorboard", "callback")
 NON_FINITE_REASON = "non-finite weights"
 #: Where each rule's meaning, likely causes and remedies are explained (anchor = rule name).
 ALERT_DOCS = "docs/alerts.md"
-#: Layers the ``alpha_low`` rule skips by default: attention query/key projections, by the last part
-#: of the name (LLaMA/Mistral/OPT ``q_proj``/``k_proj``, BERT ``query``/``key``, T5 ``q``/``k``,
-#: DistilBERT ``q_lin``/``k_lin``, Meta LLaMA ``wq``/``wk``, diffusers ``to_q``/``to_k``). On the
-#: LLaMA copy task (``benchmarks/bench_transformer_alerts.py``) their alpha is below 2 alike in runs
-#: that generalise and runs that only memorise, so there it says nothing about over-training
-#: (docs/alerts.md#alpha_low has the numbers). Fused q/k/v matrices are not skipped.
-ALPHA_LOW_EXCLUDE = (r"(^|\.)(q_proj|k_proj|query|key|q|k|q_lin|k_lin|wq|wk|to_q|to_k)$",)
 #: What each rule's finding suggests, in the messages and the grouped summaries.
 RULE_MEANING = {
     "non_finite": "not analysed; the loss may have become NaN/Inf",
     "diverging": "learning rate too high?",
+    "shrinking": "weights decaying to zero: weight decay too strong?",
     "rank_collapse": "too much regularization (weight decay) or dead units?",
     "phase_regression": "learned correlations being lost?",
     "alpha_low": "very heavy-tailed, possibly over-trained",
@@ -147,73 +111,6 @@ class Alert:
         return f"{ALERT_DOCS}#{self.rule}"
 
 
-@dataclass(frozen=True)
-class AlertConfig:
-    """Thresholds, enabled rules and per-rule actions. Validated on creation."""
-
-    alpha_low: float = 2.0
-    alpha_high: float = 6.0
-    alpha_high_warmup: int = 5
-    alpha_min_evals: int = 50
-    rank_loss_fraction: float = 0.1
-    phase_regression_steps: int = 2
-    max_traps: int = 0
-    enabled: tuple[str, ...] = RULES
-    actions: dict = field(default_factory=dict)  # rule -> tuple of actions; missing: DEFAULT_ACTIONS
-    alpha_confirm_snapshots: int = 2
-    phase_confirm_snapshots: int = 2
-    diverging_decades: float = 3.0
-    alpha_low_exclude: tuple[str, ...] = ALPHA_LOW_EXCLUDE
-
-    def __post_init__(self):
-        from collections.abc import Mapping
-
-        from ..errors import WWMonitorError
-        from ..validation import check_int, check_names, check_number
-
-        owner = "AlertConfig"
-        check_number("alpha_low", self.alpha_low, owner=owner)
-        check_number("alpha_high", self.alpha_high, owner=owner)
-        if not self.alpha_low < self.alpha_high:
-            raise WWMonitorError(f"{owner}: `alpha_low` ({self.alpha_low}) must be below `alpha_high` ({self.alpha_high}).")
-        check_number("rank_loss_fraction", self.rank_loss_fraction, above=0.0, at_most=1.0, owner=owner)
-        check_int("alpha_high_warmup", self.alpha_high_warmup, 0, owner=owner)
-        check_int("alpha_min_evals", self.alpha_min_evals, 0, owner=owner)
-        check_int("phase_regression_steps", self.phase_regression_steps, 1, owner=owner)
-        check_int("max_traps", self.max_traps, 0, owner=owner)
-        enabled = check_names("enabled", self.enabled, RULES, "alert rule", owner=owner)
-        if not isinstance(self.actions, Mapping):
-            raise WWMonitorError(f"{owner}: `actions` must be a dict of rule -> actions, got {self.actions!r}.")
-        check_names("actions", tuple(self.actions), RULES, "alert rule", owner=owner)
-        actions = {r: check_names(f"actions[{r!r}]", a, ACTIONS, "action", owner=owner)
-                   for r, a in self.actions.items()}
-        check_int("alpha_confirm_snapshots", self.alpha_confirm_snapshots, 1, owner=owner)
-        check_int("phase_confirm_snapshots", self.phase_confirm_snapshots, 1, owner=owner)
-        check_number("diverging_decades", self.diverging_decades, above=0.0, owner=owner)
-        exclude = (self.alpha_low_exclude,) if isinstance(self.alpha_low_exclude, str) else self.alpha_low_exclude
-        try:
-            exclude = tuple(exclude)
-            compiled = tuple(re.compile(p) for p in exclude)
-        except (TypeError, re.error) as err:
-            raise WWMonitorError(f"{owner}: `alpha_low_exclude` must be a regex or a sequence of regexes "
-                                 f"({err}).") from None
-        object.__setattr__(self, "alpha_low_exclude", exclude)
-        object.__setattr__(self, "_alpha_low_exclude", compiled)
-        object.__setattr__(self, "enabled", enabled)
-        object.__setattr__(self, "actions", actions)
-
-    def actions_for(self, rule: str) -> tuple[str, ...]:
-        return self.actions.get(rule, DEFAULT_ACTIONS)
-
-    def alpha_low_applies(self, layer: str) -> bool:
-        """The ``alpha_low`` rule looks at ``layer`` (it matches no ``alpha_low_exclude`` regex)."""
-        return not any(p.search(layer) for p in self._alpha_low_exclude)
-
-    def confirm_for(self, rule: str) -> int:
-        """Consecutive snapshots a condition must hold to fire (and be clear to resolve)."""
-        return self.alpha_confirm_snapshots if rule in ("alpha_low", "alpha_high") else 1
-
-
 class AlertTracker:
     """Evaluates the rules snapshot after snapshot and remembers which conditions are active."""
 
@@ -226,6 +123,7 @@ class AlertTracker:
         self.held: dict[tuple[str, str], int] = {}  # condition -> consecutive snapshots it held (not yet fired)
         self.cleared: dict[tuple[str, str], int] = {}  # active alert -> consecutive snapshots it was clear
         self.norm_ref: dict[str, float] = {}  # layer -> log10(lambda_max) before any divergence
+        self.norm_peak: dict[str, float] = {}  # layer -> largest log10(lambda_max) outside divergences
         self.snapshots_seen = 0
         self.num_fired = 0
 
@@ -256,8 +154,9 @@ class AlertTracker:
             if rule in self.config.enabled:
                 now[(rule, layer)] = (value, threshold, message, detail)
         for l in layers:  # the reference of the diverging rule follows the layer until it jumps
-            if math.isfinite(l.log_spectral_norm) and ("diverging", l.name) not in now:
+            if math.isfinite(l.log_spectral_norm) and self._jump(l) <= self.config.diverging_decades:
                 self.norm_ref[l.name] = float(l.log_spectral_norm)
+                self.norm_peak[l.name] = max(self.norm_peak.get(l.name, -math.inf), float(l.log_spectral_norm))
 
         raised: list[Alert] = []
         resolved: list[Alert] = []
@@ -291,24 +190,67 @@ class AlertTracker:
         self.num_fired += len(raised)
         return raised + resolved
 
+    def _jump(self, l: LayerResult) -> float:
+        """log10 of how far lambda_max rose above the diverging rule's reference (0 without one)."""
+        ref = self.norm_ref.get(l.name)
+        return l.log_spectral_norm - ref if ref is not None and math.isfinite(l.log_spectral_norm) else 0.0
+
+    def _fall(self, l: LayerResult) -> float:
+        """log10 of how far lambda_max fell below the largest it had (0 without one)."""
+        peak = self.norm_peak.get(l.name)
+        return peak - l.log_spectral_norm if peak is not None and math.isfinite(l.log_spectral_norm) else 0.0
+
+    def _band_layer(self, l: LayerResult, band: dict) -> None:
+        """Count a layer with a trusted fit for the band rules that read it, and note it where
+        its alpha is outside the band by more than the margin (``band``: rule -> [read, layers])."""
+        c = self.config
+        sigma = (l.alpha - 1.0) / math.sqrt(l.num_pl_spikes) if l.num_pl_spikes > 0 else math.inf
+        for rule in BAND_RULES:
+            if rule == "alpha_low" and not c.alpha_low_applies(l.name):
+                continue
+            if rule == "alpha_high" and self.snapshots_seen <= c.alpha_high_warmup:
+                continue
+            band[rule][0] += 1
+            sigmas = c.band(rule)[0]
+            margin = sigmas * sigma if sigmas > 0 else 0.0  # no margin asked: an unknown sigma is no bar
+            if (l.alpha + margin < c.alpha_low) if rule == "alpha_low" else (l.alpha - margin > c.alpha_high):
+                band[rule][1].append((l, sigma))
+
+    def _band_conditions(self, band: dict):
+        """The band rules read the model too: a rule holds on its layers only when they are more
+        than its ``min_share`` of the layers it reads (:mod:`.alert_config`: why)."""
+        c = self.config
+        for rule in BAND_RULES:
+            read, outside = band[rule]
+            if not outside or not len(outside) / read > c.band(rule)[1]:
+                continue
+            threshold = c.alpha_low if rule == "alpha_low" else c.alpha_high
+            for l, sigma in outside:
+                sign = "<" if rule == "alpha_low" else ">"
+                detail = f"alpha={format_vs(l.alpha, threshold)} {sign} {threshold:g} (standard error {sigma:.2f})"
+                share = f"{len(outside)} of the {read} layers it reads"
+                yield (rule, l.name, l.alpha, threshold, _with_docs(
+                    f"{detail} in {l.name} ({share}): {RULE_MEANING[rule]}", rule), detail)
+
     def _conditions(self, layers, skipped):
         """``(rule, layer, value, threshold, message, detail)`` of every condition that holds now."""
         c = self.config
+        band = {rule: [0, []] for rule in BAND_RULES}  # rule -> [layers read, layers outside the band]
         for s in skipped:
             if s.reason.startswith(NON_FINITE_REASON):
                 yield ("non_finite", s.name, math.nan, math.nan, _with_docs(
                     f"layer {s.name} has NaN/Inf weights", "non_finite"), "NaN/Inf weights")
         for l in layers:
-            ref = self.norm_ref.get(l.name)
-            jump = l.log_spectral_norm - ref if ref is not None and math.isfinite(l.log_spectral_norm) else 0.0
+            jump = self._jump(l)
             diverging = jump > c.diverging_decades and "diverging" in c.enabled
             if jump > c.diverging_decades:
-                detail = f"largest eigenvalue grew {10 ** jump:.3g}x (log10 +{jump:.2f} > {c.diverging_decades:g})"
-                yield ("diverging", l.name, jump, c.diverging_decades, _with_docs(
-                    f"{l.name} is diverging: its {detail} since before the jump; {RULE_MEANING['diverging']}",
-                    "diverging"), detail)
+                yield _norm_condition("diverging", l.name, jump, c.diverging_decades)
             if diverging:
                 continue  # everything else on this layer is a consequence of the explosion
+            fall = self._fall(l)
+            shrinking = fall > c.shrinking_decades and "shrinking" in c.enabled
+            if fall > c.shrinking_decades:
+                yield _norm_condition("shrinking", l.name, fall, c.shrinking_decades)
             frac = l.rank_loss / l.num_evals if l.num_evals else 0.0
             collapsed = frac > c.rank_loss_fraction and "rank_collapse" in c.enabled
             if frac > c.rank_loss_fraction:
@@ -318,21 +260,16 @@ class AlertTracker:
                     f"rank collapse in {l.name}: {detail}; {RULE_MEANING['rank_collapse']}", "rank_collapse"), detail)
             is_collapsed_phase = l.phase is not None and Phase(l.phase) == Phase.RANK_COLLAPSE
             alpha_ok = (l.fit_ok and l.reliable and l.num_evals >= c.alpha_min_evals and not collapsed
-                        and not is_collapsed_phase)
-            if alpha_ok and l.alpha < c.alpha_low and c.alpha_low_applies(l.name):
-                detail = f"alpha={format_vs(l.alpha, c.alpha_low)} < {c.alpha_low:g}"
-                yield ("alpha_low", l.name, l.alpha, c.alpha_low, _with_docs(
-                    f"{detail} in {l.name}: {RULE_MEANING['alpha_low']}", "alpha_low"), detail)
-            if alpha_ok and l.alpha > c.alpha_high and self.snapshots_seen > c.alpha_high_warmup:
-                detail = f"alpha={format_vs(l.alpha, c.alpha_high)} > {c.alpha_high:g}"
-                yield ("alpha_high", l.name, l.alpha, c.alpha_high, _with_docs(
-                    f"{detail} in {l.name}: {RULE_MEANING['alpha_high']}", "alpha_high"), detail)
+                        and not is_collapsed_phase and not shrinking)
+            if alpha_ok:
+                self._band_layer(l, band)
             if l.num_traps is not None and l.num_traps > c.max_traps:
                 detail = f"{l.num_traps} correlation trap(s)"
                 yield ("correlation_traps", l.name, float(l.num_traps), float(c.max_traps), _with_docs(
                     f"{detail} in {l.name}: {RULE_MEANING['correlation_traps']}", "correlation_traps"), detail)
             best, cur = self.best_phase.get(l.name), self.confirmed_phase.get(l.name)
-            if best is None or cur is None or not _regressed(Phase(best), Phase(cur), c.phase_regression_steps):
+            if shrinking or best is None or cur is None or not _regressed(Phase(best), Phase(cur),
+                                                                          c.phase_regression_steps):
                 continue
             if collapsed and Phase(cur) == Phase.RANK_COLLAPSE:
                 continue  # rank_collapse already says it
@@ -341,6 +278,7 @@ class AlertTracker:
                    _with_docs(f"{l.name} regressed from {best} to {cur} (confirmed on "
                               f"{c.phase_confirm_snapshots} consecutive snapshots)", "phase_regression"),
                    f"{best} -> {cur}")
+        yield from self._band_conditions(band)
 
     def state_dict(self) -> dict:
         return {
@@ -351,6 +289,7 @@ class AlertTracker:
             "held": [[r, l, n] for (r, l), n in self.held.items()],
             "cleared": [[r, l, n] for (r, l), n in self.cleared.items()],
             "norm_ref": dict(self.norm_ref),
+            "norm_peak": dict(self.norm_peak),
             "snapshots_seen": self.snapshots_seen,
             "num_fired": self.num_fired,
         }
@@ -364,8 +303,21 @@ class AlertTracker:
         self.held = {(r, l): int(n) for r, l, n in state.get("held", [])}
         self.cleared = {(r, l): int(n) for r, l, n in state.get("cleared", [])}
         self.norm_ref = {k: float(v) for k, v in state.get("norm_ref", {}).items()}
+        # States saved before the shrinking rule: the peak starts again from the resume.
+        self.norm_peak = {k: float(v) for k, v in state.get("norm_peak", {}).items()}
         self.snapshots_seen = int(state.get("snapshots_seen", 0))
         self.num_fired = int(state.get("num_fired", 0))
+
+
+def _norm_condition(rule: str, layer: str, decades: float, threshold: float) -> tuple:
+    """The condition of ``diverging`` (lambda_max rose ``decades`` in log10 above its reference)
+    or ``shrinking`` (fell that far below its peak)."""
+    up = rule == "diverging"
+    detail = (f"largest eigenvalue {'grew' if up else 'fell'} {10 ** decades:.3g}x "
+              f"(log10 {'+' if up else '-'}{decades:.2f} {'>' if up else '<'} {'' if up else '-'}{threshold:g})")
+    where = "since before the jump" if up else "below the largest it had"
+    return (rule, layer, decades, threshold, _with_docs(
+        f"{layer} is {rule}: its {detail} {where}; {RULE_MEANING[rule]}", rule), detail)
 
 
 def _with_docs(message: str, rule: str) -> str:

@@ -77,6 +77,8 @@ def _headline(rule: str, threshold: float) -> str:
         return f"over {100 * threshold:g}% of eigenvalues ~0"
     if rule == "diverging":
         return f"largest eigenvalue up over {10 ** threshold:.3g}x"
+    if rule == "shrinking":
+        return f"largest eigenvalue down over {10 ** threshold:.3g}x from its peak"
     if rule == "correlation_traps":
         return f"over {threshold:g} correlation trap(s)"
     if rule == "phase_regression":
@@ -90,7 +92,7 @@ def _value(a: Alert) -> str:
         return f"{a.value:.2f}"
     if a.rule == "rank_collapse":
         return f"{100 * a.value:.1f}%"
-    if a.rule == "diverging":
+    if a.rule in ("diverging", "shrinking"):
         return f"{10 ** a.value:.3g}x"
     if a.rule == "correlation_traps":
         return f"{a.value:g}"
@@ -124,7 +126,7 @@ def _worst(group: AlertGroup, tails: Mapping[str, float] | None) -> list[Alert]:
                               [tails.get(n, math.nan) for n in names] if tails else None, count=WORST_LISTED)
         by_name = {a.layer: a for a in alerts}
         return [by_name[o.name] for o in ranked]
-    if group.rule in ("rank_collapse", "diverging", "correlation_traps"):
+    if group.rule in ("rank_collapse", "diverging", "shrinking", "correlation_traps"):
         return sorted(alerts, key=lambda a: -a.value)[:WORST_LISTED]
     return []
 
