@@ -12,8 +12,10 @@ regimes, same model, optimiser and number of steps (320):
   the training loss goes to ~0 while held-out sequences are not copied (over-fitting).
 
 For each run and each layer role (attention q/k, attention v/o, MLP gate/up, MLP down,
-embedding + head) it prints how many layers the default ``alpha_low`` rule fired on, and the
-median alpha and tail size at the last snapshot. A rule that is a signal of over-training fires
+embedding + head) it prints how many layers the default ``alpha_low`` rule fired on, how many
+have a reliable alpha < 2 at the last snapshot and how many of those are below 2 by the rule's
+margin (``AlertConfig.alpha_low_sigmas`` standard errors of the fit), and the median alpha and
+tail size at the last snapshot. A rule that is a signal of over-training fires
 more in the memorising runs than in the generalising ones; one that fires alike in both is noise
 for that role. The callback runs blocking (alerts at their snapshot) without figures.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import runpy
 import statistics
@@ -32,6 +35,8 @@ from collections import Counter, defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from ww_monitor.monitoring.alerts import AlertConfig  # noqa: E402
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                        "transformer_copy_task.py")
@@ -57,13 +62,17 @@ def run(regime: str, seed: int) -> dict:
     ww = out["callback"]
     last = ww.history[-1]
     alpha, tail, reliable = last.metric("alpha"), last.metric("num_pl_spikes"), last.metric("reliable")
-    per_role: dict = defaultdict(lambda: {"layers": 0, "alpha": [], "tail": [], "below2": 0, "fired": 0})
+    per_role: dict = defaultdict(lambda: {"layers": 0, "alpha": [], "tail": [], "below2": 0, "resolved": 0,
+                                          "fired": 0})
+    k = AlertConfig().alpha_low_sigmas  # the default margin, in standard errors of the fit
     for name in last.layers:
         r = per_role[role(name)]
         r["layers"] += 1
         r["alpha"].append(alpha[name])
         r["tail"].append(tail[name])
-        r["below2"] += int(alpha[name] < 2.0 and reliable[name] > 0.5)
+        below = alpha[name] < 2.0 and reliable[name] > 0.5
+        r["below2"] += int(below)
+        r["resolved"] += int(below and alpha[name] + k * (alpha[name] - 1) / math.sqrt(tail[name]) < 2.0)
     for a in ww.alerts_fired:
         if a.rule == "alpha_low":
             per_role[role(a.layer)]["fired"] += 1
@@ -89,8 +98,9 @@ def main(argv=None) -> int:
         rules = ", ".join(f"{k} {v}" for k, v in sorted(r["rules"].items())) or "none"
         print(f"| {r['regime']} | {r['seed']} | {r['val_acc']:.3f} | {r['best_val_loss']:.3f} -> "
               f"{r['final_val_loss']:.3f} | {rules} |")
-    print("\nPer layer role, last snapshot: alpha_low alerts fired / layers with a reliable alpha < 2 / layers; "
-          "median alpha; median tail size")
+    print("\nPer layer role, last snapshot: alpha_low alerts fired (whole run) / layers with a reliable alpha < 2 / "
+          f"of them below 2 by {AlertConfig().alpha_low_sigmas:g} standard errors / layers; median alpha; "
+          "median tail size")
     roles = sorted({k for r in runs for k in r["per_role"]})
     print("| role | " + " | ".join(f"{r['regime']} {r['seed']}" for r in runs) + " |")
     print("|---|" + "---|" * len(runs))
@@ -98,7 +108,7 @@ def main(argv=None) -> int:
         cells = []
         for r in runs:
             x = r["per_role"].get(name)
-            cells.append("-" if x is None else f"{x['fired']}/{x['below2']}/{x['layers']}; "
+            cells.append("-" if x is None else f"{x['fired']}/{x['below2']}/{x['resolved']}/{x['layers']}; "
                          f"{statistics.median(x['alpha']):.2f}; {statistics.median(x['tail']):.0f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f} s")
