@@ -198,7 +198,7 @@ def test_shrinking_layer_gets_shrinking_not_alpha_or_phase_advice():
     assert fired(out) == [("shrinking", "fc", False)]
     assert out[0].value == pytest.approx(3.1) and out[0].threshold == 3.0
     assert "weight decay" in out[0].message and "docs/alerts.md#shrinking" in out[0].message
-    assert "1.26e+03x" in out[0].detail
+    assert "1.26e+03x" in out[0].detail and "(log10 -3.10 < -3)" in out[0].detail
     assert t.update(_with_norm(-2.5, alpha=1.5, phase=Phase.BULK_PLUS_SPIKES), [], 6, 0) == []  # still shrinking
     # Back within 3 decades of the peak: shrinking resolves and the other rules read the layer
     # again (its phase stayed behind the heavy-tailed one it had reached).
@@ -243,7 +243,9 @@ def test_alpha_low_needs_a_fit_that_resolves_it():
     assert run(25, alpha_low_sigmas=0) == [("alpha_low", "fc", False)]
     t = AlertTracker(AlertConfig(alpha_confirm_snapshots=1))
     out = t.update([layer(alpha=1.9, tail=2500)], [], 0, 0)
-    assert "alpha=1.90 < 2 (standard error 0.02) in fc (1 of the 1 layers it reads)" in out[0].message
+    assert out[0].message.startswith("alpha=1.90 < 2 (standard error 0.02) in fc; alpha < 2 (by 2 standard errors) "
+                                      "in the one layer it reads: very heavy-tailed")
+    assert out[0].headline == "alpha < 2 (by 2 standard errors)"
 
 
 def test_alpha_low_fires_when_more_than_a_fifth_of_the_layers_it_reads_are_below():
@@ -257,7 +259,7 @@ def test_alpha_low_fires_when_more_than_a_fifth_of_the_layers_it_reads_are_below
     assert t.update(snap(3), [], 3, 0) == []  # 30%: confirmed on the next snapshot
     out = t.update(snap(3), [], 4, 0)
     assert fired(out) == [("alpha_low", f"l{i}", False) for i in range(3)]
-    assert "(3 of the 10 layers it reads)" in out[0].message
+    assert "; alpha < 2 (by 2 standard errors) in 3 of the 10 layers it reads:" in out[0].message
     # The share falls back to 20%: every layer of the finding resolves (after as many snapshots).
     assert t.update(snap(2), [], 5, 0) == []
     assert fired(t.update(snap(2), [], 6, 0)) == [("alpha_low", f"l{i}", True) for i in range(3)]
@@ -274,7 +276,7 @@ def test_alpha_high_fires_when_most_of_the_model_is_above_6_after_the_warmup():
     assert t.update(snap(2), [], 1, 0) == []  # half the model: not most of it
     out = t.update(snap(3), [], 2, 0)
     assert fired(out) == [("alpha_high", f"l{i}", False) for i in range(3)]
-    assert "(3 of the 4 layers it reads)" in out[0].message
+    assert "; alpha > 6 in 3 of the 4 layers it reads:" in out[0].message  # no margin asked: none named
     margin = AlertTracker(AlertConfig(alpha_high_warmup=0, alpha_confirm_snapshots=1, alpha_high_sigmas=3))
     assert margin.update(snap(4), [], 0, 0) == []  # 8 - 3 x 0.7 = 5.9: not resolved above 6
 

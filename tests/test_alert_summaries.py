@@ -60,6 +60,22 @@ def test_one_line_per_rule_with_counts_roles_and_the_worst():
     assert "model.model." not in text
 
 
+def test_a_band_finding_reads_as_one_line_with_its_margin_and_every_layer_stays_structured():
+    """The tracker's own alerts: the group line says the margin, each alert says the model's share."""
+    names = llama_names(2)
+    t = AlertTracker(AlertConfig(alpha_confirm_snapshots=1))
+    snap = [LayerResult(name=n, kind="linear", N=256, M=128, Q=2.0, num_evals=128, num_pl_spikes=100, fit_ok=True,
+                        alpha=1.6 if n.endswith(("v_proj", "o_proj", "lm_head")) else 3.0, phase=Phase.HEAVY_TAILED)
+            for n in names]
+    alerts = t.update(snap, [], 96, 2)
+    assert sorted(a.layer for a in alerts) == [n for n in sorted(names) if n.endswith(("v_proj", "o_proj", "lm_head"))]
+    text = console_text(alerts, 96, active=5, layer_names=names)
+    assert text.startswith("ww_monitor alert at step 96: alpha < 2 (by 2 standard errors) in 5 of 16 layers: "
+                           "2 v_proj, 2 o_proj, lm_head; worst ")
+    # 12 layers read (q/k skipped): each alert says the share that made it a finding about the model
+    assert all("alpha < 2 (by 2 standard errors) in 5 of the 12 layers it reads" in a.message for a in alerts)
+
+
 def test_markdown_links_and_every_layer_once():
     names = llama_names()
     alerts = [low(n, 1.8) for n in names[1:4]]
@@ -148,7 +164,8 @@ def test_a_44_matrix_llama_floods_into_one_warning_per_snapshot(tmp_path):
     steps_with_alerts = sorted({a.step for a in ww.alerts_fired})
     assert len(alert_warnings) == len(steps_with_alerts) >= 1  # at most one warning per snapshot
     text = str(alert_warnings[0].message)
-    assert text.startswith(f"ww_monitor alert at step {steps_with_alerts[0]}: alpha < 1e+09 in {len(first)} of 44 "
+    assert text.startswith(f"ww_monitor alert at step {steps_with_alerts[0]}: alpha < 1e+09 (by 2 standard errors) "
+                           f"in {len(first)} of 44 "
                            "layers: 6 q_proj, 6 k_proj") and "model.model" not in text
     acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
     acc.Reload()

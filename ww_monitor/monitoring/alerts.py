@@ -101,6 +101,9 @@ class Alert:
     resolved: bool = False
     #: The finding without the layer name or advice (``alpha=1.84 < 2``), for grouped displays.
     detail: str = ""
+    #: What the layers of a grouped finding have in common, where the rule's name alone does not
+    #: say it (band rules: ``alpha < 2 (by 2 standard errors)``); empty: from the rule.
+    headline: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,10 +152,10 @@ class AlertTracker:
         self.snapshots_seen += 1
         skipped = list(skipped)
         self._confirm_phases(layers)
-        now: dict[tuple[str, str], tuple[float, float, str, str]] = {}
-        for rule, layer, value, threshold, message, detail in self._conditions(layers, skipped):
+        now: dict[tuple[str, str], tuple] = {}
+        for rule, layer, value, threshold, message, detail, headline in self._conditions(layers, skipped):
             if rule in self.config.enabled:
-                now[(rule, layer)] = (value, threshold, message, detail)
+                now[(rule, layer)] = (value, threshold, message, detail, headline)
         for l in layers:  # the reference of the diverging rule follows the layer until it jumps
             if math.isfinite(l.log_spectral_norm) and self._jump(l) <= self.config.diverging_decades:
                 self.norm_ref[l.name] = float(l.log_spectral_norm)
@@ -160,14 +163,15 @@ class AlertTracker:
 
         raised: list[Alert] = []
         resolved: list[Alert] = []
-        for key, (value, threshold, message, detail) in now.items():
+        for key, (value, threshold, message, detail, headline) in now.items():
             self.cleared.pop(key, None)
             if key in self.active:
                 continue
             self.held[key] = self.held.get(key, 0) + 1
             if self.held[key] >= self.config.confirm_for(key[0]):
                 self.held.pop(key)
-                alert = Alert(key[0], key[1], value, threshold, step, epoch, message, detail=detail)
+                alert = Alert(key[0], key[1], value, threshold, step, epoch, message, detail=detail,
+                              headline=headline)
                 self.active[key] = alert
                 raised.append(alert)
         seen = {l.name for l in layers} | {s.name for s in skipped}
@@ -225,21 +229,22 @@ class AlertTracker:
             if not outside or not len(outside) / read > c.band(rule)[1]:
                 continue
             threshold = c.alpha_low if rule == "alpha_low" else c.alpha_high
+            sign = "<" if rule == "alpha_low" else ">"
+            headline = band_headline(rule, threshold, c.band(rule)[0])
             for l, sigma in outside:
-                sign = "<" if rule == "alpha_low" else ">"
                 detail = f"alpha={format_vs(l.alpha, threshold)} {sign} {threshold:g} (standard error {sigma:.2f})"
-                share = f"{len(outside)} of the {read} layers it reads"
+                share = f"{headline} in {_share(len(outside), read)}"
                 yield (rule, l.name, l.alpha, threshold, _with_docs(
-                    f"{detail} in {l.name} ({share}): {RULE_MEANING[rule]}", rule), detail)
+                    f"{detail} in {l.name}; {share}: {RULE_MEANING[rule]}", rule), detail, headline)
 
     def _conditions(self, layers, skipped):
-        """``(rule, layer, value, threshold, message, detail)`` of every condition that holds now."""
+        """``(rule, layer, value, threshold, message, detail, headline)`` of every condition that holds now."""
         c = self.config
         band = {rule: [0, []] for rule in BAND_RULES}  # rule -> [layers read, layers outside the band]
         for s in skipped:
             if s.reason.startswith(NON_FINITE_REASON):
                 yield ("non_finite", s.name, math.nan, math.nan, _with_docs(
-                    f"layer {s.name} has NaN/Inf weights", "non_finite"), "NaN/Inf weights")
+                    f"layer {s.name} has NaN/Inf weights", "non_finite"), "NaN/Inf weights", "")
         for l in layers:
             jump = self._jump(l)
             diverging = jump > c.diverging_decades and "diverging" in c.enabled
@@ -257,7 +262,8 @@ class AlertTracker:
                 detail = (f"{l.rank_loss}/{l.num_evals} eigenvalues are ~0 "
                           f"({format_vs(100 * frac, 100 * c.rank_loss_fraction, 1)}% > {100 * c.rank_loss_fraction:g}%)")
                 yield ("rank_collapse", l.name, frac, c.rank_loss_fraction, _with_docs(
-                    f"rank collapse in {l.name}: {detail}; {RULE_MEANING['rank_collapse']}", "rank_collapse"), detail)
+                    f"rank collapse in {l.name}: {detail}; {RULE_MEANING['rank_collapse']}", "rank_collapse"),
+                    detail, "")
             is_collapsed_phase = l.phase is not None and Phase(l.phase) == Phase.RANK_COLLAPSE
             alpha_ok = (l.fit_ok and l.reliable and l.num_evals >= c.alpha_min_evals and not collapsed
                         and not is_collapsed_phase and not shrinking)
@@ -266,7 +272,7 @@ class AlertTracker:
             if l.num_traps is not None and l.num_traps > c.max_traps:
                 detail = f"{l.num_traps} correlation trap(s)"
                 yield ("correlation_traps", l.name, float(l.num_traps), float(c.max_traps), _with_docs(
-                    f"{detail} in {l.name}: {RULE_MEANING['correlation_traps']}", "correlation_traps"), detail)
+                    f"{detail} in {l.name}: {RULE_MEANING['correlation_traps']}", "correlation_traps"), detail, "")
             best, cur = self.best_phase.get(l.name), self.confirmed_phase.get(l.name)
             if shrinking or best is None or cur is None or not _regressed(Phase(best), Phase(cur),
                                                                           c.phase_regression_steps):
@@ -277,7 +283,7 @@ class AlertTracker:
                    float(_PHASE_ORDER.get(Phase(best), -1)),
                    _with_docs(f"{l.name} regressed from {best} to {cur} (confirmed on "
                               f"{c.phase_confirm_snapshots} consecutive snapshots)", "phase_regression"),
-                   f"{best} -> {cur}")
+                   f"{best} -> {cur}", "")
         yield from self._band_conditions(band)
 
     def state_dict(self) -> dict:
@@ -309,15 +315,29 @@ class AlertTracker:
         self.num_fired = int(state.get("num_fired", 0))
 
 
+def band_headline(rule: str, threshold: float, sigmas: float) -> str:
+    """What the layers of a band rule's finding have in common: ``alpha < 2 (by 2 standard errors)``."""
+    by = f" (by {sigmas:g} standard error{'' if sigmas == 1 else 's'})" if sigmas > 0 else ""
+    return f"alpha {'<' if rule == 'alpha_low' else '>'} {threshold:g}{by}"
+
+
+def _share(count: int, read: int) -> str:
+    """How many of the layers a band rule reads count: "3 of the 10 layers it reads"."""
+    if read == 1:
+        return "the one layer it reads"
+    return f"all {read} layers it reads" if count == read else f"{count} of the {read} layers it reads"
+
+
 def _norm_condition(rule: str, layer: str, decades: float, threshold: float) -> tuple:
     """The condition of ``diverging`` (lambda_max rose ``decades`` in log10 above its reference)
     or ``shrinking`` (fell that far below its peak)."""
     up = rule == "diverging"
     detail = (f"largest eigenvalue {'grew' if up else 'fell'} {10 ** decades:.3g}x "
-              f"(log10 {'+' if up else '-'}{decades:.2f} {'>' if up else '<'} {'' if up else '-'}{threshold:g})")
+              f"(log10 {'+' if up else '-'}{format_vs(decades, threshold)} {'>' if up else '<'} "
+              f"{'' if up else '-'}{threshold:g})")
     where = "since before the jump" if up else "below the largest it had"
     return (rule, layer, decades, threshold, _with_docs(
-        f"{layer} is {rule}: its {detail} {where}; {RULE_MEANING[rule]}", rule), detail)
+        f"{layer} is {rule}: its {detail} {where}; {RULE_MEANING[rule]}", rule), detail, "")
 
 
 def _with_docs(message: str, rule: str) -> str:

@@ -4,8 +4,8 @@ Ten layers crossing one threshold at one snapshot are one finding, so the alerts
 are grouped by rule (:func:`group_alerts`) and each group is summarised once
 (:func:`group_summary`), e.g.::
 
-    alpha < 2 in 10 of 44 layers: 4 v_proj, 3 up_proj, embed_tokens, lm_head, ...;
-    worst lm_head (1.62), layers.1.self_attn.o_proj (1.62): very heavy-tailed, possibly over-trained
+    alpha < 2 (by 2 standard errors) in 3 of 13 layers: 2 out_proj, v; worst
+    net.encoder.layers.0.self_attn.out_proj (1.40), ...: very heavy-tailed, possibly over-trained
 
 * :func:`console_text`: the one warning of a snapshot (a line per rule, a plain docs path);
 * :func:`alerts_markdown`: the one ``ww/alerts`` TensorBoard text entry of a snapshot: a bullet
@@ -147,7 +147,8 @@ def group_summary(group: AlertGroup, names: Mapping[str, str] | None = None, tot
         text = a.message.split(" [what to do:", 1)[0]
         return text.replace(a.layer, shown[0], 1) if a.layer in text else f"{text} ({shown[0]})"
     of = f" of {total}" if total else ""
-    text = f"{_headline(group.rule, group.alerts[0].threshold)} in {n}{of} layers: {_roles(shown)}"
+    headline = group.alerts[0].headline or _headline(group.rule, group.alerts[0].threshold)
+    text = f"{headline} in {n}{of} layers: {_roles(shown)}"
     worst = _worst(group, tails)
     if worst:
         text += "; worst " + ", ".join(f"{names.get(a.layer, a.layer)} ({_value(a)})" for a in worst)
