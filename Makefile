@@ -7,16 +7,40 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test check lint typecheck docs docs-serve wheel-check pytest bench
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,docs,dev]"
 
 demo: setup
 	$(PYTHON) examples/quickstart.py
 
-test: setup
+# What CI runs (bash .ci/run): lint, types, the documentation site, the wheel on its own, the tests.
+test: setup check pytest
+
+check: lint typecheck docs wheel-check
+
+lint:
+	$(PYTHON) -m ruff check ww_monitor tests examples benchmarks
+	$(PYTHON) -m ruff format --check ww_monitor
+
+typecheck:
+	$(PYTHON) -m mypy
+
+# The site goes to site/; --strict fails on a broken link, a missing page or a docstring griffe cannot read.
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --site-dir site
+
+docs-serve:
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs serve
+
+# Build sdist + wheel, check their metadata, install the wheel into a fresh virtual environment
+# outside the checkout and run the quickstart and the CLI from it.
+wheel-check:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX="$(TORCH_INDEX)" bash .ci/wheel_check.sh
+
+pytest:
 	$(PYTHON) -m pytest -q
 
 bench: setup

@@ -12,10 +12,14 @@ from .errors import CheckpointError, WWMonitorError
 from .functional.power_law import PowerLawFit, fit_power_law
 from .analysis.phases import Phase
 from .analysis.results import LayerResult, Report, SkippedLayer
+from .monitoring.alerts import Alert, AlertConfig, AlertError, WWMonitorAlert
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alert",
+    "AlertConfig",
+    "AlertError",
     "AlphaDecay",
     "AlphaDriftEarlyStopping",
     "CheckpointError",
@@ -29,6 +33,7 @@ __all__ = [
     "SkippedLayer",
     "SpectralBalancer",
     "TempBalance",
+    "WWMonitorAlert",
     "WWMonitorError",
     "WeightWatcherCallback",
     "analyze",
