@@ -14,7 +14,7 @@ from .analysis.phases import Phase
 from .analysis.results import LayerResult, Report, SkippedLayer
 from .monitoring.alerts import Alert, AlertConfig, AlertError, WWMonitorAlert
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Alert",
