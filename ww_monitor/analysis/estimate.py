@@ -8,7 +8,7 @@ from Lanczos on the whole matrix and its Frobenius norm exactly, so ``lambda_max
 matrix's; ``alpha``, ``D``, ``xmin``, ``num_pl_spikes`` describe the pooled sample ESD. What
 needs every eigenvalue (rank, entropy, ``log_alpha_norm``, the Marchenko-Pastur fit, the phase)
 is not computed (NaN / None). The result says ``method="sampled"``. Its error against the full
-fit: ``benchmarks/bench_estimate.py`` and the README.
+fit: ``benchmarks/bench_estimate.py`` and docs/large_models.md.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ layer is **reliable** when both counts clear named thresholds:
   (alpha - 1) / sqrt(n) exceeds 0.6 at alpha = 3, a third of the [2, 4] band the alpha rules
   read.
 
-What follows from it (documented in the README, "Reliability"):
+What follows from it (documented in docs/reliability.md):
 
 * a layer with fewer than ``RELIABLE_MIN_EVALS`` eigenvalues gets **no phase** (``phase is
   None``: undetermined); the phase reads the MP fit, so the eigenvalue count alone decides;

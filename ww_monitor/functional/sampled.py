@@ -16,7 +16,7 @@ pooled ESD estimates the whole matrix's alpha:
 The eigenvalues are multiplied by N / n, which puts the samples' MP bulk (n sigma^2 (1 +- Q^-1/2)^2)
 where the whole matrix's is, so ``xmin`` is on the familiar scale. Cost: ``samples`` solves of
 size (Q m) x m instead of one of N x M: (M / m)^3 / samples times less work. The estimate's
-error against the full fit is measured in ``benchmarks/bench_estimate.py`` (README table).
+error against the full fit is measured in ``benchmarks/bench_estimate.py`` (table in docs/large_models.md).
 
 :func:`top_eigenvalue` gives lambda_max of the whole W (Lanczos on x -> W^T W x), so the
 spectral norm and ``alpha_weighted`` are the whole matrix's, not a sample's.
