@@ -43,23 +43,23 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _threads import DEFAULT_THREADS, pin_threads  # noqa: E402
+from _threads import DEFAULT_THREADS, pin_threads
 
 if __name__ == "__main__":
     pin_threads(sys.argv[1:])
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
+import argparse
+import contextlib
+import io
+import json
+import logging
+import statistics
+import subprocess
+import time
+import warnings
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 BERT_LAYERS = 12
 QUICK_BERT_LAYERS = 4
@@ -139,9 +139,7 @@ def svd_matrices(model: nn.Module) -> list[torch.Tensor]:
     """float64 copies of the matrices weightwatcher decomposes (conv: k*k slices of out x in)."""
     mats = []
     for module in model.modules():
-        if isinstance(module, nn.Embedding) and module.embedding_dim >= 8 and module.num_embeddings >= 8:
-            mats.append(module.weight.detach().double())
-        elif isinstance(module, nn.Linear):
+        if (isinstance(module, nn.Embedding) and module.embedding_dim >= 8 and module.num_embeddings >= 8) or isinstance(module, nn.Linear):
             mats.append(module.weight.detach().double())
         elif isinstance(module, nn.Conv2d):
             w = module.weight.detach()
@@ -160,6 +158,7 @@ def _quiet_weightwatcher():
 
 def make_tools(model: nn.Module) -> dict:
     import weightwatcher
+
     import ww_monitor as wwm
 
     with _quiet_weightwatcher():
@@ -246,6 +245,7 @@ def main(argv=None) -> None:
     cold_runs = args.cold_runs if args.cold_runs is not None else (1 if args.quick else 3)
 
     import weightwatcher
+
     import ww_monitor
 
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), weightwatcher {weightwatcher.__version__}, "

@@ -98,8 +98,8 @@ def _analysis_seconds(model, threads: int | None, repeats: int = 5) -> float:
     """Fastest wall time of one snapshot + analysis in a ThreadWorker configured like the callback's
     (the fastest of a few: other load on the machine only ever adds time)."""
     from ww_monitor.analysis.analyze import AnalysisConfig, select_matrices
-    from ww_monitor.monitoring.snapshot import take_snapshot
     from ww_monitor.monitoring.analysis_job import CHUNK_BYTES, analyze_snapshot
+    from ww_monitor.monitoring.snapshot import take_snapshot
     from ww_monitor.monitoring.worker import ThreadWorker
 
     config = AnalysisConfig()
@@ -251,8 +251,8 @@ def _memory_in_fresh_process(args) -> dict:
 def _memory(args) -> dict:
     """Peak RSS growth while one snapshot is copied and analysed, relative to the weights."""
     from ww_monitor.analysis.analyze import AnalysisConfig, select_matrices
-    from ww_monitor.monitoring.snapshot import take_snapshot
     from ww_monitor.monitoring.analysis_job import analyze_snapshot
+    from ww_monitor.monitoring.snapshot import take_snapshot
     from ww_monitor.monitoring.worker import ThreadWorker
 
     if not os.path.exists("/proc/self/clear_refs"):

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from ww_monitor.analysis import synthetic
-from ww_monitor.functional.correlation_traps import count_correlation_traps
-from ww_monitor.functional.marchenko_pastur import fit_marchenko_pastur
 from ww_monitor.analysis.layers import LayerMatrix
 from ww_monitor.analysis.phases import phase_from_spectrum
+from ww_monitor.functional.correlation_traps import count_correlation_traps
+from ww_monitor.functional.marchenko_pastur import fit_marchenko_pastur
 
 A = importlib.import_module("ww_monitor.analysis.analyze")  # the package re-exports the function by that name
 

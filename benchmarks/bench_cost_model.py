@@ -29,23 +29,23 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _threads import DEFAULT_THREADS, pin_threads  # noqa: E402
+from _threads import DEFAULT_THREADS, pin_threads
 
 if __name__ == "__main__":
     pin_threads(sys.argv[1:])
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import statistics
+import time
 
-import torch  # noqa: E402
+import torch
 
-from ww_monitor.analysis.analyze import AnalysisConfig, analyze_matrices  # noqa: E402
-from ww_monitor.analysis.layers import LayerMatrix  # noqa: E402
-from ww_monitor.functional.eigenvalues import choose_method  # noqa: E402
-from ww_monitor.monitoring.analysis_job import analyze_snapshot  # noqa: E402
-from ww_monitor.monitoring.cost import calibration, matrix_seconds, sampled_seconds  # noqa: E402
-from ww_monitor.monitoring.snapshot import take_snapshot  # noqa: E402
+from ww_monitor.analysis.analyze import AnalysisConfig, analyze_matrices
+from ww_monitor.analysis.layers import LayerMatrix
+from ww_monitor.functional.eigenvalues import choose_method
+from ww_monitor.monitoring.analysis_job import analyze_snapshot
+from ww_monitor.monitoring.cost import calibration, matrix_seconds, sampled_seconds
+from ww_monitor.monitoring.snapshot import take_snapshot
 
 #: (rows, cols, dtype) of the full analysis: attention/FFN/embedding shapes of BERT-base and
 #: Llama-2-7B (4096 x 4096, 4096 x 11008 and its transpose, 32000 x 4096) and smaller ones.

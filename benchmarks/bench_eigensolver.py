@@ -42,17 +42,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _threads import DEFAULT_THREADS, pin_threads  # noqa: E402
+from _threads import DEFAULT_THREADS, pin_threads
 
 if __name__ == "__main__":
     pin_threads(sys.argv[1:])
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import statistics
+import time
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 # (label, batch size, rows, cols): rows x cols is the stored (out, in) weight; batch = how many
 # matrices of that shape one model layer group has.

@@ -24,23 +24,22 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _threads import DEFAULT_THREADS, pin_threads  # noqa: E402
+from _threads import DEFAULT_THREADS, pin_threads
 
 if __name__ == "__main__":
     pin_threads(sys.argv[1:])
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import statistics
+import time
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from ww_monitor import synthetic  # noqa: E402
-from ww_monitor.functional.eigenvalues import eigenvalues  # noqa: E402
-from ww_monitor.functional.power_law import fit_power_law  # noqa: E402
-from ww_monitor.functional.sampled import DEFAULT_SAMPLES, submatrix_eigenvalues  # noqa: E402
+from ww_monitor import synthetic
+from ww_monitor.functional.eigenvalues import eigenvalues
+from ww_monitor.functional.power_law import fit_power_law
+from ww_monitor.functional.sampled import DEFAULT_SAMPLES, submatrix_eigenvalues
 
 
 def synthetic_matrices(m: int) -> list[tuple[str, torch.Tensor]]:

@@ -60,6 +60,7 @@ import evidence_figures as F  # noqa: E402
 import evidence_metrics as M  # noqa: E402
 import evidence_ranking as R  # noqa: E402
 import evidence_report as P  # noqa: E402
+
 from ww_monitor.monitoring.alerts import ALPHA_LOW_EXCLUDE, RULES  # noqa: E402
 
 #: What the callback runs with (module docstring: why these two differ from the defaults).

@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
+import pytorch_lightning as pl
+import signal_models as SM
+import torch
 
-import signal_models as SM  # noqa: E402
-from ww_monitor import WeightWatcherCallback  # noqa: E402
+from ww_monitor import WeightWatcherCallback
 
 #: Alert rules a healthy run may raise: the alpha band the product promises.
 BAND_RULES = ("alpha_low", "alpha_high")

@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
 from ww_monitor.monitoring.alerts import AlertConfig  # noqa: E402
 

@@ -30,17 +30,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _threads import DEFAULT_THREADS, pin_threads  # noqa: E402
+from _threads import DEFAULT_THREADS, pin_threads
 
 if __name__ == "__main__":
     pin_threads(sys.argv[1:])
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
+import argparse
+import statistics
+import time
+import warnings
 
-import torch  # noqa: E402
+import torch
 
 CONFIGS = {
     "before (peft=False, watch_frozen=True)": {"peft": False, "watch_frozen": True},

@@ -26,9 +26,9 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from ww_monitor.analysis import synthetic as S
+from ww_monitor.analysis.phases import Phase, _spectrum_fits, phase_evidence
 from ww_monitor.functional.eigenvalues import eigenvalues
 from ww_monitor.functional.marchenko_pastur import SPIKE_TW_MARGIN, fit_marchenko_pastur
-from ww_monitor.analysis.phases import Phase, _spectrum_fits, phase_evidence
 
 P = Phase
 

@@ -14,11 +14,10 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 
-import pytorch_lightning as pl
-import torch
-
 import evidence_replay
 import evidence_tasks as T
+import pytorch_lightning as pl
+import torch
 
 ARCHS = ("mlp", "transformer")
 ARCH_TITLES = {"mlp": "MLP on digits", "transformer": "transformer on the order task"}

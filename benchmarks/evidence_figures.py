@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 import evidence_cases as C
 import evidence_ranking as R
+import numpy as np
 
 #: Detector markers: (row key of the step, label, colour, line style).
 DETECTORS = (("gt_step", "ground truth", "black", "-"), ("alert_step", "first new alert", "tab:red", "--"),

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-import sweep  # noqa: E402
+import sweep
 
 #: Two levels per hyperparameter (low, high).
 GRID = {

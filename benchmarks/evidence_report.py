@@ -79,7 +79,7 @@ def kind_summary(rows: list[dict]) -> list[dict]:
                 "median_lead_epochs": M.median(_epochs(r["lead_gt"], r["steps_per_epoch"]) for r in det),
                 "es_stopped": sum(r["es_step"] is not None for r in with_gt),
                 "median_es_lead_epochs": M.median(_epochs(r["es_lead_gt"], r["steps_per_epoch"]) for r in with_gt),
-                "earlier_than_es": sum(r["lead_es"] is not None and r["lead_es"] > 0
+                "earlier_than_es": sum((r["lead_es"] is not None and r["lead_es"] > 0)
                                        or (r["detected"] and r["es_step"] is None) for r in with_gt),
                 "nan_fired": sum(r["nan_step"] is not None for r in with_gt),
                 "drift_stopped": sum(r["drift_step"] is not None for r in with_gt),

@@ -17,11 +17,10 @@ from __future__ import annotations
 import math
 
 import pytorch_lightning as pl
+import signal_models as SM
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import signal_models as SM
 
 #: Digits: 8x8 images, 10 classes (scikit-learn's bundled copy, no download).
 DIGITS_IN, DIGITS_CLASSES = 64, 10

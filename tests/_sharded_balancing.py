@@ -29,8 +29,17 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _sharded_runs import apply_fsdp2, build, deepspeed_on_cpu, end_group, full_state, shard, spawn, start_group, \
-    train_step  # noqa: E402
+from _sharded_runs import (
+    apply_fsdp2,
+    build,
+    deepspeed_on_cpu,
+    end_group,
+    full_state,
+    shard,
+    spawn,
+    start_group,
+    train_step,
+)
 
 SETUPS = ("fsdp2", "fsdp1", "tp", "fsdp2_tp", "monitor", "zero3", "zero2", "fsdp1_flat")
 STEPS = 4
@@ -102,9 +111,9 @@ def run_balanced(strategy: str, world: int) -> dict:
 
 
 def run_monitor(world: int) -> dict:
-    import ww_monitor
-
     from torch.distributed.device_mesh import init_device_mesh
+
+    import ww_monitor
 
     model = build("tp")
     apply_fsdp2(model, init_device_mesh("cpu", (world,)))

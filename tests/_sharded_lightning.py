@@ -19,14 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _sharded_runs import VOCAB, apply_fsdp2, build, dump_history  # noqa: E402
+import pytorch_lightning as pl
+from _sharded_runs import VOCAB, apply_fsdp2, build, dump_history
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import ModelParallelStrategy
 
-import pytorch_lightning as pl  # noqa: E402
-from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
-from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
-
-import ww_monitor  # noqa: E402
-from ww_monitor.monitoring.distributed import strip_wrapper_names  # noqa: E402
+import ww_monitor
+from ww_monitor.monitoring.distributed import strip_wrapper_names
 
 LR, WD = 0.05, 1e-3
 

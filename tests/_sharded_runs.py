@@ -121,9 +121,8 @@ def shard(strategy: str, model: nn.Module, world: int):
     if strategy == "fsdp2":
         apply_fsdp2(model, init_device_mesh("cpu", (world,)))
     elif strategy in ("tp", "fsdp2_tp"):
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
         from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         plan = {"up": ColwiseParallel(), "down": RowwiseParallel(), "up2": ColwiseParallel(),
                 "down2": RowwiseParallel(), "out": ColwiseParallel(output_layouts=Replicate())}

@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from ww_monitor.monitoring.alerts import AlertConfig, AlertTracker
-from ww_monitor.monitoring.early_stopping import AlphaDriftRule
 from ww_monitor.analysis.phases import Phase
 from ww_monitor.analysis.results import LayerResult, SkippedLayer
+from ww_monitor.monitoring.alerts import AlertConfig, AlertTracker
+from ww_monitor.monitoring.early_stopping import AlphaDriftRule
 
 
 def layer(name="fc", alpha=3.0, rank_loss=0, num_evals=100, phase=Phase.HEAVY_TAILED, traps=None, ok=True, tail=100):

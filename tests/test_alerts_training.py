@@ -1,7 +1,6 @@
 """Alerts and alpha-drift early stopping on real CPU training (issue 5 acceptance)."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import ww_monitor as wwm
 from ww_monitor.monitoring.alerts import AlertConfig, AlertError, WWMonitorAlert
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import rank_collapse  # noqa: E402
+import rank_collapse
 
 
 def test_strong_weight_decay_raises_rank_collapse_alert_and_normal_training_does_not(tmp_path):

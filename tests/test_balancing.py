@@ -395,8 +395,8 @@ def test_example_prints_its_table(tmp_path, capsys):
 
 def test_conv_kernels_pool_like_tempbalance_and_norms_follow():
     """Conv ESD = TempBalance's: flatten kernel positions, scale by sqrt(1/2), pool the slices' eigenvalues."""
-    from ww_monitor.balancing.estimate import monitor_alphas, own_alphas, unit_alphas
     from ww_monitor.analysis.results import LayerResult
+    from ww_monitor.balancing.estimate import monitor_alphas, own_alphas, unit_alphas
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32),

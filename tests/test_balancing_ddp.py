@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-
 from test_ddp import _checkout_path
 
 pytest.importorskip("pytorch_lightning")

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_balancing import LR, SCHEDULERS, UNITS, factors_at, make_net, reference_schedule
 from torch import nn
 
 import ww_monitor
@@ -19,8 +20,6 @@ from ww_monitor.balancing import hill_alpha, linear_factors
 from ww_monitor.balancing.groups import StepScaler, find_units, layer_plan
 from ww_monitor.balancing.loop import AlphaDecay, SpectralBalancer, TempBalance
 from ww_monitor.errors import WWMonitorError
-
-from test_balancing import LR, SCHEDULERS, UNITS, factors_at, make_net, reference_schedule
 
 STEPS_PER_EPOCH, EPOCHS = 4, 3
 STEPS = STEPS_PER_EPOCH * EPOCHS
@@ -325,6 +324,7 @@ def test_plain_loop_example_balances(tmp_path, capsys):
 transformers = pytest.importorskip("transformers")
 
 from test_huggingface import Synthetic, read_run, tiny_bert  # noqa: E402
+
 from ww_monitor.huggingface import AlphaDecay as HFAlphaDecay  # noqa: E402
 from ww_monitor.huggingface import TempBalance as HFTempBalance  # noqa: E402
 from ww_monitor.huggingface import WeightWatcherCallback  # noqa: E402

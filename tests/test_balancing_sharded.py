@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_sharded import _checkout_path, _report
 
 pytest.importorskip("peft")

@@ -8,9 +8,6 @@ import textwrap
 
 import pytest
 import torch
-
-import ww_monitor
-
 from test_callback import (
     BATCHES,
     EXPECTED_LAYERS,
@@ -20,6 +17,8 @@ from test_callback import (
     plotting_available,
     trainer_kwargs,
 )
+
+import ww_monitor
 
 L = pytest.importorskip("lightning.pytorch")
 

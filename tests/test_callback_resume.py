@@ -4,9 +4,9 @@
 import numpy as np
 import pytest
 import torch
+from test_callback import BATCHES, make_data, make_module_class, trainer_kwargs
 
 import ww_monitor
-from test_callback import BATCHES, make_data, make_module_class, trainer_kwargs
 
 pl = pytest.importorskip("pytorch_lightning")
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402

@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-
 from test_callback import read_events, scalar_steps
 
 pytest.importorskip("pytorch_lightning")

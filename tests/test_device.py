@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import ww_monitor as wwm
-from ww_monitor.monitoring import device as dev
 from ww_monitor.analysis.analyze import AnalysisConfig, select_matrices
 from ww_monitor.errors import WWMonitorError
-from ww_monitor.monitoring.snapshot import take_snapshot
+from ww_monitor.monitoring import device as dev
 from ww_monitor.monitoring.analysis_job import analyze_on_device, analyze_snapshot, run_with_cpu_fallback
+from ww_monitor.monitoring.snapshot import take_snapshot
 
 
 def test_analysis_device_is_validated_and_resolved():

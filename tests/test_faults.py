@@ -23,12 +23,12 @@ import warnings
 
 import pytest
 import torch
+from test_callback import ClassifierSteps
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ww_monitor
 import ww_monitor.core.engine as callback_mod
-from test_callback import ClassifierSteps
 
 pl = pytest.importorskip("pytorch_lightning")
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ww_monitor.monitoring.history import HISTORY_METRICS, History, SnapshotRecord
 from ww_monitor.analysis.phases import Phase
 from ww_monitor.analysis.results import LayerResult, SkippedLayer
+from ww_monitor.monitoring.history import HISTORY_METRICS, History, SnapshotRecord
 
 
 def _result(name, alpha, phase=None):

@@ -54,7 +54,6 @@ def test_trainer_logs_every_layer_and_resumes_without_gaps(tmp_path, monkeypatch
     layers = sorted(set(ww.history.to_pandas().name))
     assert len(layers) >= 6  # q, k, v, attention output, intermediate, output dense ...
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = read_run(tmp_path / "tb")
     for layer in layers:

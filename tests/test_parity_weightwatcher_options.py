@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 import ww_monitor as wwm
+from ww_monitor.functional.eigenvalues import batched_eigenvalues
 from ww_monitor.functional.fingers import peak_xmin_range
 from ww_monitor.functional.randomize import FEW_EVALS, FEW_EVALS_REPLICAS, shuffled
-from ww_monitor.functional.eigenvalues import batched_eigenvalues
 
 ww = pytest.importorskip("weightwatcher")
 powerlaw = pytest.importorskip("powerlaw")

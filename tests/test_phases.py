@@ -15,9 +15,9 @@ from torch import nn
 
 import ww_monitor as wwm
 from ww_monitor.analysis import phases, synthetic
+from ww_monitor.analysis.phases import Phase, classify_phase, phase_evidence, phase_from_spectrum
 from ww_monitor.functional.marchenko_pastur import MPFit, mp_edges, tracy_widom_scale
 from ww_monitor.functional.power_law import PowerLawFit
-from ww_monitor.analysis.phases import Phase, classify_phase, phase_evidence, phase_from_spectrum
 
 # The package re-exports the analyze *function* under the submodule's name.
 analyze_module = importlib.import_module("ww_monitor.analysis.analyze")

@@ -15,8 +15,13 @@ from torch import nn
 import ww_monitor as wwm
 from ww_monitor.analysis import synthetic
 from ww_monitor.analysis.phases import Phase
-from ww_monitor.outputs.plotting import (ALPHA_GOOD_BAND, PHASE_COLORS, plot_alpha_per_layer, plot_esd,
-                                        plot_phase_heatmap)
+from ww_monitor.outputs.plotting import (
+    ALPHA_GOOD_BAND,
+    PHASE_COLORS,
+    plot_alpha_per_layer,
+    plot_esd,
+    plot_phase_heatmap,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -64,9 +64,10 @@ def test_huggingface_snippet(tmp_path, monkeypatch):
 
 
 def test_plain_loop_snippet(tmp_path, monkeypatch):
-    import ww_monitor
     from torch import nn
     from torch.utils.tensorboard import SummaryWriter
+
+    import ww_monitor
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 10))

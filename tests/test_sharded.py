@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_callback import read_events, scalar_steps
 
 pytest.importorskip("peft")

@@ -12,12 +12,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ww_monitor as wwm
-from ww_monitor.monitoring.alerts import AlertConfig, WWMonitorAlert
 from ww_monitor.integrations.alpha_drift import spectra_left_random_state
+from ww_monitor.monitoring.alerts import AlertConfig, WWMonitorAlert
 from ww_monitor.outputs.offline_report import load_run, render_html
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import quickstart  # noqa: E402
+import quickstart
 
 EPOCHS = 8  # the quickstart's default
 

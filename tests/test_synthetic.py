@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ww_monitor import Phase, classify_phase, fit_power_law
-
 from ww_monitor.analysis import synthetic
 from ww_monitor.functional.eigenvalues import eigenvalues
 from ww_monitor.functional.marchenko_pastur import bbp_outlier, bbp_threshold, fit_marchenko_pastur

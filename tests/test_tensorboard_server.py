@@ -15,7 +15,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from test_examples import run_quickstart
 
 pytest.importorskip("tensorboard")

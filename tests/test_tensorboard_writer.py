@@ -35,10 +35,9 @@ def test_esd_histogram_degenerate_inputs():
 
 
 def test_precomputed_histogram_reaches_the_event_file(tmp_path):
+    import torch
     from pytorch_lightning.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    import torch
 
     import ww_monitor
 

@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ww_monitor as wwm
-from ww_monitor.monitoring.alerts import AlertConfig
 from ww_monitor.errors import WWMonitorError
+from ww_monitor.monitoring.alerts import AlertConfig
 
 pl = pytest.importorskip("pytorch_lightning")
 

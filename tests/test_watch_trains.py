@@ -7,12 +7,12 @@ import re
 import numpy as np
 import pytest
 import torch
+from test_callback import read_events, scalar_steps, trainer_kwargs
 from torch import nn
 
 import ww_monitor
 from ww_monitor.analysis.adapters import ZERO_UPDATE_REASON
 from ww_monitor.errors import WWMonitorError
-from test_callback import read_events, scalar_steps, trainer_kwargs
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -109,6 +109,7 @@ def test_lora_fine_tune_at_the_callback_defaults_watches_the_adapters(tmp_path, 
 
     # ww-monitor report: the frozen layers are in the last snapshot's table, with their baseline values.
     from test_report import report
+
     from ww_monitor.outputs.run_data import load_run
 
     rc, _, stderr = report([tmp_path / "tb", "--out", tmp_path / "report.html"], capsys)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ww_monitor.analysis.analyze import AnalysisConfig, analyze_matrices, select_matrices
-from ww_monitor.monitoring.snapshot import take_snapshot
 from ww_monitor.monitoring.analysis_job import AnalysisOutput, analyze_snapshot
+from ww_monitor.monitoring.snapshot import take_snapshot
 from ww_monitor.monitoring.worker import InlineWorker, ProcessWorker, ThreadWorker, configure_current_thread
 
 

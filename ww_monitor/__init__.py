@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from .analysis.analyze import analyze
 from .analysis.model_distances import Distances, LayerDistance, distances
-from .errors import CheckpointError, WWMonitorError
-from .functional.power_law import PowerLawFit, fit_power_law
 from .analysis.phases import Phase
 from .analysis.results import LayerResult, Report, SkippedLayer
+from .errors import CheckpointError, WWMonitorError
+from .functional.power_law import PowerLawFit, fit_power_law
 from .monitoring.alerts import Alert, AlertConfig, AlertError, WWMonitorAlert
 
 __version__ = "0.2.0"

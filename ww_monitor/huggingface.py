@@ -28,7 +28,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from .balancing.huggingface import AlphaDecay, SpectralBalancer, TempBalance  # noqa: F401  (the balancers' door)
+from .balancing.huggingface import AlphaDecay, SpectralBalancer, TempBalance
 from .core.engine import MonitorEngine
 from .core.hooks import training_thread_time
 from .core.monitor import _distributed

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback
 
-from .integrations import alpha_drift
 from .balancing.presets import build as _build_balancers
+from .integrations import alpha_drift
 from .integrations.lightning_callback import WeightWatcherMixin, _build  # noqa: F401  (the shared logic, re-exported)
 
 __all__ = ["WeightWatcherCallback", "AlphaDriftEarlyStopping", "SpectralBalancer", "TempBalance", "AlphaDecay"]

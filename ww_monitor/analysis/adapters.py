@@ -32,7 +32,7 @@ State dicts (e.g. ``adapter_model.safetensors``) hold no ``scaling``: there it i
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn

@@ -8,27 +8,27 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .estimate import estimated_layer_result, wants_estimate
-from ..functional.eigenvalues import batched_eigenvalues
 from ..functional.correlation_traps import count_correlation_traps
-from ..functional.sampled import DEFAULT_SAMPLES, DEFAULT_SAMPLE_SIZE
+from ..functional.eigenvalues import batched_eigenvalues
+from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from ..functional.marchenko_pastur import fit_marchenko_pastur
 from ..functional.power_law import DEFAULT_MIN_EIGENVALUE, PowerLawFit, fit_power_law
-from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
+from ..functional.sampled import DEFAULT_SAMPLE_SIZE, DEFAULT_SAMPLES
 from ..functional.spectral_metrics import alpha_metrics, matrix_entropy, matrix_rank, norm_metrics, rank_tolerance
+from . import options as _options
+from .adapters import ZERO_UPDATE_REASON
+from .estimate import estimated_layer_result, wants_estimate
 from .layers import LayerMatrix
 from .loading import load_state_dict
-from .adapters import ZERO_UPDATE_REASON
-from . import options as _options
 from .phases import phase_from_spectrum
-from .selection import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, AnalysisConfig, select_matrices
 from .reliability import is_reliable, phase_determined
 from .results import LayerResult, Report, SkippedLayer
+from .selection import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, AnalysisConfig, select_matrices
 
 __all__ = ["analyze", "AnalysisConfig", "select_matrices", "analyze_matrices", "DEFAULT_MIN_EVALS",
            "DEFAULT_MAX_EVALS", "DEFAULT_MAX_N"]

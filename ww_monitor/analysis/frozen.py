@@ -22,7 +22,7 @@ knowledge the monitor keeps watching it.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

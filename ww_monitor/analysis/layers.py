@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -106,7 +106,7 @@ class LayerSelection:
     kinds: tuple[str, ...] | None = None
 
     @staticmethod
-    def build(include=None, exclude=None, kinds=None) -> "LayerSelection":
+    def build(include=None, exclude=None, kinds=None) -> LayerSelection:
         inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
         if kinds is not None:
             kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)

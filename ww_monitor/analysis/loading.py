@@ -12,14 +12,14 @@ files of a folder are read in natural order.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import json
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 

@@ -9,15 +9,15 @@ The layer finders live in :mod:`.layers`, the weight readers in :mod:`.weight_ac
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 from torch import nn
 
 from ..errors import WWMonitorError
 from ..functional.eigenvalues import METHODS
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
-from ..functional.sampled import DEFAULT_SAMPLES, DEFAULT_SAMPLE_SIZE
+from ..functional.sampled import DEFAULT_SAMPLE_SIZE, DEFAULT_SAMPLES
 from . import options as _options
 from .adapters import adapters_from_state_dict, check_peft, with_adapters
 from .frozen import is_frozen

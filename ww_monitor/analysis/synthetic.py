@@ -34,7 +34,7 @@ generator                phase it shows
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -28,7 +28,8 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,10 +40,19 @@ from ..errors import WWMonitorError
 from ..functional.balancing import MAPPINGS, SIGMOID_SCALES, SIGMOID_TEMPERATURE, TEMPBALANCE_RANGE, balance_factors
 from ..functional.hill import DEFAULT_XMIN_POS
 from ..monitoring.distributed import Collectives, TorchCollectives
-from ..validation import check_bool, check_int, check_keywords, check_number, keyword_parameters
 from ..monitoring.sharding import stand_in_view
-from .estimate import ESTIMATORS, MIN_BALANCE_EVALS, EsdAlpha, LocalWeights, WeightSource, gathered_alphas, \
-    monitor_alphas, own_alphas, unit_alphas
+from ..validation import check_bool, check_int, check_keywords, check_number, keyword_parameters
+from .estimate import (
+    ESTIMATORS,
+    MIN_BALANCE_EVALS,
+    EsdAlpha,
+    LocalWeights,
+    WeightSource,
+    gathered_alphas,
+    monitor_alphas,
+    own_alphas,
+    unit_alphas,
+)
 from .groups import BALANCE_KINDS, StepScaler, check_optimizer, find_units
 from .records import BalanceHistory, BalanceRecord
 from .sharded import ShardedWeights, check_strategy

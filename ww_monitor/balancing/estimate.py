@@ -25,17 +25,18 @@ its reliable ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from ..analysis.layers import LayerMatrix
 from ..functional.eigenvalues import batched_eigenvalues
 from ..functional.hill import hill_alpha
 from ..functional.power_law import DEFAULT_MIN_EIGENVALUE, fit_power_law
 from ..functional.spectral_metrics import rank_tolerance
-from ..analysis.layers import LayerMatrix
 from .groups import Unit
 
 __all__ = ["ESTIMATORS", "MIN_BALANCE_EVALS", "EsdAlpha", "WeightSource", "LocalWeights", "own_alphas",

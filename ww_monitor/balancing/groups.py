@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import WWMonitorError
 from ..analysis.layers import LayerMatrix, LayerSelection, clean_name, matrices_from_module
+from ..errors import WWMonitorError
 from ..monitoring.distributed import strip_wrapper_names
 
 __all__ = ["Unit", "find_units", "layer_plan", "split_param_groups", "expand_schedulers", "StepScaler",
@@ -311,7 +311,7 @@ class StepScaler:
 
 
 #: Scalers whose groups are in place, per optimizer, in the order they were applied.
-_ACTIVE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[StepScaler]]" = weakref.WeakKeyDictionary()
+_ACTIVE: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[StepScaler]] = weakref.WeakKeyDictionary()
 
 
 def _unwind(stack: list[StepScaler], down_to: StepScaler, write_back: bool) -> None:

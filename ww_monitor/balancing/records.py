@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 __all__ = ["BalanceRecord", "BalanceHistory"]
 
@@ -34,7 +34,7 @@ class BalanceRecord:
         return d
 
     @staticmethod
-    def from_state(d: dict) -> "BalanceRecord":
+    def from_state(d: dict) -> BalanceRecord:
         return BalanceRecord(step=int(d["step"]), epoch=int(d["epoch"]), source=str(d["source"]),
                              layers=tuple(d["layers"]), alphas=tuple(float(a) for a in d["alphas"]),
                              balanced=tuple(bool(b) for b in d["balanced"]),

@@ -27,7 +27,7 @@ weights gathered one layer at a time.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 

@@ -19,8 +19,8 @@ from ..analysis.adapters import ZERO_UPDATE_REASON
 from ..analysis.results import Report
 from ..functional.distances import esd_shift as esd_shift_distance
 from ..monitoring.alert_dispatch import dispatch_alerts
-from ..monitoring.history import SnapshotRecord
 from ..monitoring.analysis_job import AnalysisOutput
+from ..monitoring.history import SnapshotRecord
 from ..outputs.layer_groups import group_scalars
 from ..outputs.tensorboard_writer import layer_scalars, summary_scalars
 from ..user_warnings import warn_user

@@ -52,28 +52,27 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..analysis.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
 from ..monitoring.alerts import Alert, AlertConfig
+from ..monitoring.analysis_job import CHUNK_BYTES, analyze_snapshot, failed_analysis
 from ..monitoring.budget import DEFAULT_MAX_OVERHEAD
 from ..monitoring.cost import calibration, estimate_seconds
 from ..monitoring.device import resolve_analysis_device, staging_budget
 from ..monitoring.distributed import Collectives, TorchCollectives, collect_into
 from ..monitoring.snapshot import SnapshotBuilder
-from ..monitoring.analysis_job import CHUNK_BYTES, analyze_snapshot, failed_analysis
 from ..monitoring.worker import make_worker
 from ..outputs.figure_pipeline import DEFAULT_MIN_RUN_SECONDS, FINAL_FIGURES_TIMEOUT, FigurePipeline
 from ..user_warnings import warn_user
 from ..validation import CheckedKeywords
 from .completion import Completion
 from .planning import Planning
-from .hooks import rank_zero_warn
 from .run_state import RunState
 from .selection_report import SelectionReport
-from .thinning import Thinning
 from .settings import MonitorSettings
+from .thinning import Thinning
 
 __all__ = ["MonitorEngine"]
 

@@ -27,7 +27,7 @@ _NOT_HERE = {"every_n_epochs": "every_n_steps", "every_n_train_steps": "every_n_
 
 #: Monitors with a run in progress, closed at interpreter exit if their user did not (weak: a
 #: monitor dropped by its user is closed by ``__del__`` instead).
-_RUNNING: "weakref.WeakSet[Monitor]" = weakref.WeakSet()
+_RUNNING: weakref.WeakSet[Monitor] = weakref.WeakSet()
 _atexit_registered = False
 
 
@@ -36,7 +36,7 @@ def _close_running_monitors() -> None:
         monitor._close_unclosed("the interpreter exits")
 
 
-def _watch_until_closed(monitor: "Monitor") -> None:
+def _watch_until_closed(monitor: Monitor) -> None:
     """Register the exit hook on the first run (not at import: importing has no side effects)."""
     global _atexit_registered
     _RUNNING.add(monitor)
@@ -191,7 +191,7 @@ class Monitor(MonitorEngine):
         (tensors and plain types only: loads with ``weights_only=True``)."""
         return self._engine_state(self._host if self._active else None, None)
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from ..monitoring.alerts import Alert, AlertTracker
+from ..monitoring.analysis_job import AnalysisOutput
 from ..monitoring.budget import CostBudget
 from ..monitoring.carry import FrozenCarry
 from ..monitoring.history import History
-from ..monitoring.analysis_job import AnalysisOutput
 from ..outputs.tensorboard_writer import LoggerWriter
 from .hooks import rank_zero_warn
 

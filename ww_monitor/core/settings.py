@@ -9,8 +9,8 @@ and normalised (one regex -> a tuple, ``background=False`` implies
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 from ..analysis.analyze import AnalysisConfig
 from ..analysis.layers import CONV_MODES, KINDS
@@ -98,7 +98,7 @@ class MonitorSettings:
     ends_only: bool = False  #: only the baseline and final snapshots (no schedule)
 
     @classmethod
-    def from_arguments(cls, *, owner: str = "", **arguments) -> "MonitorSettings":
+    def from_arguments(cls, *, owner: str = "", **arguments) -> MonitorSettings:
         """:meth:`_checked`, with the front door's name (``owner``) at the start of its error."""
         try:
             return cls._checked(**arguments)
@@ -116,7 +116,7 @@ class MonitorSettings:
         max_figure_layers, figures_min_run_seconds, figures_timeout, method, analysis_device, drain_timeout,
         alerts, on_alert, detX, fix_fingers, max_fingers, finger_thresh, fit, randomize, peft,
         distance_from_init, esd_shift, summary_include_unreliable, max_overhead, watch_frozen=False, ends_only=False,
-    ) -> "MonitorSettings":
+    ) -> MonitorSettings:
         """Check every argument (a :class:`WWMonitorError` naming the first bad one) and normalise."""
         check_schedule(("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps),
                        ends_only=ends_only)

@@ -14,7 +14,8 @@ them for plain loops and other frameworks.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..errors import WWMonitorError
 

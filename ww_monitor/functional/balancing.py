@@ -25,7 +25,7 @@ layers out before calling.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -31,7 +31,7 @@ diagonal Gram entry non-finite), so callers need no separate O(N M) ``isfinite``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

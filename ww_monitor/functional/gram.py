@@ -263,7 +263,7 @@ def gram64(w: torch.Tensor) -> np.ndarray:
     return gram
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _syevd_lwork(prefix: str, m: int) -> int:
     """LAPACK's optimal workspace for an eigenvalues-only ``?syevd`` of order ``m``.
 
@@ -281,7 +281,7 @@ def _syevd_lwork(prefix: str, m: int) -> int:
     return max(int(lwork), 2 * m + 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sytrf_lwork(m: int) -> int:
     """LAPACK's optimal workspace for ``dsytrf`` of order ``m``: SciPy's default (m) forces the
     unblocked factorisation, 2-3x slower at M = 512-768 (``bench_eigensolver.py``)."""

@@ -116,7 +116,7 @@ class MPFit:
         return self.lambda_plus + SPIKE_TW_MARGIN * self.tw_scale
 
     @staticmethod
-    def failed() -> "MPFit":
+    def failed() -> MPFit:
         nan = math.nan
         return MPFit(nan, nan, nan, nan, 0, nan, nan)
 

@@ -70,7 +70,7 @@ class PowerLawFit:
         return asdict(self)
 
     @staticmethod
-    def failed(reason: str, xmax: float = math.nan) -> "PowerLawFit":
+    def failed(reason: str, xmax: float = math.nan) -> PowerLawFit:
         return PowerLawFit(math.nan, math.nan, xmax, math.nan, math.nan, 0, ok=False, reason=reason)
 
 

@@ -24,8 +24,6 @@ spectral norm and ``alpha_weighted`` are the whole matrix's, not a sample's.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..monitoring.early_stopping import AlphaDriftRule
 from ..errors import WWMonitorError
+from ..monitoring.early_stopping import AlphaDriftRule
 from ..user_warnings import warn_user
 from ..validation import CheckedKeywords, check_bool, check_int, check_number
 

@@ -10,7 +10,7 @@ snapshot, one ``ww/alerts`` text entry per snapshot; ``on_alert`` still gets eve
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..user_warnings import warn_user
 from .alerts import Alert, AlertConfig, AlertError, WWMonitorAlert

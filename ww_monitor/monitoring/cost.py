@@ -106,13 +106,13 @@ def _best_of(fn, repeats: int = _PROBE_REPEATS):
     return max(min(times), 1e-9), out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _calibrate(threads: int) -> Calibration:
     from scipy.linalg import lapack
 
     from ..analysis.analyze import AnalysisConfig, analyze_matrices, layer_result
     from ..analysis.layers import LayerMatrix
-    from ..functional.gram import _sytrf_lwork, _syevd, blas_threads, gram64
+    from ..functional.gram import _syevd, _sytrf_lwork, blas_threads, gram64
 
     start = time.thread_time()
     m = _PROBE_M
@@ -240,7 +240,7 @@ def matrix_seconds(shape, dtype=torch.float32, method: str = "auto", cal: Calibr
     return k * (solve + cal.per_eigenvalue * m) + cal.per_matrix
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _svd_rate(threads: int) -> float:
     """Seconds per (N M^2 + M^3) of ``torch.linalg.svdvals`` in float64 (float64 weights only;
     probed on first use: 0.96-1.25e-10 from 512 x 256 to 2048 x 2048 on the benchmark machine)."""
@@ -268,7 +268,7 @@ class StreamCalibration:
     gather_strided: float  #: seconds per element gathered across rows (a wide matrix's sample)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stream_calibration() -> StreamCalibration:
     """Times a fresh float64 matrix of :data:`_STREAM_SHAPE` and row/column gathers from it
     (~0.3 s, once; only for the sampled route)."""

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn

@@ -10,8 +10,8 @@ stores it in checkpoints) and :meth:`History.load_state_dict` restores it on res
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class SnapshotRecord:
         index: int, step: int, epoch: int, results: Sequence[LayerResult], ranks: Sequence[int] | None = None,
         skipped: Sequence[SkippedLayer] = (), seconds: float = 0.0, errors: Sequence[str] = (),
         summary: dict | None = None,
-    ) -> "SnapshotRecord":
+    ) -> SnapshotRecord:
         values = np.array(
             [[_number(getattr(r, c, None)) for c in HISTORY_METRICS] for r in results], dtype=np.float64
         ).reshape(len(results), len(HISTORY_METRICS))
@@ -99,7 +99,7 @@ class SnapshotRecord:
         }
 
     @staticmethod
-    def from_state(d: dict) -> "SnapshotRecord":
+    def from_state(d: dict) -> SnapshotRecord:
         values = d["values"]
         values = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values, dtype=np.float64)
         columns = tuple(d.get("columns", HISTORY_METRICS))

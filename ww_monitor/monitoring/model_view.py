@@ -11,7 +11,7 @@ layer selection takes for real weights (see :mod:`.sharded`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

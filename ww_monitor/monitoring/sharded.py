@@ -44,8 +44,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn

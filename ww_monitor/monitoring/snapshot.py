@@ -26,13 +26,13 @@ step and before the next one), under :func:`torch.no_grad`:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 
-from .device import copy_stream, on_stream, record_event
 from ..analysis.layers import LayerMatrix
+from .device import copy_stream, on_stream, record_event
 
 __all__ = ["MatrixSpec", "Snapshot", "SnapshotBuilder", "take_snapshot"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .worker import JobResult, _BaseWorker, _run_job
 
@@ -64,7 +65,6 @@ class SubprocessWorker(_BaseWorker):
         super().__init__()
         import subprocess
         import sys
-
         import tempfile
 
         env = dict(os.environ)

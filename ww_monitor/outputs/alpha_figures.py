@@ -10,15 +10,25 @@ the one ranking of :mod:`.worst_layers`. Matplotlib's object-oriented API only.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .display_names import display_names
-from .figure_layout import (LABEL_FONT, TITLE_FONT, block_separators, figure_and_axes, heatmap_size, label_rows,
-                            label_steps, label_width, rows_height, wrap_title)
+from .figure_layout import (
+    LABEL_FONT,
+    TITLE_FONT,
+    block_separators,
+    figure_and_axes,
+    heatmap_size,
+    label_rows,
+    label_steps,
+    label_width,
+    rows_height,
+    wrap_title,
+)
 from .worst_layers import ALPHA_GOOD_BAND, WORST_LISTED, worst_layers
 
 __all__ = ["plot_alpha_per_layer", "plot_alpha_heatmap", "alpha_color_range", "worst_title",

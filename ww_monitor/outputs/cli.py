@@ -23,7 +23,7 @@ import csv
 import io
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import WWMonitorError
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS

@@ -24,7 +24,7 @@ set matters: step 2 looks at all of them), :func:`display_name_map` the same as 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = ["WRAPPER_SEGMENTS", "strip_wrappers", "display_names", "display_name_map"]
 

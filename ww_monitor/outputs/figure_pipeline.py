@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .tensorboard_writer import choose_figure_layers, is_tensorboard_logger, render_figures, strip_eigenvalues
 

@@ -16,7 +16,7 @@ has a curve.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = ["ROOT_BLOCK", "block_of", "group_names", "group_means", "group_scalars", "BLOCK_PREFIX", "KIND_PREFIX"]
 

@@ -35,13 +35,13 @@ import numpy as np
 from ..errors import WWMonitorError
 from .display_names import display_name_map
 from .report_alerts import alerts_html, markdown_html  # noqa: F401  (markdown_html: public here)
-from .run_data import EsdSnapshot, RunData, _choose_layers, load_run  # noqa: F401  (EsdSnapshot: public here)
+from .run_data import EsdSnapshot, RunData, _choose_layers, load_run
 from .tensorboard_writer import MAX_LAYERS_PER_CHART
 from .worst_layers import ALPHA_GOOD_BAND, WORST_LISTED, worst_layers
 
 __all__ = ["RunData", "EsdSnapshot", "load_run", "render_html", "write_report", "write_figures"]
 
-def _alpha_grid(data: "RunData") -> tuple[list[str], list[int], np.ndarray, np.ndarray, list[float]]:
+def _alpha_grid(data: RunData) -> tuple[list[str], list[int], np.ndarray, np.ndarray, list[float]]:
     """``(layers, steps, alpha[layer, step], reliable[layer, step], tails)`` from the per-layer
     series (NaN alpha where a layer has no value at a step; reliable where not logged); ``tails``:
     each layer's tail size at the last step, from the per-layer table (NaN if unknown)."""

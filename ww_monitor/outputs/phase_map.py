@@ -11,7 +11,7 @@ Marchenko-Pastur edge (or no MP bulk at all), a wider range than the band [2, 4]
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.colors import ListedColormap
@@ -20,8 +20,16 @@ from matplotlib.patches import Patch
 
 from ..analysis.phases import HEAVY_TAILED_MAX_ALPHA, UNDETERMINED, Phase
 from .display_names import display_names
-from .figure_layout import (LABEL_FONT, TITLE_FONT, block_separators, figure_and_axes, heatmap_size, label_rows,
-                            label_steps, wrap_title)
+from .figure_layout import (
+    LABEL_FONT,
+    TITLE_FONT,
+    block_separators,
+    figure_and_axes,
+    heatmap_size,
+    label_rows,
+    label_steps,
+    wrap_title,
+)
 
 __all__ = ["plot_phase_heatmap", "PHASE_COLORS", "PHASE_MEANING"]
 

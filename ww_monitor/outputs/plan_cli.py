@@ -107,6 +107,7 @@ def run_plan(args) -> int:
 
     from ..analysis.results import strict_json_dumps
     from ..analysis.shapes import load_shapes
+
     # The front doors' own defaults (selection, size limits, adapters) are the plan's: a monitor
     # built from the flags holds them. Constructing it starts nothing.
     from ..core.engine import MonitorEngine

@@ -18,8 +18,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..functional.marchenko_pastur import mp_density, mp_edges
-from .alpha_figures import (ALPHA_COLOR_CEILING, ALPHA_COLOR_FLOOR, alpha_color_range, plot_alpha_heatmap,
-                            plot_alpha_per_layer)
+from .alpha_figures import (
+    ALPHA_COLOR_CEILING,
+    ALPHA_COLOR_FLOOR,
+    alpha_color_range,
+    plot_alpha_heatmap,
+    plot_alpha_per_layer,
+)
 from .figure_layout import figure_and_axes as _figure_and_axes
 from .figure_layout import heatmap_size
 from .phase_map import PHASE_COLORS, plot_phase_heatmap

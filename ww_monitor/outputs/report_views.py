@@ -15,7 +15,7 @@ Matplotlib's object-oriented API only (no pyplot state).
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure

@@ -8,8 +8,8 @@ weights are analysed for the ESDs and their fits. A plain model file gives that 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ..analysis.phases import UNDETERMINED, Phase
 from ..errors import WWMonitorError
@@ -19,8 +19,8 @@ __all__ = ["from_weights"]
 
 
 def from_weights(p: Path, weights_only: bool, esd_layers, max_esd_layers: int, analyze_fn) -> RunData:
-    from ..monitoring.history import History
     from ..analysis.loading import load_state_dict
+    from ..monitoring.history import History
 
     state = load_state_dict(p, weights_only=weights_only)
     history = History()

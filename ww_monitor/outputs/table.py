@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import WWMonitorError
 from .display_names import display_name_map

@@ -27,8 +27,9 @@ import logging
 import math
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
