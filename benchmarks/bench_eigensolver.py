@@ -260,7 +260,7 @@ def main(argv=None) -> None:
           "LAPACK's queried optimum (CPU seconds, medians):\n")
     print("| shape | M | dsyevd default | dsyevd queried | speed-up | ssyevd default | ssyevd queried | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for label, batch, rows, cols in CASES:
+    for label, _batch, rows, cols in CASES:
         if args.quick and label in QUICK_SKIP:
             continue
         stack = torch.randn(1, rows, cols, generator=gen) / cols**0.5

@@ -147,7 +147,10 @@ def main(argv=None) -> None:
     s.close()
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(run, args=(2, port, args.width, args.layers, out), nprocs=2)
-        reports = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in (0, 1)]
+        reports = []
+        for r in (0, 1):
+            with open(os.path.join(out, f"rank{r}.json")) as f:
+                reports.append(json.load(f))
     r0 = reports[0]
     print(f"model: {args.layers} x Linear({args.width}, {args.width}) + Linear({args.width}, {2 * args.width}), "
           f"float32, FSDP2 over 2 gloo ranks")

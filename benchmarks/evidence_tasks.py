@@ -14,6 +14,7 @@ and the batch order.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytorch_lightning as pl
@@ -140,7 +141,7 @@ class OrderTransformer(nn.Module):
 def _scale_weights(net: nn.Module, scale: float) -> None:
     if scale != 1.0:
         with torch.no_grad():
-            for name, p in net.named_parameters():
+            for _name, p in net.named_parameters():
                 if p.dim() >= 2:
                     p.mul_(scale)
 
@@ -149,7 +150,7 @@ def relu_inputs(net: nn.Module) -> list[str]:
     """Names of the modules whose outputs feed a ReLU (the units the dead-unit probe counts)."""
     if isinstance(net, nn.Sequential):
         mods = list(net.named_children())
-        return [n for (n, m), (_, nxt) in zip(mods, mods[1:]) if isinstance(m, nn.Linear) and isinstance(nxt, nn.ReLU)]
+        return [n for (n, m), (_, nxt) in itertools.pairwise(mods) if isinstance(m, nn.Linear) and isinstance(nxt, nn.ReLU)]
     return [n for n, m in net.named_modules() if n.endswith("linear1")]
 
 

@@ -24,6 +24,7 @@ the final per-layer alphas::
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import time
@@ -78,7 +79,7 @@ def teacher_student_data(seed: int, n_train: int = 400, n_test: int = 4000):
 def student_model() -> nn.Module:
     sizes = [32, 128, 128, 128, 128, CLASSES]
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 

@@ -63,7 +63,7 @@ def make_model(pl, config, lr: float):
             return loss, (pred.argmax(-1) == target).float().mean()
 
         def training_step(self, batch, batch_idx):
-            loss, acc = self._loss_acc(batch[0])
+            loss, _acc = self._loss_acc(batch[0])
             self.log("train/loss", loss)
             return loss
 

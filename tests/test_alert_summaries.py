@@ -30,7 +30,7 @@ def llama_names(blocks: int = 6) -> list[str]:
     for i in range(blocks):
         names += [f"model.model.layers.{i}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
         names += [f"model.model.layers.{i}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    return names + ["model.lm_head"]
+    return [*names, "model.lm_head"]
 
 
 def low(name, alpha):
@@ -40,7 +40,7 @@ def low(name, alpha):
 
 def test_one_line_per_rule_with_counts_roles_and_the_worst():
     names = llama_names()
-    fired = [n for n in names if n.endswith(("q_proj", "k_proj"))][:9] + ["model.lm_head"]
+    fired = [*[n for n in names if n.endswith(("q_proj", "k_proj"))][:9], "model.lm_head"]
     alphas = {n: 1.9 - 0.02 * i for i, n in enumerate(fired)}
     tails = {n: 60 for n in names}
     tails["model.lm_head"] = 12  # the lowest alpha, but on a short tail: not the worst

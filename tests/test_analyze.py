@@ -147,7 +147,7 @@ def test_bad_arguments_raise_clear_errors():
         wwm.analyze(nn.Linear(8, 8), method="lanczos")
     with pytest.raises(wwm.WWMonitorError, match="min_evals"):
         wwm.analyze(nn.Linear(8, 8), min_evals=0)
-    with pytest.raises(wwm.WWMonitorError, match="expected an nn.Module or a state dict"):
+    with pytest.raises(wwm.WWMonitorError, match=r"expected an nn.Module or a state dict"):
         wwm.analyze(42)
 
 

@@ -246,7 +246,7 @@ def test_analysis_failure_keeps_factors_with_a_warning(tmp_path, monkeypatch):
     assert [r.step for r in tb.history] == [0, 8, 12] and tb.stats["failures"] == 1
     # during epoch 2 (steps 4..7) the factors of train start were still applied
     first = tb.history[0].factor_map()
-    for step, lrs, _ in probe.seen[4:8]:
+    for _step, lrs, _ in probe.seen[4:8]:
         assert lrs == pytest.approx([first[n] * LR for n in UNITS])
 
 

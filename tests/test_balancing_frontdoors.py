@@ -275,7 +275,7 @@ def test_plain_loop_arguments_and_misuse():
     run = LoopRun()
     with pytest.raises(WWMonitorError, match="LBFGS"):
         tb.attach(run.model, torch.optim.LBFGS(run.model.parameters()))
-    with pytest.raises(WWMonitorError, match="`monitor` must be a ww_monitor.Monitor"):
+    with pytest.raises(WWMonitorError, match=r"`monitor` must be a ww_monitor.Monitor"):
         tb.attach(run.model, run.optimizer, monitor=object())
     tb.attach(run.model, run.optimizer)
     tb.step(1)
@@ -398,7 +398,7 @@ def test_huggingface_trainer_lr_and_weight_decay_every_step_and_resume(tmp_path,
     assert [r.step for r in ad.history] == [0, 4, 8, 12, 16, 20, 24]
     # the Trainer's optimizer and scheduler are as it made them: two groups, the plain schedule
     assert len(trainer.optimizer.param_groups) == 2 and len(trainer.lr_scheduler.base_lrs) == 2
-    layers = [r.layers for r in tb.history][0]
+    layers = next(r.layers for r in tb.history)
     assert layers[0].endswith("attention.self.query") and layers[-1] == "classifier"
     for rec, (low, high) in [(r, (0.5, 1.5)) for r in tb.history] + [(r, (0.666, 3.0)) for r in ad.history]:
         balanced = [i for i, b in enumerate(rec.balanced) if b]

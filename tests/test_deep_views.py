@@ -81,7 +81,7 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def test_heatmap_images_block_and_kind_scalars_read_back(deep_run):
-    root, ww, log_dir = deep_run
+    _root, ww, log_dir = deep_run
     acc = read_events(log_dir)
     tags = acc.Tags()
     steps = ww.history.steps
@@ -122,7 +122,7 @@ def test_custom_scalars_layout_one_chart_per_block(deep_run):
     layout.ParseFromString(event.tensor_proto.string_val[0])
     categories = {c.title: c for c in layout.category}
     assert "ww per-layer" not in categories  # 48 lines in one chart cannot be told apart
-    assert list(categories)[0] == "ww overview"
+    assert next(iter(categories)) == "ww overview"
     per_block = categories["ww alpha per block"].chart
     assert [c.title for c in per_block[:2]] == ["alpha blocks.0", "alpha blocks.1"]
     assert len(per_block) == NUM_BLOCKS  # the head was skipped (too small), so no block of its own

@@ -31,7 +31,7 @@ def llama_names(blocks: int) -> list[str]:
     for i in range(blocks):
         names += [f"model.model.layers.{i}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
         names += [f"model.model.layers.{i}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    return names + ["model.lm_head"]
+    return [*names, "model.lm_head"]
 
 
 def overlap(a, b) -> bool:
@@ -114,7 +114,7 @@ def test_alpha_per_layer_scales(run):
     notes = texts(ax.texts, renderer)
     assert len(notes) == len(names) and min(t.get_fontsize() for t, _ in notes) >= MIN_LABEL_FONT
     assert_apart(notes, "bar values")
-    for (t, box), (_, label) in zip(notes, rows):
+    for (_t, box), (_, label) in zip(notes, rows):
         assert not overlap(box, label)
 
 

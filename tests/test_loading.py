@@ -62,7 +62,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"fc.weight": torch.randn(8, 8), "x": _Payload(marker)}, path)
-    with pytest.raises(wwm.CheckpointError, match="refused to load.*weights_only=False"):
+    with pytest.raises(wwm.CheckpointError, match=r"refused to load.*weights_only=False"):
         wwm.analyze(path)
     assert not marker.exists()
 
@@ -107,7 +107,7 @@ def test_missing_unsupported_and_empty(tmp_path):
         wwm.analyze(tmp_path / "nope.ckpt")
     txt = tmp_path / "weights.txt"
     txt.write_text("1 2 3")
-    with pytest.raises(wwm.CheckpointError, match="unsupported file type .txt"):
+    with pytest.raises(wwm.CheckpointError, match=r"unsupported file type .txt"):
         wwm.analyze(txt)
     with pytest.raises(wwm.CheckpointError, match="folder holds no"):
         load_state_dict(_empty_dir(tmp_path))

@@ -107,7 +107,7 @@ def test_warnings_name_the_front_door():
 def test_bad_arguments_are_named():
     with pytest.raises(WWMonitorError, match="every_n_steps"):
         ww_monitor.Monitor(every_n_steps=0)
-    with pytest.raises(WWMonitorError, match="every_n_epochs.*every_n_steps"):
+    with pytest.raises(WWMonitorError, match=r"every_n_epochs.*every_n_steps"):
         ww_monitor.Monitor(every_n_epochs=1)
     with pytest.raises(WWMonitorError, match="sinks"):
         ww_monitor.Monitor(sinks=42)

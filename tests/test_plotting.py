@@ -91,7 +91,7 @@ def test_plot_alpha_per_layer(report, tmp_path):
     from ww_monitor.outputs.alpha_figures import BAND_COLORS
 
     far = dataclasses.replace(report.layers[0], name="far", alpha=14.0)  # beyond the axis (10)
-    layers = list(report.layers) + [far, dataclasses.replace(report.layers[0], name="failed", alpha=math.nan)]
+    layers = [*list(report.layers), far, dataclasses.replace(report.layers[0], name="failed", alpha=math.nan)]
     fig = plot_alpha_per_layer(layers, step=7)
     (ax,) = fig.axes
     # Issue 21: one horizontal bar per layer, first layer on top, every row labelled by its name.

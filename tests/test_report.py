@@ -140,7 +140,7 @@ def test_tensorboard_data_matches_the_run(run):
 
 def test_report_from_checkpoint(run, tmp_path, capsys):
     out = tmp_path / "ckpt.html"
-    rc, stdout, stderr = report([run["ckpt"], "--out", out, "--max-esd-layers", "1"], capsys)
+    rc, _stdout, stderr = report([run["ckpt"], "--out", out, "--max-esd-layers", "1"], capsys)
     assert rc == 0, stderr
     page = out.read_text()
     assert_self_contained(page)

@@ -62,7 +62,7 @@ def server(tmp_path_factory):
     res, logdir = run_quickstart(tmp_path_factory)
     assert res.returncode == 0, res.stderr[-3000:]
     port = free_port()
-    log = open(logdir.parent / "tensorboard.log", "w")
+    log = open(logdir.parent / "tensorboard.log", "w")  # noqa: SIM115 (open while the server runs; closed at teardown)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
          "--port", str(port), "--load_fast=false", "--reload_interval", "1"],

@@ -186,8 +186,7 @@ def test_default_peft_mode_never_analyses_the_zero_lora_factor(tmp_path):
     assert names == ["net.base_model.model.fc1", "net.base_model.model.fc2"]  # base weights, own names
     assert [s.name for s in report.skipped] == ["net.base_model.model.head"]  # 4 eigenvalues < min_evals
     with_base = ww_monitor.analyze(model, peft="with_base")
-    assert [l.name for l in with_base.layers if l.kind != "lora"] == names + [
-        "net.base_model.model.fc1.lora_W_plus_AB.default", "net.base_model.model.fc2.lora_W_plus_AB.default"]
+    assert [l.name for l in with_base.layers if l.kind != "lora"] == [*names, "net.base_model.model.fc1.lora_W_plus_AB.default", "net.base_model.model.fc2.lora_W_plus_AB.default"]
     assert {s.reason for s in with_base.skipped if "lora" in s.name} == {ZERO_UPDATE_REASON}
     # The merged weight is the base weight while B is zero.
     merged = with_base["net.base_model.model.fc1.lora_W_plus_AB.default"]

@@ -177,7 +177,7 @@ def rows_of(history, layer):
 
 
 def test_frozen_layers_are_analysed_once_and_unfrozen_ones_watched_again(tmp_path):
-    cb, model = fit_frozen_half(tmp_path)
+    cb, _model = fit_frozen_half(tmp_path)
     assert cb.history.steps == [0, 4, 8, 12, 16]
     assert rows_of(cb.history, "net.0") == [(0, True)]  # frozen throughout: the baseline only
     assert rows_of(cb.history, "net.2") == [(0, True), (12, False), (16, False)]  # unfrozen at epoch 2
@@ -352,7 +352,7 @@ def test_ddp_ranks_carry_the_same_frozen_layers_and_share_the_rest(tmp_path):
     frozen, trainable = ["0", "2", "4"], ["1", "3", "5"]
     first = r0["records"][0]
     assert first[1] == ["0", "1", "2", "3", "4", "5"] and first[3] == [1.0, 0.0] * 3
-    for step, layers, ranks, flags in r0["records"][1:]:
+    for _step, layers, ranks, flags in r0["records"][1:]:
         assert layers == trainable and flags == [0.0] * 3
         assert set(ranks) == {0, 1}  # the trainable layers are shared by both ranks, not left to one
     for key in ("layers_carried", "carried_bytes", "frozen_layers"):

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from transformers import TrainerCallback
@@ -131,7 +132,7 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
 
     warning_prefix = "huggingface.WeightWatcherCallback"
     _options_signature = MonitorEngine.__init__
-    _not_here = {"every_n_train_steps": "every_n_steps", "log_callback_metrics": None}
+    _not_here: ClassVar[Mapping[str, str | None]] = {"every_n_train_steps": "every_n_steps", "log_callback_metrics": None}
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1,
                  tensorboard: str | bool = "auto", tensorboard_dir: str | None = None, sinks=None,

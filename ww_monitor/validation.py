@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import ClassVar
 
 from .errors import WWMonitorError
 
@@ -124,7 +125,7 @@ class CheckedKeywords:
 
     warning_prefix = ""
     _options_signature = None
-    _not_here: dict = {}
+    _not_here: ClassVar[Mapping[str, str | None]] = {}
 
     def __new__(cls, *args, **kwargs):
         positional, valid, takes_options = keyword_parameters(cls.__init__)

@@ -110,7 +110,7 @@ def with_adapters(found: Iterable[tuple[str, str, object]], model: nn.Module, mo
     if mode is False:
         return
     for owner, layer in loras.items():
-        for adapter in layer.lora_A.keys():
+        for adapter in layer.lora_A:
             if adapter not in layer.lora_B:
                 continue
             a, b = _factor(layer, adapter)

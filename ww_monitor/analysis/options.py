@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def validate_options(config) -> None:
     """Precise errors for the weightwatcher-style options of an ``AnalysisConfig``."""
-    if config.fix_fingers not in (None, False) + FIX_FINGERS:
+    if config.fix_fingers not in (None, False, *FIX_FINGERS):
         raise WWMonitorError(f"fix_fingers must be None, {FIX_FINGERS[0]!r} or {FIX_FINGERS[1]!r}, got {config.fix_fingers!r}")
     if config.fit not in FITS:
         raise WWMonitorError(f"fit must be one of {FITS}, got {config.fit!r}")

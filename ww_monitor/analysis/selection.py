@@ -181,6 +181,6 @@ def _selection_problem(m: LayerMatrix, config: AnalysisConfig) -> str | None:
 def _add_alias(owner: tuple[str, int], alias: str, matrices: list[LayerMatrix], skipped: list[SkippedLayer]) -> None:
     where, i = owner
     if where == "matrix":
-        matrices[i].aliases = matrices[i].aliases + (alias,)
+        matrices[i].aliases = (*matrices[i].aliases, alias)
     else:
-        skipped[i] = dataclasses.replace(skipped[i], aliases=skipped[i].aliases + (alias,))
+        skipped[i] = dataclasses.replace(skipped[i], aliases=(*skipped[i].aliases, alias))

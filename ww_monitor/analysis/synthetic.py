@@ -186,7 +186,7 @@ def bulk_decay(
     and too short a tail for a power law (lambda_max stays below 2 lambda_+). Resolvable as a
     continuum (rather than a few spikes) for M >~ 256.
     """
-    N, M, _ = _shape(n, m)
+    _N, M, _ = _shape(n, m)
     k = max(1, int(round(fraction * M)))
     lo, hi = ratios
     return spiked(n, m, np.linspace(hi, lo, k), sigma=sigma, relative=True, seed=seed, generator=generator,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Union
 
 import torch
 from torch import nn
@@ -108,7 +107,7 @@ def alias_key(w: torch.Tensor):
         return None
 
 
-AnalysableWeight = Union[tuple, str]
+AnalysableWeight = tuple | str
 
 
 def analysable(w: torch.Tensor) -> AnalysableWeight:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -86,7 +88,7 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
     """
 
     _monitor = None
-    _reporters: list = []
+    _reporters: Sequence[Any] = ()
 
     # Trainer events ---------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

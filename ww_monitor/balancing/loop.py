@@ -12,6 +12,7 @@ what an LR scheduler does, so it is used like one: bound once to the model and t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -62,7 +63,7 @@ class LoopBalancerMixin(SpectralBalancerCore):
     decomposing its share; DeepSpeed ZeRO raises a ``WWMonitorError`` (see :mod:`.sharded`).
     """
 
-    _sinks: list = []
+    _sinks: Sequence[Any] = ()
     _monitor = None
     _step: int | None = None
     _epoch = 0

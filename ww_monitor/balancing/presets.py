@@ -74,7 +74,7 @@ def build(base: type | None, module: str, glue: type | None = None) -> dict[str,
     tail = (glue,) + ((base,) if base is not None else ())
     usage = "\n\n    " + (glue.__doc__ or "").strip()
     out = {}
-    for name, preset in (("SpectralBalancer", None),) + tuple(_PRESETS.items()):
+    for name, preset in (("SpectralBalancer", None), *tuple(_PRESETS.items())):
         doc = (preset.__doc__ if preset is not None else SpectralBalancerCore.__doc__).rstrip() + usage
         cls = type(name, ((preset,) if preset is not None else ()) + tail, {"__doc__": doc, "__module__": module})
         cls.__qualname__ = name

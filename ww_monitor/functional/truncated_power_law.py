@@ -42,6 +42,7 @@ Deliberate differences from weightwatcher 0.7.7 + ``powerlaw``:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -112,7 +113,7 @@ def _moments(alpha: float, c: float, full: bool = True):
         # internals reach the user); the fit is judged by its Newton steps and likelihoods.
         kw = dict(epsrel=_QUAD_EPSREL, epsabs=0.0, limit=200, full_output=1)
         ends = [*breaks, math.inf]
-        return sum(integrate.quad(h, a, b, **kw)[0] for a, b in zip(ends[:-1], ends[1:]))
+        return sum(integrate.quad(h, a, b, **kw)[0] for a, b in itertools.pairwise(ends))
 
     z = quad(w)
     log_z = math.log(z) + shift

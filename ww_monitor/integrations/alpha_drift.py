@@ -36,7 +36,8 @@ from ..monitoring.early_stopping import AlphaDriftRule
 from ..user_warnings import warn_user
 from ..validation import CheckedKeywords, check_bool, check_int, check_number
 
-__all__ = ["AlphaDriftEarlyStoppingMixin", "AlphaDriftEarlyStopping", "WARMUP_MAX_RANDOM_SHARE",
+# AlphaDriftEarlyStopping is built on first access (module __getattr__), which F822 cannot see.
+__all__ = ["AlphaDriftEarlyStoppingMixin", "AlphaDriftEarlyStopping", "WARMUP_MAX_RANDOM_SHARE",  # noqa: F822
            "spectra_left_random_state"]
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ from ..core.engine import MonitorEngine
 from ..core.hooks import on_training_thread as _on_training_thread
 from ..monitoring.distributed import LightningCollectives
 
-__all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]
+# WeightWatcherCallback is built on first access (module __getattr__), which F822 cannot see.
+__all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]  # noqa: F822
 
 
 def _ends_at_this_step(trainer) -> bool:

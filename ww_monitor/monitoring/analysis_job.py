@@ -110,7 +110,7 @@ def analyze_on_device(matrices, config, device: torch.device, chunk_bytes: int =
     results, skipped = [], []
     for group in _chunks(matrices, limit):
         if device != cpu:
-            def on_device(group=group):
+            def on_device(group=group, device=device):
                 with on_stream(stream):
                     res, skip = analyze_matrices([_moved(m, device) for m in group], config)
                 # analyze_matrices reports a failed eigensolve as a skipped layer: an OOM among them

@@ -62,7 +62,8 @@ class _TensorTable(dict):
         return self._read(dict.__getitem__(self, key))
 
     def get(self, key, default=None):
-        return self[key] if key in self else default
+        # Not self.get (that is this method): the lookup must go through __getitem__'s read.
+        return self[key] if key in self else default  # noqa: SIM401
 
     def items(self):
         return ((k, self[k]) for k in list(dict.keys(self)))

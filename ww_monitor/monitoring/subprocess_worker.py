@@ -72,7 +72,7 @@ class SubprocessWorker(_BaseWorker):
             env.update(OMP_NUM_THREADS=str(num_threads), MKL_NUM_THREADS=str(num_threads))
         # The child's stderr (library warnings, e.g. matplotlib's) goes to a private file, not the
         # user's terminal; its tail is reported if the child dies.
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the child; closed in close())
         self._proc = subprocess.Popen(
             [sys.executable, "-c", "from ww_monitor.monitoring.subprocess_worker import _subprocess_main; _subprocess_main()",
              str(int(nice or 0))],

@@ -89,9 +89,9 @@ def _callback_history_state(raw: Mapping) -> dict | None:
         return None
     for state in callbacks.values():
         hist = state.get("history") if isinstance(state, Mapping) else None
-        if isinstance(hist, Mapping) and isinstance(hist.get("records"), list):
-            if best is None or len(hist["records"]) > len(best["records"]):
-                best = hist
+        if (isinstance(hist, Mapping) and isinstance(hist.get("records"), list)
+                and (best is None or len(hist["records"]) > len(best["records"]))):
+            best = hist
     return best
 
 

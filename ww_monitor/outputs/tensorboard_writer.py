@@ -155,7 +155,7 @@ def custom_scalars_layout(names: Sequence[str] = ()) -> dict:
             for block, layers in group_names(names, key=lambda n: block_of(shown[n])).items()
         }
     if not names or len(names) <= MAX_LAYERS_PER_CHART:
-        layout["ww per-layer"] = {m: ["Multiline", [rf"^ww/{re.escape(m)}/"]] for m in LAYER_METRICS + ("phase",)}
+        layout["ww per-layer"] = {m: ["Multiline", [rf"^ww/{re.escape(m)}/"]] for m in (*LAYER_METRICS, "phase")}
     layout["ww summary"] = {m: ["Multiline", [rf"^ww/summary/{re.escape(m)}$"]] for m in SUMMARY_METRICS}
     return layout
 
