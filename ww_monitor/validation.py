@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 from .errors import WWMonitorError
 
@@ -51,7 +51,7 @@ def check_bool(name: str, value, owner: str = "") -> None:
 def check_seconds(name: str, value, allow_zero: bool, owner: str = "") -> None:
     """A finite number of seconds, > 0 (or >= 0 when ``allow_zero``)."""
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and (
-        value >= 0 if allow_zero else value > 0)
+        float(value) >= 0 if allow_zero else float(value) > 0)
     if not ok:
         raise _fail(owner, name, f"a {'non-negative' if allow_zero else 'positive'} number of seconds", value)
 
@@ -59,7 +59,7 @@ def check_seconds(name: str, value, allow_zero: bool, owner: str = "") -> None:
 def check_fraction(name: str, value, owner: str = "") -> None:
     """A share in (0, 1], or None (off)."""
     ok = value is None or (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-                           and 0 < value <= 1)
+                           and 0 < float(value) <= 1)
     if not ok:
         raise _fail(owner, name, "a share in (0, 1] or None", value)
 
@@ -124,7 +124,7 @@ class CheckedKeywords:
     """
 
     warning_prefix = ""
-    _options_signature = None
+    _options_signature: ClassVar[Callable[..., Any] | None] = None
     _not_here: ClassVar[Mapping[str, str | None]] = {}
 
     def __new__(cls, *args, **kwargs):

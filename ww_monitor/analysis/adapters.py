@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import WWMonitorError
 from .frozen import parameters_read
-from .layers import LayerMatrix, clean_name
+from .layers import FoundLayer, LayerMatrix, clean_name
 
 __all__ = ["PEFT_MODES", "ZERO_UPDATE_REASON", "check_peft", "lora_layers", "update_core", "with_adapters",
            "adapters_from_state_dict"]
@@ -86,7 +86,7 @@ def _owner(name: str, owners: Iterable[str]) -> str | None:
     return None
 
 
-def with_adapters(found: Iterable[tuple[str, str, object]], model: nn.Module, mode) -> Iterator[tuple[str, str, object]]:
+def with_adapters(found: Iterable[FoundLayer], model: nn.Module, mode) -> Iterator[FoundLayer]:
     """Filter/extend ``layers.matrices_from_module`` output for the ``peft`` ``mode``."""
     loras = lora_layers(model)
     if not loras:
@@ -134,7 +134,7 @@ def with_adapters(found: Iterable[tuple[str, str, object]], model: nn.Module, mo
 _LORA_KEY = re.compile(r"^(?P<owner>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
-def adapters_from_state_dict(state: Mapping[str, torch.Tensor], mode) -> tuple[dict, list[tuple[str, str, object]]]:
+def adapters_from_state_dict(state: Mapping[str, torch.Tensor], mode) -> tuple[dict, list[FoundLayer]]:
     """Split a state dict into (non-LoRA entries, adapter layers) for the ``peft`` ``mode``.
 
     Keys ``<owner>.lora_A[.<adapter>].weight`` / ``...lora_B...`` pair into updates (scaling 1);

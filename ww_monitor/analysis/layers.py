@@ -97,6 +97,10 @@ class LayerMatrix:
         return self.M * self.num_slices
 
 
+#: What the layer finders yield: (layer name, kind, its matrices or the reason it is not analysed).
+FoundLayer = tuple[str, str, list[LayerMatrix] | str]
+
+
 @dataclass(frozen=True)
 class LayerSelection:
     """Which layers to analyse: name regexes (``re.search``) and kinds."""
@@ -168,7 +172,7 @@ def _rnn_matrices(prefix: str, pname: str, w: torch.Tensor, gates: int) -> list[
     return _split_rows(f"{prefix}.{pname}" if prefix else pname, "rnn", w, _GATES[gates])
 
 
-def _module_matrices(name: str, module: nn.Module, conv_mode: str) -> Iterator[tuple[str, str, object]]:
+def _module_matrices(name: str, module: nn.Module, conv_mode: str) -> Iterator[FoundLayer]:
     """Yield (name, kind, LayerMatrix list or unsupported-reason) for one module's own weights."""
     if isinstance(module, nn.MultiheadAttention):
         in_proj = read_weight(module, "in_proj_weight")
@@ -229,7 +233,7 @@ def _quantized_kind(module: nn.Module, w) -> str | None:
     return None
 
 
-def matrices_from_module(model: nn.Module, conv_mode: str = "pooled") -> Iterator[tuple[str, str, object]]:
+def matrices_from_module(model: nn.Module, conv_mode: str = "pooled") -> Iterator[FoundLayer]:
     """Walk ``model.named_modules()``; yields (layer name, kind, [LayerMatrix] or reason str)."""
     attention_blocks = set()
     # Modules registered under several names are visited under each (their weights become aliases).
@@ -245,7 +249,7 @@ def matrices_from_module(model: nn.Module, conv_mode: str = "pooled") -> Iterato
             yield _weight_reads(found, module)
 
 
-def _weight_reads(found: tuple[str, str, object], module: nn.Module) -> tuple[str, str, object]:
+def _weight_reads(found: FoundLayer, module: nn.Module) -> FoundLayer:
     """Matrices without their parameters yet read ``module.weight`` (attention and RNN set theirs)."""
     item = found[2]
     if not isinstance(item, str) and any(not m.reads for m in item):
@@ -278,7 +282,7 @@ def _state_dict_kind(state, raw: str, name: str, w: torch.Tensor, has_conv1d_hf:
     return "linear"
 
 
-def matrices_from_state_dict(state: Mapping[str, torch.Tensor], conv_mode: str = "pooled") -> Iterator[tuple[str, str, object]]:
+def matrices_from_state_dict(state: Mapping[str, torch.Tensor], conv_mode: str = "pooled") -> Iterator[FoundLayer]:
     """Infer layers from parameter names and shapes when no module is available.
 
     ``*.weight`` 2-D -> linear (embedding when the name says so or is GPT-2's ``wte``/``wpe``;

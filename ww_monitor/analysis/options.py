@@ -44,10 +44,10 @@ def validate_options(config) -> None:
     if isinstance(mf, bool) or not isinstance(mf, int) or mf < 1:
         raise WWMonitorError(f"max_fingers must be an int >= 1, got {mf!r}")
     ft = config.finger_thresh
-    if isinstance(ft, bool) or not isinstance(ft, numbers.Real) or not ft >= 0:
+    if isinstance(ft, bool) or not isinstance(ft, numbers.Real) or not float(ft) >= 0:
         raise WWMonitorError(f"finger_thresh must be a number >= 0, got {ft!r}")
     xm = config.xmin_max
-    if xm is not None and (isinstance(xm, bool) or not isinstance(xm, numbers.Real) or not xm > 0):
+    if xm is not None and (isinstance(xm, bool) or not isinstance(xm, numbers.Real) or not float(xm) > 0):
         raise WWMonitorError(f"xmin_max must be None or a positive number, got {xm!r}")
     for key in ("detX", "randomize"):
         if not isinstance(getattr(config, key), bool):

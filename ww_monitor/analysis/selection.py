@@ -23,6 +23,7 @@ from .adapters import adapters_from_state_dict, check_peft, with_adapters
 from .frozen import is_frozen
 from .layers import (
     CONV_MODES,
+    FoundLayer,
     LayerMatrix,
     LayerSelection,
     matrices_from_module,
@@ -159,7 +160,7 @@ def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], 
     return matrices, skipped
 
 
-def find_layers(module: nn.Module, config: AnalysisConfig, tap=None) -> Iterator[tuple[str, str, object]]:
+def find_layers(module: nn.Module, config: AnalysisConfig, tap=None) -> Iterator[FoundLayer]:
     """The layer finder's output for ``module`` under ``config``'s ``conv_mode`` and ``peft``:
     ``(layer name, kind, [LayerMatrix] or the reason it is unsupported)``, lazily, in model order.
     ``tap`` wraps the per-module finder's output before the adapters are applied (sharded models

@@ -82,7 +82,8 @@ class LoopBalancerMixin(SpectralBalancerCore):
             raise WWMonitorError(f"{owner}: `monitor` must be a ww_monitor.Monitor, got {type(monitor).__name__}.")
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         restored = self._restored
-        self._sinks = as_sinks(sinks) if sinks is not None else (list(monitor.sinks) if monitor is not None else [])
+        # A Monitor's sinks; other engines (the Lightning/Hugging Face callbacks) log through their trainer.
+        self._sinks = as_sinks(sinks) if sinks is not None else (list(getattr(monitor, "sinks", ())) if monitor is not None else [])
         self._monitor, self._model = monitor, model
         self._attach(model, optimizers, TorchCollectives(), *_rank_and_world())
         if not restored:

@@ -24,6 +24,7 @@ from ..monitoring.history import SnapshotRecord
 from ..outputs.layer_groups import group_scalars
 from ..outputs.tensorboard_writer import layer_scalars, summary_scalars
 from ..user_warnings import warn_user
+from .engine_state import EngineState
 from .hooks import rank_zero_warn
 
 __all__ = ["Completion"]
@@ -31,7 +32,7 @@ __all__ = ["Completion"]
 log = logging.getLogger(__name__)
 
 
-class Completion:
+class Completion(EngineState):
     """Collect, gather and complete snapshots; alerts; writing (see the module docstring)."""
 
     def _outputs_from(self, finished) -> list[AnalysisOutput]:

@@ -184,9 +184,10 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
         self._checked_step = None
         fresh = len(self.history) == 0 and self._last_step is None
         step = host.global_step
-        owed = self._owed is not None and self._owed[0] == step and not self.history.has_step(step)
-        if owed:
-            epoch = self._owed[1]
+        owed_at = self._owed
+        owed = owed_at is not None and owed_at[0] == step and not self.history.has_step(step)
+        if owed and owed_at is not None:
+            epoch = owed_at[1]
         self._owed = None
         self._budget.start()
         self._sync_point(host, module, snapshot=fresh or owed, epoch=epoch, budgeted=False)
@@ -292,6 +293,7 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
         """Copy the selected weights and hand them to the worker. ``budgeted``: an optional
         snapshot whose cost the budget accounts (the baseline, an owed and the final snapshot are
         fixed costs of a run: they carry its one-time warm-ups, e.g. the first analysis' imports)."""
+        assert self._worker is not None  # _sync_point, the only caller, returns without a worker
         index, step = self._next_index, host.global_step
         if step in self._skipped_steps:  # skipped earlier at this step, taken now (the final snapshot)
             self._skipped_steps.discard(step)

@@ -115,12 +115,12 @@ class Monitor(MonitorEngine):
             raise WWMonitorError(f"Monitor: {err}") from None
         super().__init__(every_n_epochs=None, every_n_train_steps=every_n_steps, **options)
         self._host = LoopHost(as_sinks(sinks))
-        self._model_ref = None  # the model last passed to step(), for a close at exit
+        self._model_ref: weakref.ref[Any] | None = None  # the model last passed to step(), for a close at exit
         self._training_thread: int | None = None
         self._warned_backwards = False
 
     @property
-    def every_n_steps(self) -> int:
+    def every_n_steps(self) -> int | None:
         return self.every_n_train_steps
 
     @property
@@ -176,7 +176,9 @@ class Monitor(MonitorEngine):
             return
         host = self._host
         if model is None:
-            host.global_step = self._last_step
+            # No model, no final snapshot: the host is put at the last snapshot's step (None if
+            # none was taken, which _finish_run reads as "already taken" too).
+            host.global_step = self._last_step  # type: ignore[assignment]
         else:
             self._check_step(model, step if step is not None else host.global_step)
             if step is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..functional.sampled import DEFAULT_SAMPLE_SIZE
 from ..monitoring.device import resolve_analysis_device
 from ..outputs.plan import CostPlan, plan_costs
+from .engine_state import EngineState
 
 __all__ = ["Planning"]
 
@@ -21,7 +22,7 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class Planning:
+class Planning(EngineState):
     """The :meth:`plan` of a monitor (see the module docstring)."""
 
     def plan(self, model, ranks: int | None = None, *, device: str | None = None,

@@ -19,6 +19,7 @@ from ..monitoring.budget import CostBudget
 from ..monitoring.carry import FrozenCarry
 from ..monitoring.history import History
 from ..outputs.tensorboard_writer import LoggerWriter
+from .engine_state import EngineState
 from .hooks import rank_zero_warn
 
 __all__ = ["RunState"]
@@ -27,7 +28,7 @@ __all__ = ["RunState"]
 STATE_VERSION = 1
 
 
-class RunState:
+class RunState(EngineState):
     """The per-run state and its (de)serialisation; the engine supplies the worker and settings."""
 
     def _new_run(self) -> None:

@@ -12,6 +12,7 @@ import logging
 
 from ..analysis.layers import available_layer_names, is_size_limit
 from ..monitoring.distributed import collect_into
+from .engine_state import EngineState
 from .hooks import MAX_LISTED, rank_zero_warn
 
 __all__ = ["SelectionReport"]
@@ -19,7 +20,7 @@ __all__ = ["SelectionReport"]
 log = logging.getLogger(__name__)
 
 
-class SelectionReport:
+class SelectionReport(EngineState):
     """Reports the selection once per run (the engine supplies ``config`` and ``warning_prefix``)."""
 
     def _check_selection_only(self, module) -> None:

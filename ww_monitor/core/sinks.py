@@ -36,6 +36,7 @@ class LoopHost:
 
     def __init__(self, sinks: list) -> None:
         self.global_step = 0
+        self.global_rank = 0  #: this process' rank (set by a front door that knows it)
         self.loggers = sinks
         self.callback_metrics: dict[str, Any] = {}
         self.should_stop = False
@@ -77,7 +78,7 @@ def as_sinks(sinks) -> list:
     if sinks is None:
         return []
     items = list(sinks) if isinstance(sinks, (list, tuple)) else [sinks]
-    out = []
+    out: list = []
     for s in items:
         if _is_summary_writer(s):
             out.append(SummaryWriterSink(s))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
+from .engine_state import EngineState
 from .hooks import MAX_LISTED, rank_zero_warn
 
 __all__ = ["Thinning"]
@@ -25,7 +26,7 @@ __all__ = ["Thinning"]
 log = logging.getLogger(__name__)
 
 
-class Thinning:
+class Thinning(EngineState):
     """Deferrals, skips and schedule warnings; the engine supplies the budget, stats and history."""
 
     def _defer(self, step: int) -> None:

@@ -169,7 +169,7 @@ def _newton(mean_u: float, mean_y: float, max_y: float) -> tuple[np.ndarray, flo
     target = np.array([mean_u, mean_y])
     # Start inside: the power-law MLE with a light cut-off (powerlaw's initial guess, scaled down).
     theta = np.array([1.0 + 1.0 / mean_u, 0.1 / mean_y])
-    f = _nll(*theta, mean_u, mean_y)
+    f = _nll(theta[0], theta[1], mean_u, mean_y)
     for _ in range(_MAX_ITER):
         _, mu, cov = _moments(*theta)
         grad = target - mu  # d nll / d(alpha, c)
@@ -181,7 +181,7 @@ def _newton(mean_u: float, mean_y: float, max_y: float) -> tuple[np.ndarray, flo
         while True:
             cand = theta - t * step
             inside = cand[0] > 0.0 and cand[1] > 0.0
-            f_new = _nll(*cand, mean_u, mean_y) if inside else math.inf
+            f_new = _nll(cand[0], cand[1], mean_u, mean_y) if inside else math.inf
             if f_new <= f + 1e-15 * abs(f) or t < 1e-12:
                 break
             t *= 0.5
@@ -222,7 +222,7 @@ def fit_truncated_power_law(eigenvalues, xmin: float) -> TruncatedPowerLawFit:
     boundary = _boundary_power_law(mean_u, mean_y) or _boundary_exponential(mean_u, mean_y)
     if boundary is not None:
         theta, converged = np.array(boundary), True
-        f = _nll(*theta, mean_u, mean_y)
+        f = _nll(theta[0], theta[1], mean_u, mean_y)
     else:
         theta, f, converged = _newton(mean_u, mean_y, float(tail.max()))
     alpha, c = float(theta[0]), float(theta[1])

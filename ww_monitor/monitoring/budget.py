@@ -76,7 +76,7 @@ class CostBudget:
 
     def limit(self) -> float:
         """Seconds the monitor may have spent by now."""
-        if not self.enabled:
+        if self.max_overhead is None:  # not enabled
             return math.inf
         return self.allowance + self.max_overhead * self.elapsed()
 

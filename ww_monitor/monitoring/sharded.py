@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..analysis.layers import LayerMatrix
+from ..analysis.layers import FoundLayer, LayerMatrix
 from ..analysis.results import SkippedLayer
 from ..analysis.selection import AnalysisConfig, find_layers, select_matrices
 from ..analysis.weight_access import analysable
@@ -225,7 +225,7 @@ class Materialiser:
 #: A layer finder other than the selection's: ``finder(module, tap)`` -> ``(layer name, kind,
 #: [LayerMatrix] or reason)`` in model order, with ``tap`` wrapped around the per-module finder's
 #: output (``lambda m, tap: tap(matrices_from_module(m))`` is the per-module finder alone).
-Finder = Callable[[nn.Module, Callable], Iterator[tuple[str, str, object]]]
+Finder = Callable[[nn.Module, Callable], Iterator[FoundLayer]]
 
 
 class _Walk:

@@ -39,7 +39,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -360,7 +360,16 @@ class ProcessWorker(_BaseWorker):
         return not self._proc.is_alive()
 
 
-def make_worker(mode: str, num_threads: int | None = 1, nice: int | None = 10, idle: bool = False):
+if TYPE_CHECKING:  # the subprocess worker imports this module
+    from typing import TypeAlias
+
+    from .subprocess_worker import SubprocessWorker
+
+    #: Any worker :func:`make_worker` builds.
+    Worker: TypeAlias = InlineWorker | ThreadWorker | ProcessWorker | SubprocessWorker
+
+
+def make_worker(mode: str, num_threads: int | None = 1, nice: int | None = 10, idle: bool = False) -> Worker:
     """``"inline"`` | ``"thread"`` | ``"process"``."""
     if mode == "inline":
         return InlineWorker(num_threads=num_threads)
