@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+from types import FrameType
 from typing import Any, ClassVar
 
 import torch
@@ -293,7 +294,7 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
         (we came after them). Moves this callback just before the first of them, so that our
         ``on_train_end`` (the final snapshot) reports before they close."""
         handler = None
-        frame = sys._getframe(2)  # the caller of the event method that called us
+        frame: FrameType | None = sys._getframe(2)  # the caller of the event method that called us
         for _ in range(_HANDLER_FRAMES):
             candidate = frame.f_locals.get("self") if frame is not None else None
             if isinstance(candidate, CallbackHandler) and self in candidate.callbacks:

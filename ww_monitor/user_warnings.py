@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 
 __all__ = ["warn_user", "user_stacklevel"]
 
@@ -32,7 +33,7 @@ def _is_internal(filename: str) -> bool:
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a ``warnings.warn`` in the caller of this function point at
     the first frame outside the internal packages (the outermost frame if all are internal)."""
-    frame = sys._getframe(1)  # the caller: stacklevel 1
+    frame: FrameType | None = sys._getframe(1)  # the caller: stacklevel 1
     level, last = 1, 1
     while frame is not None:
         if not _is_internal(frame.f_code.co_filename):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,8 +57,9 @@ def check_peft(value) -> object:
     return value
 
 
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """LoRA-wrapped layers of ``model`` by (cleaned) module name."""
+def lora_layers(model: nn.Module) -> dict[str, Any]:
+    """LoRA-wrapped layers of ``model`` by (cleaned) module name (peft's ``LoraLayer``: its
+    ``lora_A``/``lora_B``/``base_layer``/``scaling`` are set at run time, hence ``Any``)."""
     out = {}
     for raw, mod in model.named_modules():
         a, b = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None)
@@ -75,7 +77,7 @@ def update_core(a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0) -> torch
     return (float(scaling) * rb @ ra.T).to(dtype)
 
 
-def _factor(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _factor(layer: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
 
 
@@ -150,7 +152,7 @@ def adapters_from_state_dict(state: Mapping[str, torch.Tensor], mode) -> tuple[d
             rest[key.replace(".base_layer.", ".")] = t
     if not pairs:
         return (rest if mode not in _ONLY_ADAPTERS else {}), []
-    extra = []
+    extra: list[FoundLayer] = []
     if mode is not False:
         for (owner, adapter), ab in pairs.items():
             if "A" not in ab or "B" not in ab:

@@ -251,8 +251,9 @@ def analyze(
             (a fine-tuning or training delta). Layers missing from it, of another shape, or
             identical to it are reported in ``skipped``.
     """
+    # AnalysisConfig.__post_init__ normalises a str, a list or None into the fields' tuples.
     config = AnalysisConfig(
-        include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=min_evals,
+        include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=min_evals,  # type: ignore[arg-type]
         max_evals=max_evals, max_n=max_n, max_matrix_bytes=max_matrix_bytes, method=method,
         traps=traps, seed=seed, keep_eigenvalues=keep_eigenvalues, detX=detX or ERG,
         fix_fingers=fix_fingers or None, max_fingers=max_fingers, finger_thresh=finger_thresh, xmin_max=xmin_max,

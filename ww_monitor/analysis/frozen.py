@@ -23,6 +23,7 @@ knowledge the monitor keeps watching it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ def parameters_read(module: nn.Module, name: str = "weight") -> tuple[torch.Tens
     from torch.nn.utils import parametrize
 
     if parametrize.is_parametrized(module, name):
-        return tuple(module.parametrizations[name].parameters())
+        return tuple(cast(nn.ModuleDict, module.parametrizations)[name].parameters())  # set by parametrize
     if _old_style_hook(module, name) is not None:
         return tuple(p for n, p in module.named_parameters(recurse=False) if n.startswith(name + "_"))
     p = getattr(module, "_parameters", {}).get(name)

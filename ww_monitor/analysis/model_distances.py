@@ -75,7 +75,7 @@ class Distances:
 
 def _tensors(source) -> dict[str, torch.Tensor]:
     if isinstance(source, nn.Module):
-        named = dict(source.named_parameters())
+        named: dict[str, torch.Tensor] = dict(source.named_parameters())
         named.update(dict(source.named_buffers()))
     else:
         named = dict(source)
@@ -107,7 +107,8 @@ def distances(
     """
     from .analyze import AnalysisConfig, select_matrices
 
-    config = AnalysisConfig(include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=2,
+    # AnalysisConfig.__post_init__ normalises a str, a list or None into the fields' tuples.
+    config = AnalysisConfig(include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=2,  # type: ignore[arg-type]
                             max_evals=None, max_n=None)
     sources = [_as_source(src, weights_only) for src in (a, b)]
     out = Distances()

@@ -9,7 +9,7 @@ The layer finders live in :mod:`.layers`, the weight readers in :mod:`.weight_ac
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -106,6 +106,7 @@ def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], 
     callback can select once and copy at every snapshot. Each is marked ``frozen`` when no
     parameter it reads requires grad (:mod:`.frozen`; never for a state dict's tensors).
     """
+    found: Iterable[FoundLayer]
     if isinstance(source, nn.Module):
         found = find_layers(source, config)
     elif isinstance(source, Mapping):

@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -96,11 +98,11 @@ def meta_model_from_config(path: str | os.PathLike, *, dtype: torch.dtype | None
 def _build(transformers, config) -> nn.Module:
     """Causal-LM head first (what is fine-tuned), then the class ``architectures`` names, then the bare model."""
     errors = []
-    builders = [lambda: transformers.AutoModelForCausalLM.from_config(config)]
+    builders: list[Callable[[], nn.Module]] = [lambda: transformers.AutoModelForCausalLM.from_config(config)]
     for arch in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, arch, None)
         if isinstance(cls, type) and issubclass(cls, nn.Module):
-            builders.append(lambda cls=cls: cls(config))
+            builders.append(functools.partial(cls, config))
     builders.append(lambda: transformers.AutoModel.from_config(config))
     for build in builders:
         try:

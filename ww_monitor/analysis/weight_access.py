@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from typing import cast
 
 import torch
 from torch import nn
@@ -64,7 +65,7 @@ def read_weight(module: nn.Module, name: str = "weight"):
     from torch.nn.utils import parametrize
 
     if parametrize.is_parametrized(module, name):
-        plist = module.parametrizations[name]
+        plist = cast(nn.ModuleDict, module.parametrizations)[name]  # set by parametrize
         with torch.no_grad(), _eval_mode(list(plist.modules())):
             return getattr(module, name)
     hook = _old_style_hook(module, name)

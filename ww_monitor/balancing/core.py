@@ -87,7 +87,8 @@ _SIBLING_NAMES = {"every_n_steps": "every_n_train_steps"}
 def _check_keywords(cls: type, kwargs: dict) -> None:
     """Unknown keyword arguments: a WWMonitorError naming the class and the closest valid name
     (instead of Python's TypeError naming an internal base class)."""
-    check_keywords(cls.__name__, kwargs, keyword_parameters(cls.__init__)[1], suggest=_SIBLING_NAMES)
+    # The class's own __init__ (with its subclass's keywords) is the one whose names are valid.
+    check_keywords(cls.__name__, kwargs, keyword_parameters(cls.__init__)[1], suggest=_SIBLING_NAMES)  # type: ignore[misc]
 
 
 class SpectralBalancerCore:

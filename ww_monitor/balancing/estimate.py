@@ -114,7 +114,7 @@ def own_alphas(units: Sequence[Unit], estimator: str, xmin_pos: float, min_evals
                 for (m, w), ev in zip(batch, evals):
                     n, k = max(w.shape[-2:]), min(w.shape[-2:])
                     out.append(_esd_alpha(m.name, ev * m.eig_scale, estimator, xmin_pos, min_evals, n, k, m.precision))
-                batch = w = None  # a gathered full weight must not outlive its layer
+                batch = w = None  # type: ignore[assignment]  # a gathered full weight must not outlive its layer
         except Exception:
             if getattr(source, "collective", False):  # keep reading along with the other ranks, then fail
                 for _ in batches:
@@ -153,7 +153,7 @@ def monitor_alphas(results, estimator: str, xmin_pos: float, min_evals: int) -> 
     weight, analysed once under its first name, is given under each of its names (``aliases``:
     GPT-2's ``lm_head`` of ``wte``).
     """
-    out = []
+    out: list[EsdAlpha] = []
     for r in results:
         if estimator == "ww":
             flag = getattr(r, "reliable", None)

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 BALANCE_KINDS = ("linear", "conv1d_hf", "conv1d", "conv2d", "conv3d", "attention", "rnn")
 
 #: Normalisation layers that follow the unit before them.
-NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 #: Per-param-group lists kept by torch's schedulers (LambdaLR/MultiplicativeLR: lr_lambdas,
@@ -105,12 +105,12 @@ def find_units(model: nn.Module, include=None, exclude=None, kinds: Sequence[str
                 unit.params.append(p)
     if follow_norms:
         current: Unit | None = None
-        for raw, module in model.named_modules():
+        for raw, mod in model.named_modules():
             name = _name(raw)
             if name in units:
                 current = units[name]
-            elif isinstance(module, NORM_TYPES) and current is not None:
-                own = [p for p in module.parameters(recurse=False) if id(p) not in claimed]
+            elif isinstance(mod, NORM_TYPES) and current is not None:
+                own = [p for p in mod.parameters(recurse=False) if id(p) not in claimed]
                 if own:
                     claimed.update(id(p) for p in own)
                     current.params.extend(own)
@@ -132,12 +132,12 @@ def layer_plan(groups: Sequence[dict], owner: dict[int, str], order: dict[str, i
     comes from, unit name or None for the group's other parameters, indices of its parameters in
     the user's group). Deterministic: user's group order, then unit order, then the parameters'
     own order. ``owner`` maps ``id(parameter)`` to its unit, ``order`` a unit to its position."""
-    plan = []
+    plan: list[tuple[int, str | None, list[int]]] = []
     for gi, group in enumerate(groups):
         buckets: dict[str | None, list[int]] = {}
         for k, p in enumerate(group["params"]):
             buckets.setdefault(owner.get(id(p)), []).append(k)
-        keys = sorted((k for k in buckets if k is not None), key=order.__getitem__)
+        keys: list[str | None] = [*sorted((k for k in buckets if k is not None), key=order.__getitem__)]
         if None in buckets:
             keys.append(None)
         plan.extend((gi, key, buckets[key]) for key in keys)
@@ -226,7 +226,8 @@ class StepScaler:
                  factors: Callable[[], dict[str, float]]):
         self.optimizer, self.key, self.factors = unwrap_optimizer(optimizer), key, factors
         self._owner, self._order = _owners(units)
-        self._layout: tuple[tuple, list] | None = None
+        #: (groups, their parameter lists, their sizes, layer_plan of them): see ``plan``.
+        self._layout: tuple[tuple, tuple, tuple[int, ...], list[tuple[int, str | None, list[int]]]] | None = None
         self._user: list[dict] | None = None  # the groups in place before this scaler's, during the step
         self._step_groups: list[dict] = []
         self._warned: set[str] = set()
@@ -277,10 +278,13 @@ class StepScaler:
 
     def _write_back(self) -> None:
         """Settings the optimizer changed in the per-layer groups during the step, back into the user's."""
+        user = self._user
+        if user is None:  # not inside a step (only a scaler whose pre-hook ran is unwound)
+            return
         changed: dict[tuple[int, str], list] = {}
         for (gi, _, _), group in zip(self.plan, self._step_groups):
             for k, v in group.items():
-                if k not in ("params", "param_names", self.key) and v is not self._user[gi].get(k, _MISSING):
+                if k not in ("params", "param_names", self.key) and v is not user[gi].get(k, _MISSING):
                     changed.setdefault((gi, k), []).append(v)
         for (gi, k), values in changed.items():
             if not all(_same(v, values[0]) for v in values) and k not in self._warned:
@@ -288,7 +292,7 @@ class StepScaler:
                 log.warning("SpectralBalancer: %s changed the param-group setting %r differently in different "
                             "layers during its step; the first layer's value is kept for the whole group.",
                             type(self.optimizer).__name__, k)
-            self._user[gi][k] = values[0]
+            user[gi][k] = values[0]
 
     def _restore(self) -> None:
         """Put back the groups that were in place before this scaler's (the same dicts, same list)."""

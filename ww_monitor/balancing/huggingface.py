@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ _HANDLER_FRAMES = 3
 
 def _calling_handler(callback) -> CallbackHandler | None:
     """The Trainer's ``CallbackHandler`` calling ``callback``'s event (None when called otherwise)."""
-    frame = sys._getframe(2)  # the caller of the event method that called us
+    frame: FrameType | None = sys._getframe(2)  # the caller of the event method that called us
     for _ in range(_HANDLER_FRAMES):
         if frame is None:
             return None

@@ -70,13 +70,16 @@ def build(base: type | None, module: str, glue: type | None = None) -> dict[str,
     on its framework ``base`` class (a Lightning package's ``Callback``, ``TrainerCallback``, or
     None)."""
     if glue is None:
-        from .callback import SpectralBalancerMixin as glue
-    tail = (glue,) + ((base,) if base is not None else ())
+        from .callback import SpectralBalancerMixin
+
+        glue = SpectralBalancerMixin
+    tail: tuple[type, ...] = (glue,) if base is None else (glue, base)
     usage = "\n\n    " + (glue.__doc__ or "").strip()
     out = {}
     for name, preset in (("SpectralBalancer", None), *tuple(_PRESETS.items())):
-        doc = (preset.__doc__ if preset is not None else SpectralBalancerCore.__doc__).rstrip() + usage
-        cls = type(name, ((preset,) if preset is not None else ()) + tail, {"__doc__": doc, "__module__": module})
+        doc = ((preset.__doc__ if preset is not None else SpectralBalancerCore.__doc__) or "").rstrip() + usage
+        own: tuple[type, ...] = (preset,) if preset is not None else ()
+        cls = type(name, own + tail, {"__doc__": doc, "__module__": module})
         cls.__qualname__ = name
         out[name] = cls
     return out

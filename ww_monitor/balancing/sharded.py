@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from ..analysis.layers import LayerMatrix, matrices_from_module
@@ -122,7 +123,7 @@ class ShardedWeights:
         """Owner rank of each matrix (by name): the monitor's greedy balance of the eigensolve cost."""
         return dict(zip((m.name for m in matrices), assign_owners([matrix_cost(m) for m in matrices], self.world)))
 
-    def __call__(self, matrices: Sequence[LayerMatrix]) -> Iterator[list[tuple[LayerMatrix, object]]]:
+    def __call__(self, matrices: Sequence[LayerMatrix]) -> Iterator[list[tuple[LayerMatrix, torch.Tensor]]]:
         wanted = {m.name: m for m in matrices}
         owners = self.owners(matrices)
         self.last_owned = []

@@ -9,8 +9,9 @@ and normalised (one regex -> a tuple, ``background=False`` implies
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
+from typing import overload
 
 from ..analysis.analyze import AnalysisConfig
 from ..analysis.layers import CONV_MODES, KINDS
@@ -46,6 +47,10 @@ def check_schedule(*schedules: tuple[str, object], ends_only: bool) -> None:
                              "`ends_only=True` if the baseline and final snapshots are what you want.")
 
 
+@overload
+def as_tuple(value: None, name: str) -> None: ...
+@overload
+def as_tuple(value: str | Iterable[str], name: str) -> tuple[str, ...]: ...
 def as_tuple(value, name: str) -> tuple[str, ...] | None:
     """A string, an iterable of strings or None -> a tuple of strings (or None)."""
     if value is None:

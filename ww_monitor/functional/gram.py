@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,13 +153,13 @@ def cpu_gram_eigenvalues(t: torch.Tensor, mixed: bool = False,
     if float32_slices:
         lam_max = max(float(p[-1]) for p in parts)
         tol = rank_tolerance(lam_max, n, m, t.dtype)
-        for k, delta, gram in float32_slices:
+        for k, delta, kept_gram in float32_slices:
             ev = parts[k]
             if ev[0] > tol + delta:
                 bound = max(bound, delta)
                 continue
             shift = tol + gram_noise_floor(ev[-1], m)  # float64 precision of this slice's Gram
-            certified = _certify(gram if gram is not None else gram64(stack[k]), shift)
+            certified = _certify(kept_gram if kept_gram is not None else gram64(stack[k]), shift)
             plan.record((n, m), failed=not certified)
             # The c smallest eigenvalues are at or below tol (none if certified: c = 0, else the
             # Cholesky factorisation overwrote the Gram, so it is formed again for the count).
@@ -260,6 +261,7 @@ def gram64(w: torch.Tensor) -> np.ndarray:
             gram = blas.dsyrk(1.0, block.T, trans=trans, lower=1)
         else:
             gram = blas.dsyrk(1.0, block.T, beta=1.0, c=gram, trans=trans, lower=1, overwrite_c=1)
+    assert gram is not None  # step < n: the loop ran at least once
     return gram
 
 
@@ -308,7 +310,7 @@ def _dsyevd(gram: np.ndarray) -> np.ndarray:
     return ev
 
 
-_THREADPOOLS = []  # one threadpoolctl controller per process, created on first use
+_THREADPOOLS: list[Any] = []  # one threadpoolctl controller per process, created on first use
 
 
 @contextlib.contextmanager

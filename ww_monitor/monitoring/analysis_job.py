@@ -48,7 +48,8 @@ CHUNK_BYTES = 32 * 1024 * 1024
 
 
 def _chunks(matrices, limit: int):
-    group, size = [], 0
+    group: list = []
+    size = 0
     for m in matrices:
         b = m.weight.numel() * 8
         if group and size + b > limit:

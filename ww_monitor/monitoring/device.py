@@ -92,7 +92,7 @@ def analysis_stream(device: torch.device):
     """
     if device.type != "cuda":
         return None
-    low, _high = torch.cuda.Stream.priority_range()
+    low, _high = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]  # a staticmethod; torch's stub omits it
     return _stream(_ANALYSIS_STREAMS, device, low)
 
 

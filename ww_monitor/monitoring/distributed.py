@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -289,6 +289,7 @@ def fsdp_views(module: nn.Module, root: nn.Module | None = None):
     root = root if root is not None else module
     units = FSDP.fsdp_modules(root)
     orig = all(getattr(u, "_use_orig_params", True) for u in units)
+    groups: Iterable[contextlib.AbstractContextManager]
     if orig:
         groups = (_summoned(FSDP, group) for group in _unit_groups(units, module))
     else:  # original parameters are not 1-D shards outside the context: gather everything once
@@ -315,7 +316,8 @@ def _unit_groups(units: list, module: nn.Module) -> list[list]:
         group = [u for u in units if own[id(u)] & ids]
         for u in group:
             group_of.setdefault(id(u), group)
-    groups, done = [], set()
+    groups: list[list] = []
+    done: set[int] = set()
     for u in units:
         if id(u) not in done:
             group = group_of.get(id(u), [u])

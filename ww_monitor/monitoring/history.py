@@ -10,8 +10,9 @@ stores it in checkpoints) and :meth:`History.load_state_dict` restores it on res
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,7 +177,7 @@ class History:
         names = list(layers) if layers is not None else self.layer_names
         grid = []
         for name in names:
-            row = []
+            row: list[Phase | str | None] = []
             for r in self.records:
                 try:
                     p = r.phases[r.layers.index(name)]
@@ -248,7 +249,7 @@ class History:
     def state_dict(self) -> dict:
         return {"version": _STATE_VERSION, "records": [r.to_state() for r in self.records]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.records = []
         for d in state.get("records", []):
             self.add(SnapshotRecord.from_state(d))

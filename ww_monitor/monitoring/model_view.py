@@ -30,13 +30,13 @@ class _StandIn(torch.Tensor):
     weights (one stand-in per parameter) are recognised and views of one weight (q/k/v) are not."""
 
     @property
-    def is_meta(self) -> bool:
+    def is_meta(self) -> bool:  # type: ignore[override]  # an attribute in torch's stubs, a property here
         return False
 
     def data_ptr(self) -> int:
         storage = self.untyped_storage()
         base = getattr(storage, "_cdata", None) or id(storage)
-        return (base << _ADDRESS_SHIFT) + self.storage_offset() * self.element_size()
+        return (base << _ADDRESS_SHIFT) + int(self.storage_offset()) * self.element_size()
 
 
 def stand_in(shape, dtype: torch.dtype, requires_grad: bool = False) -> torch.Tensor:

@@ -44,8 +44,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,7 +98,7 @@ def _single_shard_dim(p) -> int | None:
     """``d`` when ``p`` is a DTensor on a 1-D mesh with exactly one ``Shard(d)`` placement."""
     from torch.distributed.tensor import Shard
 
-    placements = getattr(p, "placements", ())
+    placements: Sequence[Any] = getattr(p, "placements", ())
     if p.device_mesh.ndim != 1 or len(placements) != 1 or type(placements[0]) is not Shard:
         return None
     return placements[0].dim
@@ -115,6 +116,7 @@ def _gather_to(p, dst: int) -> torch.Tensor | None:
     import torch.distributed as dist
 
     mesh, d = p.device_mesh, _single_shard_dim(p)
+    assert d is not None  # callers gather only DTensors with one Shard placement
     group, world = mesh.get_group(), mesh.size()
     n = p.shape[d]
     rows = -(-n // world)
@@ -240,7 +242,13 @@ class _Walk:
         self.read, self.policy = read, policy
         self.inner: list = []  # the per-module finder's layers, in order (their matrices renamed by the walk)
         self._k = 0
-        self._walk = iter(finder(proxy, self._tap) if finder is not None else find_layers(proxy, config, tap=self._tap))
+        if finder is not None:
+            found = finder(proxy, self._tap)
+        elif config is not None:
+            found = find_layers(proxy, config, tap=self._tap)
+        else:
+            raise ValueError("a sharded walk needs a config or a finder")
+        self._walk: Iterator[FoundLayer] = iter(found)
 
     def _set(self, scope: str, index: int) -> None:
         if self.policy is not None:
@@ -269,9 +277,10 @@ class _Walk:
 
     def close(self) -> None:
         """End the finder's walk now (its generators hold this walk: a cycle the collector would free later)."""
-        if self._walk is not None:
-            self._walk.close()
-            self._walk = None
+        close = getattr(self._walk, "close", None)  # a generator's (a finder may return any iterator)
+        if close is not None:
+            close()
+        self._walk = iter(())
 
     def __iter__(self):
         return self
@@ -320,7 +329,8 @@ def plan_sharded(module: nn.Module, config: AnalysisConfig | None = None, finder
             found.extend(item)
     inner = [_names(item) for item in walk.inner]
     walk.close()
-    matrices, skipped = select_matrices(view, config) if finder is None else (found, [])
+    # Without a finder the walk above required a config.
+    matrices, skipped = select_matrices(view, config) if finder is None and config is not None else (found, [])
     return ShardedPlan(matrices, skipped, read, view, config, outer, inner, [m.name for m in matrices], finder)
 
 
@@ -364,8 +374,10 @@ def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int | N
             full = {m.name: m for m in item} if not isinstance(item, str) else {}
             del item
             for raw in names:
-                ref = by_raw.get(raw)
-                if not wanted(raw) or (owner is not None and owner(ref) != rank):
+                if not wanted(raw):
+                    continue
+                ref = by_raw[raw]
+                if owner is not None and owner(ref) != rank:
                     continue
                 form = _full_form(full[raw].weight)
                 if isinstance(form, str):

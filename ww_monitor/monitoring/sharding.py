@@ -51,7 +51,7 @@ def fsdp_full_shapes(root: nn.Module) -> dict[int, torch.Size]:
     for unit in FSDP.fsdp_modules(root):
         flat = getattr(getattr(unit, "_handle", None), "flat_param", None)
         params = getattr(flat, "_params", None)
-        if params is None:
+        if flat is None or params is None:
             continue
         by_slot = {}
         for p, info, shape in zip(params, flat._param_infos, flat._shapes):

@@ -11,7 +11,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any, cast
 
 from .worker import JobResult, _BaseWorker, _run_job
 
@@ -93,10 +93,11 @@ class SubprocessWorker(_BaseWorker):
                 if item is not None:  # the job body separately, so the child can report what it cannot load
                     job_id, kind, key, fn, args = item
                     item = (job_id, kind, key, pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL))
-                pickle.dump(item, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                self._proc.stdin.flush()
+                stdin = cast(IO[bytes], self._proc.stdin)  # stdin=PIPE: never None
+                pickle.dump(item, stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                stdin.flush()
                 if item is None:
-                    self._proc.stdin.close()
+                    stdin.close()
             except (OSError, ValueError, AttributeError, TypeError, pickle.PicklingError) as err:
                 if item is not None:
                     self._complete(JobResult(item[0], item[1], item[2], error=f"could not send the job: {err}"))
@@ -108,7 +109,7 @@ class SubprocessWorker(_BaseWorker):
 
         while True:
             try:
-                result = pickle.load(self._proc.stdout)
+                result = pickle.load(cast(IO[bytes], self._proc.stdout))  # stdout=PIPE: never None
             except (EOFError, OSError, ValueError, pickle.UnpicklingError):
                 break
             self._complete(result)

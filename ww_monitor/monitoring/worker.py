@@ -157,7 +157,8 @@ class _BaseWorker:
         """Finished jobs (of ``kinds``, default all), oldest first; each is returned once."""
         self._pump()
         with self._lock:
-            keep, out = deque(), []
+            keep: deque[JobResult] = deque()
+            out: list[JobResult] = []
             while self._done:
                 r = self._done.popleft()
                 (out if kinds is None or r.kind in kinds else keep).append(r)
@@ -196,7 +197,7 @@ class InlineWorker(_BaseWorker):
         job_id = self._register(kind, nbytes)
         previous = torch.get_num_threads()
         limit = self.num_threads is not None and self.num_threads != previous
-        if limit:
+        if limit and self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
         try:
             result = _run_job(job_id, kind, key, fn, args)

@@ -99,7 +99,7 @@ def label_steps(ax, steps: Sequence[int]) -> None:
     :data:`MAX_STEP_LABELS`)."""
     every = max(1, math.ceil(len(steps) / MAX_STEP_LABELS))
     idx = np.arange(0, len(steps), every)
-    ax.set_xticks(idx, [str(steps[i]) for i in idx], rotation=90, fontsize=LABEL_FONT)
+    ax.set_xticks(idx, [str(steps[int(i)]) for i in idx], rotation=90, fontsize=LABEL_FONT)
     ax.set_xlabel("snapshot (training step)", fontsize=LABEL_FONT + 1)
 
 

@@ -25,8 +25,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .tensorboard_writer import choose_figure_layers, is_tensorboard_logger, render_figures, strip_eigenvalues
+
+if TYPE_CHECKING:
+    from ..monitoring.subprocess_worker import SubprocessWorker
 
 __all__ = ["FigurePipeline", "FINAL_FIGURES_TIMEOUT", "DEFAULT_MIN_RUN_SECONDS"]
 
@@ -54,9 +58,10 @@ class FigurePipeline:
         self.blocking = blocking
         self.drain_timeout = drain_timeout
         self.timeout = timeout
-        self._renderer = None  # the child interpreter, started on demand
-        self._process_worker = None  # the analysis worker, when it is a process (renders there)
-        self._pending = None  # (step, results, esd layers) of the latest snapshot without figures
+        self._renderer: SubprocessWorker | None = None  # the child interpreter, started on demand
+        self._process_worker: Any = None  # the analysis worker, when it is a process (renders there)
+        #: (step, results, esd layers) of the latest snapshot without figures
+        self._pending: tuple[int, list, list[str]] | None = None
         self._t0 = time.monotonic()
 
     # run lifecycle ---------------------------------------------------------
@@ -87,7 +92,9 @@ class FigurePipeline:
 
     def due(self, index: int, final: bool) -> bool:
         n = self.every_n_snapshots
-        return bool(n) and (final or index % n == 0)
+        if not n:
+            return False
+        return final or index % n == 0
 
     def _worker(self, start: bool):
         if self._process_worker is not None:

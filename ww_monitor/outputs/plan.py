@@ -303,9 +303,9 @@ def format_plan(plan: CostPlan) -> str:
     per_rank = zip(plan.matrices_per_rank, plan.bytes_per_rank, plan.seconds_per_rank, plan.sampled_seconds_per_rank)
     totals = ("all", str(sum(plan.matrices_per_rank)), _size(sum(plan.bytes_per_rank)),
               _num(sum(plan.seconds_per_rank)), _num(sum(plan.sampled_seconds_per_rank)))
-    for row in [(str(r), str(c), _size(b), _num(s), _num(e)) for r, (c, b, s, e) in enumerate(per_rank)] \
+    for rank_row in [(str(r), str(c), _size(b), _num(s), _num(e)) for r, (c, b, s, e) in enumerate(per_rank)] \
             + ([totals] if plan.ranks > 1 else []):
-        rows.append(row if sampled else row[:4])
+        rows.append(rank_row if sampled else rank_row[:4])
     lines += ["", *_table(rows, right_from=1)]
     lines += ["", *_schedule_lines(plan, est if sampled else None)]
     if plan.skipped:
@@ -329,6 +329,7 @@ def _schedule_lines(plan: CostPlan, est: str | None) -> list[str]:
         lines.append("schedule: max_overhead=None: every scheduled snapshot is taken")
     else:
         gap = plan.seconds_between_snapshots()
+        assert gap is not None  # the snapshot cost and max_overhead are both known here
         lines.append(f"schedule within max_overhead={plan.max_overhead:g}: at most one snapshot per "
                      f"{_secs(gap)} of training")
         lines.append(f"  = every_n_train_steps >= {plan.suggested_every_n_train_steps():,} at {step}")

@@ -81,7 +81,7 @@ def _raw_checkpoint(p: Path, weights_only: bool):
     return None
 
 
-def _callback_history_state(raw: Mapping) -> dict | None:
+def _callback_history_state(raw: Mapping) -> Mapping | None:
     """The richest ``history`` state among the checkpoint's callback states."""
     best = None
     callbacks = raw.get("callbacks")

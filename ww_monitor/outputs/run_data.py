@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +122,7 @@ def load_run(
 
 
 def _event_files(folder: Path) -> list[Path]:
-    out = []
+    out: list[Path] = []
     for root, _dirs, files in os.walk(folder):
         out.extend(Path(root) / f for f in files if "tfevents" in f)
     return sorted(out)
@@ -198,14 +199,14 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
         grid = []
         for layer in phase_layers:
             by_step = dict(zip(*scalars[f"ww/phase/{layer}"]))
-            row = []
+            phase_row: list = []
             for s in phase_steps:
                 v = by_step.get(s)
                 ok = v is not None and math.isfinite(v) and 0 <= round(v) < len(order)
                 # A negative ordinal: analysed, but too few eigenvalues for a phase.
                 undetermined = v is not None and math.isfinite(v) and round(v) < 0
-                row.append(order[int(round(v))] if ok else (UNDETERMINED if undetermined else None))
-            grid.append(row)
+                phase_row.append(order[int(round(v))] if ok and v is not None else (UNDETERMINED if undetermined else None))
+            grid.append(phase_row)
         data.phases = (phase_layers, phase_steps, grid)
 
     hist_layers = [t[len("ww/esd/"):] for t in tags.get("histograms", []) if t.startswith("ww/esd/")]
@@ -250,7 +251,7 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
 
     # The ESD figures with their fits (the report redraws every other figure from the scalars): those
     # of the latest snapshot that has any, i.e. its worst layers.
-    latest: dict[str, object] = {}
+    latest: dict[str, Any] = {}  # tag -> TensorBoard image event
     for tag in tags.get("images", []):
         if tag.startswith(_LOGGED_FIGURES):
             events = acc.Images(tag)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import NamedTuple, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class Outlier(NamedTuple):
     score: float
 
 
-def _finite(v: object) -> TypeGuard[float]:
+def _finite(v: Any) -> TypeGuard[float]:
     try:
         return v is not None and math.isfinite(float(v))
     except (TypeError, ValueError):
