@@ -6,6 +6,8 @@ does not import Lightning; :class:`WeightWatcherCallback` is loaded on first acc
 
 from __future__ import annotations
 
+from typing import Any
+
 from .analysis.analyze import analyze
 from .analysis.model_distances import Distances, LayerDistance, distances
 from .analysis.phases import Phase
@@ -51,7 +53,7 @@ _LAZY = {"Monitor": ("ww_monitor.core.monitor", "Monitor"),
          "AlphaDecay": ("ww_monitor.balancing", "AlphaDecay")}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

@@ -24,13 +24,14 @@ import os
 import sys
 from collections.abc import Mapping
 from types import FrameType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from transformers import TrainerCallback
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 
-from .balancing.huggingface import AlphaDecay, SpectralBalancer, TempBalance
+from .balancing.huggingface import AlphaDecay, SpectralBalancer, TempBalance, _output_dir
 from .core.engine import MonitorEngine
 from .core.hooks import training_thread_time
 from .core.monitor import _distributed
@@ -40,6 +41,12 @@ from .errors import WWMonitorError
 from .integrations.alpha_drift import AlphaDriftEarlyStoppingMixin
 from .user_warnings import warn_user
 from .validation import CheckedKeywords, check_bool
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from .monitoring.history import History
+    from .outputs.plan import CostPlan
 
 __all__ = ["WeightWatcherCallback", "STATE_FILE", "SpectralBalancer", "TempBalance", "AlphaDecay"]
 
@@ -136,7 +143,7 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
     _not_here: ClassVar[Mapping[str, str | None]] = {"every_n_train_steps": "every_n_steps", "log_callback_metrics": None}
 
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1,
-                 tensorboard: str | bool = "auto", tensorboard_dir: str | None = None, sinks=None,
+                 tensorboard: str | bool = "auto", tensorboard_dir: str | None = None, sinks: Any = None,
                  alpha_drift: dict | None = None, report_to_integrations: bool = True, **options: Any) -> None:
         try:
             check_schedule(("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
@@ -163,11 +170,11 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
             raise WWMonitorError(f"huggingface.WeightWatcherCallback: `alpha_drift`: {err}") from None
         self._host = LoopHost([])
         self._host.global_rank = 0
-        self._writer = None
+        self._writer: SummaryWriter | None = None
 
     # what users read --------------------------------------------------------
     @property
-    def history(self):
+    def history(self) -> History:
         """Every analysed snapshot (``history.to_pandas()``: one row per snapshot and layer)."""
         return self.engine.history
 
@@ -179,13 +186,14 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
     def alerts_fired(self) -> list:
         return self.engine.alerts_fired
 
-    def plan(self, model, ranks: int | None = None, **options):
+    def plan(self, model: nn.Module, ranks: int | None = None, **options: Any) -> CostPlan:
         """What monitoring ``model`` will cost per snapshot, before training: see
         :meth:`ww_monitor.WeightWatcherCallback.plan` (same arguments)."""
         return self.engine.plan(model, ranks, **options)
 
     # Trainer events ---------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
+                       **kwargs: Any) -> TrainerControl:
         host, engine = self._host, self.engine
         host.global_step = state.global_step
         host.ends_at_this_step = False
@@ -214,11 +222,13 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
             self._report(args, state, control, model)
         return self._decide(control)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
+                    **kwargs: Any) -> TrainerControl:
         with training_thread_time(self.engine):  # timed like the Lightning hooks
             return self._on_step_end(args, state, control, model)
 
-    def _on_step_end(self, args, state, control, model):
+    def _on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None
+                     ) -> TrainerControl:
         engine, host = self.engine, self._host
         if not engine._active:
             return control
@@ -234,18 +244,20 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
         self._report(args, state, control, model)
         return self._decide(control)
 
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
+                     **kwargs: Any) -> TrainerControl:
         with training_thread_time(self.engine):  # timed like the Lightning hooks
             return self._on_epoch_end(args, state, control, model)
 
-    def _on_epoch_end(self, args, state, control, model):
+    def _on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None
+                      ) -> TrainerControl:
         engine, host = self.engine, self._host
         if not engine._active:
             return control
         host.global_step = state.global_step
         epoch = int(round(state.epoch or 0))
         n = engine.every_n_epochs
-        due = bool(n) and epoch % n == 0 and state.global_step != engine._last_step
+        due = bool(n) and n is not None and epoch % n == 0 and state.global_step != engine._last_step
         if due or engine._world > 1:  # under DDP every epoch end is a sync point
             engine._sync_point(host, model, snapshot=due, epoch=epoch)
         else:
@@ -254,7 +266,7 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
         self._report(args, state, control, model)
         return self._decide(control)
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
         # Every rank saves (the gather inside is a sync point); rank 0 writes the file.
         saved = self.engine._engine_state(self._host if self.engine._active else None, None)
         if self.drift is not None:
@@ -265,7 +277,8 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
             torch.save(saved, os.path.join(folder, STATE_FILE))
         return control
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
+                     **kwargs: Any) -> TrainerControl:
         self._host.global_step = state.global_step
         try:
             self.engine._finish_run(self._host, model, int(round(state.epoch or 0)))
@@ -279,15 +292,15 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
         return control
 
     # internals --------------------------------------------------------------
-    def _wants_tensorboard(self, args) -> bool:
+    def _wants_tensorboard(self, args: TrainingArguments) -> bool:
         if self.tensorboard != "auto":
             return bool(self.tensorboard)
         report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
         return "tensorboard" in report_to or "all" in report_to
 
-    def _tensorboard_dir(self, args, tensorboard_run: str | None) -> str:
+    def _tensorboard_dir(self, args: TrainingArguments, tensorboard_run: str | None) -> str:
         return (self.tensorboard_dir or tensorboard_run or os.getenv("TENSORBOARD_LOGGING_DIR")
-                or os.path.join(args.output_dir, "runs", "ww_monitor"))
+                or os.path.join(_output_dir(args), "runs", "ww_monitor"))
 
     def _join_integrations(self) -> tuple[list, bool]:
         """The Trainer's ``report_to`` callbacks, and whether their ``on_train_begin`` already ran
@@ -319,7 +332,7 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
             callbacks.insert(callbacks.index(integrations[0]), self)
         return integrations, set_up
 
-    def _report(self, args, state, control, model) -> None:
+    def _report(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None) -> None:
         """Hand the completed snapshots' scalars to the integrations, as the Trainer hands its logs."""
         if not self._integrations or not self._pending.metrics:
             return
@@ -332,10 +345,10 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
                           f"({type(err).__name__}: {err}); continuing.", RuntimeWarning)
 
     @staticmethod
-    def _checkpoint_folder(args, state) -> str:
-        return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
+        return os.path.join(_output_dir(args), f"checkpoint-{state.global_step}")
 
-    def _load_checkpoint_state(self, args, state) -> None:
+    def _load_checkpoint_state(self, args: TrainingArguments, state: TrainerState) -> None:
         """Resuming: the state saved in the checkpoint the Trainer resumed from (the folder of
         ``state.global_step``); without it the history starts afresh at this step."""
         path = os.path.join(self._checkpoint_folder(args, state), STATE_FILE)
@@ -355,7 +368,7 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
         if self.drift is not None:
             self.drift._check(self._host)
 
-    def _decide(self, control):
+    def _decide(self, control: TrainerControl) -> TrainerControl:
         self._check_drift()
         if self._host.should_stop or (self.drift is not None and self.drift._want_stop):
             control.should_training_stop = True

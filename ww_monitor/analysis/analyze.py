@@ -24,7 +24,7 @@ from . import options as _options
 from .adapters import ZERO_UPDATE_REASON
 from .estimate import estimated_layer_result, wants_estimate
 from .layers import LayerMatrix
-from .loading import load_state_dict
+from .loading import ModelSource, load_state_dict
 from .phases import phase_from_spectrum
 from .reliability import is_reliable, phase_determined
 from .results import LayerResult, Report, SkippedLayer
@@ -91,7 +91,8 @@ def analyze_matrices(matrices: Sequence[LayerMatrix], config: AnalysisConfig) ->
     return [res for _, res in sorted(results, key=lambda pair: order[id(pair[0])])], skipped
 
 
-def _estimate_each(large, config, skipped: list) -> list:
+def _estimate_each(large: list[LayerMatrix], config: AnalysisConfig, skipped: list[SkippedLayer]
+                   ) -> list[tuple[LayerMatrix, LayerResult]]:
     """(matrix, result) pairs of sampled estimates (:mod:`.estimate`); failures go to ``skipped``."""
     results = []
     for m in large:
@@ -173,7 +174,7 @@ def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, fit: P
 
 
 def analyze(
-    model,
+    model: ModelSource,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     *,
@@ -201,7 +202,7 @@ def analyze(
     fit: str = "PL",
     randomize: bool = False,
     peft: bool | str = False,
-    base_model=None,
+    base_model: ModelSource | None = None,
 ) -> Report:
     """Analyse every weight matrix of a model, state dict or checkpoint file/folder.
 

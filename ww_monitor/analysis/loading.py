@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import CheckpointError
 from .model_order import model_order_key, natural_key
@@ -46,6 +47,10 @@ _NOT_MODEL = re.compile(
 )
 #: Index files of sharded checkpoints: ``{"weight_map": {tensor name: shard file}}``.
 _INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+
+
+#: What ``analyze``/``distances`` read: a model, a state dict, or a checkpoint file or folder.
+ModelSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike
 
 
 def load_state_dict(path: str | os.PathLike, *, weights_only: bool = True) -> dict[str, torch.Tensor]:

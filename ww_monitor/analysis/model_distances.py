@@ -7,7 +7,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,8 +16,14 @@ from torch import nn
 from ..errors import WWMonitorError
 from ..functional.distances import cka_similarity, euclidean_distance, relative_distance
 from .layers import clean_name
-from .loading import load_state_dict
+from .loading import ModelSource, load_state_dict
 from .results import SkippedLayer
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .layers import LayerMatrix
+    from .selection import AnalysisConfig
 
 __all__ = ["LayerDistance", "Distances", "distances", "subtract_base", "IDENTICAL_REASON"]
 
@@ -66,14 +72,14 @@ class Distances:
             out[key] = float(np.mean(vals)) if vals else math.nan
         return out
 
-    def to_pandas(self):
+    def to_pandas(self) -> pd.DataFrame:
         import pandas as pd
 
         return pd.DataFrame([l.to_dict() for l in self.layers],
                             columns=[f for f in LayerDistance.__dataclass_fields__])
 
 
-def _tensors(source) -> dict[str, torch.Tensor]:
+def _tensors(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if isinstance(source, nn.Module):
         named: dict[str, torch.Tensor] = dict(source.named_parameters())
         named.update(dict(source.named_buffers()))
@@ -83,8 +89,8 @@ def _tensors(source) -> dict[str, torch.Tensor]:
 
 
 def distances(
-    a,
-    b,
+    a: ModelSource,
+    b: ModelSource,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     *,
@@ -136,7 +142,7 @@ def distances(
     return out
 
 
-def _as_source(src, weights_only: bool):
+def _as_source(src: ModelSource, weights_only: bool) -> nn.Module | Mapping[str, torch.Tensor]:
     if isinstance(src, (str, os.PathLike)):
         src = load_state_dict(src, weights_only=weights_only)
     if not isinstance(src, (nn.Module, Mapping)):
@@ -144,7 +150,8 @@ def _as_source(src, weights_only: bool):
     return src
 
 
-def subtract_base(matrices, base_model, config, *, weights_only: bool = True):
+def subtract_base(matrices: list[LayerMatrix], base_model: ModelSource, config: AnalysisConfig, *,
+                  weights_only: bool = True) -> tuple[list[LayerMatrix], list[SkippedLayer]]:
     """``analyze(model, base_model=...)``: each selected matrix minus the same layer of ``base_model``
     (weightwatcher 0.7.7's ``base_model``: the fine-tuning or training delta is analysed).
 

@@ -42,8 +42,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from ..functional.array_types import Matrix
+    from ..functional.marchenko_pastur import MPFit
+    from ..functional.power_law import PowerLawFit
 
 __all__ = [
     "Phase",
@@ -159,7 +166,8 @@ class PhaseEvidence:
         return d
 
 
-def phase_evidence(evals, n: int, m: int, *, num_slices: int = 1, rank_loss: int, power_law, mp) -> PhaseEvidence:
+def phase_evidence(evals: ArrayLike, n: int, m: int, *, num_slices: int = 1, rank_loss: int,
+                   power_law: PowerLawFit, mp: MPFit) -> PhaseEvidence:
     """Run the decision procedure and return the phase with the evidence behind it.
 
     Args:
@@ -211,12 +219,13 @@ def phase_evidence(evals, n: int, m: int, *, num_slices: int = 1, rank_loss: int
     return done(Phase.BLEEDING_OUT, "few spikes at the edge")
 
 
-def phase_from_spectrum(evals, n: int, m: int, *, num_slices: int = 1, rank_loss: int, power_law, mp) -> Phase:
+def phase_from_spectrum(evals: ArrayLike, n: int, m: int, *, num_slices: int = 1, rank_loss: int,
+                        power_law: PowerLawFit, mp: MPFit) -> Phase:
     """Phase of an ESD from its fits; see the module docstring for the rules and their reasons."""
     return phase_evidence(evals, n, m, num_slices=num_slices, rank_loss=rank_loss, power_law=power_law, mp=mp).phase
 
 
-def _spectrum_fits(w):
+def _spectrum_fits(w: Matrix) -> tuple[np.ndarray, int, int, int, PowerLawFit | None, MPFit | None]:
     """Scale-normalised eigenvalues, shape, rank loss and both fits of one 2-D matrix."""
     import torch
 
@@ -245,7 +254,7 @@ def _spectrum_fits(w):
     return ev, n, m, rank_loss, pl, mp
 
 
-def classify_phase(w) -> Phase:
+def classify_phase(w: Matrix) -> Phase:
     """Phase of one weight matrix (torch tensor or numpy array, 2-D, any orientation).
 
     Computes the ESD (:func:`~ww_monitor.functional.eigenvalues.eigenvalues`), the rank loss
@@ -254,6 +263,6 @@ def classify_phase(w) -> Phase:
     permutations. An all-zero matrix is rank-collapsed.
     """
     ev, n, m, rank_loss, pl, mp = _spectrum_fits(w)
-    if mp is None:
+    if mp is None or pl is None:  # both None together: no eigenvalue above the tolerance
         return Phase.RANK_COLLAPSE
     return phase_from_spectrum(ev, n, m, rank_loss=rank_loss, power_law=pl, mp=mp)

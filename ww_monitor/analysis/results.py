@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .phases import Phase
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["LayerResult", "SkippedLayer", "Report", "SUMMARY_METRICS", "SUMMARY_COUNTS", "LAYER_COLUMNS",
            "strict_json_dumps", "to_strict_json"]
@@ -169,7 +172,7 @@ class Report:
     def to_dicts(self) -> list[dict[str, Any]]:
         return [l.to_dict() for l in self.layers]
 
-    def to_pandas(self):
+    def to_pandas(self) -> pd.DataFrame:
         """One row per layer. Requires pandas (``pip install ww-monitor[pandas]``)."""
         try:
             import pandas as pd
@@ -177,7 +180,7 @@ class Report:
             raise ImportError("Report.to_pandas() needs pandas: pip install pandas") from err
         return pd.DataFrame(self.to_dicts(), columns=list(LAYER_COLUMNS))
 
-    def to_json(self, **kwargs) -> str:
+    def to_json(self, **kwargs: Any) -> str:
         payload = {
             "layers": self.to_dicts(),
             "skipped": [s.to_dict() for s in self.skipped],
@@ -186,7 +189,7 @@ class Report:
         return strict_json_dumps(payload, **kwargs)
 
 
-def to_strict_json(obj):
+def to_strict_json(obj: Any) -> Any:
     """``obj`` with non-finite floats (NaN, +-Inf) as None and numpy scalars/arrays as Python
     values, so ``json.dumps(..., allow_nan=False)`` succeeds: standard JSON has no NaN, and
     strict parsers (JavaScript's ``JSON.parse``, jq, Go) reject the bare ``NaN`` Python writes."""
@@ -203,6 +206,6 @@ def to_strict_json(obj):
     return obj
 
 
-def strict_json_dumps(obj, **kwargs) -> str:
+def strict_json_dumps(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`to_strict_json` (``null`` for non-finite values, never ``NaN``)."""
     return json.dumps(to_strict_json(obj), allow_nan=False, **kwargs)

@@ -39,7 +39,7 @@ __all__ = [
 _CALLBACKS = ("SpectralBalancer", "TempBalance", "AlphaDecay")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     if name in _CALLBACKS:
         from pytorch_lightning import Callback
 

@@ -12,8 +12,12 @@ never touched.
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
 from ..errors import WWMonitorError
-from ..integrations.lightning_callback import WeightWatcherMixin
+from ..integrations.lightning_callback import Trainer, WeightWatcherMixin
 from ..monitoring.distributed import LightningCollectives
 from .core import SCALES, SpectralBalancerCore
 
@@ -49,18 +53,18 @@ class SpectralBalancerMixin(SpectralBalancerCore):
     def state_key(self) -> str:
         return self._generate_state_key(scale=self.scale, mapping=self.mapping)  # type: ignore[attr-defined]
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: nn.Module, stage: str) -> None:
         same = [c for c in trainer.callbacks if isinstance(c, SpectralBalancerCore) and c.scale == self.scale]
         if len(same) > 1:
             raise WWMonitorError(f"{len(same)} balancers scale {self.scale!r} ({', '.join(type(c).__name__ for c in same)});"
                                  " their factors would multiply. Use one per setting (e.g. TempBalance for 'lr' with "
                                  "AlphaDecay for 'weight_decay').")
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: nn.Module) -> None:
         if not self._restored:  # (a checkpoint's state is loaded before this hook)
             self._new_run()
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: nn.Module) -> None:
         if getattr(trainer, "sanity_checking", False):
             return
         self._attach(pl_module, trainer.optimizers, LightningCollectives(trainer.strategy), trainer.global_rank,
@@ -68,24 +72,24 @@ class SpectralBalancerMixin(SpectralBalancerCore):
         if self.at_train_start and not len(self.history):
             self._lightning_update(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
         step = trainer.global_step
         if self._attached and n and step % n == 0 and step != self._last_step:
             self._lightning_update(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: nn.Module) -> None:
         n = self.every_n_epochs
         if self._attached and n and (trainer.current_epoch + 1) % n == 0 and trainer.global_step != self._last_step:
             self._lightning_update(trainer, pl_module, epoch=trainer.current_epoch + 1)
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def teardown(self, trainer: Trainer, pl_module: nn.Module, stage: str) -> None:
         self._detach()
 
-    def on_exception(self, trainer, pl_module, exception) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: nn.Module, exception: BaseException) -> None:
         self._detach()
 
-    def _lightning_update(self, trainer, pl_module, epoch: int | None = None) -> None:
+    def _lightning_update(self, trainer: Trainer, pl_module: nn.Module, epoch: int | None = None) -> None:
         self._update(pl_module, trainer.global_step, trainer.current_epoch if epoch is None else epoch,
                      monitor=next((c for c in trainer.callbacks if isinstance(c, WeightWatcherMixin)), None),
                      loggers=list(getattr(trainer, "loggers", []) or []))

@@ -20,10 +20,12 @@ import os
 import sys
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import torch
-from transformers import TrainerCallback
+from torch import nn
+from torch.optim import Optimizer
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 
 from ..core.engine import MonitorEngine
@@ -45,7 +47,12 @@ STATE_FILE = "ww_monitor_balance_{scale}.pt"
 _HANDLER_FRAMES = 3
 
 
-def _calling_handler(callback) -> CallbackHandler | None:
+def _output_dir(args: TrainingArguments) -> str:
+    """``args.output_dir``: typed optional, but the Trainer always sets it (default ``"trainer_output"``)."""
+    return cast(str, args.output_dir)
+
+
+def _calling_handler(callback: object) -> CallbackHandler | None:
     """The Trainer's ``CallbackHandler`` calling ``callback``'s event (None when called otherwise)."""
     frame: FrameType | None = sys._getframe(2)  # the caller of the event method that called us
     for _ in range(_HANDLER_FRAMES):
@@ -62,7 +69,7 @@ class _Integration:
     """A ``report_to`` integration as a logger: the scalars go through its ``on_log``, as the
     Trainer's own logs do (TensorBoard writes them as ``train/ww/balance/<layer>``)."""
 
-    def __init__(self, callback, args, state, control, model) -> None:
+    def __init__(self, callback: TrainerCallback, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None) -> None:
         self.callback, self.args, self.state, self.control, self.model = callback, args, state, control, model
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -92,7 +99,8 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
     _reporters: Sequence[Any] = ()
 
     # Trainer events ---------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
+                       optimizer: Optimizer | None = None, **kwargs: Any) -> TrainerControl:
         name = type(self).__name__
         handler = _calling_handler(self)
         callbacks = handler.callbacks if handler is not None else []
@@ -115,41 +123,43 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
             self._hf_update(args, state, control, model, int(round(state.epoch or 0)))
         return control
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
+                    **kwargs: Any) -> TrainerControl:
         n = self.every_n_train_steps
         step = state.global_step
         if self._attached and n and step % n == 0 and step != self._last_step:
             self._hf_update(args, state, control, model, int(round(state.epoch or 0)))
         return control
 
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
+                     **kwargs: Any) -> TrainerControl:
         n = self.every_n_epochs
         epoch = int(round(state.epoch or 0))
         if self._attached and n and epoch % n == 0 and state.global_step != self._last_step:
             self._hf_update(args, state, control, model, epoch)
         return control
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
         if self._attached and state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            folder = os.path.join(_output_dir(args), f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             torch.save(self.state_dict(), os.path.join(folder, STATE_FILE.format(scale=self.scale)))
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
         self._detach()
         self._monitor, self._reporters = None, []
         return control
 
     # internals --------------------------------------------------------------
-    def _hf_update(self, args, state, control, model, epoch: int) -> None:
+    def _hf_update(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None, epoch: int) -> None:
         loggers = [_Integration(c, args, state, control, model) for c in self._reporters]
         self._update(model, state.global_step, epoch, monitor=self._monitor, loggers=loggers)
 
-    def _load_checkpoint_state(self, args, state) -> None:
+    def _load_checkpoint_state(self, args: TrainingArguments, state: TrainerState) -> None:
         """Resuming: the state saved in the checkpoint the Trainer resumed from (the folder of
         ``state.global_step``); without it, a warning and the factors are computed afresh."""
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE.format(scale=self.scale))
+        path = os.path.join(_output_dir(args), f"checkpoint-{state.global_step}", STATE_FILE.format(scale=self.scale))
         if os.path.exists(path):
             self.load_state_dict(torch.load(path, weights_only=True))
             return

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
+from torch.optim import Optimizer
 
 from ..core.engine import MonitorEngine
 from ..core.hooks import rank_zero_warn
@@ -69,7 +70,8 @@ class LoopBalancerMixin(SpectralBalancerCore):
     _epoch = 0
     _epoch_ends = 0
 
-    def attach(self, model: nn.Module, optimizer, monitor: MonitorEngine | None = None, sinks=None):
+    def attach(self, model: nn.Module, optimizer: Optimizer | Sequence[Optimizer], monitor: MonitorEngine | None = None,
+               sinks: Any = None) -> LoopBalancerMixin:
         """Bind to ``model`` and ``optimizer`` (or a list of optimizers) before the first step, and
         compute the factors of the current weights (``at_train_start``) unless a state was loaded.
         ``monitor``: a running :class:`ww_monitor.Monitor` whose analyses to reuse. ``sinks``:
@@ -126,7 +128,7 @@ class LoopBalancerMixin(SpectralBalancerCore):
                            "called, so the factors were not updated after train start; call balancer.epoch_end(epoch) "
                            "at the end of each epoch, or set `every_n_train_steps`.", RuntimeWarning)
 
-    def __enter__(self):
+    def __enter__(self) -> LoopBalancerMixin:
         return self
 
     def __exit__(self, *exc: Any) -> None:

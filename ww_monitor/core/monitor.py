@@ -10,7 +10,8 @@ from __future__ import annotations
 import atexit
 import threading
 import weakref
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from ..errors import WWMonitorError
 from ..user_warnings import warn_user
@@ -19,6 +20,9 @@ from .engine import MonitorEngine
 from .hooks import on_training_thread as _on_training_thread
 from .settings import check_schedule
 from .sinks import LoopHost, as_sinks
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["Monitor"]
 
@@ -108,7 +112,7 @@ class Monitor(MonitorEngine):
     _options_signature = MonitorEngine.__init__
     _not_here = _NOT_HERE
 
-    def __init__(self, sinks=None, every_n_steps: int | None = 100, **options: Any) -> None:
+    def __init__(self, sinks: Any = None, every_n_steps: int | None = 100, **options: Any) -> None:
         try:
             check_schedule(("every_n_steps", every_n_steps), ends_only=options.get("ends_only", False))
         except WWMonitorError as err:
@@ -138,7 +142,7 @@ class Monitor(MonitorEngine):
         return {k: float(v) for k, v in self._host.callback_metrics.items()}
 
     @_on_training_thread
-    def step(self, model, step: int, epoch: int = 0) -> bool:
+    def step(self, model: nn.Module, step: int, epoch: int = 0) -> bool:
         """Call after each optimizer step (every rank alike). Takes the snapshot when one is due,
         writes finished results, and returns :attr:`should_stop`."""
         self._check_step(model, step)
@@ -169,7 +173,7 @@ class Monitor(MonitorEngine):
         return host.should_stop
 
     @_on_training_thread
-    def close(self, model=None, step: int | None = None, epoch: int = 0) -> None:
+    def close(self, model: nn.Module | None = None, step: int | None = None, epoch: int = 0) -> None:
         """End of training: a final snapshot of ``model`` at ``step`` (unless that step was just
         taken; none without ``model``), wait for the analyses, write everything, stop the worker."""
         if not self._active:
@@ -196,7 +200,8 @@ class Monitor(MonitorEngine):
     def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -248,7 +253,7 @@ class Monitor(MonitorEngine):
             self._abort_run()
 
     @staticmethod
-    def _check_step(model, step) -> None:
+    def _check_step(model: nn.Module, step: int) -> None:
         import torch
 
         if not isinstance(model, torch.nn.Module):

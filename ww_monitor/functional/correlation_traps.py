@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .array_types import Matrix
 from .eigenvalues import batched_eigenvalues, eigenvalues
 from .marchenko_pastur import fit_marchenko_pastur, spike_margin
 
@@ -30,13 +31,13 @@ __all__ = ["count_correlation_traps", "shuffle_entries", "TRAP_TW_MARGIN"]
 TRAP_TW_MARGIN = 4.0
 
 
-def _as_tensor(w) -> torch.Tensor:
+def _as_tensor(w: Matrix) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return w.detach()
     return torch.as_tensor(np.asarray(w))
 
 
-def shuffle_entries(w, seed: int = 0) -> torch.Tensor:
+def shuffle_entries(w: Matrix, seed: int = 0) -> torch.Tensor:
     """Randomly permute the entries of each slice of ``w`` (2-D, or 3-D k x rows x cols).
 
     Each slice's mean is subtracted first: a nonzero mean becomes an exactly rank-one
@@ -58,7 +59,7 @@ def shuffle_entries(w, seed: int = 0) -> torch.Tensor:
     return shuffled[0] if t.ndim == 2 else shuffled
 
 
-def count_correlation_traps(w, seed: int = 0, *, margin: float = TRAP_TW_MARGIN) -> int:
+def count_correlation_traps(w: Matrix, seed: int = 0, *, margin: float = TRAP_TW_MARGIN) -> int:
     """Number of correlation traps of ``w`` (torch tensor or numpy array, 2-D or a 3-D stack).
 
     Shuffles each slice's entries (seeded), recomputes the (pooled) ESD with

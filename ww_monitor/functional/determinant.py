@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .array_types import Eigenvalues
+
 __all__ = ["DetX", "detx_constraint"]
 
 
@@ -34,7 +36,7 @@ class DetX:
     value: float
 
 
-def detx_constraint(eigenvalues) -> DetX:
+def detx_constraint(eigenvalues: Eigenvalues) -> DetX:
     """Size ``detX_num`` and lower edge ``detX_val`` of the det X = 1 tail of an ESD.
 
     Args:

@@ -22,25 +22,27 @@ import math
 import numpy as np
 import torch
 
+from .array_types import Eigenvalues, Matrix
+
 __all__ = ["euclidean_distance", "relative_distance", "cka_similarity", "esd_shift", "CKA_FLOOR"]
 
 #: weightwatcher adds this to a CKA denominator below it (all-zero matrices).
 CKA_FLOOR = 1e-6
 
 
-def _stack64(w) -> torch.Tensor:
+def _stack64(w: Matrix) -> torch.Tensor:
     t = w.detach() if isinstance(w, torch.Tensor) else torch.as_tensor(np.asarray(w))
     t = t.to(torch.float64)
     return t.unsqueeze(0) if t.ndim == 2 else t
 
 
-def euclidean_distance(w1, w2) -> float:
+def euclidean_distance(w1: Matrix, w2: Matrix) -> float:
     """``||W1 - W2||_F`` (mean over slices for a k x rows x cols stack)."""
     a, b = _stack64(w1), _stack64(w2)
     return float(torch.linalg.matrix_norm(a - b).mean())
 
 
-def relative_distance(w_ref, w) -> float:
+def relative_distance(w_ref: Matrix, w: Matrix) -> float:
     """``||W - W_ref||_F / ||W_ref||_F`` over the whole tensor (inf when W_ref is zero and W is not)."""
     a, b = _stack64(w_ref), _stack64(w)
     ref = float(torch.linalg.vector_norm(a))
@@ -50,7 +52,7 @@ def relative_distance(w_ref, w) -> float:
     return diff / ref
 
 
-def cka_similarity(w1, w2) -> float:
+def cka_similarity(w1: Matrix, w2: Matrix) -> float:
     """weightwatcher's uncentred CKA overlap (mean over slices for a stack; slices oriented tall)."""
     a, b = _stack64(w1), _stack64(w2)
     if getattr(w1, "ndim", 2) == 3 and a.shape[-2] < a.shape[-1]:
@@ -63,7 +65,7 @@ def cka_similarity(w1, w2) -> float:
     return float((cross / norm).mean())
 
 
-def esd_shift(eigenvalues_a, eigenvalues_b) -> float:
+def esd_shift(eigenvalues_a: Eigenvalues, eigenvalues_b: Eigenvalues) -> float:
     """1-Wasserstein distance between the log10(lambda) distributions of two ESDs (NaN if either is empty)."""
     out = []
     for ev in (eigenvalues_a, eigenvalues_b):

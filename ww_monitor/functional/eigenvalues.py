@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .array_types import Matrix
 from .gram import MIXED_ERROR_FACTOR, RoutePlan, blas_threads, cpu_gram_eigenvalues, gram_noise_floor
 
 __all__ = [
@@ -89,13 +90,13 @@ def choose_method(dtype: torch.dtype, method: str = "auto", m: int | None = None
     return "mixed" if m is not None and m >= MIXED_MIN_M else "gram"
 
 
-def _as_tensor(w) -> torch.Tensor:
+def _as_tensor(w: Matrix) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return w.detach()
     return torch.as_tensor(np.asarray(w))
 
 
-def eigenvalues(w, method: str = "auto") -> np.ndarray:
+def eigenvalues(w: Matrix, method: str = "auto") -> np.ndarray:
     """Sorted (ascending) eigenvalues of W^T W for one 2-D matrix, as float64 numpy."""
     t = _as_tensor(w)
     if t.ndim != 2:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .array_types import Eigenvalues
 from .power_law import DEFAULT_MIN_EIGENVALUE, MIN_TAIL_EIGENVALUES, PowerLawFit, fit_power_law
 
 __all__ = [
@@ -70,14 +71,14 @@ class FingerFit:
     raw_alpha: float = math.nan  # alpha before clipping (clip_xmax)
 
 
-def _positive_sorted(eigenvalues, min_eigenvalue: float) -> np.ndarray:
+def _positive_sorted(eigenvalues: Eigenvalues, min_eigenvalue: float) -> np.ndarray:
     x = np.asarray(eigenvalues, dtype=np.float64).ravel()
     x = x[np.isfinite(x)]
     return np.sort(x[x > min_eigenvalue])
 
 
 def fit_clip_xmax(
-    eigenvalues,
+    eigenvalues: Eigenvalues,
     *,
     max_fingers: int = DEFAULT_MAX_FINGERS,
     finger_thresh: float = DEFAULT_FINGER_THRESH,
@@ -105,7 +106,7 @@ def fit_clip_xmax(
     return FingerFit(best, clipped, first.alpha)
 
 
-def peak_xmin_range(eigenvalues, *, xmin_max: float | None = None,
+def peak_xmin_range(eigenvalues: Eigenvalues, *, xmin_max: float | None = None,
                     min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE) -> tuple[float, float]:
     """``(0.95 p, xmin_max or 1.5 p)``: the xmin range of ``xmin_peak`` around the ESD's peak p."""
     x = _positive_sorted(eigenvalues, min_eigenvalue)
@@ -117,7 +118,7 @@ def peak_xmin_range(eigenvalues, *, xmin_max: float | None = None,
 
 
 def fit_xmin_peak(
-    eigenvalues,
+    eigenvalues: Eigenvalues,
     *,
     xmin_max: float | None = None,
     min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE,

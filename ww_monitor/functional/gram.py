@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -96,7 +97,7 @@ class RoutePlan:
     its failures exceed that fraction of its certificates plus :data:`CERTIFICATE_PRIOR`.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._certified: dict[tuple[int, int], list[int]] = {}  # shape -> [certificates, failures]
 
     def wants_float32(self, shape: tuple[int, int]) -> bool:
@@ -314,7 +315,7 @@ _THREADPOOLS: list[Any] = []  # one threadpoolctl controller per process, create
 
 
 @contextlib.contextmanager
-def blas_threads(n: int):
+def blas_threads(n: int) -> Iterator[None]:
     """Run numpy/SciPy BLAS with ``n`` threads, like the calling thread's torch ops.
 
     OpenBLAS' thread count is process-wide, so the analysis worker's one-thread budget would

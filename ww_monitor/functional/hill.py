@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from .array_types import Eigenvalues
+
 __all__ = ["hill_alpha", "DEFAULT_XMIN_POS"]
 
 #: xmin = the eigenvalue at index floor(n / 2): the median (TempBalance's ``xmin_pos=2``).
@@ -29,7 +31,7 @@ DEFAULT_XMIN_POS = 2.0
 _MIN_EIGENVALUES = 2
 
 
-def hill_alpha(eigenvalues, xmin_pos: float = DEFAULT_XMIN_POS) -> float:
+def hill_alpha(eigenvalues: Eigenvalues, xmin_pos: float = DEFAULT_XMIN_POS) -> float:
     """PL_Alpha_Hill of ``eigenvalues`` with xmin at sorted index ``floor(n / xmin_pos)``.
 
     Eigenvalues are used as given (the papers do not drop near-zero ones: with the median as

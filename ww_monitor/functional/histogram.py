@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .array_types import Eigenvalues
+
 __all__ = ["ESD_MIN_BINS", "ESD_MAX_BINS", "EsdHistogram", "esd_bins", "esd_histogram", "esd_log10"]
 
 #: Bucket count of an ESD histogram, from the number n of eigenvalues by the Rice rule
@@ -26,7 +28,7 @@ _DEGENERATE_SPREAD = 1e-12
 _DEGENERATE_HALF_WIDTH = 0.5
 
 
-def esd_log10(eigenvalues) -> np.ndarray | None:
+def esd_log10(eigenvalues: Eigenvalues | None) -> np.ndarray | None:
     """log10 of the finite, positive eigenvalues (None when nothing is left)."""
     if eigenvalues is None:
         return None
@@ -55,7 +57,7 @@ class EsdHistogram:
     bucket_counts: tuple[int, ...]
 
 
-def esd_histogram(eigenvalues, bins: int | None = None) -> EsdHistogram | None:
+def esd_histogram(eigenvalues: Eigenvalues | None, bins: int | None = None) -> EsdHistogram | None:
     """Histogram of log10 of the finite, positive eigenvalues (None when nothing is left);
     ``bins`` defaults to :func:`esd_bins` of their count."""
     values = esd_log10(eigenvalues)

@@ -37,6 +37,9 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+from .array_types import Eigenvalues
 
 __all__ = [
     "MPFit",
@@ -149,7 +152,7 @@ def spike_margin(num_slices: int = 1, base: float = SPIKE_TW_MARGIN) -> float:
     return (base ** 1.5 + 1.5 * math.log(k)) ** (2.0 / 3.0)
 
 
-def mp_cdf(x, q: float) -> np.ndarray:
+def mp_cdf(x: ArrayLike, q: float) -> np.ndarray:
     """CDF of the standard (sigma = 1, normalised) MP law with Q = N / M >= 1, in closed form.
 
     With y = 1/Q, a, b = (1 -+ sqrt(y))^2 and x = (1 + y) - 2 sqrt(y) cos(phi), phi in [0, pi],
@@ -180,7 +183,7 @@ def mp_cdf(x, q: float) -> np.ndarray:
     return np.clip(f, 0.0, 1.0, out=f if isinstance(f, np.ndarray) else None)
 
 
-def mp_density(lam, q: float, sigma: float = 1.0, n: float = 1.0) -> np.ndarray:
+def mp_density(lam: ArrayLike, q: float, sigma: float = 1.0, n: float = 1.0) -> np.ndarray:
     """MP density of eigenvalues of W^T W (n = N) or W^T W / N (n = 1); zero outside the bulk."""
     lam = np.asarray(lam, dtype=np.float64)
     s2 = n * sigma * sigma
@@ -260,7 +263,7 @@ def _median_scale(xs_sorted: np.ndarray, q: float) -> float:
     return float(positive.mean()) if positive.size else 0.0
 
 
-def fit_marchenko_pastur(evals, n: int, m: int, *, num_slices: int = 1) -> MPFit:
+def fit_marchenko_pastur(evals: Eigenvalues, n: int, m: int, *, num_slices: int = 1) -> MPFit:
     """Robust Marchenko-Pastur fit of an ESD in the unnormalised convention.
 
     Args:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .array_types import Matrix
 from .eigenvalues import batched_eigenvalues
 
 __all__ = ["submatrix_eigenvalues", "top_eigenvalue", "DEFAULT_SAMPLE_SIZE", "DEFAULT_SAMPLES"]
@@ -46,7 +47,7 @@ def _oriented(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1) if t.shape[0] < t.shape[1] else t
 
 
-def submatrix_eigenvalues(w, *, size: int = DEFAULT_SAMPLE_SIZE, samples: int = DEFAULT_SAMPLES,
+def submatrix_eigenvalues(w: Matrix, *, size: int = DEFAULT_SAMPLE_SIZE, samples: int = DEFAULT_SAMPLES,
                           seed: int = 0) -> tuple[np.ndarray, int, int]:
     """Pooled eigenvalues of ``samples`` random (Q m) x m submatrices of a 2-D ``w``.
 
@@ -74,7 +75,7 @@ def submatrix_eigenvalues(w, *, size: int = DEFAULT_SAMPLE_SIZE, samples: int = 
     return ev, n, m
 
 
-def top_eigenvalue(w) -> float:
+def top_eigenvalue(w: Matrix) -> float:
     """lambda_max of W^T W (the squared spectral norm) by Lanczos, without forming W^T W."""
     from scipy.sparse.linalg import LinearOperator, eigsh
 
@@ -84,7 +85,7 @@ def top_eigenvalue(w) -> float:
         return float(batched_eigenvalues([t])[0][-1])
     work = t.to(torch.float64) if t.device.type == "cpu" else t.float()
 
-    def matvec(x):
+    def matvec(x: np.ndarray) -> np.ndarray:
         v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=work.dtype, device=work.device)
         return (work.T @ (work @ v)).to(torch.float64).cpu().numpy()
 

@@ -44,9 +44,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from .array_types import Eigenvalues
 
 __all__ = ["TruncatedPowerLawFit", "fit_truncated_power_law", "FITS"]
 
@@ -83,7 +86,7 @@ class TruncatedPowerLawFit:
 _EXP_MAX = 700.0
 
 
-def _moments(alpha: float, c: float, full: bool = True):
+def _moments(alpha: float, c: float, full: bool = True) -> tuple[float, np.ndarray | None, np.ndarray | None]:
     """``ln Z`` and, with ``full``, the mean of (u, y) and their covariance under
     ``y^-alpha e^(-c y)`` on ``y >= 1`` (u = ln y)."""
     from scipy import integrate  # lazy: keeps `import ww_monitor` light
@@ -93,13 +96,13 @@ def _moments(alpha: float, c: float, full: bool = True):
     u_star = max(math.log(s / c), 0.0) if (c > 0 and s > 0) else 0.0
     shift = s * u_star - c * math.exp(u_star)
 
-    def w(u):
+    def w(u: float) -> float:
         cut = c * math.exp(u) if (c > 0 and u < _EXP_MAX) else (0.0 if c == 0 else math.inf)
         g = s * u - cut - shift
         return math.exp(g) if g > -_EXP_MAX else 0.0
 
-    def weighted(f):
-        def h(u):
+    def weighted(f: Callable[[float], float]) -> Callable[[float], float]:
+        def h(u: float) -> float:
             wu = w(u)
             return f(u) * wu if wu > 0.0 else 0.0
         return h
@@ -108,7 +111,7 @@ def _moments(alpha: float, c: float, full: bool = True):
     # sets in (u = ln(1/c); far out for a small cut-off, after a long slowly decaying stretch).
     breaks = sorted({0.0, u_star, -math.log(c) if 0.0 < c < 1.0 else 0.0})
 
-    def quad(h):
+    def quad(h: Callable[[float], float]) -> float:
         # full_output: quad's accuracy notes are returned, not warned (no warnings from library
         # internals reach the user); the fit is judged by its Newton steps and likelihoods.
         kw = dict(epsrel=_QUAD_EPSREL, epsabs=0.0, limit=200, full_output=1)
@@ -172,6 +175,7 @@ def _newton(mean_u: float, mean_y: float, max_y: float) -> tuple[np.ndarray, flo
     f = _nll(theta[0], theta[1], mean_u, mean_y)
     for _ in range(_MAX_ITER):
         _, mu, cov = _moments(*theta)
+        assert mu is not None and cov is not None  # full=True
         grad = target - mu  # d nll / d(alpha, c)
         try:
             step = np.linalg.solve(cov, grad)
@@ -199,7 +203,7 @@ def _newton(mean_u: float, mean_y: float, max_y: float) -> tuple[np.ndarray, flo
     return theta, f, False
 
 
-def fit_truncated_power_law(eigenvalues, xmin: float) -> TruncatedPowerLawFit:
+def fit_truncated_power_law(eigenvalues: Eigenvalues, xmin: float) -> TruncatedPowerLawFit:
     """Maximum likelihood of the truncated power law on ``eigenvalues >= xmin``, constrained to
     ``alpha >= 0, Lambda >= 0``.
 

@@ -29,12 +29,16 @@ same gathered values, and the decision is additionally reduced across ranks at e
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
+
+from torch import nn
 
 from ..errors import WWMonitorError
 from ..monitoring.early_stopping import AlphaDriftRule
 from ..user_warnings import warn_user
 from ..validation import CheckedKeywords, check_bool, check_int, check_number
+from .lightning_callback import Trainer
 
 # AlphaDriftEarlyStopping is built on first access (module __getattr__), which F822 cannot see.
 __all__ = ["AlphaDriftEarlyStoppingMixin", "AlphaDriftEarlyStopping", "WARMUP_MAX_RANDOM_SHARE",  # noqa: F822
@@ -124,7 +128,7 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor)  # type: ignore[attr-defined]
 
-    def _warn_missing(self, trainer, cm) -> None:
+    def _warn_missing(self, trainer: Trainer, cm: Mapping[str, Any]) -> None:
         """A snapshot's results arrived without the monitored key: it may be misspelt (or name a
         layer that is not analysed), and then this callback would never act. Warned once."""
         if self._warned_missing:
@@ -140,7 +144,7 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
                       f"WeightWatcherCallback logged ({len(keys)} ww/ keys){hint} It never stops training "
                       "while the key is missing.", RuntimeWarning)
 
-    def _check(self, trainer) -> None:
+    def _check(self, trainer: Trainer) -> None:
         cm = trainer.callback_metrics
         marker, value = cm.get(SNAPSHOT_KEY), cm.get(self.monitor)
         if marker is not None and value is None:
@@ -168,7 +172,7 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
             if trainer.global_rank == 0:
                 self._announce(trainer, decision.criterion, step)
 
-    def _announce(self, trainer, criterion: str, step: int) -> None:
+    def _announce(self, trainer: Trainer, criterion: str, step: int) -> None:
         """Say why training stops: a warning (no logging setup needed) and TensorBoard text."""
         text = (f"AlphaDriftEarlyStopping: stopping training ({criterion}) on the snapshot of step {step}: "
                 f"{self.stopped_reason}")
@@ -185,19 +189,19 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
             except Exception as err:  # a closed logger must not turn a stop into a crash
                 log.debug("could not write the stop reason to TensorBoard: %s", err)
 
-    def _apply(self, trainer, reduce: bool) -> None:
+    def _apply(self, trainer: Trainer, reduce: bool) -> None:
         stop = self._want_stop
         if reduce:
             stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
         if stop:
             trainer.should_stop = True
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._check(trainer)
         if trainer.world_size == 1:
             self._apply(trainer, reduce=False)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: nn.Module) -> None:
         self._check(trainer)
         # Every rank reaches every epoch end: the one place a collective decision is safe.
         self._apply(trainer, reduce=trainer.world_size > 1)
@@ -223,7 +227,7 @@ def _build(base: type, module: str) -> type:
     return cls
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     if name == "AlphaDriftEarlyStopping":
         from pytorch_lightning import Callback
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ..core.engine import MonitorEngine
 from ..core.hooks import on_training_thread as _on_training_thread
 from ..monitoring.distributed import LightningCollectives
@@ -29,8 +31,12 @@ from ..monitoring.distributed import LightningCollectives
 # WeightWatcherCallback is built on first access (module __getattr__), which F822 cannot see.
 __all__ = ["WeightWatcherMixin", "WeightWatcherCallback"]  # noqa: F822
 
+#: Lightning's ``Trainer``, from either package (``lightning.pytorch`` or ``pytorch_lightning``):
+#: the hooks read it duck-typed (``global_step``, ``loggers``, ``strategy``, ...).
+Trainer = Any
 
-def _ends_at_this_step(trainer) -> bool:
+
+def _ends_at_this_step(trainer: Trainer) -> bool:
     """Training stops after this step (max_steps reached, or the last batch of the last epoch),
     so the final snapshot at train end will be taken at it."""
     max_steps = getattr(trainer, "max_steps", -1)
@@ -220,7 +226,7 @@ class WeightWatcherMixin(MonitorEngine):
         )
 
     @_on_training_thread
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: nn.Module) -> None:
         if getattr(trainer, "sanity_checking", False):
             return
         self._check_reuse(trainer.global_step)
@@ -231,7 +237,7 @@ class WeightWatcherMixin(MonitorEngine):
                         collectives=LightningCollectives(trainer.strategy))
 
     @_on_training_thread
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._active:
             return
         step = trainer.global_step
@@ -243,7 +249,7 @@ class WeightWatcherMixin(MonitorEngine):
             self._collect(trainer)
 
     @_on_training_thread
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: nn.Module) -> None:
         if not self._active:
             return
         n = self.every_n_epochs
@@ -253,19 +259,19 @@ class WeightWatcherMixin(MonitorEngine):
         else:
             self._collect(trainer)
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: nn.Module, optimizer: Any) -> None:
         if self._guard is not None:  # CUDA copies still reading the weights the step will change
             self._guard.guard_writes()
             self._guard = None
 
     @_on_training_thread
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: nn.Module) -> None:
         self._finish_run(trainer, pl_module, trainer.current_epoch)
 
-    def on_exception(self, trainer, pl_module, exception) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: nn.Module, exception: BaseException) -> None:
         self._abort_run()
 
-    def teardown(self, trainer, pl_module, stage) -> None:
+    def teardown(self, trainer: Trainer, pl_module: nn.Module, stage: str) -> None:
         if self._worker is not None:
             self._abort_run()
 
@@ -275,14 +281,14 @@ class WeightWatcherMixin(MonitorEngine):
         owed = self._owed_now(trainer) if trainer is not None and self._active else None
         return self._engine_state(trainer, owed)
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: nn.Module, stage: str) -> None:
         self._trainer_ref = trainer
 
     @staticmethod
-    def _ends_at_this_step(trainer) -> bool:
+    def _ends_at_this_step(trainer: Trainer) -> bool:
         return _ends_at_this_step(trainer)
 
-    def _owed_now(self, trainer) -> tuple[int, int] | None:
+    def _owed_now(self, trainer: Trainer) -> tuple[int, int] | None:
         """(step, epoch) of a snapshot due now but not taken yet: a checkpoint saved before our
         hook at this step ran (e.g. ModelCheckpoint at validation end, before the epoch end)."""
         step = trainer.global_step
@@ -311,7 +317,7 @@ def _build(callback_base: type, module: str) -> type:
     return cls
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     if name == "WeightWatcherCallback":
         cls = _CLASSES.get("pytorch_lightning")
         if cls is None:

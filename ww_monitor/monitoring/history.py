@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..analysis.results import LayerResult, SkippedLayer
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["HISTORY_METRICS", "SnapshotRecord", "History"]
 
@@ -34,7 +37,7 @@ HISTORY_METRICS = (
 _STATE_VERSION = 1
 
 
-def _number(value) -> float:
+def _number(value: Any) -> float:
     if value is None:
         return math.nan
     try:
@@ -43,7 +46,7 @@ def _number(value) -> float:
         return math.nan
 
 
-def _phase_str(phase) -> str | None:
+def _phase_str(phase: Any) -> str | None:
     if phase is None:
         return None
     return str(getattr(phase, "value", phase))
@@ -122,7 +125,7 @@ class SnapshotRecord:
 class History:
     """Every analysed snapshot, ordered by step; at most one record per step."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.records: list[SnapshotRecord] = []
 
     def __len__(self) -> int:
@@ -208,7 +211,7 @@ class History:
         names, steps, alpha = self.grid("alpha", layers)
         return self.phases(layers), (names, steps, alpha, self.grid("reliable", layers)[2])
 
-    def to_pandas(self, layer_column: str = "name"):
+    def to_pandas(self, layer_column: str = "name") -> pd.DataFrame:
         """Long format: one row per (snapshot, layer) with snapshot, step, epoch, name, kind, rank,
         phase and every metric of :data:`HISTORY_METRICS`. ``frozen`` (bool): the matrix did not
         require grad; the training-time monitors analyse such a layer once and carry it forward,
@@ -241,7 +244,7 @@ class History:
         df["frozen"] = df["frozen"] == 1.0  # NaN (a state saved before the column existed): not frozen
         return df
 
-    def metric(self, name: str):
+    def metric(self, name: str) -> pd.DataFrame:
         """Wide pandas frame of one metric: index = step, one column per layer."""
         df = self.to_pandas()
         return df.pivot(index="step", columns="name", values=name)
