@@ -186,7 +186,7 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
     def alerts_fired(self) -> list:
         return self.engine.alerts_fired
 
-    def plan(self, model: nn.Module, ranks: int | None = None, **options: Any) -> CostPlan:
+    def plan(self, model: nn.Module | Mapping[str, torch.Tensor], ranks: int | None = None, **options: Any) -> CostPlan:
         """What monitoring ``model`` will cost per snapshot, before training: see
         :meth:`ww_monitor.WeightWatcherCallback.plan` (same arguments)."""
         return self.engine.plan(model, ranks, **options)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..analysis.analyze import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS
 from ..functional.fingers import DEFAULT_FINGER_THRESH, DEFAULT_MAX_FINGERS
@@ -72,7 +73,11 @@ from .planning import Planning
 from .run_state import RunState
 from .selection_report import SelectionReport
 from .settings import MonitorSettings
+from .sinks import Host
 from .thinning import Thinning
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["MonitorEngine"]
 
@@ -170,7 +175,7 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
 
 
     # ------------------------------------------------------------------ run level (front doors call these)
-    def _start_run(self, host, module, rank: int, world: int, epoch: int,
+    def _start_run(self, host: Host, module: nn.Module | None, rank: int, world: int, epoch: int,
                    collectives: Collectives | None = None) -> None:
         """Start the worker and take the baseline snapshot (or the one owed by a checkpoint).
         ``collectives``: how ranks exchange results (default: ``torch.distributed``)."""
@@ -192,7 +197,7 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
         self._budget.start()
         self._sync_point(host, module, snapshot=fresh or owed, epoch=epoch, budgeted=False)
 
-    def _finish_run(self, host, module, epoch: int) -> None:
+    def _finish_run(self, host: Host, module: nn.Module | None, epoch: int) -> None:
         """The final snapshot (unless this step was just taken), drain, gather, figures, flush."""
         if not self._active:
             return
@@ -223,7 +228,7 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
         self._stop_worker(cancel=True)
 
     @staticmethod
-    def _ends_at_this_step(host) -> bool:
+    def _ends_at_this_step(host: Host) -> bool:
         """Whether training stops after this step (then a busy due snapshot is left to the final one)."""
         return bool(getattr(host, "ends_at_this_step", False))
 
@@ -246,7 +251,7 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
     def _is_figure_snapshot(self, index: int, final: bool) -> bool:
         return self._figures.due(index, final)
 
-    def _sync_point(self, host, module, snapshot: bool, epoch: int, final: bool = False,
+    def _sync_point(self, host: Host, module: nn.Module | None, snapshot: bool, epoch: int, final: bool = False,
                     budgeted: bool = True) -> None:
         """Gather finished results (DDP), maybe take a snapshot, log what is complete.
 
@@ -289,11 +294,12 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
                     self._drain(host, kinds=("analysis",), reason="a blocking snapshot")
                     self._exchange(host)
 
-    def _take(self, host, module, epoch: int, final: bool, budgeted: bool = True) -> None:
+    def _take(self, host: Host, module: nn.Module | None, epoch: int, final: bool, budgeted: bool = True) -> None:
         """Copy the selected weights and hand them to the worker. ``budgeted``: an optional
         snapshot whose cost the budget accounts (the baseline, an owed and the final snapshot are
         fixed costs of a run: they carry its one-time warm-ups, e.g. the first analysis' imports)."""
         assert self._worker is not None  # _sync_point, the only caller, returns without a worker
+        assert module is not None  # no snapshot without a model (Monitor.close(model=None) takes none)
         index, step = self._next_index, host.global_step
         if step in self._skipped_steps:  # skipped earlier at this step, taken now (the final snapshot)
             self._skipped_steps.discard(step)
@@ -365,7 +371,7 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
         args = (snap, self.config, self._rank, CHUNK_BYTES, self.log_histograms, self._baseline, str(device))
         self._worker.submit("analysis", index, analyze_snapshot, args, nbytes=snap.nbytes)
 
-    def _drain(self, host, kinds, reason: str) -> None:
+    def _drain(self, host: Host, kinds: tuple[str, ...], reason: str) -> None:
         if self._worker is None:
             return
         if not self._worker.wait(timeout=self.drain_timeout, kinds=kinds):

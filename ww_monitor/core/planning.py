@@ -8,6 +8,11 @@ engine). The plan is a pure function of the model's shapes and the monitor's set
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
 from ..functional.sampled import DEFAULT_SAMPLE_SIZE
 from ..monitoring.device import resolve_analysis_device
 from ..outputs.plan import CostPlan, plan_costs
@@ -25,7 +30,7 @@ def _world_size() -> int:
 class Planning(EngineState):
     """The :meth:`plan` of a monitor (see the module docstring)."""
 
-    def plan(self, model, ranks: int | None = None, *, device: str | None = None,
+    def plan(self, model: nn.Module | Mapping[str, torch.Tensor], ranks: int | None = None, *, device: str | None = None,
              step_seconds: float | None = None, steps_per_epoch: int | None = None,
              estimate_above: int | None = DEFAULT_SAMPLE_SIZE) -> CostPlan:
         """What one snapshot of ``model`` will cost under this monitor's settings, from its shapes alone.

@@ -21,6 +21,7 @@ from ..monitoring.history import History
 from ..outputs.tensorboard_writer import LoggerWriter
 from .engine_state import EngineState
 from .hooks import rank_zero_warn
+from .sinks import Host
 
 __all__ = ["RunState"]
 
@@ -86,7 +87,7 @@ class RunState(EngineState):
                 "fitting again.", RuntimeWarning)
             self._new_run()
 
-    def _engine_state(self, host, owed) -> dict[str, Any]:
+    def _engine_state(self, host: Host | None, owed: tuple[int, int] | None) -> dict[str, Any]:
         """The resumable state; completes the history first (a sync point under DDP)."""
         if self._active and host is not None:
             self._drain(host, kinds=("analysis",), reason="checkpoint")
