@@ -6,7 +6,7 @@ does not import Lightning; :class:`WeightWatcherCallback` is loaded on first acc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .analysis.analyze import analyze
 from .analysis.model_distances import Distances, LayerDistance, distances
@@ -15,6 +15,13 @@ from .analysis.results import LayerResult, Report, SkippedLayer
 from .errors import CheckpointError, WWMonitorError
 from .functional.power_law import PowerLawFit, fit_power_law
 from .monitoring.alerts import Alert, AlertConfig, AlertError, WWMonitorAlert
+
+if TYPE_CHECKING:  # the names loaded on first access, for type checkers (nothing is imported at run time)
+    from .analysis.phases import classify_phase
+    from .balancing import AlphaDecay, SpectralBalancer, TempBalance
+    from .core.monitor import Monitor
+    from .integrations.alpha_drift import AlphaDriftEarlyStopping
+    from .integrations.lightning_callback import WeightWatcherCallback
 
 __version__ = "0.2.0"
 

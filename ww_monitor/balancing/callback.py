@@ -51,7 +51,7 @@ class SpectralBalancerMixin(SpectralBalancerCore):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(scale=self.scale, mapping=self.mapping)  # type: ignore[attr-defined]
+        return self._generate_state_key(scale=self.scale, mapping=self.mapping)  # type: ignore[attr-defined]  # Lightning Callback's, the base at run time
 
     def setup(self, trainer: Trainer, pl_module: nn.Module, stage: str) -> None:
         same = [c for c in trainer.callbacks if isinstance(c, SpectralBalancerCore) and c.scale == self.scale]

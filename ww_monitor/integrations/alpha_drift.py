@@ -126,7 +126,7 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor)  # type: ignore[attr-defined]
+        return self._generate_state_key(monitor=self.monitor)  # type: ignore[attr-defined]  # Lightning Callback's, the base at run time
 
     def _warn_missing(self, trainer: Trainer, cm: Mapping[str, Any]) -> None:
         """A snapshot's results arrived without the monitored key: it may be misspelt (or name a

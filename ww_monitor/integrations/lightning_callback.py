@@ -219,7 +219,7 @@ class WeightWatcherMixin(MonitorEngine):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(  # type: ignore[attr-defined]
+        return self._generate_state_key(  # type: ignore[attr-defined]  # Lightning Callback's, the base at run time
             every_n_epochs=self.every_n_epochs, every_n_train_steps=self.every_n_train_steps,
             include=list(self.config.include), exclude=list(self.config.exclude),
             kinds=None if self.config.kinds is None else list(self.config.kinds),
