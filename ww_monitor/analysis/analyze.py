@@ -216,11 +216,14 @@ def analyze(
     Args:
         model: ``nn.Module``, ``{name: tensor}`` state dict, or a path (.pt/.pth/.ckpt/.bin loaded
             with ``weights_only``, .safetensors, or a folder of them).
-        include / exclude: regex (or list) matched with ``re.search`` against layer names.
+        include: regex (or list) matched with ``re.search`` against layer names: only these.
+        exclude: regex (or list), as ``include``: not these.
         kinds: restrict to these layer kinds (see :data:`ww_monitor.analysis.layers.KINDS`).
         conv_mode: ``"pooled"`` (one ESD per conv layer from all kernel positions, each slice
             scaled by sqrt(1/2), weightwatcher's default) or ``"slices"`` (one ESD per position).
-        min_evals / max_evals / max_n: size limits; layers outside are reported in ``skipped``.
+        min_evals: size limit, fewest eigenvalues; layers outside the limits are reported in ``skipped``.
+        max_evals: size limit, most eigenvalues (None: none).
+        max_n: size limit, longest side (None: none).
         max_matrix_bytes: skip (with a reason) matrices whose float64 copy would exceed this.
         method: eigensolver, ``"auto"`` | ``"gram"`` | ``"svd"`` (see :mod:`.functional.eigenvalues`).
         traps: also count correlation traps (one extra eigensolve per layer, seeded by ``seed``).

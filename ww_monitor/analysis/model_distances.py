@@ -106,9 +106,13 @@ def distances(
         print(d.mean()["relative"], d.to_pandas())
 
     Args:
-        a, b: ``nn.Module``, state dict, or checkpoint path/folder (loaded with ``weights_only``).
-        include / exclude / kinds / conv_mode: layer selection, as for :func:`ww_monitor.analyze`
-            (no size limits: every selected matrix is compared).
+        a: ``nn.Module``, state dict, or checkpoint path/folder (loaded with ``weights_only``).
+        b: the other model, in any of the same forms.
+        include: layer selection, as for :func:`ww_monitor.analyze` (no size limits: every
+            selected matrix is compared); so are ``exclude``, ``kinds`` and ``conv_mode``.
+        exclude: as for :func:`ww_monitor.analyze`.
+        kinds: as for :func:`ww_monitor.analyze`.
+        conv_mode: as for :func:`ww_monitor.analyze`.
     Layers missing from one model, or of different shapes, are listed in ``unmatched``.
     """
     from .analyze import AnalysisConfig, select_matrices

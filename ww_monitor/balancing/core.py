@@ -126,7 +126,8 @@ class SpectralBalancerCore:
         min_evals: layers with fewer eigenvalues keep factor 1.
         exclude_first_last: the first and last balanced layer keep factor 1 (the papers do).
         follow_norms: normalisation layers take the factor of the layer registered before them.
-        include / exclude: regexes on layer names restricting the balanced layers.
+        include: regexes on layer names: only these layers are balanced.
+        exclude: regexes on layer names: these layers are not balanced.
         kinds: balanced layer kinds (default: linear, conv, attention, rnn; not embeddings).
         sigmoid_scales: ``(s_min, s_max)`` of the ``sigmoid`` mapping.
         sigmoid_temperature: ``T`` of the ``sigmoid`` mapping.

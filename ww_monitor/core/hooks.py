@@ -6,8 +6,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 from ..user_warnings import warn_user
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 __all__ = ["MAX_LISTED", "rank_zero_warn", "on_training_thread", "training_thread_time"]
 
@@ -30,14 +35,14 @@ def rank_zero_warn(message: str, category=UserWarning) -> None:
         warn_user(message, category)
 
 
-def on_training_thread(hook):
+def on_training_thread(hook: Callable[P, R]) -> Callable[P, R]:
     """Adds the hook's wall time to ``stats["train_thread_seconds"]``: what the monitor costs the
     training thread directly (copies, logging, waits), as opposed to CPU the worker shares."""
 
     @functools.wraps(hook)
-    def timed(self, *args, **kwargs):
-        with training_thread_time(self):
-            return hook(self, *args, **kwargs)
+    def timed(*args: P.args, **kwargs: P.kwargs) -> R:
+        with training_thread_time(args[0]):  # args[0]: the engine (self)
+            return hook(*args, **kwargs)
 
     return timed
 
