@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from ww_monitor.monitoring.alerts import AlertConfig  # noqa: E402
+from ww_monitor.monitoring.alerts import AlertConfig
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                        "transformer_copy_task.py")

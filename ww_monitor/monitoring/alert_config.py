@@ -179,7 +179,8 @@ class AlertConfig:
 
     def alpha_low_applies(self, layer: str) -> bool:
         """The ``alpha_low`` rule looks at ``layer`` (it matches no ``alpha_low_exclude`` regex)."""
-        return not any(p.search(layer) for p in self._alpha_low_exclude)
+        # Set in __post_init__ (compiled, not a dataclass field, so it stays out of repr/eq/state).
+        return not any(p.search(layer) for p in self._alpha_low_exclude)  # type: ignore[attr-defined]
 
     def confirm_for(self, rule: str) -> int:
         """Consecutive snapshots a condition must hold to fire (and be clear to resolve)."""

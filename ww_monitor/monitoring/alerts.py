@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 from ..analysis.phases import Phase
 from ..analysis.results import LayerResult, SkippedLayer
@@ -47,7 +47,7 @@ class WWMonitorAlert(UserWarning):
 class AlertError(RuntimeError):
     """Raised by the ``"raise"`` action; carries the :class:`Alert`."""
 
-    def __init__(self, alert: "Alert"):
+    def __init__(self, alert: Alert):
         super().__init__(alert.message)
         self.alert = alert
 

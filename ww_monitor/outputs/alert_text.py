@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 from ..monitoring.alerts import ALERT_DOCS, RULE_MEANING, RULES, Alert
 from .display_names import display_name_map
