@@ -51,13 +51,15 @@ __all__ = [
     "fit_power_law",
 ]
 
-_LAZY = {"Monitor": ("ww_monitor.core.monitor", "Monitor"),
-         "WeightWatcherCallback": ("ww_monitor.integrations.lightning_callback", "WeightWatcherCallback"),
-         "AlphaDriftEarlyStopping": ("ww_monitor.integrations.alpha_drift", "AlphaDriftEarlyStopping"),
-         "classify_phase": ("ww_monitor.analysis.phases", "classify_phase"),
-         "SpectralBalancer": ("ww_monitor.balancing", "SpectralBalancer"),
-         "TempBalance": ("ww_monitor.balancing", "TempBalance"),
-         "AlphaDecay": ("ww_monitor.balancing", "AlphaDecay")}
+_LAZY = {
+    "Monitor": ("ww_monitor.core.monitor", "Monitor"),
+    "WeightWatcherCallback": ("ww_monitor.integrations.lightning_callback", "WeightWatcherCallback"),
+    "AlphaDriftEarlyStopping": ("ww_monitor.integrations.alpha_drift", "AlphaDriftEarlyStopping"),
+    "classify_phase": ("ww_monitor.analysis.phases", "classify_phase"),
+    "SpectralBalancer": ("ww_monitor.balancing", "SpectralBalancer"),
+    "TempBalance": ("ww_monitor.balancing", "TempBalance"),
+    "AlphaDecay": ("ww_monitor.balancing", "AlphaDecay"),
+}
 
 
 def __getattr__(name: str) -> Any:

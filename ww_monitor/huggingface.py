@@ -88,9 +88,11 @@ class _TrainerEngine(MonitorEngine):
     """The engine, with warnings that name this front door."""
 
     warning_prefix = "huggingface.WeightWatcherCallback"
-    no_logger_message = ("no logger; results are kept only in `callback.history`. Report to TensorBoard "
-                         "(report_to=\"tensorboard\" or tensorboard=True) or another report_to integration, or pass "
-                         "`sinks`.")
+    no_logger_message = (
+        "no logger; results are kept only in `callback.history`. Report to TensorBoard "
+        '(report_to="tensorboard" or tensorboard=True) or another report_to integration, or pass '
+        "`sinks`."
+    )
 
 
 class _Drift(AlphaDriftEarlyStoppingMixin):
@@ -140,22 +142,39 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
 
     warning_prefix = "huggingface.WeightWatcherCallback"
     _options_signature = MonitorEngine.__init__
-    _not_here: ClassVar[Mapping[str, str | None]] = {"every_n_train_steps": "every_n_steps", "log_callback_metrics": None}
+    _not_here: ClassVar[Mapping[str, str | None]] = {
+        "every_n_train_steps": "every_n_steps",
+        "log_callback_metrics": None,
+    }
 
-    def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = 1,
-                 tensorboard: str | bool = "auto", tensorboard_dir: str | None = None, sinks: Any = None,
-                 alpha_drift: dict | None = None, report_to_integrations: bool = True, **options: Any) -> None:
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        tensorboard: str | bool = "auto",
+        tensorboard_dir: str | None = None,
+        sinks: Any = None,
+        alpha_drift: dict | None = None,
+        report_to_integrations: bool = True,
+        **options: Any,
+    ) -> None:
         try:
-            check_schedule(("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
-                           ends_only=options.get("ends_only", False))
+            check_schedule(
+                ("every_n_steps", every_n_steps),
+                ("every_n_epochs", every_n_epochs),
+                ends_only=options.get("ends_only", False),
+            )
         except WWMonitorError as err:
             raise WWMonitorError(f"huggingface.WeightWatcherCallback: {err}") from None
         if tensorboard not in _TENSORBOARD:
-            raise WWMonitorError(f"huggingface.WeightWatcherCallback: `tensorboard` must be 'auto', True or False, "
-                                 f"got {tensorboard!r}.")
+            raise WWMonitorError(
+                f"huggingface.WeightWatcherCallback: `tensorboard` must be 'auto', True or False, got {tensorboard!r}."
+            )
         if alpha_drift is not None and not isinstance(alpha_drift, dict):
-            raise WWMonitorError(f"huggingface.WeightWatcherCallback: `alpha_drift` must be a dict of "
-                                 f"AlphaDriftEarlyStopping arguments or None, got {alpha_drift!r}.")
+            raise WWMonitorError(
+                f"huggingface.WeightWatcherCallback: `alpha_drift` must be a dict of "
+                f"AlphaDriftEarlyStopping arguments or None, got {alpha_drift!r}."
+            )
         check_bool("report_to_integrations", report_to_integrations, owner="huggingface.WeightWatcherCallback")
         self.engine = _TrainerEngine(every_n_epochs=every_n_epochs, every_n_train_steps=every_n_steps, **options)
         self.report_to_integrations = report_to_integrations
@@ -192,8 +211,14 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
         return self.engine.plan(model, ranks, **options)
 
     # Trainer events ---------------------------------------------------------
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
-                       **kwargs: Any) -> TrainerControl:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         host, engine = self._host, self.engine
         host.global_step = state.global_step
         host.ends_at_this_step = False
@@ -202,16 +227,20 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
         host.loggers = list(self._extra_sinks)
         integrations, set_up = self._join_integrations()
         tensorboard_class = _reporting_callbacks().get("tensorboard") or ()
-        tensorboard_run = next((getattr(cb, "logging_dir", None) for cb in integrations
-                                if isinstance(cb, tensorboard_class)), None)
+        tensorboard_run = next(
+            (getattr(cb, "logging_dir", None) for cb in integrations if isinstance(cb, tensorboard_class)), None
+        )
         own_tensorboard = self._wants_tensorboard(args)
         if rank == 0 and own_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=self._tensorboard_dir(args, tensorboard_run))
             host.loggers.append(SummaryWriterSink(self._writer))
-        self._integrations = [cb for cb in integrations if self.report_to_integrations
-                              and not (own_tensorboard and isinstance(cb, tensorboard_class))]
+        self._integrations = [
+            cb
+            for cb in integrations
+            if self.report_to_integrations and not (own_tensorboard and isinstance(cb, tensorboard_class))
+        ]
         if rank == 0 and self._integrations:
             host.loggers.append(self._pending)
         if state.global_step > 0 and not len(engine.history):
@@ -222,13 +251,20 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
             self._report(args, state, control, model)
         return self._decide(control)
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
-                    **kwargs: Any) -> TrainerControl:
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         with training_thread_time(self.engine):  # timed like the Lightning hooks
             return self._on_step_end(args, state, control, model)
 
-    def _on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None
-                     ) -> TrainerControl:
+    def _on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None
+    ) -> TrainerControl:
         engine, host = self.engine, self._host
         if not engine._active:
             return control
@@ -244,13 +280,20 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
         self._report(args, state, control, model)
         return self._decide(control)
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
-                     **kwargs: Any) -> TrainerControl:
+    def on_epoch_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         with training_thread_time(self.engine):  # timed like the Lightning hooks
             return self._on_epoch_end(args, state, control, model)
 
-    def _on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None
-                      ) -> TrainerControl:
+    def _on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None
+    ) -> TrainerControl:
         engine, host = self.engine, self._host
         if not engine._active:
             return control
@@ -266,7 +309,9 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
         self._report(args, state, control, model)
         return self._decide(control)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         # Every rank saves (the gather inside is a sync point); rank 0 writes the file.
         saved = self.engine._engine_state(self._host if self.engine._active else None, None)
         if self.drift is not None:
@@ -277,8 +322,14 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
             torch.save(saved, os.path.join(folder, STATE_FILE))
         return control
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
-                     **kwargs: Any) -> TrainerControl:
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         self._host.global_step = state.global_step
         try:
             self.engine._finish_run(self._host, model, int(round(state.epoch or 0)))
@@ -299,8 +350,12 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
         return "tensorboard" in report_to or "all" in report_to
 
     def _tensorboard_dir(self, args: TrainingArguments, tensorboard_run: str | None) -> str:
-        return (self.tensorboard_dir or tensorboard_run or os.getenv("TENSORBOARD_LOGGING_DIR")
-                or os.path.join(_output_dir(args), "runs", "ww_monitor"))
+        return (
+            self.tensorboard_dir
+            or tensorboard_run
+            or os.getenv("TENSORBOARD_LOGGING_DIR")
+            or os.path.join(_output_dir(args), "runs", "ww_monitor")
+        )
 
     def _join_integrations(self) -> tuple[list, bool]:
         """The Trainer's ``report_to`` callbacks, and whether their ``on_train_begin`` already ran
@@ -315,8 +370,10 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
                 break
             frame = frame.f_back if frame is not None else None
         if handler is None:  # not called by a Trainer (e.g. a test calling the events directly)
-            log.debug("ww_monitor: the Trainer's callback handler was not found; no report_to integration "
-                      "gets the ww/ scalars")
+            log.debug(
+                "ww_monitor: the Trainer's callback handler was not found; no report_to integration "
+                "gets the ww/ scalars"
+            )
             return [], False
         classes = tuple(_reporting_callbacks().values())
         integrations = [cb for cb in handler.callbacks if isinstance(cb, classes)]
@@ -332,7 +389,9 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
             callbacks.insert(callbacks.index(integrations[0]), self)
         return integrations, set_up
 
-    def _report(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None) -> None:
+    def _report(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None
+    ) -> None:
         """Hand the completed snapshots' scalars to the integrations, as the Trainer hands its logs."""
         if not self._integrations or not self._pending.metrics:
             return
@@ -341,8 +400,11 @@ class WeightWatcherCallback(CheckedKeywords, TrainerCallback):
             try:
                 cb.on_log(args, state, control, logs=dict(logs), model=model)
             except Exception as err:  # a reporting backend's problem must not end training
-                warn_user(f"huggingface.WeightWatcherCallback: {type(cb).__name__} could not log the ww/ scalars "
-                          f"({type(err).__name__}: {err}); continuing.", RuntimeWarning)
+                warn_user(
+                    f"huggingface.WeightWatcherCallback: {type(cb).__name__} could not log the ww/ scalars "
+                    f"({type(err).__name__}: {err}); continuing.",
+                    RuntimeWarning,
+                )
 
     @staticmethod
     def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:

@@ -18,8 +18,16 @@ from types import FrameType
 __all__ = ["warn_user", "user_stacklevel"]
 
 # Packages whose frames are never "the user's code".
-_INTERNAL_PACKAGES = ("ww_monitor", "pytorch_lightning", "lightning", "lightning_fabric", "lightning_utilities",
-                      "torch", "transformers", "accelerate")
+_INTERNAL_PACKAGES = (
+    "ww_monitor",
+    "pytorch_lightning",
+    "lightning",
+    "lightning_fabric",
+    "lightning_utilities",
+    "torch",
+    "transformers",
+    "accelerate",
+)
 _INTERNAL_FILES = ("threading.py", "runpy.py", "contextlib.py", "functools.py")
 
 

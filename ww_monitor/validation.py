@@ -10,8 +10,16 @@ from typing import Any, ClassVar
 
 from .errors import WWMonitorError
 
-__all__ = ["check_int", "check_number", "check_bool", "check_seconds", "check_names", "check_keywords",
-           "keyword_parameters", "CheckedKeywords"]
+__all__ = [
+    "check_int",
+    "check_number",
+    "check_bool",
+    "check_seconds",
+    "check_names",
+    "check_keywords",
+    "keyword_parameters",
+    "CheckedKeywords",
+]
 
 
 def _fail(owner: str, name: str, must: str, value) -> WWMonitorError:
@@ -27,17 +35,31 @@ def check_int(name: str, value, minimum: int, allow_none: bool = False, owner: s
         raise _fail(owner, name, f"{'None or ' if allow_none else ''}an int >= {minimum}", value)
 
 
-def check_number(name: str, value, *, allow_none: bool = False, above: float | None = None,
-                 at_least: float | None = None, at_most: float | None = None, owner: str = "") -> None:
+def check_number(
+    name: str,
+    value,
+    *,
+    allow_none: bool = False,
+    above: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    owner: str = "",
+) -> None:
     """A finite real number (not a bool or a string) within the given bounds, or None when allowed."""
     if value is None and allow_none:
         return
-    bounds = [f"> {above:g}" if above is not None else "", f">= {at_least:g}" if at_least is not None else "",
-              f"<= {at_most:g}" if at_most is not None else ""]
+    bounds = [
+        f"> {above:g}" if above is not None else "",
+        f">= {at_least:g}" if at_least is not None else "",
+        f"<= {at_most:g}" if at_most is not None else "",
+    ]
     must = ("None or " if allow_none else "") + "a finite number" + "".join(f" {b}" for b in bounds if b)
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    if ok and ((above is not None and not value > above) or (at_least is not None and not value >= at_least)
-               or (at_most is not None and not value <= at_most)):
+    if ok and (
+        (above is not None and not value > above)
+        or (at_least is not None and not value >= at_least)
+        or (at_most is not None and not value <= at_most)
+    ):
         ok = False
     if not ok:
         raise _fail(owner, name, must, value)
@@ -50,16 +72,24 @@ def check_bool(name: str, value, owner: str = "") -> None:
 
 def check_seconds(name: str, value, allow_zero: bool, owner: str = "") -> None:
     """A finite number of seconds, > 0 (or >= 0 when ``allow_zero``)."""
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and (
-        float(value) >= 0 if allow_zero else float(value) > 0)
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (float(value) >= 0 if allow_zero else float(value) > 0)
+    )
     if not ok:
         raise _fail(owner, name, f"a {'non-negative' if allow_zero else 'positive'} number of seconds", value)
 
 
 def check_fraction(name: str, value, owner: str = "") -> None:
     """A share in (0, 1], or None (off)."""
-    ok = value is None or (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-                           and 0 < float(value) <= 1)
+    ok = value is None or (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and 0 < float(value) <= 1
+    )
     if not ok:
         raise _fail(owner, name, "a share in (0, 1] or None", value)
 
@@ -79,8 +109,9 @@ def check_names(name: str, value, allowed: Iterable[str], what: str = "name", ow
     return items
 
 
-def check_keywords(owner: str, given: Iterable[str], valid: Iterable[str], instead: dict | None = None,
-                   suggest: dict | None = None) -> None:
+def check_keywords(
+    owner: str, given: Iterable[str], valid: Iterable[str], instead: dict | None = None, suggest: dict | None = None
+) -> None:
     """Every name in ``given`` is one of ``valid``; else a :class:`WWMonitorError` that names the
     front door (``owner``), the unknown argument and the closest valid name (``difflib``, or
     ``suggest[name]``: what a sibling front door's argument is called here), or the argument to
@@ -131,8 +162,10 @@ class CheckedKeywords:
         positional, valid, takes_options = keyword_parameters(cls.__init__)
         owner = cls.warning_prefix or cls.__name__
         if len(args) > len(positional):
-            raise WWMonitorError(f"{owner}: takes at most {len(positional)} positional argument(s) "
-                                 f"({', '.join(positional)}), got {len(args)}; pass the others by name.")
+            raise WWMonitorError(
+                f"{owner}: takes at most {len(positional)} positional argument(s) "
+                f"({', '.join(positional)}), got {len(args)}; pass the others by name."
+            )
         if takes_options and cls._options_signature is not None:
             valid = valid + [n for n in keyword_parameters(cls._options_signature)[1] if n not in cls._not_here]
         check_keywords(owner, kwargs, valid, cls._not_here)

@@ -42,8 +42,15 @@ from ..errors import WWMonitorError
 from .frozen import parameters_read
 from .layers import FoundLayer, LayerMatrix, clean_name
 
-__all__ = ["PEFT_MODES", "ZERO_UPDATE_REASON", "check_peft", "lora_layers", "update_core", "with_adapters",
-           "adapters_from_state_dict"]
+__all__ = [
+    "PEFT_MODES",
+    "ZERO_UPDATE_REASON",
+    "check_peft",
+    "lora_layers",
+    "update_core",
+    "with_adapters",
+    "adapters_from_state_dict",
+]
 
 PEFT_MODES = (False, True, "peft_only", "with_base", "auto")
 #: Reason given for an adapter whose update is exactly zero (the state right after initialisation).
@@ -106,7 +113,7 @@ def with_adapters(found: Iterable[FoundLayer], model: nn.Module, mode) -> Iterat
             base_kinds[owner] = kind
             if mode not in _ONLY_ADAPTERS and not isinstance(item, str):
                 for m in item:
-                    m.name = owner + m.name[len(name):]
+                    m.name = owner + m.name[len(name) :]
                 yield owner, kind, item
         # the wrapper itself, the A/B factors and dropout are not layers of their own
     if mode is False:

@@ -30,8 +30,15 @@ from .reliability import is_reliable, phase_determined
 from .results import LayerResult, Report, SkippedLayer
 from .selection import DEFAULT_MAX_EVALS, DEFAULT_MAX_N, DEFAULT_MIN_EVALS, AnalysisConfig, select_matrices
 
-__all__ = ["analyze", "AnalysisConfig", "select_matrices", "analyze_matrices", "DEFAULT_MIN_EVALS",
-           "DEFAULT_MAX_EVALS", "DEFAULT_MAX_N"]
+__all__ = [
+    "analyze",
+    "AnalysisConfig",
+    "select_matrices",
+    "analyze_matrices",
+    "DEFAULT_MIN_EVALS",
+    "DEFAULT_MAX_EVALS",
+    "DEFAULT_MAX_N",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +49,9 @@ log = logging.getLogger(__name__)
 MIXED_TAIL_RTOL = 1e-4
 
 
-def analyze_matrices(matrices: Sequence[LayerMatrix], config: AnalysisConfig) -> tuple[list[LayerResult], list[SkippedLayer]]:
+def analyze_matrices(
+    matrices: Sequence[LayerMatrix], config: AnalysisConfig
+) -> tuple[list[LayerResult], list[SkippedLayer]]:
     """Eigenvalues (batched), metrics, power-law fit and RMT diagnostics for each matrix.
 
     Non-finite weights and solver failures are reported as skipped, never raised.
@@ -91,8 +100,9 @@ def analyze_matrices(matrices: Sequence[LayerMatrix], config: AnalysisConfig) ->
     return [res for _, res in sorted(results, key=lambda pair: order[id(pair[0])])], skipped
 
 
-def _estimate_each(large: list[LayerMatrix], config: AnalysisConfig, skipped: list[SkippedLayer]
-                   ) -> list[tuple[LayerMatrix, LayerResult]]:
+def _estimate_each(
+    large: list[LayerMatrix], config: AnalysisConfig, skipped: list[SkippedLayer]
+) -> list[tuple[LayerMatrix, LayerResult]]:
     """(matrix, result) pairs of sampled estimates (:mod:`.estimate`); failures go to ``skipped``."""
     results = []
     for m in large:
@@ -112,8 +122,15 @@ def layer_result(m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> L
     """All per-layer metrics from one ESD (``evals`` sorted ascending, already scaled)."""
     n, mm = m.N, m.M
     res = LayerResult(
-        name=m.name, kind=m.kind, N=n, M=mm, Q=n / mm, num_evals=int(evals.size),
-        num_slices=m.num_slices, dtype=str(m.precision).replace("torch.", ""), aliases=tuple(m.aliases),
+        name=m.name,
+        kind=m.kind,
+        N=n,
+        M=mm,
+        Q=n / mm,
+        num_evals=int(evals.size),
+        num_slices=m.num_slices,
+        dtype=str(m.precision).replace("torch.", ""),
+        aliases=tuple(m.aliases),
     )
     for key, value in norm_metrics(evals).items():
         setattr(res, key, value)
@@ -145,7 +162,9 @@ def layer_result(m: LayerMatrix, evals: np.ndarray, config: AnalysisConfig) -> L
     return res
 
 
-def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, fit: PowerLawFit, config: AnalysisConfig) -> None:
+def _rmt_diagnostics(
+    res: LayerResult, m: LayerMatrix, evals: np.ndarray, fit: PowerLawFit, config: AnalysisConfig
+) -> None:
     """Marchenko-Pastur fit, spikes, correlation traps and phase.
 
     The MP fit sees the same (conv-scaled) eigenvalues as every other metric, so lambda_plus
@@ -157,8 +176,9 @@ def _rmt_diagnostics(res: LayerResult, m: LayerMatrix, evals: np.ndarray, fit: P
     """
     try:
         mp = fit_marchenko_pastur(evals, m.N, m.M, num_slices=m.num_slices)
-        phase = phase_from_spectrum(evals, m.N, m.M, num_slices=m.num_slices, rank_loss=res.rank_loss,
-                                    power_law=fit, mp=mp)
+        phase = phase_from_spectrum(
+            evals, m.N, m.M, num_slices=m.num_slices, rank_loss=res.rank_loss, power_law=fit, mp=mp
+        )
     except Exception as err:
         log.debug("MP fit / phase failed for %s: %s", res.name, err, exc_info=True)
     else:
@@ -257,12 +277,29 @@ def analyze(
     """
     # AnalysisConfig.__post_init__ normalises a str, a list or None into the fields' tuples.
     config = AnalysisConfig(
-        include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=min_evals,  # type: ignore[arg-type]
-        max_evals=max_evals, max_n=max_n, max_matrix_bytes=max_matrix_bytes, method=method,
-        traps=traps, seed=seed, keep_eigenvalues=keep_eigenvalues, detX=detX or ERG,
-        fix_fingers=fix_fingers or None, max_fingers=max_fingers, finger_thresh=finger_thresh, xmin_max=xmin_max,
-        fit=fit, randomize=randomize, peft=peft, estimate_above=estimate_above,
-        estimate_size=estimate_size, estimate_samples=estimate_samples,
+        include=include,  # type: ignore[arg-type]
+        exclude=exclude,  # type: ignore[arg-type]
+        kinds=kinds,  # type: ignore[arg-type]
+        conv_mode=conv_mode,
+        min_evals=min_evals,
+        max_evals=max_evals,
+        max_n=max_n,
+        max_matrix_bytes=max_matrix_bytes,
+        method=method,
+        traps=traps,
+        seed=seed,
+        keep_eigenvalues=keep_eigenvalues,
+        detX=detX or ERG,
+        fix_fingers=fix_fingers or None,
+        max_fingers=max_fingers,
+        finger_thresh=finger_thresh,
+        xmin_max=xmin_max,
+        fit=fit,
+        randomize=randomize,
+        peft=peft,
+        estimate_above=estimate_above,
+        estimate_size=estimate_size,
+        estimate_samples=estimate_samples,
     )
     source = model
     if isinstance(model, (str, os.PathLike)):
@@ -286,8 +323,9 @@ def analyze(
 PROGRESS_GROUP = 8
 
 
-def _analyze_in_groups(matrices: Sequence[LayerMatrix], config: AnalysisConfig,
-                       progress: Callable[[int, int], None]) -> tuple[list[LayerResult], list[SkippedLayer]]:
+def _analyze_in_groups(
+    matrices: Sequence[LayerMatrix], config: AnalysisConfig, progress: Callable[[int, int], None]
+) -> tuple[list[LayerResult], list[SkippedLayer]]:
     """:func:`analyze_matrices` over groups of same-shape layers, reporting after each group;
     results come back in input order."""
     by_shape: dict[tuple, list[int]] = {}

@@ -41,8 +41,15 @@ def estimated_layer_result(m: LayerMatrix, config) -> LayerResult | None:
     ev = ev * m.eig_scale
     lam_max = top_eigenvalue(w) * m.eig_scale
     res = LayerResult(
-        name=m.name, kind=m.kind, N=m.N, M=m.M, Q=m.N / m.M, num_evals=int(ev.size), num_slices=1,
-        dtype=str(w.dtype).replace("torch.", ""), method="sampled",
+        name=m.name,
+        kind=m.kind,
+        N=m.N,
+        M=m.M,
+        Q=m.N / m.M,
+        num_evals=int(ev.size),
+        num_slices=1,
+        dtype=str(w.dtype).replace("torch.", ""),
+        method="sampled",
     )
     # Norms of the whole matrix: trace = squared Frobenius norm, lambda_max from Lanczos.
     for key, value in norms_from(frob2 * m.eig_scale, lam_max).items():

@@ -30,8 +30,18 @@ __all__ = [
 ]
 
 #: Layer kinds users can select with ``kinds=``.
-KINDS = ("linear", "conv1d_hf", "embedding", "conv1d", "conv2d", "conv3d", "attention", "rnn", "other",
-         "lora")  # lora: adapter updates, see ww_monitor.analysis.adapters
+KINDS = (
+    "linear",
+    "conv1d_hf",
+    "embedding",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "attention",
+    "rnn",
+    "other",
+    "lora",
+)  # lora: adapter updates, see ww_monitor.analysis.adapters
 CONV_MODES = ("pooled", "slices")
 
 #: weightwatcher's default ``conv2d_norm``: each kernel slice is scaled by sqrt(1/2), which halves
@@ -177,13 +187,24 @@ def _module_matrices(name: str, module: nn.Module, conv_mode: str) -> Iterator[F
     if isinstance(module, nn.MultiheadAttention):
         in_proj = read_weight(module, "in_proj_weight")
         if in_proj is not None:
-            yield name, "attention", _reading(_split_rows(f"{name}", "attention", in_proj, ("q", "k", "v")),
-                                              parameters_read(module, "in_proj_weight"))
+            yield (
+                name,
+                "attention",
+                _reading(
+                    _split_rows(f"{name}", "attention", in_proj, ("q", "k", "v")),
+                    parameters_read(module, "in_proj_weight"),
+                ),
+            )
         else:
             for tag in ("q", "k", "v"):
                 p = read_weight(module, f"{tag}_proj_weight")
-                yield name, "attention", _reading([LayerMatrix(f"{name}.{tag}", "attention", p)],
-                                                  parameters_read(module, f"{tag}_proj_weight"))
+                yield (
+                    name,
+                    "attention",
+                    _reading(
+                        [LayerMatrix(f"{name}.{tag}", "attention", p)], parameters_read(module, f"{tag}_proj_weight")
+                    ),
+                )
         # out_proj is an nn.Linear child; named_modules() visits it as "<name>.out_proj".
         return
     if isinstance(module, nn.RNNBase):
@@ -194,7 +215,11 @@ def _module_matrices(name: str, module: nn.Module, conv_mode: str) -> Iterator[F
         return
     w = read_weight(module)  # parametrizations and quantized modules without side effects
     if isinstance(w, nn.parameter.UninitializedParameter):
-        yield name, "other", f"{type(module).__name__} weight not materialised yet (lazy module before its first forward)"
+        yield (
+            name,
+            "other",
+            f"{type(module).__name__} weight not materialised yet (lazy module before its first forward)",
+        )
         return
     if not isinstance(w, torch.Tensor) or w.ndim < 2:
         return
@@ -243,7 +268,11 @@ def matrices_from_module(model: nn.Module, conv_mode: str = "pooled") -> Iterato
             attention_blocks.add(name)
         parent, _, leaf = name.rpartition(".")
         if leaf == "out_proj" and parent in attention_blocks and isinstance(module, nn.Linear):
-            yield name, "attention", [LayerMatrix(name, "attention", read_weight(module), reads=parameters_read(module))]
+            yield (
+                name,
+                "attention",
+                [LayerMatrix(name, "attention", read_weight(module), reads=parameters_read(module))],
+            )
             continue
         for found in _module_matrices(name, module, conv_mode):
             yield _weight_reads(found, module)
@@ -269,8 +298,9 @@ _HF_CONV1D_LEAVES = ("c_attn", "c_proj", "c_fc", "q_attn")
 def _transposed_by_bias(state: Mapping[str, torch.Tensor], raw: str, w: torch.Tensor) -> bool:
     """A 2-D ``weight`` stored (in, out), as HF ``Conv1D`` stores it: its bias matches the columns."""
     bias = state.get(raw[: -len("weight")] + "bias")
-    return (isinstance(bias, torch.Tensor) and bias.ndim == 1 and w.shape[0] != w.shape[1]
-            and bias.shape[0] == w.shape[1])
+    return (
+        isinstance(bias, torch.Tensor) and bias.ndim == 1 and w.shape[0] != w.shape[1] and bias.shape[0] == w.shape[1]
+    )
 
 
 def _state_dict_kind(state, raw: str, name: str, w: torch.Tensor, has_conv1d_hf: bool) -> str:
@@ -295,7 +325,10 @@ def matrices_from_state_dict(state: Mapping[str, torch.Tensor], conv_mode: str =
 
     state = effective_state_dict(state)
     has_conv1d_hf = any(
-        isinstance(w, torch.Tensor) and w.ndim == 2 and k.endswith("weight") and _transposed_by_bias(state, k, w)
+        isinstance(w, torch.Tensor)
+        and w.ndim == 2
+        and k.endswith("weight")
+        and _transposed_by_bias(state, k, w)
         and k.rpartition(".")[0].rpartition(".")[2] in _HF_CONV1D_LEAVES
         for k, w in state.items()
     )

@@ -27,8 +27,14 @@ from torch import nn
 from ..errors import CheckpointError
 from .model_order import model_order_key, natural_key
 
-__all__ = ["load_state_dict", "checkpoint_files", "natural_key", "TORCH_SUFFIXES", "SAFETENSORS_SUFFIXES",
-           "SUPPORTED_SUFFIXES"]
+__all__ = [
+    "load_state_dict",
+    "checkpoint_files",
+    "natural_key",
+    "TORCH_SUFFIXES",
+    "SAFETENSORS_SUFFIXES",
+    "SUPPORTED_SUFFIXES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +102,11 @@ def checkpoint_files(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
     """
     p = Path(folder)
     entries = sorted((f for f in p.iterdir() if f.is_file()), key=lambda f: natural_key(f.name))
-    notes = [f"{f.name}: not model weights (optimizer/scheduler/RNG/trainer state); not read"
-             for f in entries if _NOT_MODEL.match(f.name) and (f.suffix in SUPPORTED_SUFFIXES or f.suffix == ".json")]
+    notes = [
+        f"{f.name}: not model weights (optimizer/scheduler/RNG/trainer state); not read"
+        for f in entries
+        if _NOT_MODEL.match(f.name) and (f.suffix in SUPPORTED_SUFFIXES or f.suffix == ".json")
+    ]
     weights = [f for f in entries if f.suffix in SUPPORTED_SUFFIXES and not _NOT_MODEL.match(f.name)]
     safetensors = [f for f in weights if f.suffix in SAFETENSORS_SUFFIXES]
     torch_files = [f for f in weights if f.suffix in TORCH_SUFFIXES]
@@ -111,10 +120,16 @@ def checkpoint_files(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
     ]
     chosen = next((g for g in groups if g), [])
     if not chosen:
-        raise CheckpointError(f"{p}: folder holds no {'/'.join(SUPPORTED_SUFFIXES)} model weight files"
-                              + (f" ({len(notes)} file(s) of optimizer/trainer state only)" if notes else ""))
-    notes += [f"{f.name}: not read (the model is read from {', '.join(c.name for c in chosen[:3])}"
-              f"{' ...' if len(chosen) > 3 else ''})" for f in weights if f not in chosen]
+        raise CheckpointError(
+            f"{p}: folder holds no {'/'.join(SUPPORTED_SUFFIXES)} model weight files"
+            + (f" ({len(notes)} file(s) of optimizer/trainer state only)" if notes else "")
+        )
+    notes += [
+        f"{f.name}: not read (the model is read from {', '.join(c.name for c in chosen[:3])}"
+        f"{' ...' if len(chosen) > 3 else ''})"
+        for f in weights
+        if f not in chosen
+    ]
     return chosen, notes
 
 
@@ -125,7 +140,9 @@ def _indexed_shards(folder: Path, entries: list[Path], suffix: str) -> list[Path
             weight_map = json.loads(index.read_text())["weight_map"]
             shards = sorted({str(v) for v in weight_map.values()}, key=natural_key)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{index}: not a valid sharded-checkpoint index ({type(err).__name__}: {err})") from None
+            raise CheckpointError(
+                f"{index}: not a valid sharded-checkpoint index ({type(err).__name__}: {err})"
+            ) from None
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CheckpointError(f"{index}: names shard(s) that are missing: {', '.join(missing)}")

@@ -75,8 +75,7 @@ class Distances:
     def to_pandas(self) -> pd.DataFrame:
         import pandas as pd
 
-        return pd.DataFrame([l.to_dict() for l in self.layers],
-                            columns=[f for f in LayerDistance.__dataclass_fields__])
+        return pd.DataFrame([l.to_dict() for l in self.layers], columns=[f for f in LayerDistance.__dataclass_fields__])
 
 
 def _tensors(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,8 +117,15 @@ def distances(
     from .analyze import AnalysisConfig, select_matrices
 
     # AnalysisConfig.__post_init__ normalises a str, a list or None into the fields' tuples.
-    config = AnalysisConfig(include=include, exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=2,  # type: ignore[arg-type]
-                            max_evals=None, max_n=None)
+    config = AnalysisConfig(
+        include=include,  # type: ignore[arg-type]
+        exclude=exclude,  # type: ignore[arg-type]
+        kinds=kinds,  # type: ignore[arg-type]
+        conv_mode=conv_mode,
+        min_evals=2,
+        max_evals=None,
+        max_n=None,
+    )
     sources = [_as_source(src, weights_only) for src in (a, b)]
     out = Distances()
     with torch.no_grad():
@@ -136,11 +142,18 @@ def distances(
             delta_b = None
             if isinstance(b1, torch.Tensor) and isinstance(b2, torch.Tensor) and b1.shape == b2.shape:
                 delta_b = float(torch.linalg.vector_norm(b1.double() - b2.double()))
-            out.layers.append(LayerDistance(
-                name=m1.name, kind=m1.kind, N=m1.N, M=m1.M, euclidean=euclidean_distance(m1.weight, m2.weight),
-                relative=relative_distance(m1.weight, m2.weight), cka=cka_similarity(m1.weight, m2.weight),
-                delta_b=delta_b,
-            ))
+            out.layers.append(
+                LayerDistance(
+                    name=m1.name,
+                    kind=m1.kind,
+                    N=m1.N,
+                    M=m1.M,
+                    euclidean=euclidean_distance(m1.weight, m2.weight),
+                    relative=relative_distance(m1.weight, m2.weight),
+                    cka=cka_similarity(m1.weight, m2.weight),
+                    delta_b=delta_b,
+                )
+            )
         for m2 in by_name.values():
             out.unmatched.append(SkippedLayer(m2.name, m2.kind, tuple(m2.weight.shape), "not in the first model"))
     return out
@@ -150,12 +163,15 @@ def _as_source(src: ModelSource, weights_only: bool) -> nn.Module | Mapping[str,
     if isinstance(src, (str, os.PathLike)):
         src = load_state_dict(src, weights_only=weights_only)
     if not isinstance(src, (nn.Module, Mapping)):
-        raise WWMonitorError(f"distances()/base_model expects an nn.Module, a state dict or a path, got {type(src).__name__}")
+        raise WWMonitorError(
+            f"distances()/base_model expects an nn.Module, a state dict or a path, got {type(src).__name__}"
+        )
     return src
 
 
-def subtract_base(matrices: list[LayerMatrix], base_model: ModelSource, config: AnalysisConfig, *,
-                  weights_only: bool = True) -> tuple[list[LayerMatrix], list[SkippedLayer]]:
+def subtract_base(
+    matrices: list[LayerMatrix], base_model: ModelSource, config: AnalysisConfig, *, weights_only: bool = True
+) -> tuple[list[LayerMatrix], list[SkippedLayer]]:
     """``analyze(model, base_model=...)``: each selected matrix minus the same layer of ``base_model``
     (weightwatcher 0.7.7's ``base_model``: the fine-tuning or training delta is analysed).
 
@@ -172,7 +188,11 @@ def subtract_base(matrices: list[LayerMatrix], base_model: ModelSource, config: 
         ref = by_name.get(m.name)
         shape = tuple(m.weight.shape)
         if ref is None or tuple(ref.weight.shape) != shape:
-            why = "no layer of that name in base_model" if ref is None else f"shape {tuple(ref.weight.shape)} in base_model"
+            why = (
+                "no layer of that name in base_model"
+                if ref is None
+                else f"shape {tuple(ref.weight.shape)} in base_model"
+            )
             skipped.append(SkippedLayer(m.name, m.kind, shape, why))
             continue
         delta = m.weight.detach() - ref.weight.detach().to(device=m.weight.device, dtype=m.weight.dtype)

@@ -34,12 +34,15 @@ log = logging.getLogger(__name__)
 def validate_options(config) -> None:
     """Precise errors for the weightwatcher-style options of an ``AnalysisConfig``."""
     if config.fix_fingers not in (None, False, *FIX_FINGERS):
-        raise WWMonitorError(f"fix_fingers must be None, {FIX_FINGERS[0]!r} or {FIX_FINGERS[1]!r}, got {config.fix_fingers!r}")
+        raise WWMonitorError(
+            f"fix_fingers must be None, {FIX_FINGERS[0]!r} or {FIX_FINGERS[1]!r}, got {config.fix_fingers!r}"
+        )
     if config.fit not in FITS:
         raise WWMonitorError(f"fit must be one of {FITS}, got {config.fit!r}")
     if config.fit == "E_TPL" and config.fix_fingers == "clip_xmax":
-        raise WWMonitorError("fit='E_TPL' already fixes fingers with 'xmin_peak'; it cannot be combined with "
-                             "fix_fingers='clip_xmax'")
+        raise WWMonitorError(
+            "fit='E_TPL' already fixes fingers with 'xmin_peak'; it cannot be combined with fix_fingers='clip_xmax'"
+        )
     mf = config.max_fingers
     if isinstance(mf, bool) or not isinstance(mf, int) or mf < 1:
         raise WWMonitorError(f"max_fingers must be an int >= 1, got {mf!r}")
@@ -58,8 +61,9 @@ def fingers_fit(res, evals: np.ndarray, fit: PowerLawFit, floor: float, config) 
     """The power-law fit after ``fix_fingers`` (``E_TPL`` implies ``xmin_peak``); sets num_fingers/raw_alpha."""
     method = "xmin_peak" if config.fit == "E_TPL" else config.fix_fingers
     if method == "clip_xmax":
-        out = fit_clip_xmax(evals, max_fingers=config.max_fingers, finger_thresh=float(config.finger_thresh),
-                            min_eigenvalue=floor)
+        out = fit_clip_xmax(
+            evals, max_fingers=config.max_fingers, finger_thresh=float(config.finger_thresh), min_eigenvalue=floor
+        )
         res.num_fingers, res.raw_alpha = out.num_fingers, out.raw_alpha
         return out.fit
     if method == "xmin_peak":

@@ -166,8 +166,9 @@ class PhaseEvidence:
         return d
 
 
-def phase_evidence(evals: ArrayLike, n: int, m: int, *, num_slices: int = 1, rank_loss: int,
-                   power_law: PowerLawFit, mp: MPFit) -> PhaseEvidence:
+def phase_evidence(
+    evals: ArrayLike, n: int, m: int, *, num_slices: int = 1, rank_loss: int, power_law: PowerLawFit, mp: MPFit
+) -> PhaseEvidence:
     """Run the decision procedure and return the phase with the evidence behind it.
 
     Args:
@@ -194,11 +195,14 @@ def phase_evidence(evals: ArrayLike, n: int, m: int, *, num_slices: int = 1, ran
     sep = (bbp_ratio(lam_max, q, mp.sigma, n) / bbp_threshold(q)) if math.isfinite(mp.sigma) else math.nan
     weakest = math.nan
     if spikes > 0 and math.isfinite(mp.sigma) and spikes <= ev.size:
-        weakest = bbp_ratio(float(np.partition(ev, ev.size - spikes)[ev.size - spikes]), q, mp.sigma, n) / bbp_threshold(q)
+        weakest = bbp_ratio(
+            float(np.partition(ev, ev.size - spikes)[ev.size - spikes]), q, mp.sigma, n
+        ) / bbp_threshold(q)
 
     def done(phase: Phase, rule: str) -> PhaseEvidence:
-        return PhaseEvidence(phase, rule, zero_frac, float(mp.ks), misplaced, spikes, few, float(mp.mp_softrank),
-                             sep, alpha, weakest)
+        return PhaseEvidence(
+            phase, rule, zero_frac, float(mp.ks), misplaced, spikes, few, float(mp.mp_softrank), sep, alpha, weakest
+        )
 
     if zero_frac >= RANK_COLLAPSE_FRACTION:
         return done(Phase.RANK_COLLAPSE, "rank loss")
@@ -219,8 +223,9 @@ def phase_evidence(evals: ArrayLike, n: int, m: int, *, num_slices: int = 1, ran
     return done(Phase.BLEEDING_OUT, "few spikes at the edge")
 
 
-def phase_from_spectrum(evals: ArrayLike, n: int, m: int, *, num_slices: int = 1, rank_loss: int,
-                        power_law: PowerLawFit, mp: MPFit) -> Phase:
+def phase_from_spectrum(
+    evals: ArrayLike, n: int, m: int, *, num_slices: int = 1, rank_loss: int, power_law: PowerLawFit, mp: MPFit
+) -> Phase:
     """Phase of an ESD from its fits; see the module docstring for the rules and their reasons."""
     return phase_evidence(evals, n, m, num_slices=num_slices, rank_loss=rank_loss, power_law=power_law, mp=mp).phase
 

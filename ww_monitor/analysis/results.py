@@ -14,15 +14,30 @@ from .phases import Phase
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["LayerResult", "SkippedLayer", "Report", "SUMMARY_METRICS", "SUMMARY_COUNTS", "LAYER_COLUMNS",
-           "strict_json_dumps", "to_strict_json"]
+__all__ = [
+    "LayerResult",
+    "SkippedLayer",
+    "Report",
+    "SUMMARY_METRICS",
+    "SUMMARY_COUNTS",
+    "LAYER_COLUMNS",
+    "strict_json_dumps",
+    "to_strict_json",
+]
 
 #: Model-level means; failed fits and (by default) unreliable layers are excluded from the
 #: fit-based ones (:mod:`ww_monitor.analysis.reliability`).
 SUMMARY_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank")
 #: Counts that come with every summary (how many layers the means rest on, and why not more).
-SUMMARY_COUNTS = ("num_layers", "num_failed_fits", "num_unreliable", "num_undetermined", "num_random_like",
-                  "num_skipped", "num_frozen")
+SUMMARY_COUNTS = (
+    "num_layers",
+    "num_failed_fits",
+    "num_unreliable",
+    "num_undetermined",
+    "num_random_like",
+    "num_skipped",
+    "num_frozen",
+)
 _FIT_DEPENDENT = {"alpha", "alpha_weighted", "log_alpha_norm"}
 
 

@@ -34,7 +34,14 @@ from .layers import (
 from .results import SkippedLayer
 from .weight_access import alias_key, analysable
 
-__all__ = ["AnalysisConfig", "select_matrices", "find_layers", "DEFAULT_MIN_EVALS", "DEFAULT_MAX_EVALS", "DEFAULT_MAX_N"]
+__all__ = [
+    "AnalysisConfig",
+    "select_matrices",
+    "find_layers",
+    "DEFAULT_MIN_EVALS",
+    "DEFAULT_MAX_EVALS",
+    "DEFAULT_MAX_N",
+]
 
 #: weightwatcher's defaults: at least 8 eigenvalues, at most 15000, N at most 50000.
 DEFAULT_MIN_EVALS = 8
@@ -133,8 +140,12 @@ def select_matrices(source, config: AnalysisConfig) -> tuple[list[LayerMatrix], 
                 continue  # deselected by the user: not a finding, so not listed
             if m.kind == "other" and not selection.explicitly_included(m.name):
                 skipped.append(
-                    SkippedLayer(m.name, m.kind, tuple(m.weight.shape),
-                                 "module type not recognised as a layer; add its name to include= to analyse it")
+                    SkippedLayer(
+                        m.name,
+                        m.kind,
+                        tuple(m.weight.shape),
+                        "module type not recognised as a layer; add its name to include= to analyse it",
+                    )
                 )
                 continue
             key = alias_key(m.weight)

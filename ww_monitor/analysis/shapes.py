@@ -35,16 +35,28 @@ __all__ = ["load_shapes", "meta_model_from_config", "meta_state_dict", "CONFIG_N
 CONFIG_NAME = "config.json"
 #: safetensors header dtype names -> torch dtypes (the names the format specifies).
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
-_MISSING_TRANSFORMERS = ("building a model from a transformers config needs the `transformers` package: "
-                         'pip install "ww-monitor[huggingface]" (or pass a .safetensors/.pt checkpoint instead)')
+_MISSING_TRANSFORMERS = (
+    "building a model from a transformers config needs the `transformers` package: "
+    'pip install "ww-monitor[huggingface]" (or pass a .safetensors/.pt checkpoint instead)'
+)
 
 
-def load_shapes(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                weights_only: bool = True) -> tuple[nn.Module | dict, str]:
+def load_shapes(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, weights_only: bool = True
+) -> tuple[nn.Module | dict, str]:
     """A meta-device model (config) or meta state dict (checkpoint) for ``path``, and what it is
     (``"LlamaForCausalLM from config.json"``). Raises :class:`~ww_monitor.errors.WWMonitorError`."""
     p = Path(path)
@@ -66,7 +78,7 @@ def _config_dict(p: Path) -> dict:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{file}: not a readable JSON config ({type(err).__name__}: {err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-        raise CheckpointError(f"{file}: not a transformers config (no \"model_type\")")
+        raise CheckpointError(f'{file}: not a transformers config (no "model_type")')
     return data
 
 
@@ -88,8 +100,9 @@ def meta_model_from_config(path: str | os.PathLike, *, dtype: torch.dtype | None
     try:
         config = transformers.AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError, TypeError) as err:
-        raise WWMonitorError(f"{path}: transformers cannot build a config for model_type={model_type!r}: {err}") \
-            from None
+        raise WWMonitorError(
+            f"{path}: transformers cannot build a config for model_type={model_type!r}: {err}"
+        ) from None
     model = _build(transformers, config)
     target = dtype if dtype is not None else _torch_dtype(stored)
     return model.to(target) if target is not None else model
@@ -132,8 +145,10 @@ def meta_state_dict(path: str | os.PathLike, *, weights_only: bool = True) -> di
         elif suffix in TORCH_SUFFIXES:
             merged.update(_torch_shapes(f, weights_only))
         else:
-            raise CheckpointError(f"{f}: unsupported file type {f.suffix or '(none)'}; expected a config.json, "
-                                  f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)} or a folder")
+            raise CheckpointError(
+                f"{f}: unsupported file type {f.suffix or '(none)'}; expected a config.json, "
+                f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)} or a folder"
+            )
     return merged
 
 

@@ -117,7 +117,14 @@ def uniform(n: int, m: int, *, sigma: float = 1.0, seed=None, generator=None, dt
 
 
 def spiked(
-    n: int, m: int, ratios, *, sigma: float = 1.0, relative: bool = False, seed=None, generator=None,
+    n: int,
+    m: int,
+    ratios,
+    *,
+    sigma: float = 1.0,
+    relative: bool = False,
+    seed=None,
+    generator=None,
     dtype=np.float32,
 ) -> np.ndarray:
     """Gaussian bulk plus orthogonal rank-one signals: W = G + sqrt(N) sigma sum_i t_i u_i v_i^T.
@@ -146,8 +153,15 @@ def spiked(
 
 
 def bleeding_out(
-    n: int, m: int, num_spikes: int = 2, *, ratios: Sequence[float] = BLEEDING_OUT_RATIOS, sigma: float = 1.0,
-    seed=None, generator=None, dtype=np.float32,
+    n: int,
+    m: int,
+    num_spikes: int = 2,
+    *,
+    ratios: Sequence[float] = BLEEDING_OUT_RATIOS,
+    sigma: float = 1.0,
+    seed=None,
+    generator=None,
+    dtype=np.float32,
 ) -> np.ndarray:
     """**bleeding-out**: a few graded spikes just above the BBP threshold.
 
@@ -161,8 +175,15 @@ def bleeding_out(
 
 
 def graded_spikes(
-    n: int, m: int, num_spikes: int = 3, *, ratios: Sequence[float] = GRADED_SPIKE_RATIOS, sigma: float = 1.0,
-    seed=None, generator=None, dtype=np.float32,
+    n: int,
+    m: int,
+    num_spikes: int = 3,
+    *,
+    ratios: Sequence[float] = GRADED_SPIKE_RATIOS,
+    sigma: float = 1.0,
+    seed=None,
+    generator=None,
+    dtype=np.float32,
 ) -> np.ndarray:
     """**bulk+spikes**: MP bulk plus ``num_spikes`` well-separated spikes of graded strength.
 
@@ -175,8 +196,15 @@ def graded_spikes(
 
 
 def bulk_decay(
-    n: int, m: int, *, fraction: float = BULK_DECAY_FRACTION, ratios: Sequence[float] = BULK_DECAY_RATIOS,
-    sigma: float = 1.0, seed=None, generator=None, dtype=np.float32,
+    n: int,
+    m: int,
+    *,
+    fraction: float = BULK_DECAY_FRACTION,
+    ratios: Sequence[float] = BULK_DECAY_RATIOS,
+    sigma: float = 1.0,
+    seed=None,
+    generator=None,
+    dtype=np.float32,
 ) -> np.ndarray:
     """**bulk-decay**: the bulk edge dissolves into a continuum of eigenvalues above lambda_+.
 
@@ -189,13 +217,20 @@ def bulk_decay(
     _N, M, _ = _shape(n, m)
     k = max(1, int(round(fraction * M)))
     lo, hi = ratios
-    return spiked(n, m, np.linspace(hi, lo, k), sigma=sigma, relative=True, seed=seed, generator=generator,
-                  dtype=dtype)
+    return spiked(n, m, np.linspace(hi, lo, k), sigma=sigma, relative=True, seed=seed, generator=generator, dtype=dtype)
 
 
 def decaying_ladder(
-    n: int, m: int, num_outliers: int = LADDER_OUTLIERS, *, top: float = LADDER_TOP_RATIO, decay: float = LADDER_DECAY,
-    sigma: float = 1.0, seed=None, generator=None, dtype=np.float32,
+    n: int,
+    m: int,
+    num_outliers: int = LADDER_OUTLIERS,
+    *,
+    top: float = LADDER_TOP_RATIO,
+    decay: float = LADDER_DECAY,
+    sigma: float = 1.0,
+    seed=None,
+    generator=None,
+    dtype=np.float32,
 ) -> np.ndarray:
     """**bulk-decay**: a decaying ladder of outliers, Martin & Mahoney's continuum leaving the bulk.
 
@@ -215,8 +250,15 @@ def decaying_ladder(
 
 
 def heavy_tailed(
-    n: int, m: int, *, mu: float = 2.0, distribution: str = "student-t", scale: float = 1.0, seed=None,
-    generator=None, dtype=np.float32,
+    n: int,
+    m: int,
+    *,
+    mu: float = 2.0,
+    distribution: str = "student-t",
+    scale: float = 1.0,
+    seed=None,
+    generator=None,
+    dtype=np.float32,
 ) -> np.ndarray:
     """**heavy-tailed**: i.i.d. entries whose tails fall off as |x|^-(1 + mu).
 
@@ -236,7 +278,14 @@ def heavy_tailed(
 
 
 def power_law_spectrum(
-    n: int, m: int, *, alpha: float = 2.5, scale: float = 1.0, seed=None, generator=None, dtype=np.float32,
+    n: int,
+    m: int,
+    *,
+    alpha: float = 2.5,
+    scale: float = 1.0,
+    seed=None,
+    generator=None,
+    dtype=np.float32,
 ) -> np.ndarray:
     """**heavy-tailed**: W = U diag(sqrt(lambda)) V^T with a power-law ESD of exponent ``alpha``.
 
@@ -256,7 +305,14 @@ def power_law_spectrum(
 
 
 def low_rank(
-    n: int, m: int, rank: int | None = None, *, sigma: float = 1.0, seed=None, generator=None, dtype=np.float32,
+    n: int,
+    m: int,
+    rank: int | None = None,
+    *,
+    sigma: float = 1.0,
+    seed=None,
+    generator=None,
+    dtype=np.float32,
 ) -> np.ndarray:
     """**rank-collapse**: W = A B / sqrt(rank), A n x rank and B rank x m Gaussian.
 
@@ -273,7 +329,14 @@ def low_rank(
 
 
 def zeroed_columns(
-    n: int, m: int, fraction: float = 0.3, *, sigma: float = 1.0, seed=None, generator=None, dtype=np.float32,
+    n: int,
+    m: int,
+    fraction: float = 0.3,
+    *,
+    sigma: float = 1.0,
+    seed=None,
+    generator=None,
+    dtype=np.float32,
 ) -> np.ndarray:
     """**rank-collapse**: a Gaussian matrix with ``round(fraction * min(n, m))`` dead units.
 

@@ -137,15 +137,19 @@ def analysable(w: torch.Tensor) -> AnalysableWeight:
     if dtype in STANDARD_FLOAT_DTYPES:
         return w, dtype
     if dtype.is_complex:
-        return (f"complex weights ({name}) are not analysed: the ESD of a complex layer (W^H W) is not "
-                "comparable with the real-valued metrics")
+        return (
+            f"complex weights ({name}) are not analysed: the ESD of a complex layer (W^H W) is not "
+            "comparable with the real-valued metrics"
+        )
     if dtype.is_floating_point:
         try:
             return w.to(torch.float32), dtype
         except Exception:
             return f"packed {name} weights cannot be unpacked to floats here"
-    return (f"{name} weights are not analysed: integer storage without its quantization scale has no "
-            "float form (quantized modules are read through their dequantized weight)")
+    return (
+        f"{name} weights are not analysed: integer storage without its quantization scale has no "
+        "float form (quantized modules are read through their dequantized weight)"
+    )
 
 
 _PARAMETRIZED_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<param>[^.]+)\.original(?P<index>\d*)$")
@@ -201,18 +205,24 @@ def effective_state_dict(state):
             rebuilt[k] = _spectral_normalised(state[k], state[base + "0._u"], state[base + "0._v"])
             consumed.update({k, base + "0._u", base + "0._v"})
         else:
-            rebuilt[k] = (f"parametrized {param} ({base}original): this parametrization cannot be rebuilt from a "
-                          "state dict; analyse the module itself")
+            rebuilt[k] = (
+                f"parametrized {param} ({base}original): this parametrization cannot be rebuilt from a "
+                "state dict; analyse the module itself"
+            )
             consumed.add(k)
         rebuilt[k] = (pre + param, rebuilt[k])
     for k in keys:
-        if k.endswith("_orig") and isinstance(state.get(k[:-5] + "_u"), torch.Tensor) \
-                and isinstance(state.get(k[:-5] + "_v"), torch.Tensor):  # old-style spectral_norm
+        if (
+            k.endswith("_orig")
+            and isinstance(state.get(k[:-5] + "_u"), torch.Tensor)
+            and isinstance(state.get(k[:-5] + "_v"), torch.Tensor)
+        ):  # old-style spectral_norm
             p = k[:-5]
             rebuilt[k] = (p, _spectral_normalised(state[k], state[p + "_u"], state[p + "_v"]))
             consumed.update({k, p + "_u", p + "_v"})
-        elif k.endswith("_g") and isinstance(state.get(k[:-2] + "_v"), torch.Tensor) \
-                and k[:-2] + "_orig" not in state:  # old-style weight_norm
+        elif (
+            k.endswith("_g") and isinstance(state.get(k[:-2] + "_v"), torch.Tensor) and k[:-2] + "_orig" not in state
+        ):  # old-style weight_norm
             p = k[:-2]
             rebuilt[k] = (p, _weight_normalised(state[k], state[p + "_v"]))
             consumed.update({k, p + "_v"})

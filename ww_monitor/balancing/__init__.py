@@ -30,9 +30,20 @@ from ..functional.balancing import (
 from ..functional.hill import hill_alpha
 
 __all__ = [
-    "ALPHADECAY_RANGE", "MAPPINGS", "SIGMOID_SCALES", "SIGMOID_TEMPERATURE", "TEMPBALANCE_RANGE",
-    "AlphaDecay", "SpectralBalancer", "TempBalance",
-    "balance_factors", "hill_alpha", "linear_factors", "log2_factors", "sigmoid_factors", "sqrt_factors",
+    "ALPHADECAY_RANGE",
+    "MAPPINGS",
+    "SIGMOID_SCALES",
+    "SIGMOID_TEMPERATURE",
+    "TEMPBALANCE_RANGE",
+    "AlphaDecay",
+    "SpectralBalancer",
+    "TempBalance",
+    "balance_factors",
+    "hill_alpha",
+    "linear_factors",
+    "log2_factors",
+    "sigmoid_factors",
+    "sqrt_factors",
     "step_factors",
 ]
 

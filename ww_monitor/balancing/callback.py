@@ -23,6 +23,7 @@ from .core import SCALES, SpectralBalancerCore
 
 __all__ = ["SpectralBalancerMixin", "SCALES"]
 
+
 class SpectralBalancerMixin(SpectralBalancerCore):
     """Lightning callback. Example::
 
@@ -56,9 +57,11 @@ class SpectralBalancerMixin(SpectralBalancerCore):
     def setup(self, trainer: Trainer, pl_module: nn.Module, stage: str) -> None:
         same = [c for c in trainer.callbacks if isinstance(c, SpectralBalancerCore) and c.scale == self.scale]
         if len(same) > 1:
-            raise WWMonitorError(f"{len(same)} balancers scale {self.scale!r} ({', '.join(type(c).__name__ for c in same)});"
-                                 " their factors would multiply. Use one per setting (e.g. TempBalance for 'lr' with "
-                                 "AlphaDecay for 'weight_decay').")
+            raise WWMonitorError(
+                f"{len(same)} balancers scale {self.scale!r} ({', '.join(type(c).__name__ for c in same)});"
+                " their factors would multiply. Use one per setting (e.g. TempBalance for 'lr' with "
+                "AlphaDecay for 'weight_decay')."
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: nn.Module) -> None:
         if not self._restored:  # (a checkpoint's state is loaded before this hook)
@@ -67,12 +70,20 @@ class SpectralBalancerMixin(SpectralBalancerCore):
     def on_train_start(self, trainer: Trainer, pl_module: nn.Module) -> None:
         if getattr(trainer, "sanity_checking", False):
             return
-        self._attach(pl_module, trainer.optimizers, LightningCollectives(trainer.strategy), trainer.global_rank,
-                     trainer.world_size, root=getattr(trainer.strategy, "model", None))
+        self._attach(
+            pl_module,
+            trainer.optimizers,
+            LightningCollectives(trainer.strategy),
+            trainer.global_rank,
+            trainer.world_size,
+            root=getattr(trainer.strategy, "model", None),
+        )
         if self.at_train_start and not len(self.history):
             self._lightning_update(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         n = self.every_n_train_steps
         step = trainer.global_step
         if self._attached and n and step % n == 0 and step != self._last_step:
@@ -90,6 +101,10 @@ class SpectralBalancerMixin(SpectralBalancerCore):
         self._detach()
 
     def _lightning_update(self, trainer: Trainer, pl_module: nn.Module, epoch: int | None = None) -> None:
-        self._update(pl_module, trainer.global_step, trainer.current_epoch if epoch is None else epoch,
-                     monitor=next((c for c in trainer.callbacks if isinstance(c, WeightWatcherMixin)), None),
-                     loggers=list(getattr(trainer, "loggers", []) or []))
+        self._update(
+            pl_module,
+            trainer.global_step,
+            trainer.current_epoch if epoch is None else epoch,
+            monitor=next((c for c in trainer.callbacks if isinstance(c, WeightWatcherMixin)), None),
+            loggers=list(getattr(trainer, "loggers", []) or []),
+        )

@@ -178,17 +178,25 @@ class SpectralBalancerCore:
         check_number("sigmoid_temperature", sigmoid_temperature, above=0.0, owner=owner)
         check_number("xmin_pos", xmin_pos, at_least=1.0, owner=owner)
         if every_n_epochs == 0 and not isinstance(every_n_epochs, bool):  # as the monitors' schedules
-            raise WWMonitorError(f"{owner}: `every_n_epochs=0` is not a schedule: pass an int >= 1, or None to "
-                                 "turn it off.")
+            raise WWMonitorError(
+                f"{owner}: `every_n_epochs=0` is not a schedule: pass an int >= 1, or None to turn it off."
+            )
         check_int("every_n_epochs", every_n_epochs, 1, allow_none=True, owner=owner)
         check_int("every_n_train_steps", every_n_train_steps, 1, allow_none=True, owner=owner)
         check_int("min_evals", min_evals, 2, allow_none=False, owner=owner)
-        for name, flag in (("at_train_start", at_train_start), ("exclude_first_last", exclude_first_last),
-                           ("follow_norms", follow_norms), ("use_monitor", use_monitor), ("log_factors", log_factors)):
+        for name, flag in (
+            ("at_train_start", at_train_start),
+            ("exclude_first_last", exclude_first_last),
+            ("follow_norms", follow_norms),
+            ("use_monitor", use_monitor),
+            ("log_factors", log_factors),
+        ):
             check_bool(name, flag, owner=owner)
         if not every_n_epochs and not every_n_train_steps and not at_train_start:
-            raise WWMonitorError(f"{owner}: `every_n_epochs`, `every_n_train_steps` and `at_train_start` are all off, "
-                                 "so the factors would never be computed.")
+            raise WWMonitorError(
+                f"{owner}: `every_n_epochs`, `every_n_train_steps` and `at_train_start` are all off, "
+                "so the factors would never be computed."
+            )
         kinds_t = as_tuple(kinds, "kinds") if kinds is not None else BALANCE_KINDS
         if any(k not in KINDS for k in kinds_t):
             raise WWMonitorError(f"{owner}: `kinds` must be a subset of {list(KINDS)}, got {list(kinds_t)!r}.")
@@ -251,7 +259,8 @@ class SpectralBalancerCore:
                 f"{type(self).__name__}: this state was saved by an earlier ww_monitor balancer that wrote per-layer "
                 "param groups into the optimizer, so the checkpoint's optimizer state has that layout and cannot be "
                 "resumed by this version (which keeps the optimizer's own groups). Resume it with the version that "
-                "wrote it, or start a new run from the checkpoint's weights.")
+                "wrote it, or start a new run from the checkpoint's weights."
+            )
         self.factors = {str(k): float(v) for k, v in state_dict.get("factors", {}).items()}
         self.history = BalanceHistory()
         self.history.load_state_dict(state_dict.get("history", {}))
@@ -271,8 +280,7 @@ class SpectralBalancerCore:
             log.info("%s: a new run: starting with factor 1 and an empty history.", type(self).__name__)
         self.factors, self.history, self._last_step, self._monitor_step = {}, BalanceHistory(), None, None
 
-    def _attach(self, model, optimizers: Sequence, collectives: Collectives, rank: int, world: int,
-                root=None) -> None:
+    def _attach(self, model, optimizers: Sequence, collectives: Collectives, rank: int, world: int, root=None) -> None:
         """Hook each optimizer's step with the per-layer groups of ``model``'s balanced layers.
         ``root``: the strategy-wrapped model where it is not ``model`` (FSDP1 units are looked up
         there). Raises a ``WWMonitorError`` where the strategy cannot have per-layer groups."""
@@ -284,15 +292,19 @@ class SpectralBalancerCore:
             self._source = ShardedWeights(model, self._sharding, rank, world, root)
         units = self._find_units(model)
         if not units:
-            rank_zero_warn(f"{type(self).__name__}: no layer matches the selection (include/exclude/kinds); nothing "
-                           "is balanced.", RuntimeWarning)
+            rank_zero_warn(
+                f"{type(self).__name__}: no layer matches the selection (include/exclude/kinds); nothing is balanced.",
+                RuntimeWarning,
+            )
         for i, optimizer in enumerate(optimizers):
             check_optimizer(optimizer, self.scale, i)
         self._scalers = [StepScaler(opt, units, self.scale, lambda: self.factors) for opt in optimizers]
         if units and not any(s.owned() for s in self._scalers):
-            rank_zero_warn(f"{type(self).__name__}: none of the optimizer's parameters belongs to a balanced layer (an "
-                           "optimizer over other parameters, or a wrapper that hands it copies); nothing is balanced.",
-                           RuntimeWarning)
+            rank_zero_warn(
+                f"{type(self).__name__}: none of the optimizer's parameters belongs to a balanced layer (an "
+                "optimizer over other parameters, or a wrapper that hands it copies); nothing is balanced.",
+                RuntimeWarning,
+            )
         self._collectives = collectives
         self._restored = False
         self._attached = True
@@ -316,8 +328,11 @@ class SpectralBalancerCore:
         record, error = self._collectives.broadcast_object((record, error), self._world)
         if error is not None:
             self.stats["failures"] += 1
-            rank_zero_warn(f"{type(self).__name__}: computing the factors at step {step} failed ({error}); the factors "
-                           "stay as they were.", RuntimeWarning)
+            rank_zero_warn(
+                f"{type(self).__name__}: computing the factors at step {step} failed ({error}); the factors "
+                "stay as they were.",
+                RuntimeWarning,
+            )
             return None
         if record is None:  # the monitor has no newer analysis: nothing new to act on
             return None
@@ -345,8 +360,16 @@ class SpectralBalancerCore:
         if getattr(self._source, "collective", False) and self._world > 1:
             # rank 0 decides; then every rank reads in step, each decomposing what the source yields it
             if self._collectives.broadcast_object(latest is None, self._world):
-                esds = gathered_alphas(units, self.estimator, self.xmin_pos, self.min_evals, self._source,
-                                       self._collectives, self._rank, self._world)
+                esds = gathered_alphas(
+                    units,
+                    self.estimator,
+                    self.xmin_pos,
+                    self.min_evals,
+                    self._source,
+                    self._collectives,
+                    self._rank,
+                    self._world,
+                )
             if self._rank != 0:
                 return None
         elif self._rank != 0:
@@ -368,11 +391,18 @@ class SpectralBalancerCore:
         factors = np.ones(n)
         idx = [i for i, b in enumerate(balanced) if b]
         if idx:
-            factors[idx] = balance_factors([alphas[i] for i in idx], self.mapping, self.factor_range,
-                                           self.sigmoid_scales, self.sigmoid_temperature)
-        return BalanceRecord(step=step, epoch=epoch, source=source, layers=tuple(u.name for u in units),
-                             alphas=tuple(float(a) for a in alphas), balanced=tuple(balanced),
-                             factors=tuple(float(f) for f in factors))
+            factors[idx] = balance_factors(
+                [alphas[i] for i in idx], self.mapping, self.factor_range, self.sigmoid_scales, self.sigmoid_temperature
+            )
+        return BalanceRecord(
+            step=step,
+            epoch=epoch,
+            source=source,
+            layers=tuple(u.name for u in units),
+            alphas=tuple(float(a) for a in alphas),
+            balanced=tuple(balanced),
+            factors=tuple(float(f) for f in factors),
+        )
 
     def _covers(self, units, results) -> bool:
         """Whether a monitor's results hold any balanced layer (else its selection or names differ:
@@ -382,9 +412,12 @@ class SpectralBalancerCore:
             return True
         if not self._warned_coverage:
             self._warned_coverage = True
-            rank_zero_warn(f"{type(self).__name__}: the monitor's analysis has none of the balanced layers (e.g. "
-                           f"{units[0].name!r}; its selection or names differ); the alphas are computed here from "
-                           "the weights instead.", RuntimeWarning)
+            rank_zero_warn(
+                f"{type(self).__name__}: the monitor's analysis has none of the balanced layers (e.g. "
+                f"{units[0].name!r}; its selection or names differ); the alphas are computed here from "
+                "the weights instead.",
+                RuntimeWarning,
+            )
         return False
 
     def _metrics(self, record: BalanceRecord) -> dict[str, float]:
@@ -400,5 +433,9 @@ class SpectralBalancerCore:
             try:
                 lg.log_metrics(metrics, step=record.step)
             except Exception as err:
-                warnings.warn(f"{type(self).__name__}: {type(lg).__name__}.log_metrics failed ({type(err).__name__}: "
-                              f"{err}); the factors are still in `balancer.history`.", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"{type(self).__name__}: {type(lg).__name__}.log_metrics failed ({type(err).__name__}: "
+                    f"{err}); the factors are still in `balancer.history`.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )

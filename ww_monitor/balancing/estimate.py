@@ -39,8 +39,17 @@ from ..functional.power_law import DEFAULT_MIN_EIGENVALUE, fit_power_law
 from ..functional.spectral_metrics import rank_tolerance
 from .groups import Unit
 
-__all__ = ["ESTIMATORS", "MIN_BALANCE_EVALS", "EsdAlpha", "WeightSource", "LocalWeights", "own_alphas",
-           "gathered_alphas", "monitor_alphas", "unit_alphas"]
+__all__ = [
+    "ESTIMATORS",
+    "MIN_BALANCE_EVALS",
+    "EsdAlpha",
+    "WeightSource",
+    "LocalWeights",
+    "own_alphas",
+    "gathered_alphas",
+    "monitor_alphas",
+    "unit_alphas",
+]
 
 ESTIMATORS = ("hill_median", "ww")
 
@@ -84,8 +93,9 @@ class LocalWeights:
         yield [(m, m.weight.detach()) for m in matrices]
 
 
-def _esd_alpha(name: str, evals: np.ndarray, estimator: str, xmin_pos: float, min_evals: int,
-               n: int, m: int, dtype) -> EsdAlpha:
+def _esd_alpha(
+    name: str, evals: np.ndarray, estimator: str, xmin_pos: float, min_evals: int, n: int, m: int, dtype
+) -> EsdAlpha:
     if estimator == "hill_median":
         alpha, ok = hill_alpha(evals, xmin_pos), True
     else:
@@ -100,8 +110,14 @@ def _matrices(units: Sequence[Unit]) -> list[LayerMatrix]:
     return [m for u in units for m in u.matrices]
 
 
-def own_alphas(units: Sequence[Unit], estimator: str, xmin_pos: float, min_evals: int,
-               method: str = "auto", weights: WeightSource | None = None) -> list[EsdAlpha]:
+def own_alphas(
+    units: Sequence[Unit],
+    estimator: str,
+    xmin_pos: float,
+    min_evals: int,
+    method: str = "auto",
+    weights: WeightSource | None = None,
+) -> list[EsdAlpha]:
     """Eigenvalues of every unit's ESDs (batched, float64, read-only) and their alphas; the
     weights come from ``weights`` (default :class:`LocalWeights`), one batch at a time."""
     source = weights if weights is not None else LocalWeights()
@@ -123,8 +139,16 @@ def own_alphas(units: Sequence[Unit], estimator: str, xmin_pos: float, min_evals
     return out
 
 
-def gathered_alphas(units: Sequence[Unit], estimator: str, xmin_pos: float, min_evals: int, weights: WeightSource,
-                    collectives, rank: int, world: int) -> list[EsdAlpha]:
+def gathered_alphas(
+    units: Sequence[Unit],
+    estimator: str,
+    xmin_pos: float,
+    min_evals: int,
+    weights: WeightSource,
+    collectives,
+    rank: int,
+    world: int,
+) -> list[EsdAlpha]:
     """Every rank (a collective ``weights``): :func:`own_alphas` of what the source yields this rank,
     gathered from every rank over ``collectives`` (``all_gather_object``). A failure on any rank
     raises on every rank, after the gather, so no rank is left waiting."""
@@ -179,8 +203,11 @@ def unit_alphas(units: Sequence[Unit], esds: Sequence[EsdAlpha]) -> tuple[list[f
     by_name = {e.name: e for e in esds}
     alphas, reliable = [], []
     for u in units:
-        found = [e for e in (by_name.get(m.name) or by_name.get(m.name.replace(_LORA_BASE, "", 1))
-                             for m in u.matrices) if e is not None]
+        found = [
+            e
+            for e in (by_name.get(m.name) or by_name.get(m.name.replace(_LORA_BASE, "", 1)) for m in u.matrices)
+            if e is not None
+        ]
         good = [e.alpha for e in found if e.reliable]
         shown = good or [e.alpha for e in found if math.isfinite(e.alpha)]
         alphas.append(float(np.mean(shown)) if shown else math.nan)

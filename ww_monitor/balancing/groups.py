@@ -38,8 +38,18 @@ from ..analysis.layers import LayerMatrix, LayerSelection, clean_name, matrices_
 from ..errors import WWMonitorError
 from ..monitoring.distributed import strip_wrapper_names
 
-__all__ = ["Unit", "find_units", "layer_plan", "split_param_groups", "expand_schedulers", "StepScaler",
-           "unwrap_optimizer", "check_optimizer", "BALANCE_KINDS", "NORM_TYPES"]
+__all__ = [
+    "Unit",
+    "find_units",
+    "layer_plan",
+    "split_param_groups",
+    "expand_schedulers",
+    "StepScaler",
+    "unwrap_optimizer",
+    "check_optimizer",
+    "BALANCE_KINDS",
+    "NORM_TYPES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +59,8 @@ BALANCE_KINDS = ("linear", "conv1d_hf", "conv1d", "conv2d", "conv3d", "attention
 
 #: Normalisation layers that follow the unit before them.
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
 
 #: Per-param-group lists kept by torch's schedulers (LambdaLR/MultiplicativeLR: lr_lambdas,
 #: ReduceLROnPlateau: min_lrs, CyclicLR: max_lrs/base_momentums/max_momentums, all: base_lrs,
@@ -75,8 +86,14 @@ class Unit:
         return sum(m.num_evals for m in self.matrices)
 
 
-def find_units(model: nn.Module, include=None, exclude=None, kinds: Sequence[str] | None = BALANCE_KINDS,
-               follow_norms: bool = True, view: nn.Module | None = None) -> list[Unit]:
+def find_units(
+    model: nn.Module,
+    include=None,
+    exclude=None,
+    kinds: Sequence[str] | None = BALANCE_KINDS,
+    follow_norms: bool = True,
+    view: nn.Module | None = None,
+) -> list[Unit]:
     """The balanced units of ``model`` in registration order (see the module docstring), named
     as the monitor names its layers (wrapper segments such as DDP's ``module.``, Fabric's
     ``_forward_module.`` or activation checkpointing's removed), so a monitor's results match.
@@ -126,8 +143,9 @@ def _copy_value(v):
     return v.clone() if isinstance(v, torch.Tensor) else v
 
 
-def layer_plan(groups: Sequence[dict], owner: dict[int, str], order: dict[str, int]
-               ) -> list[tuple[int, str | None, list[int]]]:
+def layer_plan(
+    groups: Sequence[dict], owner: dict[int, str], order: dict[str, int]
+) -> list[tuple[int, str | None, list[int]]]:
     """The per-layer layout of ``groups``: for every new group, (index of the user's group it
     comes from, unit name or None for the group's other parameters, indices of its parameters in
     the user's group). Deterministic: user's group order, then unit order, then the parameters'
@@ -165,8 +183,9 @@ def split_param_groups(optimizer: torch.optim.Optimizer, units: Sequence[Unit]) 
     return [(gi, unit) for gi, unit, _ in plan]
 
 
-def expand_schedulers(schedulers: Sequence, optimizer: torch.optim.Optimizer, origin: Sequence[int],
-                      old_count: int) -> list[str]:
+def expand_schedulers(
+    schedulers: Sequence, optimizer: torch.optim.Optimizer, origin: Sequence[int], old_count: int
+) -> list[str]:
     """Expand the per-group lists of the schedulers driving ``optimizer`` after a split (new group
     ``i`` takes the entry of old group ``origin[i]``). Returns warnings for lists left unchanged."""
     problems: list[str] = []
@@ -222,8 +241,9 @@ class StepScaler:
     first-out (torch runs post-hooks in registration order, so the first one unwinds them all).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, units: Sequence[Unit], key: str,
-                 factors: Callable[[], dict[str, float]]):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, units: Sequence[Unit], key: str, factors: Callable[[], dict[str, float]]
+    ):
         self.optimizer, self.key, self.factors = unwrap_optimizer(optimizer), key, factors
         self._owner, self._order = _owners(units)
         #: (groups, their parameter lists, their sizes, layer_plan of them): see ``plan``.
@@ -231,8 +251,10 @@ class StepScaler:
         self._user: list[dict] | None = None  # the groups in place before this scaler's, during the step
         self._step_groups: list[dict] = []
         self._warned: set[str] = set()
-        self._handles = [self.optimizer.register_step_pre_hook(self._pre),
-                         self.optimizer.register_step_post_hook(self._post)]
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._pre),
+            self.optimizer.register_step_post_hook(self._post),
+        ]
 
     @property
     def plan(self) -> list[tuple[int, str | None, list[int]]]:
@@ -242,7 +264,11 @@ class StepScaler:
         params = tuple(g["params"] for g in groups)
         sizes = tuple(len(p) for p in params)
         cached = self._layout
-        if cached is None or cached[2] != sizes or any(a is not b for a, b in zip(cached[0] + cached[1], groups + params)):
+        if (
+            cached is None
+            or cached[2] != sizes
+            or any(a is not b for a, b in zip(cached[0] + cached[1], groups + params))
+        ):
             self._layout = cached = (groups, params, sizes, layer_plan(groups, self._owner, self._order))
         return cached[3]
 
@@ -289,9 +315,12 @@ class StepScaler:
         for (gi, k), values in changed.items():
             if not all(_same(v, values[0]) for v in values) and k not in self._warned:
                 self._warned.add(k)
-                log.warning("SpectralBalancer: %s changed the param-group setting %r differently in different "
-                            "layers during its step; the first layer's value is kept for the whole group.",
-                            type(self.optimizer).__name__, k)
+                log.warning(
+                    "SpectralBalancer: %s changed the param-group setting %r differently in different "
+                    "layers during its step; the first layer's value is kept for the whole group.",
+                    type(self.optimizer).__name__,
+                    k,
+                )
             user[gi][k] = values[0]
 
     def _restore(self) -> None:
@@ -304,8 +333,10 @@ class StepScaler:
         """What each per-layer group's ``key`` is during a step: factor x the user's group value."""
         factors = self.factors()
         groups = self._user if self._user is not None else self.optimizer.param_groups
-        return [float(groups[gi][self.key]) * (factors.get(unit, 1.0) if unit is not None else 1.0)
-                for gi, unit, _ in self.plan]
+        return [
+            float(groups[gi][self.key]) * (factors.get(unit, 1.0) if unit is not None else 1.0)
+            for gi, unit, _ in self.plan
+        ]
 
     def remove(self) -> None:
         _unwind(_ACTIVE.get(self.optimizer, []), self, write_back=False)
@@ -341,13 +372,17 @@ def check_optimizer(optimizer, key: str, index: int) -> None:
     """A torch optimizer whose every group has ``key``, and that steps its groups one by one."""
     inner = unwrap_optimizer(optimizer)
     if not isinstance(inner, torch.optim.Optimizer):
-        raise WWMonitorError(f"optimizer {index} must be a torch.optim.Optimizer (or a wrapper of one), got "
-                             f"{type(optimizer).__name__}.")
+        raise WWMonitorError(
+            f"optimizer {index} must be a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}."
+        )
     if isinstance(inner, torch.optim.LBFGS):
-        raise WWMonitorError(f"optimizer {index} is LBFGS, which steps all parameters with its first group's "
-                             "settings: per-layer learning rates or weight decays cannot apply to it.")
+        raise WWMonitorError(
+            f"optimizer {index} is LBFGS, which steps all parameters with its first group's "
+            "settings: per-layer learning rates or weight decays cannot apply to it."
+        )
     missing = [i for i, g in enumerate(inner.param_groups) if key not in g]
     if missing:
         raise WWMonitorError(
             f"`scale`={key!r}: optimizer {index} ({type(inner).__name__}) has no {key!r} setting in param "
-            f"group(s) {missing}; balance a setting the optimizer has ('lr', or 'weight_decay' for SGD/Adam/AdamW).")
+            f"group(s) {missing}; balance a setting the optimizer has ('lr', or 'weight_decay' for SGD/Adam/AdamW)."
+        )

@@ -69,7 +69,14 @@ class _Integration:
     """A ``report_to`` integration as a logger: the scalars go through its ``on_log``, as the
     Trainer's own logs do (TensorBoard writes them as ``train/ww/balance/<layer>``)."""
 
-    def __init__(self, callback: TrainerCallback, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None) -> None:
+    def __init__(
+        self,
+        callback: TrainerCallback,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None,
+    ) -> None:
         self.callback, self.args, self.state, self.control, self.model = callback, args, state, control, model
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -99,23 +106,33 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
     _reporters: Sequence[Any] = ()
 
     # Trainer events ---------------------------------------------------------
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
-                       optimizer: Optimizer | None = None, **kwargs: Any) -> TrainerControl:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: Optimizer | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         name = type(self).__name__
         handler = _calling_handler(self)
         callbacks = handler.callbacks if handler is not None else []
         same = [c for c in callbacks if isinstance(c, SpectralBalancerCore) and c.scale == self.scale]
         if len(same) > 1:
-            raise WWMonitorError(f"{len(same)} balancers scale {self.scale!r} ({', '.join(type(c).__name__ for c in same)});"
-                                 " their factors would multiply. Use one per setting.")
+            raise WWMonitorError(
+                f"{len(same)} balancers scale {self.scale!r} ({', '.join(type(c).__name__ for c in same)});"
+                " their factors would multiply. Use one per setting."
+            )
         if optimizer is None or model is None:
             raise WWMonitorError(f"{name}: the Trainer gave no model or optimizer at on_train_begin.")
         if state.global_step > 0:
             self._load_checkpoint_state(args, state)
         elif not self._restored:
             self._new_run()
-        self._monitor = next((c.engine for c in callbacks if isinstance(getattr(c, "engine", None), MonitorEngine)),
-                             None)
+        self._monitor = next(
+            (c.engine for c in callbacks if isinstance(getattr(c, "engine", None), MonitorEngine)), None
+        )
         classes = tuple(_reporting_callbacks())
         self._reporters = [c for c in callbacks if classes and isinstance(c, classes)]
         self._attach(model, [optimizer], TorchCollectives(), *_rank_and_world())
@@ -123,36 +140,54 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
             self._hf_update(args, state, control, model, int(round(state.epoch or 0)))
         return control
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
-                    **kwargs: Any) -> TrainerControl:
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         n = self.every_n_train_steps
         step = state.global_step
         if self._attached and n and step % n == 0 and step != self._last_step:
             self._hf_update(args, state, control, model, int(round(state.epoch or 0)))
         return control
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
-                     **kwargs: Any) -> TrainerControl:
+    def on_epoch_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         n = self.every_n_epochs
         epoch = int(round(state.epoch or 0))
         if self._attached and n and epoch % n == 0 and state.global_step != self._last_step:
             self._hf_update(args, state, control, model, epoch)
         return control
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         if self._attached and state.is_world_process_zero:
             folder = os.path.join(_output_dir(args), f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             torch.save(self.state_dict(), os.path.join(folder, STATE_FILE.format(scale=self.scale)))
         return control
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         self._detach()
         self._monitor, self._reporters = None, []
         return control
 
     # internals --------------------------------------------------------------
-    def _hf_update(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None, epoch: int) -> None:
+    def _hf_update(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None, epoch: int
+    ) -> None:
         loggers = [_Integration(c, args, state, control, model) for c in self._reporters]
         self._update(model, state.global_step, epoch, monitor=self._monitor, loggers=loggers)
 
@@ -164,8 +199,11 @@ class HuggingFaceBalancerMixin(SpectralBalancerCore):
             self.load_state_dict(torch.load(path, weights_only=True))
             return
         if not self._restored:
-            rank_zero_warn(f"{type(self).__name__}: resuming at step {state.global_step} without a balancer state "
-                           f"({path} not found); the factors are computed afresh.", RuntimeWarning)
+            rank_zero_warn(
+                f"{type(self).__name__}: resuming at step {state.global_step} without a balancer state "
+                f"({path} not found); the factors are computed afresh.",
+                RuntimeWarning,
+            )
             self._new_run()
 
 

@@ -70,8 +70,13 @@ class LoopBalancerMixin(SpectralBalancerCore):
     _epoch = 0
     _epoch_ends = 0
 
-    def attach(self, model: nn.Module, optimizer: Optimizer | Sequence[Optimizer], monitor: MonitorEngine | None = None,
-               sinks: Any = None) -> LoopBalancerMixin:
+    def attach(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer | Sequence[Optimizer],
+        monitor: MonitorEngine | None = None,
+        sinks: Any = None,
+    ) -> LoopBalancerMixin:
         """Bind to ``model`` and ``optimizer`` (or a list of optimizers) before the first step, and
         compute the factors of the current weights (``at_train_start``) unless a state was loaded.
         ``monitor``: a running :class:`ww_monitor.Monitor` whose analyses to reuse. ``sinks``:
@@ -85,7 +90,11 @@ class LoopBalancerMixin(SpectralBalancerCore):
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         restored = self._restored
         # A Monitor's sinks; other engines (the Lightning/Hugging Face callbacks) log through their trainer.
-        self._sinks = as_sinks(sinks) if sinks is not None else (list(getattr(monitor, "sinks", ())) if monitor is not None else [])
+        self._sinks = (
+            as_sinks(sinks)
+            if sinks is not None
+            else (list(getattr(monitor, "sinks", ())) if monitor is not None else [])
+        )
         self._monitor, self._model = monitor, model
         self._attach(model, optimizers, TorchCollectives(), *_rank_and_world())
         if not restored:
@@ -124,9 +133,12 @@ class LoopBalancerMixin(SpectralBalancerCore):
             return
         self._detach()
         if self.every_n_epochs and not self.every_n_train_steps and not self._epoch_ends and self._step:
-            rank_zero_warn(f"{type(self).__name__}: `every_n_epochs`={self.every_n_epochs} but epoch_end() was never "
-                           "called, so the factors were not updated after train start; call balancer.epoch_end(epoch) "
-                           "at the end of each epoch, or set `every_n_train_steps`.", RuntimeWarning)
+            rank_zero_warn(
+                f"{type(self).__name__}: `every_n_epochs`={self.every_n_epochs} but epoch_end() was never "
+                "called, so the factors were not updated after train start; call balancer.epoch_end(epoch) "
+                "at the end of each epoch, or set `every_n_train_steps`.",
+                RuntimeWarning,
+            )
 
     def __enter__(self) -> LoopBalancerMixin:
         return self

@@ -25,17 +25,42 @@ class TempBalanceMixin(SpectralBalancerCore):
         trainer = pl.Trainer(max_epochs=100, callbacks=[TempBalance()])
     """
 
-    def __init__(self, mapping: str = "linear", factor_range: tuple[float, float] = TEMPBALANCE_RANGE,
-                 every_n_epochs: int | None = 1, every_n_train_steps: int | None = None, at_train_start: bool = True,
-                 estimator: str = "hill_median", xmin_pos: float = DEFAULT_XMIN_POS,
-                 min_evals: int = MIN_BALANCE_EVALS, exclude_first_last: bool = True, follow_norms: bool = True,
-                 include: str | list[str] | None = None, exclude: str | list[str] | None = None,
-                 kinds: list[str] | None = None, use_monitor: bool = True, log_factors: bool = True) -> None:
-        super().__init__(scale="lr", mapping=mapping, factor_range=factor_range, every_n_epochs=every_n_epochs,
-                         every_n_train_steps=every_n_train_steps, at_train_start=at_train_start, estimator=estimator,
-                         xmin_pos=xmin_pos, min_evals=min_evals, exclude_first_last=exclude_first_last,
-                         follow_norms=follow_norms, include=include, exclude=exclude, kinds=kinds,
-                         use_monitor=use_monitor, log_factors=log_factors)
+    def __init__(
+        self,
+        mapping: str = "linear",
+        factor_range: tuple[float, float] = TEMPBALANCE_RANGE,
+        every_n_epochs: int | None = 1,
+        every_n_train_steps: int | None = None,
+        at_train_start: bool = True,
+        estimator: str = "hill_median",
+        xmin_pos: float = DEFAULT_XMIN_POS,
+        min_evals: int = MIN_BALANCE_EVALS,
+        exclude_first_last: bool = True,
+        follow_norms: bool = True,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        kinds: list[str] | None = None,
+        use_monitor: bool = True,
+        log_factors: bool = True,
+    ) -> None:
+        super().__init__(
+            scale="lr",
+            mapping=mapping,
+            factor_range=factor_range,
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            at_train_start=at_train_start,
+            estimator=estimator,
+            xmin_pos=xmin_pos,
+            min_evals=min_evals,
+            exclude_first_last=exclude_first_last,
+            follow_norms=follow_norms,
+            include=include,
+            exclude=exclude,
+            kinds=kinds,
+            use_monitor=use_monitor,
+            log_factors=log_factors,
+        )
 
 
 class AlphaDecayMixin(SpectralBalancerCore):
@@ -48,17 +73,42 @@ class AlphaDecayMixin(SpectralBalancerCore):
     other arguments as :class:`SpectralBalancer`.
     """
 
-    def __init__(self, mapping: str = "linear", factor_range: tuple[float, float] = ALPHADECAY_RANGE,
-                 every_n_epochs: int | None = None, every_n_train_steps: int | None = 500, at_train_start: bool = True,
-                 estimator: str = "hill_median", xmin_pos: float = DEFAULT_XMIN_POS,
-                 min_evals: int = MIN_BALANCE_EVALS, exclude_first_last: bool = True, follow_norms: bool = True,
-                 include: str | list[str] | None = None, exclude: str | list[str] | None = None,
-                 kinds: list[str] | None = None, use_monitor: bool = True, log_factors: bool = True) -> None:
-        super().__init__(scale="weight_decay", mapping=mapping, factor_range=factor_range,
-                         every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps,
-                         at_train_start=at_train_start, estimator=estimator, xmin_pos=xmin_pos, min_evals=min_evals,
-                         exclude_first_last=exclude_first_last, follow_norms=follow_norms, include=include,
-                         exclude=exclude, kinds=kinds, use_monitor=use_monitor, log_factors=log_factors)
+    def __init__(
+        self,
+        mapping: str = "linear",
+        factor_range: tuple[float, float] = ALPHADECAY_RANGE,
+        every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = 500,
+        at_train_start: bool = True,
+        estimator: str = "hill_median",
+        xmin_pos: float = DEFAULT_XMIN_POS,
+        min_evals: int = MIN_BALANCE_EVALS,
+        exclude_first_last: bool = True,
+        follow_norms: bool = True,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        kinds: list[str] | None = None,
+        use_monitor: bool = True,
+        log_factors: bool = True,
+    ) -> None:
+        super().__init__(
+            scale="weight_decay",
+            mapping=mapping,
+            factor_range=factor_range,
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            at_train_start=at_train_start,
+            estimator=estimator,
+            xmin_pos=xmin_pos,
+            min_evals=min_evals,
+            exclude_first_last=exclude_first_last,
+            follow_norms=follow_norms,
+            include=include,
+            exclude=exclude,
+            kinds=kinds,
+            use_monitor=use_monitor,
+            log_factors=log_factors,
+        )
 
 
 _PRESETS = {"TempBalance": TempBalanceMixin, "AlphaDecay": AlphaDecayMixin}

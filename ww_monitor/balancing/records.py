@@ -35,10 +35,15 @@ class BalanceRecord:
 
     @staticmethod
     def from_state(d: dict) -> BalanceRecord:
-        return BalanceRecord(step=int(d["step"]), epoch=int(d["epoch"]), source=str(d["source"]),
-                             layers=tuple(d["layers"]), alphas=tuple(float(a) for a in d["alphas"]),
-                             balanced=tuple(bool(b) for b in d["balanced"]),
-                             factors=tuple(float(f) for f in d["factors"]))
+        return BalanceRecord(
+            step=int(d["step"]),
+            epoch=int(d["epoch"]),
+            source=str(d["source"]),
+            layers=tuple(d["layers"]),
+            alphas=tuple(float(a) for a in d["alphas"]),
+            balanced=tuple(bool(b) for b in d["balanced"]),
+            factors=tuple(float(f) for f in d["factors"]),
+        )
 
 
 class BalanceHistory:
@@ -65,8 +70,11 @@ class BalanceHistory:
         import pandas as pd
 
         columns = ["step", "epoch", "source", "name", "alpha", "balanced", "factor"]
-        rows = [dict(zip(columns, (r.step, r.epoch, r.source, name, a, b, f)))
-                for r in self.records for name, a, b, f in zip(r.layers, r.alphas, r.balanced, r.factors)]
+        rows = [
+            dict(zip(columns, (r.step, r.epoch, r.source, name, a, b, f)))
+            for r in self.records
+            for name, a, b, f in zip(r.layers, r.alphas, r.balanced, r.factors)
+        ]
         return pd.DataFrame(rows, columns=columns)
 
     def state_dict(self) -> dict:
@@ -74,4 +82,3 @@ class BalanceHistory:
 
     def load_state_dict(self, state: dict) -> None:
         self.records = [BalanceRecord.from_state(d) for d in state.get("records", [])]
-

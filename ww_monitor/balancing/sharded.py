@@ -44,11 +44,16 @@ __all__ = ["check_strategy", "ShardedWeights"]
 #: ``AcceleratedOptimizer`` around DeepSpeed's around torch's, Lightning's on top).
 _MAX_WRAPPERS = 4
 #: DeepSpeed's optimizer classes and the strategy each stands for in the error message.
-_DEEPSPEED_NAMES = {"DeepSpeedZeroOptimizer_Stage3": "ZeRO stage 3", "DeepSpeedZeroOptimizer": "ZeRO stage 1/2",
-                    "BF16_Optimizer": "bf16 optimizer", "FP16_Optimizer": "fp16 optimizer",
-                    "FP16_UnfusedOptimizer": "fp16 optimizer"}
-_ALTERNATIVE = ("FSDP (use_orig_params=True) and FSDP2 (fully_shard) keep the model's parameters in the optimizer "
-                "and are supported")
+_DEEPSPEED_NAMES = {
+    "DeepSpeedZeroOptimizer_Stage3": "ZeRO stage 3",
+    "DeepSpeedZeroOptimizer": "ZeRO stage 1/2",
+    "BF16_Optimizer": "bf16 optimizer",
+    "FP16_Optimizer": "fp16 optimizer",
+    "FP16_UnfusedOptimizer": "fp16 optimizer",
+}
+_ALTERNATIVE = (
+    "FSDP (use_orig_params=True) and FSDP2 (fully_shard) keep the model's parameters in the optimizer and are supported"
+)
 
 
 def _deepspeed(optimizer) -> str | None:
@@ -68,28 +73,39 @@ def check_strategy(owner: str, model: nn.Module, optimizers: Sequence, root: nn.
     """What shards ``model`` (:func:`~ww_monitor.monitoring.sharding.sharding_of`: ``"fsdp"``,
     ``"dtensor"``, or None when nothing does); raises a ``WWMonitorError`` naming the strategy where
     per-layer groups cannot be formed. ``root``: the strategy-wrapped model (FSDP1 units)."""
-    why = ("flattens each param group's parameters into one partitioned buffer that its inner optimizer steps as a "
-           "single parameter, so a layer's parameters cannot get a learning rate or weight decay of their own")
+    why = (
+        "flattens each param group's parameters into one partitioned buffer that its inner optimizer steps as a "
+        "single parameter, so a layer's parameters cannot get a learning rate or weight decay of their own"
+    )
     for opt in optimizers:
         found = _deepspeed(opt)
         if found is not None:
-            raise WWMonitorError(f"{owner}: per-layer balancing cannot run under DeepSpeed ({found}): DeepSpeed {why}. "
-                                 f"{_ALTERNATIVE}.")
+            raise WWMonitorError(
+                f"{owner}: per-layer balancing cannot run under DeepSpeed ({found}): DeepSpeed {why}. {_ALTERNATIVE}."
+            )
     kind = sharding_of(model, root)
     if kind == ZERO3:
-        raise WWMonitorError(f"{owner}: per-layer balancing cannot run under DeepSpeed ZeRO-3 (the model's parameters "
-                             f"are partitioned): DeepSpeed's ZeRO optimizer {why}. {_ALTERNATIVE}.")
+        raise WWMonitorError(
+            f"{owner}: per-layer balancing cannot run under DeepSpeed ZeRO-3 (the model's parameters "
+            f"are partitioned): DeepSpeed's ZeRO optimizer {why}. {_ALTERNATIVE}."
+        )
     if kind == FSDP1:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        if not all(getattr(u, "_use_orig_params", False) for u in FSDP.fsdp_modules(root if root is not None else model)):
-            raise WWMonitorError(f"{owner}: FSDP with use_orig_params=False hands the optimizer flat parameters (one per "
-                                 "unit), so a layer's parameters cannot get a group of their own; wrap the model with "
-                                 "FullyShardedDataParallel(..., use_orig_params=True) (Lightning's FSDPStrategy and "
-                                 "the Hugging Face Trainer do by default).")
+        if not all(
+            getattr(u, "_use_orig_params", False) for u in FSDP.fsdp_modules(root if root is not None else model)
+        ):
+            raise WWMonitorError(
+                f"{owner}: FSDP with use_orig_params=False hands the optimizer flat parameters (one per "
+                "unit), so a layer's parameters cannot get a group of their own; wrap the model with "
+                "FullyShardedDataParallel(..., use_orig_params=True) (Lightning's FSDPStrategy and "
+                "the Hugging Face Trainer do by default)."
+            )
     elif any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
-        raise WWMonitorError(f"{owner}: the model's parameters are FSDP pieces but no FullyShardedDataParallel unit "
-                             "wraps it; attach the FSDP-wrapped model (the one you called FullyShardedDataParallel on).")
+        raise WWMonitorError(
+            f"{owner}: the model's parameters are FSDP pieces but no FullyShardedDataParallel unit "
+            "wraps it; attach the FSDP-wrapped model (the one you called FullyShardedDataParallel on)."
+        )
     return kind
 
 

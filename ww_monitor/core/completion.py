@@ -40,8 +40,15 @@ class Completion(EngineState):
         for job in finished:
             if job.error is not None or not isinstance(job.value, AnalysisOutput):
                 meta = self._meta.get(job.key, {})
-                outputs.append(AnalysisOutput(index=job.key, step=meta.get("step", -1), epoch=meta.get("epoch", -1),
-                                              rank=self._rank, error=job.error or "no result"))
+                outputs.append(
+                    AnalysisOutput(
+                        index=job.key,
+                        step=meta.get("step", -1),
+                        epoch=meta.get("epoch", -1),
+                        rank=self._rank,
+                        error=job.error or "no result",
+                    )
+                )
             else:
                 outputs.append(job.value)
             self.stats["analysis_seconds"] += job.seconds
@@ -85,8 +92,11 @@ class Completion(EngineState):
         try:
             everyone = self._collectives.all_gather_object(mine, self._world)
         except Exception as err:
-            warn_user(f"{self.warning_prefix}: gathering results across ranks failed ({type(err).__name__}: "
-                      f"{err}); distributed analysis results are incomplete.", RuntimeWarning)
+            warn_user(
+                f"{self.warning_prefix}: gathering results across ranks failed ({type(err).__name__}: "
+                f"{err}); distributed analysis results are incomplete.",
+                RuntimeWarning,
+            )
             everyone = [mine]
         for payload in everyone:
             for out in payload["outputs"]:
@@ -101,8 +111,11 @@ class Completion(EngineState):
         for index in sorted(self._partials):
             parts = self._partials.pop(index)
             missing = sorted(set(range(self._world)) - set(parts))
-            rank_zero_warn(f"{self.warning_prefix}: snapshot {index} is incomplete (no results from ranks "
-                            f"{missing}); logging the layers that were analysed.", RuntimeWarning)
+            rank_zero_warn(
+                f"{self.warning_prefix}: snapshot {index} is incomplete (no results from ranks "
+                f"{missing}); logging the layers that were analysed.",
+                RuntimeWarning,
+            )
             self._complete(host, index, parts)
 
     def _complete(self, host, index: int, parts: dict[int, AnalysisOutput]) -> None:
@@ -136,15 +149,18 @@ class Completion(EngineState):
         ranks = [p[1] for p in pairs]
         if errors:
             self.stats["snapshots_failed"] += 1
-            warn_user(f"{self.warning_prefix}: analysis of the snapshot at step {step} failed: "
-                      + "; ".join(errors), RuntimeWarning)
+            warn_user(
+                f"{self.warning_prefix}: analysis of the snapshot at step {step} failed: " + "; ".join(errors),
+                RuntimeWarning,
+            )
         for s in skipped:
             if s.reason == ZERO_UPDATE_REASON:  # expected at the start of LoRA training, not a problem
                 log.info("ww_monitor: %s not analysed at step %d: %s", s.name, step, s.reason)
             elif s.name not in self._warned_layers:
                 self._warned_layers.add(s.name)
-                rank_zero_warn(f"{self.warning_prefix}: layer {s.name} not analysed at step {step}: {s.reason}",
-                                RuntimeWarning)
+                rank_zero_warn(
+                    f"{self.warning_prefix}: layer {s.name} not analysed at step {step}: {s.reason}", RuntimeWarning
+                )
         if self.esd_shift:
             self._esd_shifts(results)
         carried = tuple(meta.get("carried", ())) if meta else ()
@@ -152,8 +168,9 @@ class Completion(EngineState):
         report = Report(layers=watched, skipped=list(skipped) + list(meta["selection_skipped"] if meta else []))
         summary = report.summary(include_unreliable=self.summary_include_unreliable)
         summary["num_frozen"] = sum(bool(r.frozen) for r in results) + len(carried)
-        record = SnapshotRecord.from_results(index, step, epoch, results, ranks, skipped=report.skipped,
-                                             seconds=seconds, errors=errors, summary=summary)
+        record = SnapshotRecord.from_results(
+            index, step, epoch, results, ranks, skipped=report.skipped, seconds=seconds, errors=errors, summary=summary
+        )
         if not self.history.add(record):
             log.debug("snapshot at step %d already in the history; not logged again", step)
             return
@@ -177,10 +194,19 @@ class Completion(EngineState):
         if self._rank != 0:
             return
         self._writer.log_scalars(loggers, metrics, step)
-        self._writer.log_tensorboard(loggers, step, results, histograms=self.log_histograms, text=self.log_text,
-                                     precomputed=histograms, carried=carried, layout=[r.name for r in watched])
-        self._figures.offer(step, results, loggers, submit=bool(meta and meta["figures"]),
-                            grids=self.history.figure_grids)
+        self._writer.log_tensorboard(
+            loggers,
+            step,
+            results,
+            histograms=self.log_histograms,
+            text=self.log_text,
+            precomputed=histograms,
+            carried=carried,
+            layout=[r.name for r in watched],
+        )
+        self._figures.offer(
+            step, results, loggers, submit=bool(meta and meta["figures"]), grids=self.history.figure_grids
+        )
 
     def _watched(self, results) -> list:
         """The layers the summary and the per-block/kind means rest on: those that train.
@@ -220,9 +246,18 @@ class Completion(EngineState):
             return
         self.alerts_fired.extend(a for a in alerts if not a.resolved)
         writers = [exp for _, exp in self._writer._tb_writers(loggers)] if self._rank == 0 else []
-        if dispatch_alerts(alerts, self.alert_tracker.config, tensorboard_writers=writers,
-                           on_alert=self.on_alert, rank=self._rank, active=active, layers=results):
-            first = next(a for a in alerts if not a.resolved and "stop" in self.alert_tracker.config.actions_for(a.rule))
+        if dispatch_alerts(
+            alerts,
+            self.alert_tracker.config,
+            tensorboard_writers=writers,
+            on_alert=self.on_alert,
+            rank=self._rank,
+            active=active,
+            layers=results,
+        ):
+            first = next(
+                a for a in alerts if not a.resolved and "stop" in self.alert_tracker.config.actions_for(a.rule)
+            )
             log.info("%s: stopping training on alert %s: %s", self.warning_prefix, first.rule, first.message)
             host.should_stop = True
 
@@ -236,5 +271,7 @@ class Completion(EngineState):
             return
         loggers = list(getattr(host, "loggers", []) or [])
         self._figures.warm_up(loggers)
-        for step, images in self._figures.collect(lambda m: rank_zero_warn(f"{self.warning_prefix}: {m}", RuntimeWarning)):
+        for step, images in self._figures.collect(
+            lambda m: rank_zero_warn(f"{self.warning_prefix}: {m}", RuntimeWarning)
+        ):
             self._writer.log_images(loggers, step, images)

@@ -84,7 +84,6 @@ __all__ = ["MonitorEngine"]
 log = logging.getLogger(__name__)
 
 
-
 class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thinning, Planning):
     """The monitor itself, for any training loop: see the module docstring. Its arguments are
     those of :class:`ww_monitor.WeightWatcherCallback` (documented there); front doors
@@ -93,8 +92,10 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
     #: The front door's name, which begins every warning the engine gives its user.
     warning_prefix = "WeightWatcherCallback"
     #: The warning when results have nowhere to go (no logger, no sink), in the front door's terms.
-    no_logger_message = ("the trainer has no logger; results are kept only in `callback.history`. Pass e.g. "
-                         "`logger=TensorBoardLogger(...)` to the Trainer.")
+    no_logger_message = (
+        "the trainer has no logger; results are kept only in `callback.history`. Pass e.g. "
+        "`logger=TensorBoardLogger(...)` to the Trainer."
+    )
 
     def __init__(
         self,
@@ -144,27 +145,65 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
     ) -> None:
         super().__init__()
         settings = MonitorSettings.from_arguments(
-            every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps, include=include,
-            exclude=exclude, kinds=kinds, conv_mode=conv_mode, min_evals=min_evals, max_evals=max_evals,
-            max_n=max_n, background=background, blocking=blocking, worker_type=worker_type,
-            worker_threads=worker_threads, worker_nice=worker_nice, worker_idle=worker_idle,
-            max_pending=max_pending, on_lag=on_lag, log_histograms=log_histograms, log_text=log_text,
-            log_callback_metrics=log_callback_metrics, figures_every_n_snapshots=figures_every_n_snapshots,
-            figure_layers=figure_layers, max_figure_layers=max_figure_layers,
-            figures_min_run_seconds=figures_min_run_seconds, figures_timeout=figures_timeout, method=method,
-            analysis_device=analysis_device, drain_timeout=drain_timeout, alerts=alerts, on_alert=on_alert,
-            detX=detX, fix_fingers=fix_fingers, max_fingers=max_fingers, finger_thresh=finger_thresh, fit=fit,
-            randomize=randomize, peft=peft, distance_from_init=distance_from_init, esd_shift=esd_shift,
-            summary_include_unreliable=summary_include_unreliable, max_overhead=max_overhead,
-            watch_frozen=watch_frozen, ends_only=ends_only, owner=self.warning_prefix,
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            include=include,
+            exclude=exclude,
+            kinds=kinds,
+            conv_mode=conv_mode,
+            min_evals=min_evals,
+            max_evals=max_evals,
+            max_n=max_n,
+            background=background,
+            blocking=blocking,
+            worker_type=worker_type,
+            worker_threads=worker_threads,
+            worker_nice=worker_nice,
+            worker_idle=worker_idle,
+            max_pending=max_pending,
+            on_lag=on_lag,
+            log_histograms=log_histograms,
+            log_text=log_text,
+            log_callback_metrics=log_callback_metrics,
+            figures_every_n_snapshots=figures_every_n_snapshots,
+            figure_layers=figure_layers,
+            max_figure_layers=max_figure_layers,
+            figures_min_run_seconds=figures_min_run_seconds,
+            figures_timeout=figures_timeout,
+            method=method,
+            analysis_device=analysis_device,
+            drain_timeout=drain_timeout,
+            alerts=alerts,
+            on_alert=on_alert,
+            detX=detX,
+            fix_fingers=fix_fingers,
+            max_fingers=max_fingers,
+            finger_thresh=finger_thresh,
+            fit=fit,
+            randomize=randomize,
+            peft=peft,
+            distance_from_init=distance_from_init,
+            esd_shift=esd_shift,
+            summary_include_unreliable=summary_include_unreliable,
+            max_overhead=max_overhead,
+            watch_frozen=watch_frozen,
+            ends_only=ends_only,
+            owner=self.warning_prefix,
         )
         for name, value in settings.public_items():  # config, every_n_epochs, blocking, ...: as attributes
             setattr(self, name, value)
         self._alert_config = settings.alert_config
         self._alerts_on = settings.alerts_on
-        self._figures = FigurePipeline(self.figures_every_n_snapshots, self.figure_layers, self.max_figure_layers,
-                                       self.figures_min_run_seconds, self.worker_nice, self.blocking,
-                                       self.drain_timeout, self.figures_timeout)
+        self._figures = FigurePipeline(
+            self.figures_every_n_snapshots,
+            self.figure_layers,
+            self.max_figure_layers,
+            self.figures_min_run_seconds,
+            self.worker_nice,
+            self.blocking,
+            self.drain_timeout,
+            self.figures_timeout,
+        )
         self._worker = None
         self._active = False
         self._rank, self._world = 0, 1
@@ -173,10 +212,16 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
         self._guard = None  # snapshot with in-flight CUDA copies
         self._new_run()
 
-
     # ------------------------------------------------------------------ run level (front doors call these)
-    def _start_run(self, host: Host, module: nn.Module | None, rank: int, world: int, epoch: int,
-                   collectives: Collectives | None = None) -> None:
+    def _start_run(
+        self,
+        host: Host,
+        module: nn.Module | None,
+        rank: int,
+        world: int,
+        epoch: int,
+        collectives: Collectives | None = None,
+    ) -> None:
         """Start the worker and take the baseline snapshot (or the one owed by a checkpoint).
         ``collectives``: how ranks exchange results (default: ``torch.distributed``)."""
         self._rank, self._world = int(rank), int(world)
@@ -213,9 +258,12 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
             self._report_deferred()
             self._submit_figures()  # the final snapshot gets figures (in a run long enough for them)
             if not self._figures.finish():
-                warn_user(f"{self.warning_prefix}: the final figures were not rendered within figures_timeout="
-                          f"{self.figures_timeout:g}s; they are dropped (`ww-monitor report` draws them from the "
-                          "logs).", RuntimeWarning)
+                warn_user(
+                    f"{self.warning_prefix}: the final figures were not rendered within figures_timeout="
+                    f"{self.figures_timeout:g}s; they are dropped (`ww-monitor report` draws them from the "
+                    "logs).",
+                    RuntimeWarning,
+                )
             self._log_figures(host)
             self._writer.flush(list(getattr(host, "loggers", []) or []))
         finally:
@@ -251,8 +299,15 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
     def _is_figure_snapshot(self, index: int, final: bool) -> bool:
         return self._figures.due(index, final)
 
-    def _sync_point(self, host: Host, module: nn.Module | None, snapshot: bool, epoch: int, final: bool = False,
-                    budgeted: bool = True) -> None:
+    def _sync_point(
+        self,
+        host: Host,
+        module: nn.Module | None,
+        snapshot: bool,
+        epoch: int,
+        final: bool = False,
+        budgeted: bool = True,
+    ) -> None:
         """Gather finished results (DDP), maybe take a snapshot, log what is complete.
 
         Under DDP every rank calls this at the same hooks with the same arguments. ``budgeted``:
@@ -305,20 +360,26 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
             self._skipped_steps.discard(step)
             self.stats["snapshots_skipped"] -= 1
         device = resolve_analysis_device(self.analysis_device, getattr(module, "device", None))
-        builder = SnapshotBuilder(index, step, epoch, share_memory=self._worker.mode == "process", device=device,
-                                  device_budget=staging_budget(device))
+        builder = SnapshotBuilder(
+            index,
+            step,
+            epoch,
+            share_memory=self._worker.mode == "process",
+            device=device,
+            device_budget=staging_budget(device),
+        )
         root = getattr(getattr(host, "strategy", None), "model", None)
         self._carry.begin()
         try:  # frozen matrices analysed before are carried forward: not owned, not copied (monitoring.carry)
-            owners, selection_skipped = collect_into(builder, module, self.config, self._rank, self._world, root,
-                                                     carry=self._carry.carry)
+            owners, selection_skipped = collect_into(
+                builder, module, self.config, self._rank, self._world, root, carry=self._carry.carry
+            )
         except Exception as err:  # a selection/copy problem must not end the training run
             self._carry.abort()
             # Still a snapshot (index, step) like on every other rank, with an error as its result.
             self._next_index += 1
             self._last_step = step
-            self._meta[index] = {"step": step, "epoch": epoch, "order": [], "selection_skipped": [],
-                                 "figures": False}
+            self._meta[index] = {"step": step, "epoch": epoch, "order": [], "selection_skipped": [], "figures": False}
             error = f"could not copy the weights: {type(err).__name__}: {err}"
             self._worker.submit("analysis", index, failed_analysis, (index, step, epoch, self._rank, error))
             return
@@ -330,13 +391,17 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
             later = [s for s in snap.specs if self.watch_frozen or not s.frozen]
             shapes = [s.shape for s in later]
             self.estimated_snapshot_seconds = estimate_seconds(
-                shapes, [s.dtype for s in later], self.config.method,
-                calibration(self.worker_threads))  # as the worker runs it
+                shapes, [s.dtype for s in later], self.config.method, calibration(self.worker_threads)
+            )  # as the worker runs it
             if self._rank == 0:
-                log.info("ww_monitor: one snapshot (%d matrices) will take about %.1f s of analysis here%s",
-                         len(shapes), self.estimated_snapshot_seconds,
-                         f" ({len(snap.specs) - len(shapes)} frozen ones are analysed once, now)"
-                         if len(shapes) < len(snap.specs) else "")
+                log.info(
+                    "ww_monitor: one snapshot (%d matrices) will take about %.1f s of analysis here%s",
+                    len(shapes),
+                    self.estimated_snapshot_seconds,
+                    f" ({len(snap.specs) - len(shapes)} frozen ones are analysed once, now)"
+                    if len(shapes) < len(snap.specs)
+                    else "",
+                )
         self._next_index += 1
         self._last_step = step
         self.stats["snapshots_taken"] += 1
@@ -352,17 +417,25 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
         if not self._reported_selection:
             self._report_selection(module, owners, selection_skipped)
         self._meta[index] = {
-            "step": step, "epoch": epoch, "order": list(owners), "selection_skipped": selection_skipped,
-            "figures": self._is_figure_snapshot(index, final), "copy_seconds": snap.copy_seconds,
-            "budgeted": budgeted, "carried": carried.carried,
+            "step": step,
+            "epoch": epoch,
+            "order": list(owners),
+            "selection_skipped": selection_skipped,
+            "figures": self._is_figure_snapshot(index, final),
+            "copy_seconds": snap.copy_seconds,
+            "budgeted": budgeted,
+            "carried": carried.carried,
         }
         if snap.events:
             self._guard = snap
         if self.distance_from_init and index == 0 and self._baseline is None:
             # The one extra copy this feature keeps: the baseline snapshot's matrices.
             # Frozen matrices are left out: carried forward, they get no later distance anyway.
-            self._baseline = {m.name: m.weight.clone() for m in snap.matrices()
-                              if m.kind != "lora" and (self.watch_frozen or not m.frozen)}
+            self._baseline = {
+                m.name: m.weight.clone()
+                for m in snap.matrices()
+                if m.kind != "lora" and (self.watch_frozen or not m.frozen)
+            }
             if self._worker.mode == "process":
                 for t in self._baseline.values():
                     t.share_memory_()
@@ -377,4 +450,6 @@ class MonitorEngine(CheckedKeywords, RunState, Completion, SelectionReport, Thin
         if not self._worker.wait(timeout=self.drain_timeout, kinds=kinds):
             warn_user(
                 f"{self.warning_prefix}: background analysis did not finish within drain_timeout="
-                f"{self.drain_timeout:g}s before {reason}; its results are dropped.", RuntimeWarning)
+                f"{self.drain_timeout:g}s before {reason}; its results are dropped.",
+                RuntimeWarning,
+            )

@@ -106,8 +106,10 @@ class Monitor(MonitorEngine):
     """
 
     warning_prefix = "Monitor"
-    no_logger_message = ("no logger or sink; results are kept only in `monitor.history` and `monitor.metrics`. "
-                         "Pass a SummaryWriter, a callable fn(metrics, step) or a logger as `sinks`.")
+    no_logger_message = (
+        "no logger or sink; results are kept only in `monitor.history` and `monitor.metrics`. "
+        "Pass a SummaryWriter, a callable fn(metrics, step) or a logger as `sinks`."
+    )
 
     _options_signature = MonitorEngine.__init__
     _not_here = _NOT_HERE
@@ -200,8 +202,9 @@ class Monitor(MonitorEngine):
     def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -216,10 +219,12 @@ class Monitor(MonitorEngine):
         if self._warned_backwards:
             return
         self._warned_backwards = True
-        warn_user(f"Monitor: step {step} is before the previous step {previous}; `step` must count optimizer "
-                  "steps from the start of training and never go back (a batch index that restarts every "
-                  "epoch does). Calls with a step that went back are ignored (warned once per run).",
-                  RuntimeWarning)
+        warn_user(
+            f"Monitor: step {step} is before the previous step {previous}; `step` must count optimizer "
+            "steps from the start of training and never go back (a batch index that restarts every "
+            "epoch does). Calls with a step that went back are ignored (warned once per run).",
+            RuntimeWarning,
+        )
 
     def _close_unclosed(self, when: str) -> None:
         """:meth:`close` for a monitor its user did not close: warn, then take the final snapshot of
@@ -232,8 +237,11 @@ class Monitor(MonitorEngine):
         if not flushable:
             # Under torch.distributed the final snapshot is a collective the other ranks are not
             # in; on another thread (a garbage collection run by the worker) closing would join it.
-            warn_user(f"Monitor: not closed when {when}; the results still in flight are dropped. Call "
-                      "`monitor.close(model, step)` at the end of training.", RuntimeWarning)
+            warn_user(
+                f"Monitor: not closed when {when}; the results still in flight are dropped. Call "
+                "`monitor.close(model, step)` at the end of training.",
+                RuntimeWarning,
+            )
             self._active = False
             try:
                 self._stop_worker(cancel=True)
@@ -241,15 +249,19 @@ class Monitor(MonitorEngine):
                 pass
             return
         model = self._model_ref() if self._model_ref is not None else None
-        warn_user(f"Monitor: not closed when {when}; closing it now: the final snapshot (step "
-                  f"{host.global_step}) and the results still in flight are written. Call "
-                  "`monitor.close(model, step)` at the end of training, or use `with Monitor(...) as monitor:`.",
-                  RuntimeWarning)
+        warn_user(
+            f"Monitor: not closed when {when}; closing it now: the final snapshot (step "
+            f"{host.global_step}) and the results still in flight are written. Call "
+            "`monitor.close(model, step)` at the end of training, or use `with Monitor(...) as monitor:`.",
+            RuntimeWarning,
+        )
         try:
             self.close(model, host.global_step if model is not None else None)
         except Exception as err:  # at exit or in a garbage collection: never raise
-            warn_user(f"Monitor: closing failed ({type(err).__name__}: {err}); results still in flight are "
-                      "dropped.", RuntimeWarning)
+            warn_user(
+                f"Monitor: closing failed ({type(err).__name__}: {err}); results still in flight are dropped.",
+                RuntimeWarning,
+            )
             self._abort_run()
 
     @staticmethod

@@ -30,9 +30,16 @@ def _world_size() -> int:
 class Planning(EngineState):
     """The :meth:`plan` of a monitor (see the module docstring)."""
 
-    def plan(self, model: nn.Module | Mapping[str, torch.Tensor], ranks: int | None = None, *, device: str | None = None,
-             step_seconds: float | None = None, steps_per_epoch: int | None = None,
-             estimate_above: int | None = DEFAULT_SAMPLE_SIZE) -> CostPlan:
+    def plan(
+        self,
+        model: nn.Module | Mapping[str, torch.Tensor],
+        ranks: int | None = None,
+        *,
+        device: str | None = None,
+        step_seconds: float | None = None,
+        steps_per_epoch: int | None = None,
+        estimate_above: int | None = DEFAULT_SAMPLE_SIZE,
+    ) -> CostPlan:
         """What one snapshot of ``model`` will cost under this monitor's settings, from its shapes alone.
 
         Example::
@@ -60,9 +67,17 @@ class Planning(EngineState):
             first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
             device = resolve_analysis_device(self.analysis_device, None if first is None else first.device).type
         return plan_costs(
-            model, self.config, ranks=_world_size() if ranks is None else ranks, device=device,
-            threads=self.worker_threads, estimate_above=estimate_above, max_overhead=self.max_overhead,
-            step_seconds=step_seconds, every_n_train_steps=self.every_n_train_steps,
-            every_n_epochs=self.every_n_epochs, steps_per_epoch=steps_per_epoch, watch_frozen=self.watch_frozen,
+            model,
+            self.config,
+            ranks=_world_size() if ranks is None else ranks,
+            device=device,
+            threads=self.worker_threads,
+            estimate_above=estimate_above,
+            max_overhead=self.max_overhead,
+            step_seconds=step_seconds,
+            every_n_train_steps=self.every_n_train_steps,
+            every_n_epochs=self.every_n_epochs,
+            steps_per_epoch=steps_per_epoch,
+            watch_frozen=self.watch_frozen,
             source=f"{type(model).__name__} ({self.warning_prefix}'s settings)",
         )

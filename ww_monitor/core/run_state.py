@@ -65,13 +65,25 @@ class RunState(EngineState):
         # debugging): no time-based thinning there.
         self._budget = CostBudget(None if self.blocking else self.max_overhead)
         self.stats: dict[str, Any] = {
-            "snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_failed": 0, "copy_seconds": 0.0,
-            "analysis_seconds": 0.0, "snapshot_bytes": 0, "peak_inflight_bytes": 0, "layers_analysed_here": 0,
-            "lag_waits": 0, "train_thread_seconds": 0.0, "baseline_bytes": 0, "snapshots_deferred": 0,
+            "snapshots_taken": 0,
+            "snapshots_skipped": 0,
+            "snapshots_failed": 0,
+            "copy_seconds": 0.0,
+            "analysis_seconds": 0.0,
+            "snapshot_bytes": 0,
+            "peak_inflight_bytes": 0,
+            "layers_analysed_here": 0,
+            "lag_waits": 0,
+            "train_thread_seconds": 0.0,
+            "baseline_bytes": 0,
+            "snapshots_deferred": 0,
             "analysis_cpu_seconds": 0.0,
             # frozen matrices (monitoring.carry): how many at the latest snapshot, how many were
             # carried forward instead of copied over the run, and the bytes those copies would be
-            "matrices_copied": 0, "frozen_layers": 0, "layers_carried": 0, "carried_bytes": 0,
+            "matrices_copied": 0,
+            "frozen_layers": 0,
+            "layers_carried": 0,
+            "carried_bytes": 0,
         }
 
     def _check_reuse(self, step: int) -> None:
@@ -84,7 +96,9 @@ class RunState(EngineState):
                 f"{self.warning_prefix}: this callback holds {len(self.history)} snapshot(s) up to step {last} "
                 f"from an earlier run, and this run starts at step {step}. Starting a new history "
                 "(the earlier one is discarded); use one callback per run, or keep `callback.history` before "
-                "fitting again.", RuntimeWarning)
+                "fitting again.",
+                RuntimeWarning,
+            )
             self._new_run()
 
     def _engine_state(self, host: Host | None, owed: tuple[int, int] | None) -> dict[str, Any]:
@@ -119,7 +133,13 @@ class RunState(EngineState):
         if state_dict.get("budget"):
             self._budget.load_state_dict(state_dict["budget"])
         self._carry.load_state_dict(state_dict.get("frozen", ()))
-        for k in ("snapshots_taken", "snapshots_skipped", "snapshots_failed", "snapshots_deferred",
-                  "layers_carried", "carried_bytes"):  # run totals, not per rank
+        for k in (
+            "snapshots_taken",
+            "snapshots_skipped",
+            "snapshots_failed",
+            "snapshots_deferred",
+            "layers_carried",
+            "carried_bytes",
+        ):  # run totals, not per rank
             if k in state_dict.get("stats", {}):
                 self.stats[k] = int(state_dict["stats"][k])

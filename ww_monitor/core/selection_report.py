@@ -43,13 +43,17 @@ class SelectionReport(EngineState):
         if selection_skipped:
             reasons = "; ".join(f"{s.name}: {s.reason}" for s in selection_skipped[:MAX_LISTED])
             more = f" (and {len(selection_skipped) - MAX_LISTED} more)" if len(selection_skipped) > MAX_LISTED else ""
-            return (f"{self.warning_prefix}: no layer can be analysed: every selected layer was skipped: "
-                    f"{reasons}{more}. Nothing will be analysed; adjust min_evals/max_evals/max_n or the selection.")
+            return (
+                f"{self.warning_prefix}: no layer can be analysed: every selected layer was skipped: "
+                f"{reasons}{more}. Nothing will be analysed; adjust min_evals/max_evals/max_n or the selection."
+            )
         names = available_layer_names(module, self.config.conv_mode)
         shown = ", ".join(names[:MAX_LISTED]) + (f" ... ({len(names)} in all)" if len(names) > MAX_LISTED else "")
-        return (f"{self.warning_prefix}: no weight matrix matches the selection (include={list(self.config.include)}, "
-                f"exclude={list(self.config.exclude)}, kinds={self.config.kinds}); nothing will be analysed. "
-                f"Layers in the model: {shown or 'none with a weight matrix'}.")
+        return (
+            f"{self.warning_prefix}: no weight matrix matches the selection (include={list(self.config.include)}, "
+            f"exclude={list(self.config.exclude)}, kinds={self.config.kinds}); nothing will be analysed. "
+            f"Layers in the model: {shown or 'none with a weight matrix'}."
+        )
 
     def _report_selection(self, module, owners, selection_skipped) -> None:
         """Once per run: what the selection left out, like ``analyze()`` reports it."""
@@ -61,5 +65,8 @@ class SelectionReport(EngineState):
         for s in selection_skipped:
             log.info("ww_monitor: layer %s (%s, shape %s) not analysed: %s", s.name, s.kind, s.shape, s.reason)
         if unexpected:  # size limits are configuration; anything else (dtype, ...) is news
-            rank_zero_warn(f"{self.warning_prefix}: " + "; ".join(
-                f"layer {s.name} not analysed: {s.reason}" for s in unexpected[:MAX_LISTED]), RuntimeWarning)
+            rank_zero_warn(
+                f"{self.warning_prefix}: "
+                + "; ".join(f"layer {s.name} not analysed: {s.reason}" for s in unexpected[:MAX_LISTED]),
+                RuntimeWarning,
+            )

@@ -39,12 +39,16 @@ def check_schedule(*schedules: tuple[str, object], ends_only: bool) -> None:
     names = " and ".join(f"`{name}`" for name, _ in schedules)
     on = [f"{name}={value}" for name, value in schedules if value is not None]
     if ends_only and on:
-        raise WWMonitorError(f"`ends_only=True` takes only the baseline and final snapshots, but {', '.join(on)} "
-                             f"asks for more; set {names} to None, or leave `ends_only` False.")
+        raise WWMonitorError(
+            f"`ends_only=True` takes only the baseline and final snapshots, but {', '.join(on)} "
+            f"asks for more; set {names} to None, or leave `ends_only` False."
+        )
     if not ends_only and not on:
-        raise WWMonitorError(f"no snapshot schedule: {names} {'are' if len(schedules) > 1 else 'is'} None, so only "
-                             "the baseline and final snapshots would be taken. Pass an int >= 1, or "
-                             "`ends_only=True` if the baseline and final snapshots are what you want.")
+        raise WWMonitorError(
+            f"no snapshot schedule: {names} {'are' if len(schedules) > 1 else 'is'} None, so only "
+            "the baseline and final snapshots would be taken. Pass an int >= 1, or "
+            "`ends_only=True` if the baseline and final snapshots are what you want."
+        )
 
 
 @overload
@@ -115,21 +119,66 @@ class MonitorSettings:
 
     @classmethod
     def _checked(
-        cls, *, every_n_epochs, every_n_train_steps, include, exclude, kinds, conv_mode, min_evals, max_evals,
-        max_n, background, blocking, worker_type, worker_threads, worker_nice, worker_idle, max_pending, on_lag,
-        log_histograms, log_text, log_callback_metrics, figures_every_n_snapshots, figure_layers,
-        max_figure_layers, figures_min_run_seconds, figures_timeout, method, analysis_device, drain_timeout,
-        alerts, on_alert, detX, fix_fingers, max_fingers, finger_thresh, fit, randomize, peft,
-        distance_from_init, esd_shift, summary_include_unreliable, max_overhead, watch_frozen=False, ends_only=False,
+        cls,
+        *,
+        every_n_epochs,
+        every_n_train_steps,
+        include,
+        exclude,
+        kinds,
+        conv_mode,
+        min_evals,
+        max_evals,
+        max_n,
+        background,
+        blocking,
+        worker_type,
+        worker_threads,
+        worker_nice,
+        worker_idle,
+        max_pending,
+        on_lag,
+        log_histograms,
+        log_text,
+        log_callback_metrics,
+        figures_every_n_snapshots,
+        figure_layers,
+        max_figure_layers,
+        figures_min_run_seconds,
+        figures_timeout,
+        method,
+        analysis_device,
+        drain_timeout,
+        alerts,
+        on_alert,
+        detX,
+        fix_fingers,
+        max_fingers,
+        finger_thresh,
+        fit,
+        randomize,
+        peft,
+        distance_from_init,
+        esd_shift,
+        summary_include_unreliable,
+        max_overhead,
+        watch_frozen=False,
+        ends_only=False,
     ) -> MonitorSettings:
         """Check every argument (a :class:`WWMonitorError` naming the first bad one) and normalise."""
-        check_schedule(("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps),
-                       ends_only=ends_only)
-        for name, flag in (("background", background), ("blocking", blocking), ("worker_idle", worker_idle),
-                           ("log_histograms", log_histograms),
-                           ("log_text", log_text), ("log_callback_metrics", log_callback_metrics),
-                           ("summary_include_unreliable", summary_include_unreliable),
-                           ("watch_frozen", watch_frozen)):
+        check_schedule(
+            ("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps), ends_only=ends_only
+        )
+        for name, flag in (
+            ("background", background),
+            ("blocking", blocking),
+            ("worker_idle", worker_idle),
+            ("log_histograms", log_histograms),
+            ("log_text", log_text),
+            ("log_callback_metrics", log_callback_metrics),
+            ("summary_include_unreliable", summary_include_unreliable),
+            ("watch_frozen", watch_frozen),
+        ):
             check_bool(name, flag)
         if worker_type not in WORKER_TYPES:
             raise WWMonitorError(f"`worker_type` must be one of {WORKER_TYPES}, got {worker_type!r}.")
@@ -159,28 +208,57 @@ class MonitorSettings:
         figure_t = as_tuple(figure_layers, "figure_layers")
         # AnalysisConfig validates the regexes, size limits and method with precise messages.
         config = AnalysisConfig(
-            include=include_t or (), exclude=exclude_t or (), kinds=kinds_t, conv_mode=conv_mode,
-            min_evals=min_evals, max_evals=max_evals, max_n=max_n, method=method, keep_eigenvalues=True,
-            detX=detX, fix_fingers=fix_fingers or None, max_fingers=max_fingers, finger_thresh=finger_thresh,
-            fit=fit, randomize=randomize, peft=peft,
+            include=include_t or (),
+            exclude=exclude_t or (),
+            kinds=kinds_t,
+            conv_mode=conv_mode,
+            min_evals=min_evals,
+            max_evals=max_evals,
+            max_n=max_n,
+            method=method,
+            keep_eigenvalues=True,
+            detX=detX,
+            fix_fingers=fix_fingers or None,
+            max_fingers=max_fingers,
+            finger_thresh=finger_thresh,
+            fit=fit,
+            randomize=randomize,
+            peft=peft,
         )
         check_bool("distance_from_init", distance_from_init)
         check_bool("esd_shift", esd_shift)
         if figure_t:
             AnalysisConfig(include=figure_t)  # same regex validation
         return cls(
-            config=config, every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps,
-            background=background, blocking=blocking or not background, worker_type=worker_type,
-            worker_threads=worker_threads, worker_nice=worker_nice, worker_idle=worker_idle,
-            max_pending=max_pending, on_lag=on_lag, log_histograms=log_histograms, log_text=log_text,
-            log_callback_metrics=log_callback_metrics, figures_every_n_snapshots=figures_every_n_snapshots or None,
-            figure_layers=figure_t, max_figure_layers=max_figure_layers,
-            figures_min_run_seconds=float(figures_min_run_seconds), figures_timeout=float(figures_timeout),
-            analysis_device=device, drain_timeout=float(drain_timeout),
-            alert_config=alerts if isinstance(alerts, AlertConfig) else AlertConfig(), alerts_on=alerts is not False,
-            on_alert=on_alert, distance_from_init=distance_from_init, esd_shift=esd_shift,
+            config=config,
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            background=background,
+            blocking=blocking or not background,
+            worker_type=worker_type,
+            worker_threads=worker_threads,
+            worker_nice=worker_nice,
+            worker_idle=worker_idle,
+            max_pending=max_pending,
+            on_lag=on_lag,
+            log_histograms=log_histograms,
+            log_text=log_text,
+            log_callback_metrics=log_callback_metrics,
+            figures_every_n_snapshots=figures_every_n_snapshots or None,
+            figure_layers=figure_t,
+            max_figure_layers=max_figure_layers,
+            figures_min_run_seconds=float(figures_min_run_seconds),
+            figures_timeout=float(figures_timeout),
+            analysis_device=device,
+            drain_timeout=float(drain_timeout),
+            alert_config=alerts if isinstance(alerts, AlertConfig) else AlertConfig(),
+            alerts_on=alerts is not False,
+            on_alert=on_alert,
+            distance_from_init=distance_from_init,
+            esd_shift=esd_shift,
             summary_include_unreliable=summary_include_unreliable,
-            max_overhead=None if max_overhead is None else float(max_overhead), watch_frozen=watch_frozen,
+            max_overhead=None if max_overhead is None else float(max_overhead),
+            watch_frozen=watch_frozen,
             ends_only=ends_only,
         )
 

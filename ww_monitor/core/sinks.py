@@ -89,5 +89,6 @@ def as_sinks(sinks) -> list:
         else:
             raise WWMonitorError(
                 f"`sinks` must be a SummaryWriter, a callable fn(metrics, step), an object with "
-                f"log_metrics(metrics, step) (e.g. a Lightning logger), or a list of these; got {s!r}.")
+                f"log_metrics(metrics, step) (e.g. a Lightning logger), or a list of these; got {s!r}."
+            )
     return out

@@ -34,16 +34,25 @@ class Thinning(EngineState):
         self._budget.defer()
         self.stats["snapshots_deferred"] += 1
         if self._budget.deferred == 1 and self._rank == 0:
-            log.info("ww_monitor: deferring the snapshot at step %d: the monitor has used %.2f s in %.1f s of "
-                     "training (max_overhead=%g); snapshots are thinned to stay within it (max_overhead=None "
-                     "takes every scheduled snapshot)", step, self._budget.spent, self._budget.elapsed(),
-                     self.max_overhead)
+            log.info(
+                "ww_monitor: deferring the snapshot at step %d: the monitor has used %.2f s in %.1f s of "
+                "training (max_overhead=%g); snapshots are thinned to stay within it (max_overhead=None "
+                "takes every scheduled snapshot)",
+                step,
+                self._budget.spent,
+                self._budget.elapsed(),
+                self.max_overhead,
+            )
 
     def _report_deferred(self) -> None:
         if self._budget.deferred and self._rank == 0:
-            log.info("ww_monitor: %d scheduled snapshot(s) were deferred to keep the monitor within "
-                     "max_overhead=%g of the training time; %d were analysed", self._budget.deferred,
-                     self.max_overhead, self.stats["snapshots_taken"])
+            log.info(
+                "ww_monitor: %d scheduled snapshot(s) were deferred to keep the monitor within "
+                "max_overhead=%g of the training time; %d were analysed",
+                self._budget.deferred,
+                self.max_overhead,
+                self.stats["snapshots_taken"],
+            )
 
     def _skip(self, step: int) -> None:
         """Count a due snapshot not taken because the worker lags: once per step (the epoch and
@@ -62,19 +71,26 @@ class Thinning(EngineState):
                 f"{self.max_pending} earlier snapshot(s) are still being analysed (max_pending="
                 f"{self.max_pending}). Take snapshots less often, raise max_pending, on_lag='wait', or narrow "
                 "the layer selection. Further skips are counted in stats['snapshots_skipped'] and listed at "
-                "train end.", RuntimeWarning)
+                "train end.",
+                RuntimeWarning,
+            )
 
     def _report_skipped_steps(self) -> None:
         missing = sorted(s for s in self._skipped_steps if not self.history.has_step(s))
         if len(missing) > 1:
             shown = ", ".join(map(str, missing[:MAX_LISTED])) + (" ..." if len(missing) > MAX_LISTED else "")
             if self._budget.enabled:
-                log.info("ww_monitor: %d scheduled snapshots were skipped because the analysis lagged (steps %s)",
-                         len(missing), shown)
+                log.info(
+                    "ww_monitor: %d scheduled snapshots were skipped because the analysis lagged (steps %s)",
+                    len(missing),
+                    shown,
+                )
                 return
-            rank_zero_warn(f"{self.warning_prefix}: {len(missing)} scheduled snapshots were skipped because the "
-                            f"analysis lagged (steps {shown}); the history holds {len(self.history)}.",
-                            RuntimeWarning)
+            rank_zero_warn(
+                f"{self.warning_prefix}: {len(missing)} scheduled snapshots were skipped because the "
+                f"analysis lagged (steps {shown}); the history holds {len(self.history)}.",
+                RuntimeWarning,
+            )
 
     def _check_schedule(self) -> None:
         """Warn once when snapshots fall due faster than one takes to analyse (:mod:`.cost`)."""
@@ -85,11 +101,17 @@ class Thinning(EngineState):
             return
         self._schedule["warned"] = True
         if self._budget.enabled:  # the budget thins the schedule to what this machine affords
-            log.info("ww_monitor: one snapshot takes about %.2f s to analyse here and snapshots are due %.2f s "
-                     "apart; max_overhead=%g thins them", estimate, now - last, self.max_overhead)
+            log.info(
+                "ww_monitor: one snapshot takes about %.2f s to analyse here and snapshots are due %.2f s "
+                "apart; max_overhead=%g thins them",
+                estimate,
+                now - last,
+                self.max_overhead,
+            )
             return
         rank_zero_warn(
             f"{self.warning_prefix}: one snapshot takes about {estimate:.2f} s to analyse here but snapshots are "
             f"due {now - last:.2f} s apart, so the analysis cannot keep up (snapshots will be skipped or training "
-            f"will wait, see on_lag). Take snapshots less often or narrow the layer selection.", RuntimeWarning)
-
+            f"will wait, see on_lag). Take snapshots less often or narrow the layer selection.",
+            RuntimeWarning,
+        )

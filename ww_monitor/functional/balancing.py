@@ -72,8 +72,9 @@ def _flat(a: np.ndarray) -> bool:
     return a.size < 2 or float(a.max()) == float(a.min())
 
 
-def linear_factors(alphas: Sequence[float], low: float = TEMPBALANCE_RANGE[0],
-                   high: float = TEMPBALANCE_RANGE[1]) -> np.ndarray:
+def linear_factors(
+    alphas: Sequence[float], low: float = TEMPBALANCE_RANGE[0], high: float = TEMPBALANCE_RANGE[1]
+) -> np.ndarray:
     """``f_i = low + (high - low) * (alpha_i - min alpha) / (max alpha - min alpha)``.
 
     TempBalance's ``tb_linear_map`` (``np.interp(alpha, [min, max], [low, high])``), and
@@ -110,8 +111,9 @@ def log2_factors(alphas: Sequence[float]) -> np.ndarray:
     return r / r.mean()
 
 
-def step_factors(alphas: Sequence[float], low: float = TEMPBALANCE_RANGE[0],
-                 high: float = TEMPBALANCE_RANGE[1]) -> np.ndarray:
+def step_factors(
+    alphas: Sequence[float], low: float = TEMPBALANCE_RANGE[0], high: float = TEMPBALANCE_RANGE[1]
+) -> np.ndarray:
     """``f_i = low + (high - low) * rank_i / n``, rank 0 for the smallest alpha.
 
     TempBalance's ``tb_step`` (rank-based: only the order of the alphas matters; the largest
@@ -127,8 +129,9 @@ def step_factors(alphas: Sequence[float], low: float = TEMPBALANCE_RANGE[0],
     return low + (high - low) * ranks / n
 
 
-def sigmoid_factors(alphas: Sequence[float], scales: tuple[float, float] = SIGMOID_SCALES,
-                    temperature: float = SIGMOID_TEMPERATURE) -> np.ndarray:
+def sigmoid_factors(
+    alphas: Sequence[float], scales: tuple[float, float] = SIGMOID_SCALES, temperature: float = SIGMOID_TEMPERATURE
+) -> np.ndarray:
     """Model Balancing's ``tb_std_sigmoid``: ``f_i = 10 ** g(alpha_i - mean alpha)`` with
 
         g(d) = s_max * (sigmoid(T * d) - 1/2)   for d > 0,
@@ -151,10 +154,13 @@ def sigmoid_factors(alphas: Sequence[float], scales: tuple[float, float] = SIGMO
     return np.power(10.0, g)
 
 
-def balance_factors(alphas: Sequence[float], mapping: str = "linear",
-                    factor_range: tuple[float, float] = TEMPBALANCE_RANGE,
-                    sigmoid_scales: tuple[float, float] = SIGMOID_SCALES,
-                    sigmoid_temperature: float = SIGMOID_TEMPERATURE) -> np.ndarray:
+def balance_factors(
+    alphas: Sequence[float],
+    mapping: str = "linear",
+    factor_range: tuple[float, float] = TEMPBALANCE_RANGE,
+    sigmoid_scales: tuple[float, float] = SIGMOID_SCALES,
+    sigmoid_temperature: float = SIGMOID_TEMPERATURE,
+) -> np.ndarray:
     """Dispatch on ``mapping`` (one of :data:`MAPPINGS`); ``factor_range`` is used by
     ``linear`` and ``step``, ``sigmoid_*`` by ``sigmoid``."""
     if mapping == "linear":

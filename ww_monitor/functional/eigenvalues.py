@@ -109,8 +109,9 @@ def _orient(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(-1, -2) if t.shape[-2] < t.shape[-1] else t
 
 
-def batched_eigenvalues(mats: Sequence, method: str = "auto", *, check_finite: bool = False,
-                        errors: list | None = None) -> list:
+def batched_eigenvalues(
+    mats: Sequence, method: str = "auto", *, check_finite: bool = False, errors: list | None = None
+) -> list:
     """Eigenvalues for many matrices (2-D, or 3-D stacks of slices whose eigenvalues pool).
 
     Each input may be a 2-D (rows x cols) matrix or a 3-D (k x rows x cols) stack, whose

@@ -106,8 +106,9 @@ def fit_clip_xmax(
     return FingerFit(best, clipped, first.alpha)
 
 
-def peak_xmin_range(eigenvalues: Eigenvalues, *, xmin_max: float | None = None,
-                    min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE) -> tuple[float, float]:
+def peak_xmin_range(
+    eigenvalues: Eigenvalues, *, xmin_max: float | None = None, min_eigenvalue: float = DEFAULT_MIN_EIGENVALUE
+) -> tuple[float, float]:
     """``(0.95 p, xmin_max or 1.5 p)``: the xmin range of ``xmin_peak`` around the ESD's peak p."""
     x = _positive_sorted(eigenvalues, min_eigenvalue)
     if x.size == 0:
@@ -147,8 +148,9 @@ def fit_xmin_peak(
         return FingerFit(PowerLawFit.failed("no xmin in the peak range gives a valid power law", xmax))
     i, alpha = int(cand[best]), float(alphas[best])
     n = int(x.size - i)
-    fit = PowerLawFit(alpha=alpha, xmin=float(x[i]), xmax=xmax, D=float(Ds[best]),
-                      sigma=(alpha - 1.0) / math.sqrt(n), num_pl_spikes=n)
+    fit = PowerLawFit(
+        alpha=alpha, xmin=float(x[i]), xmax=xmax, D=float(Ds[best]), sigma=(alpha - 1.0) / math.sqrt(n), num_pl_spikes=n
+    )
     return FingerFit(fit)
 
 

@@ -48,9 +48,16 @@ import torch
 
 from .spectral_metrics import rank_tolerance
 
-__all__ = ["gram64", "cpu_gram_eigenvalues", "gram_noise_floor", "blas_threads", "RoutePlan",
-           "MIXED_ERROR_FACTOR", "CERTIFICATE_BREAK_EVEN",
-           "CERTIFICATE_PRIOR"]
+__all__ = [
+    "gram64",
+    "cpu_gram_eigenvalues",
+    "gram_noise_floor",
+    "blas_threads",
+    "RoutePlan",
+    "MIXED_ERROR_FACTOR",
+    "CERTIFICATE_BREAK_EVEN",
+    "CERTIFICATE_PRIOR",
+]
 
 #: Bound on the float32 eigensolver's absolute error: MIXED_ERROR_FACTOR * sqrt(M) * eps32 * ||G||_F.
 #: Measured max |error| / (eps32 ||G||_F) on Gaussian (Q = 1, 4), power-law, Student-t and
@@ -110,8 +117,9 @@ class RoutePlan:
         counts[1] += int(failed)
 
 
-def cpu_gram_eigenvalues(t: torch.Tensor, mixed: bool = False,
-                         plan: RoutePlan | None = None) -> tuple[np.ndarray | None, float]:
+def cpu_gram_eigenvalues(
+    t: torch.Tensor, mixed: bool = False, plan: RoutePlan | None = None
+) -> tuple[np.ndarray | None, float]:
     """Pooled eigenvalues of one matrix or slice stack, and their absolute error bound.
 
     Each slice is upcast and multiplied on its own (:func:`gram64`), so no float64 copy of a whole
@@ -189,7 +197,9 @@ def _float32_eigenvalues(gram: np.ndarray) -> tuple[np.ndarray, float] | None:
     if info != 0:
         return None
     ev = ev32.astype(np.float64)
-    delta = MIXED_ERROR_FACTOR * math.sqrt(gram.shape[0]) * float(np.finfo(np.float32).eps) * float(np.sqrt(np.dot(ev, ev)))
+    delta = (
+        MIXED_ERROR_FACTOR * math.sqrt(gram.shape[0]) * float(np.finfo(np.float32).eps) * float(np.sqrt(np.dot(ev, ev)))
+    )
     return ev, delta
 
 
@@ -251,8 +261,7 @@ def gram64(w: torch.Tensor) -> np.ndarray:
         return blas.dsyrk(1.0, w.numpy().T, trans=trans, lower=1)  # dsyrk does not write to its input
     step = max(m, _UPCAST_BLOCK_BYTES // (8 * m))
     if step >= n:
-        return blas.dsyrk(1.0, torch.empty((rows, cols), dtype=torch.float64).copy_(w).numpy().T,
-                          trans=trans, lower=1)
+        return blas.dsyrk(1.0, torch.empty((rows, cols), dtype=torch.float64).copy_(w).numpy().T, trans=trans, lower=1)
     buf = torch.empty(step * m, dtype=torch.float64)
     gram = None
     for lo in range(0, n, step):

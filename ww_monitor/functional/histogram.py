@@ -71,7 +71,11 @@ def esd_histogram(eigenvalues: Eigenvalues | None, bins: int | None = None) -> E
         lo, hi = vmin, vmax
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     return EsdHistogram(
-        min=vmin, max=vmax, num=int(values.size), sum=float(values.sum()),
-        sum_squares=float(np.dot(values, values)), bucket_limits=tuple(float(e) for e in edges[1:]),
+        min=vmin,
+        max=vmax,
+        num=int(values.size),
+        sum=float(values.sum()),
+        sum_squares=float(np.dot(values, values)),
+        bucket_limits=tuple(float(e) for e in edges[1:]),
         bucket_counts=tuple(int(c) for c in counts),
     )

@@ -138,7 +138,7 @@ def tracy_widom_scale(n: int, m: int, sigma: float = 1.0) -> float:
     (sqrt(N) + sqrt(M)) (1/sqrt(N) + 1/sqrt(M))^(1/3) for sigma = 1.
     """
     q = n / m
-    return n * sigma * sigma * (1.0 + q ** -0.5) ** (4.0 / 3.0) / (math.sqrt(q) * m ** (2.0 / 3.0))
+    return n * sigma * sigma * (1.0 + q**-0.5) ** (4.0 / 3.0) / (math.sqrt(q) * m ** (2.0 / 3.0))
 
 
 def spike_margin(num_slices: int = 1, base: float = SPIKE_TW_MARGIN) -> float:
@@ -149,7 +149,7 @@ def spike_margin(num_slices: int = 1, base: float = SPIKE_TW_MARGIN) -> float:
     single matrix at margin ``base`` solves (2/3) s^(3/2) = (2/3) base^(3/2) + ln k.
     """
     k = max(int(num_slices), 1)
-    return (base ** 1.5 + 1.5 * math.log(k)) ** (2.0 / 3.0)
+    return (base**1.5 + 1.5 * math.log(k)) ** (2.0 / 3.0)
 
 
 def mp_cdf(x: ArrayLike, q: float) -> np.ndarray:
@@ -198,7 +198,7 @@ def mp_density(lam: ArrayLike, q: float, sigma: float = 1.0, n: float = 1.0) -> 
 
 def bbp_threshold(q: float) -> float:
     """Signal-to-noise ratio t = theta / sigma above which a rank-one signal leaves the bulk: Q^(-1/4)."""
-    return q ** -0.25
+    return q**-0.25
 
 
 def bbp_outlier(t: float, q: float, sigma: float = 1.0, n: float = 1.0) -> float:
@@ -231,8 +231,9 @@ def bbp_ratio(lam: float, q: float, sigma: float = 1.0, n: float = 1.0) -> float
     return max(math.sqrt(s), bbp_threshold(q))
 
 
-def _ks_censored(xs_sorted: np.ndarray, total: int, upto: int, scales: np.ndarray, q: float,
-                 stride: int = 1) -> np.ndarray:
+def _ks_censored(
+    xs_sorted: np.ndarray, total: int, upto: int, scales: np.ndarray, q: float, stride: int = 1
+) -> np.ndarray:
     """KS distance of the lowest ``upto`` eigenvalues against MP(sigma^2 = each scale).
 
     The empirical CDF is normalised by ``total`` (all eigenvalues), so eigenvalues above the

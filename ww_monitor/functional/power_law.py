@@ -140,8 +140,9 @@ def fit_power_law(
     )
 
 
-def _gaps(logx: np.ndarray, rows: np.ndarray, cols: np.ndarray, expo: np.ndarray, n_tail: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray]:
+def _gaps(
+    logx: np.ndarray, rows: np.ndarray, cols: np.ndarray, expo: np.ndarray, n_tail: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """``F_i(x_j)``, ``E_i(j)`` for candidate rows i x eigenvalue columns j; both 0 where j <= i.
 
     ``F_i(x) = 1 - (x / x_i)^(1 - alpha_i)`` computed as ``-expm1((1 - alpha_i) ln(x / x_i))``
@@ -180,8 +181,9 @@ def _exact_distances(logx: np.ndarray, rows: np.ndarray, expo: np.ndarray, n_tai
     return out
 
 
-def _distance_bounds(logx: np.ndarray, rows: np.ndarray, expo: np.ndarray, n_tail: np.ndarray, stride: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def _distance_bounds(
+    logx: np.ndarray, rows: np.ndarray, expo: np.ndarray, n_tail: np.ndarray, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper bounds on every candidate's KS distance from a grid of every ``stride``-th point.
 
     On the grid the gap is evaluated exactly, so its maximum is a lower bound. Between two

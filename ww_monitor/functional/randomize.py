@@ -56,8 +56,9 @@ def shuffled(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out[0] if weight.ndim == 2 else out
 
 
-def randomized_esd(weight: torch.Tensor, eigenvalues: np.ndarray, *, eig_scale: float = 1.0, seed: int = 0,
-                   method: str = "auto") -> RandomizedESD:
+def randomized_esd(
+    weight: torch.Tensor, eigenvalues: np.ndarray, *, eig_scale: float = 1.0, seed: int = 0, method: str = "auto"
+) -> RandomizedESD:
     """Randomized-ESD metrics of one layer; ``eigenvalues`` is its (scaled) ESD."""
     from scipy.spatial.distance import jensenshannon  # lazy: keeps `import ww_monitor` light
 

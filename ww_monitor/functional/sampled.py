@@ -47,8 +47,9 @@ def _oriented(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1) if t.shape[0] < t.shape[1] else t
 
 
-def submatrix_eigenvalues(w: Matrix, *, size: int = DEFAULT_SAMPLE_SIZE, samples: int = DEFAULT_SAMPLES,
-                          seed: int = 0) -> tuple[np.ndarray, int, int]:
+def submatrix_eigenvalues(
+    w: Matrix, *, size: int = DEFAULT_SAMPLE_SIZE, samples: int = DEFAULT_SAMPLES, seed: int = 0
+) -> tuple[np.ndarray, int, int]:
     """Pooled eigenvalues of ``samples`` random (Q m) x m submatrices of a 2-D ``w``.
 
     Returns ``(eigenvalues, n, m)``: the pooled ESD (sorted ascending, scaled by N / n) and the

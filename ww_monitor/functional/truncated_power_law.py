@@ -105,6 +105,7 @@ def _moments(alpha: float, c: float, full: bool = True) -> tuple[float, np.ndarr
         def h(u: float) -> float:
             wu = w(u)
             return f(u) * wu if wu > 0.0 else 0.0
+
         return h
 
     # Break the range where the integrand changes character: at its peak, and where the cut-off
@@ -219,8 +220,15 @@ def fit_truncated_power_law(eigenvalues: Eigenvalues, xmin: float) -> TruncatedP
     tail = x[x >= xmin] / xmin
     n = int(tail.size)
     if n < MIN_TPL_TAIL or tail.max() == tail.min():
-        return TruncatedPowerLawFit(math.nan, math.nan, xmin, n, math.nan, False,
-                                    f"{n} tail eigenvalues; a truncated power law needs {MIN_TPL_TAIL} distinct ones")
+        return TruncatedPowerLawFit(
+            math.nan,
+            math.nan,
+            xmin,
+            n,
+            math.nan,
+            False,
+            f"{n} tail eigenvalues; a truncated power law needs {MIN_TPL_TAIL} distinct ones",
+        )
     mean_u = float(np.log(tail).mean())
     mean_y = float(tail.mean())
     boundary = _boundary_power_law(mean_u, mean_y) or _boundary_exponential(mean_u, mean_y)

@@ -41,8 +41,12 @@ from ..validation import CheckedKeywords, check_bool, check_int, check_number
 from .lightning_callback import Trainer
 
 # AlphaDriftEarlyStopping is built on first access (module __getattr__), which F822 cannot see.
-__all__ = ["AlphaDriftEarlyStoppingMixin", "AlphaDriftEarlyStopping", "WARMUP_MAX_RANDOM_SHARE",  # noqa: F822
-           "spectra_left_random_state"]
+__all__ = [
+    "AlphaDriftEarlyStoppingMixin",
+    "AlphaDriftEarlyStopping",  # noqa: F822
+    "WARMUP_MAX_RANDOM_SHARE",
+    "spectra_left_random_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +95,23 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
 
     warning_prefix = "AlphaDriftEarlyStopping"
 
-    def __init__(self, monitor: str = "ww/summary/alpha", floor: float | None = 2.0, max_rise: float | None = None,
-                 min_delta: float | None = None, patience: int = 3, min_snapshots: int = 2, verbose: bool = True,
-                 warmup: bool = True) -> None:
+    def __init__(
+        self,
+        monitor: str = "ww/summary/alpha",
+        floor: float | None = 2.0,
+        max_rise: float | None = None,
+        min_delta: float | None = None,
+        patience: int = 3,
+        min_snapshots: int = 2,
+        verbose: bool = True,
+        warmup: bool = True,
+    ) -> None:
         super().__init__()
         owner = "AlphaDriftEarlyStopping"
         if not isinstance(monitor, str) or not monitor.startswith("ww/"):
-            raise WWMonitorError(f"{owner}: `monitor` must be a ww/ metric key such as 'ww/summary/alpha', "
-                                 f"got {monitor!r}.")
+            raise WWMonitorError(
+                f"{owner}: `monitor` must be a ww/ metric key such as 'ww/summary/alpha', got {monitor!r}."
+            )
         check_number("floor", floor, allow_none=True, owner=owner)
         check_number("max_rise", max_rise, allow_none=True, above=0.0, owner=owner)
         check_number("min_delta", min_delta, allow_none=True, above=0.0, owner=owner)
@@ -106,8 +119,9 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
         check_int("min_snapshots", min_snapshots, 1, owner=owner)
         check_bool("verbose", verbose, owner=owner)
         try:
-            self.rule = AlphaDriftRule(floor=floor, max_rise=max_rise, min_delta=min_delta, patience=patience,
-                                       monitor=monitor)
+            self.rule = AlphaDriftRule(
+                floor=floor, max_rise=max_rise, min_delta=min_delta, patience=patience, monitor=monitor
+            )
         except ValueError as err:
             raise WWMonitorError(f"AlphaDriftEarlyStopping: {err}") from None
         if not isinstance(warmup, bool):
@@ -140,9 +154,12 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
         close = difflib.get_close_matches(self.monitor, keys, n=3)
         hint = f"; did you mean {', '.join(repr(k) for k in close)}?" if close else ""
         if trainer.global_rank == 0:
-            warn_user(f"AlphaDriftEarlyStopping: monitor={self.monitor!r} is not among the metrics "
-                      f"WeightWatcherCallback logged ({len(keys)} ww/ keys){hint} It never stops training "
-                      "while the key is missing.", RuntimeWarning)
+            warn_user(
+                f"AlphaDriftEarlyStopping: monitor={self.monitor!r} is not among the metrics "
+                f"WeightWatcherCallback logged ({len(keys)} ww/ keys){hint} It never stops training "
+                "while the key is missing.",
+                RuntimeWarning,
+            )
 
     def _check(self, trainer: Trainer) -> None:
         cm = trainer.callback_metrics
@@ -160,8 +177,11 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
             if any(c is None for c in counts) or spectra_left_random_state(*(float(c) for c in counts)):
                 self.warmup_done, self.warmup_end_step = True, step
                 if self.verbose and trainer.global_rank == 0:
-                    log.info("AlphaDriftEarlyStopping: warm-up over at step %d (the spectra left their random-like "
-                             "initial state); decisions start now", step)
+                    log.info(
+                        "AlphaDriftEarlyStopping: warm-up over at step %d (the spectra left their random-like "
+                        "initial state); decisions start now",
+                        step,
+                    )
             else:
                 return
         decision = self.rule.update(float(value))
@@ -174,8 +194,10 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
 
     def _announce(self, trainer: Trainer, criterion: str, step: int) -> None:
         """Say why training stops: a warning (no logging setup needed) and TensorBoard text."""
-        text = (f"AlphaDriftEarlyStopping: stopping training ({criterion}) on the snapshot of step {step}: "
-                f"{self.stopped_reason}")
+        text = (
+            f"AlphaDriftEarlyStopping: stopping training ({criterion}) on the snapshot of step {step}: "
+            f"{self.stopped_reason}"
+        )
         warn_user(text, UserWarning)
         if self.verbose:
             log.info(text)
@@ -196,7 +218,9 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
         if stop:
             trainer.should_stop = True
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._check(trainer)
         if trainer.world_size == 1:
             self._apply(trainer, reduce=False)
@@ -207,9 +231,14 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
         self._apply(trainer, reduce=trainer.world_size > 1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule.state_dict(), "seen_steps": list(self.seen_steps),
-                "stopped_reason": self.stopped_reason, "stopped_step": self.stopped_step,
-                "warmup_done": self.warmup_done, "warmup_end_step": self.warmup_end_step}
+        return {
+            "rule": self.rule.state_dict(),
+            "seen_steps": list(self.seen_steps),
+            "stopped_reason": self.stopped_reason,
+            "stopped_step": self.stopped_step,
+            "warmup_done": self.warmup_done,
+            "warmup_end_step": self.warmup_end_step,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rule.load_state_dict(state_dict.get("rule", {}))
@@ -221,8 +250,11 @@ class AlphaDriftEarlyStoppingMixin(CheckedKeywords):
 
 
 def _build(base: type, module: str) -> type:
-    cls = type("AlphaDriftEarlyStopping", (AlphaDriftEarlyStoppingMixin, base),
-               {"__doc__": AlphaDriftEarlyStoppingMixin.__doc__, "__module__": module})
+    cls = type(
+        "AlphaDriftEarlyStopping",
+        (AlphaDriftEarlyStoppingMixin, base),
+        {"__doc__": AlphaDriftEarlyStoppingMixin.__doc__, "__module__": module},
+    )
     cls.__qualname__ = "AlphaDriftEarlyStopping"
     return cls
 

@@ -220,8 +220,10 @@ class WeightWatcherMixin(MonitorEngine):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(  # type: ignore[attr-defined]  # Lightning Callback's, the base at run time
-            every_n_epochs=self.every_n_epochs, every_n_train_steps=self.every_n_train_steps,
-            include=list(self.config.include), exclude=list(self.config.exclude),
+            every_n_epochs=self.every_n_epochs,
+            every_n_train_steps=self.every_n_train_steps,
+            include=list(self.config.include),
+            exclude=list(self.config.exclude),
             kinds=None if self.config.kinds is None else list(self.config.kinds),
         )
 
@@ -233,11 +235,19 @@ class WeightWatcherMixin(MonitorEngine):
         if getattr(trainer, "fast_dev_run", False):
             self._check_selection_only(pl_module)
             return
-        self._start_run(trainer, pl_module, trainer.global_rank, trainer.world_size, trainer.current_epoch,
-                        collectives=LightningCollectives(trainer.strategy))
+        self._start_run(
+            trainer,
+            pl_module,
+            trainer.global_rank,
+            trainer.world_size,
+            trainer.current_epoch,
+            collectives=LightningCollectives(trainer.strategy),
+        )
 
     @_on_training_thread
-    def on_train_batch_end(self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._active:
             return
         step = trainer.global_step
@@ -310,7 +320,8 @@ _CLASSES: dict[str, type] = {}
 
 def _build(callback_base: type, module: str) -> type:
     cls = type(
-        "WeightWatcherCallback", (WeightWatcherMixin, callback_base),
+        "WeightWatcherCallback",
+        (WeightWatcherMixin, callback_base),
         {"__doc__": WeightWatcherMixin.__doc__, "__module__": module},
     )
     cls.__qualname__ = "WeightWatcherCallback"

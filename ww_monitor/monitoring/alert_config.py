@@ -69,12 +69,31 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["AlertConfig", "RULES", "ACTIONS", "DEFAULT_ACTIONS", "ALPHA_LOW_EXCLUDE", "ALPHA_LOW_SIGMAS",
-           "ALPHA_HIGH_SIGMAS", "ALPHA_LOW_MIN_SHARE", "ALPHA_HIGH_MIN_SHARE", "SHRINKING_DECADES", "BAND_RULES"]
+__all__ = [
+    "AlertConfig",
+    "RULES",
+    "ACTIONS",
+    "DEFAULT_ACTIONS",
+    "ALPHA_LOW_EXCLUDE",
+    "ALPHA_LOW_SIGMAS",
+    "ALPHA_HIGH_SIGMAS",
+    "ALPHA_LOW_MIN_SHARE",
+    "ALPHA_HIGH_MIN_SHARE",
+    "SHRINKING_DECADES",
+    "BAND_RULES",
+]
 
 # Ordered by severity: alerts of one snapshot are reported in this order.
-RULES = ("non_finite", "diverging", "shrinking", "rank_collapse", "phase_regression", "alpha_low", "alpha_high",
-         "correlation_traps")
+RULES = (
+    "non_finite",
+    "diverging",
+    "shrinking",
+    "rank_collapse",
+    "phase_regression",
+    "alpha_low",
+    "alpha_high",
+    "correlation_traps",
+)
 #: The two rules on the alpha band, which read the model as well as the layer.
 BAND_RULES = ("alpha_low", "alpha_high")
 ACTIONS = ("log", "warn", "tensorboard", "callback", "raise", "stop")
@@ -139,7 +158,9 @@ class AlertConfig:
         check_number("alpha_low", self.alpha_low, owner=owner)
         check_number("alpha_high", self.alpha_high, owner=owner)
         if not self.alpha_low < self.alpha_high:
-            raise WWMonitorError(f"{owner}: `alpha_low` ({self.alpha_low}) must be below `alpha_high` ({self.alpha_high}).")
+            raise WWMonitorError(
+                f"{owner}: `alpha_low` ({self.alpha_low}) must be below `alpha_high` ({self.alpha_high})."
+            )
         check_number("rank_loss_fraction", self.rank_loss_fraction, above=0.0, at_most=1.0, owner=owner)
         check_int("alpha_high_warmup", self.alpha_high_warmup, 0, owner=owner)
         check_int("alpha_min_evals", self.alpha_min_evals, 0, owner=owner)
@@ -149,8 +170,9 @@ class AlertConfig:
         if not isinstance(self.actions, Mapping):
             raise WWMonitorError(f"{owner}: `actions` must be a dict of rule -> actions, got {self.actions!r}.")
         check_names("actions", tuple(self.actions), RULES, "alert rule", owner=owner)
-        actions = {r: check_names(f"actions[{r!r}]", a, ACTIONS, "action", owner=owner)
-                   for r, a in self.actions.items()}
+        actions = {
+            r: check_names(f"actions[{r!r}]", a, ACTIONS, "action", owner=owner) for r, a in self.actions.items()
+        }
         check_int("alpha_confirm_snapshots", self.alpha_confirm_snapshots, 1, owner=owner)
         check_int("phase_confirm_snapshots", self.phase_confirm_snapshots, 1, owner=owner)
         check_number("diverging_decades", self.diverging_decades, above=0.0, owner=owner)
@@ -167,8 +189,9 @@ class AlertConfig:
             exclude = tuple(exclude)
             compiled = tuple(re.compile(p) for p in exclude)
         except (TypeError, re.error) as err:
-            raise WWMonitorError(f"{owner}: `alpha_low_exclude` must be a regex or a sequence of regexes "
-                                 f"({err}).") from None
+            raise WWMonitorError(
+                f"{owner}: `alpha_low_exclude` must be a regex or a sequence of regexes ({err})."
+            ) from None
         object.__setattr__(self, "alpha_low_exclude", exclude)
         object.__setattr__(self, "_alpha_low_exclude", compiled)
         object.__setattr__(self, "enabled", enabled)

@@ -20,8 +20,16 @@ __all__ = ["dispatch_alerts"]
 log = logging.getLogger(__name__)
 
 
-def dispatch_alerts(alerts: Sequence[Alert], config: AlertConfig, *, tensorboard_writers=(), on_alert=None,
-                    rank: int = 0, active: int | None = None, layers: Sequence = ()) -> bool:
+def dispatch_alerts(
+    alerts: Sequence[Alert],
+    config: AlertConfig,
+    *,
+    tensorboard_writers=(),
+    on_alert=None,
+    rank: int = 0,
+    active: int | None = None,
+    layers: Sequence = (),
+) -> bool:
     """Carry out each alert's actions. Returns True when one asks to stop training.
 
     Every rank computes the same alerts from the same gathered results, so ``raise`` and
@@ -63,7 +71,9 @@ def dispatch_alerts(alerts: Sequence[Alert], config: AlertConfig, *, tensorboard
             if raised:
                 log.warning("%s", console_text(raised, step, active, names, tails))
             if resolved:
-                log.info("ww_monitor (step %d): %s", step, "; ".join(f"resolved: {a.rule} on {a.layer}" for a in resolved))
+                log.info(
+                    "ww_monitor (step %d): %s", step, "; ".join(f"resolved: {a.rule} on {a.layer}" for a in resolved)
+                )
         if by_action["warn"]:
             warn_user(console_text(by_action["warn"], step, active, names, tails), WWMonitorAlert)
         if by_action["tensorboard"]:

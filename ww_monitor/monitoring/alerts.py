@@ -33,8 +33,17 @@ from ..analysis.results import LayerResult, SkippedLayer
 from .alert_config import ACTIONS, ALPHA_LOW_EXCLUDE, BAND_RULES, RULES, AlertConfig
 
 __all__ = [
-    "Alert", "AlertConfig", "AlertTracker", "AlertError", "WWMonitorAlert",
-    "RULES", "ACTIONS", "NON_FINITE_REASON", "ALERT_DOCS", "ALPHA_LOW_EXCLUDE", "RULE_MEANING",
+    "Alert",
+    "AlertConfig",
+    "AlertTracker",
+    "AlertError",
+    "WWMonitorAlert",
+    "RULES",
+    "ACTIONS",
+    "NON_FINITE_REASON",
+    "ALERT_DOCS",
+    "ALPHA_LOW_EXCLUDE",
+    "RULE_MEANING",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +59,7 @@ class AlertError(RuntimeError):
     def __init__(self, alert: Alert):
         super().__init__(alert.message)
         self.alert = alert
+
 
 NON_FINITE_REASON = "non-finite weights"
 #: Where each rule's meaning, likely causes and remedies are explained (anchor = rule name).
@@ -70,8 +80,11 @@ _MAX_DECIMALS = 6
 
 # Position of each phase along training (rank-collapse is the "+1", handled separately).
 _PHASE_ORDER = {
-    Phase.RANDOM_LIKE: 0, Phase.BLEEDING_OUT: 1, Phase.BULK_PLUS_SPIKES: 2,
-    Phase.BULK_DECAY: 3, Phase.HEAVY_TAILED: 4,
+    Phase.RANDOM_LIKE: 0,
+    Phase.BLEEDING_OUT: 1,
+    Phase.BULK_PLUS_SPIKES: 2,
+    Phase.BULK_DECAY: 3,
+    Phase.HEAVY_TAILED: 4,
 }
 
 
@@ -147,7 +160,9 @@ class AlertTracker:
                 if best is None or _PHASE_ORDER.get(Phase(cur), -1) > _PHASE_ORDER.get(Phase(best), -1):
                     self.best_phase[layer.name] = cur
 
-    def update(self, layers: Sequence[LayerResult], skipped: Iterable[SkippedLayer], step: int, epoch: int) -> list[Alert]:
+    def update(
+        self, layers: Sequence[LayerResult], skipped: Iterable[SkippedLayer], step: int, epoch: int
+    ) -> list[Alert]:
         """Alerts that start or end with this snapshot, most severe first, raised before resolved."""
         self.snapshots_seen += 1
         skipped = list(skipped)
@@ -170,8 +185,7 @@ class AlertTracker:
             self.held[key] = self.held.get(key, 0) + 1
             if self.held[key] >= self.config.confirm_for(key[0]):
                 self.held.pop(key)
-                alert = Alert(key[0], key[1], value, threshold, step, epoch, message, detail=detail,
-                              headline=headline)
+                alert = Alert(key[0], key[1], value, threshold, step, epoch, message, detail=detail, headline=headline)
                 self.active[key] = alert
                 raised.append(alert)
         seen = {l.name for l in layers} | {s.name for s in skipped}
@@ -186,8 +200,19 @@ class AlertTracker:
                 if self.cleared[key] >= self.config.confirm_for(key[0]):
                     self.cleared.pop(key)
                     old = self.active.pop(key)
-                    resolved.append(Alert(old.rule, old.layer, math.nan, old.threshold, step, epoch,
-                                          f"resolved: {old.rule} on {old.layer}", resolved=True, detail="resolved"))
+                    resolved.append(
+                        Alert(
+                            old.rule,
+                            old.layer,
+                            math.nan,
+                            old.threshold,
+                            step,
+                            epoch,
+                            f"resolved: {old.rule} on {old.layer}",
+                            resolved=True,
+                            detail="resolved",
+                        )
+                    )
         order = {r: i for i, r in enumerate(RULES)}
         raised.sort(key=lambda a: order.get(a.rule, len(order)))
         resolved.sort(key=lambda a: order.get(a.rule, len(order)))
@@ -234,8 +259,15 @@ class AlertTracker:
             for l, sigma in outside:
                 detail = f"alpha={format_vs(l.alpha, threshold)} {sign} {threshold:g} (standard error {sigma:.2f})"
                 share = f"{headline} in {_share(len(outside), read)}"
-                yield (rule, l.name, l.alpha, threshold, _with_docs(
-                    f"{detail} in {l.name}; {share}: {RULE_MEANING[rule]}", rule), detail, headline)
+                yield (
+                    rule,
+                    l.name,
+                    l.alpha,
+                    threshold,
+                    _with_docs(f"{detail} in {l.name}; {share}: {RULE_MEANING[rule]}", rule),
+                    detail,
+                    headline,
+                )
 
     def _conditions(self, layers, skipped):
         """``(rule, layer, value, threshold, message, detail, headline)`` of every condition that holds now."""
@@ -243,8 +275,15 @@ class AlertTracker:
         band = {rule: [0, []] for rule in BAND_RULES}  # rule -> [layers read, layers outside the band]
         for s in skipped:
             if s.reason.startswith(NON_FINITE_REASON):
-                yield ("non_finite", s.name, math.nan, math.nan, _with_docs(
-                    f"layer {s.name} has NaN/Inf weights", "non_finite"), "NaN/Inf weights", "")
+                yield (
+                    "non_finite",
+                    s.name,
+                    math.nan,
+                    math.nan,
+                    _with_docs(f"layer {s.name} has NaN/Inf weights", "non_finite"),
+                    "NaN/Inf weights",
+                    "",
+                )
         for l in layers:
             jump = self._jump(l)
             diverging = jump > c.diverging_decades and "diverging" in c.enabled
@@ -259,31 +298,66 @@ class AlertTracker:
             frac = l.rank_loss / l.num_evals if l.num_evals else 0.0
             collapsed = frac > c.rank_loss_fraction and "rank_collapse" in c.enabled
             if frac > c.rank_loss_fraction:
-                detail = (f"{l.rank_loss}/{l.num_evals} eigenvalues are ~0 "
-                          f"({format_vs(100 * frac, 100 * c.rank_loss_fraction, 1)}% > {100 * c.rank_loss_fraction:g}%)")
-                yield ("rank_collapse", l.name, frac, c.rank_loss_fraction, _with_docs(
-                    f"rank collapse in {l.name}: {detail}; {RULE_MEANING['rank_collapse']}", "rank_collapse"),
-                    detail, "")
+                detail = (
+                    f"{l.rank_loss}/{l.num_evals} eigenvalues are ~0 "
+                    f"({format_vs(100 * frac, 100 * c.rank_loss_fraction, 1)}% > {100 * c.rank_loss_fraction:g}%)"
+                )
+                yield (
+                    "rank_collapse",
+                    l.name,
+                    frac,
+                    c.rank_loss_fraction,
+                    _with_docs(
+                        f"rank collapse in {l.name}: {detail}; {RULE_MEANING['rank_collapse']}", "rank_collapse"
+                    ),
+                    detail,
+                    "",
+                )
             is_collapsed_phase = l.phase is not None and Phase(l.phase) == Phase.RANK_COLLAPSE
-            alpha_ok = (l.fit_ok and l.reliable and l.num_evals >= c.alpha_min_evals and not collapsed
-                        and not is_collapsed_phase and not shrinking)
+            alpha_ok = (
+                l.fit_ok
+                and l.reliable
+                and l.num_evals >= c.alpha_min_evals
+                and not collapsed
+                and not is_collapsed_phase
+                and not shrinking
+            )
             if alpha_ok:
                 self._band_layer(l, band)
             if l.num_traps is not None and l.num_traps > c.max_traps:
                 detail = f"{l.num_traps} correlation trap(s)"
-                yield ("correlation_traps", l.name, float(l.num_traps), float(c.max_traps), _with_docs(
-                    f"{detail} in {l.name}: {RULE_MEANING['correlation_traps']}", "correlation_traps"), detail, "")
+                yield (
+                    "correlation_traps",
+                    l.name,
+                    float(l.num_traps),
+                    float(c.max_traps),
+                    _with_docs(f"{detail} in {l.name}: {RULE_MEANING['correlation_traps']}", "correlation_traps"),
+                    detail,
+                    "",
+                )
             best, cur = self.best_phase.get(l.name), self.confirmed_phase.get(l.name)
-            if shrinking or best is None or cur is None or not _regressed(Phase(best), Phase(cur),
-                                                                          c.phase_regression_steps):
+            if (
+                shrinking
+                or best is None
+                or cur is None
+                or not _regressed(Phase(best), Phase(cur), c.phase_regression_steps)
+            ):
                 continue
             if collapsed and Phase(cur) == Phase.RANK_COLLAPSE:
                 continue  # rank_collapse already says it
-            yield ("phase_regression", l.name, float(_PHASE_ORDER.get(Phase(cur), -1)),
-                   float(_PHASE_ORDER.get(Phase(best), -1)),
-                   _with_docs(f"{l.name} regressed from {best} to {cur} (confirmed on "
-                              f"{c.phase_confirm_snapshots} consecutive snapshots)", "phase_regression"),
-                   f"{best} -> {cur}", "")
+            yield (
+                "phase_regression",
+                l.name,
+                float(_PHASE_ORDER.get(Phase(cur), -1)),
+                float(_PHASE_ORDER.get(Phase(best), -1)),
+                _with_docs(
+                    f"{l.name} regressed from {best} to {cur} (confirmed on "
+                    f"{c.phase_confirm_snapshots} consecutive snapshots)",
+                    "phase_regression",
+                ),
+                f"{best} -> {cur}",
+                "",
+            )
         yield from self._band_conditions(band)
 
     def state_dict(self) -> dict:
@@ -332,12 +406,21 @@ def _norm_condition(rule: str, layer: str, decades: float, threshold: float) -> 
     """The condition of ``diverging`` (lambda_max rose ``decades`` in log10 above its reference)
     or ``shrinking`` (fell that far below its peak)."""
     up = rule == "diverging"
-    detail = (f"largest eigenvalue {'grew' if up else 'fell'} {10 ** decades:.3g}x "
-              f"(log10 {'+' if up else '-'}{format_vs(decades, threshold)} {'>' if up else '<'} "
-              f"{'' if up else '-'}{threshold:g})")
+    detail = (
+        f"largest eigenvalue {'grew' if up else 'fell'} {10**decades:.3g}x "
+        f"(log10 {'+' if up else '-'}{format_vs(decades, threshold)} {'>' if up else '<'} "
+        f"{'' if up else '-'}{threshold:g})"
+    )
     where = "since before the jump" if up else "below the largest it had"
-    return (rule, layer, decades, threshold, _with_docs(
-        f"{layer} is {rule}: its {detail} {where}; {RULE_MEANING[rule]}", rule), detail, "")
+    return (
+        rule,
+        layer,
+        decades,
+        threshold,
+        _with_docs(f"{layer} is {rule}: its {detail} {where}; {RULE_MEANING[rule]}", rule),
+        detail,
+        "",
+    )
 
 
 def _with_docs(message: str, rule: str) -> str:

@@ -19,8 +19,14 @@ from ..analysis.results import LayerResult, SkippedLayer
 from .device import analysis_stream, is_out_of_memory, on_stream, staging_budget
 from .snapshot import Snapshot
 
-__all__ = ["AnalysisOutput", "CHUNK_BYTES", "analyze_snapshot", "analyze_on_device", "run_with_cpu_fallback",
-           "failed_analysis"]
+__all__ = [
+    "AnalysisOutput",
+    "CHUNK_BYTES",
+    "analyze_snapshot",
+    "analyze_on_device",
+    "run_with_cpu_fallback",
+    "failed_analysis",
+]
 
 
 @dataclass
@@ -61,9 +67,15 @@ def _chunks(matrices, limit: int):
         yield group
 
 
-def analyze_snapshot(snapshot: Snapshot, config, rank: int = 0, chunk_bytes: int = CHUNK_BYTES,
-                     histograms: bool = False, baseline: dict | None = None,
-                     device: str | None = None) -> AnalysisOutput:
+def analyze_snapshot(
+    snapshot: Snapshot,
+    config,
+    rank: int = 0,
+    chunk_bytes: int = CHUNK_BYTES,
+    histograms: bool = False,
+    baseline: dict | None = None,
+    device: str | None = None,
+) -> AnalysisOutput:
     """The analysis job: metrics of every matrix in ``snapshot`` (and, with ``histograms``, the
     binned ESD of each for TensorBoard); frees the snapshot's buffers when done. With
     ``baseline`` ({layer: weights at the baseline snapshot}) each result also gets
@@ -88,8 +100,15 @@ def analyze_snapshot(snapshot: Snapshot, config, rank: int = 0, chunk_bytes: int
         snapshot.release()
     hists = {r.name: esd_histogram(r.eigenvalues) for r in results} if histograms else {}
     return AnalysisOutput(
-        index=snapshot.index, step=snapshot.step, epoch=snapshot.epoch, rank=rank, results=results,
-        skipped=skipped, seconds=time.perf_counter() - t0, nbytes=nbytes, histograms=hists,
+        index=snapshot.index,
+        step=snapshot.step,
+        epoch=snapshot.epoch,
+        rank=rank,
+        results=results,
+        skipped=skipped,
+        seconds=time.perf_counter() - t0,
+        nbytes=nbytes,
+        histograms=hists,
     )
 
 
@@ -111,6 +130,7 @@ def analyze_on_device(matrices, config, device: torch.device, chunk_bytes: int =
     results, skipped = [], []
     for group in _chunks(matrices, limit):
         if device != cpu:
+
             def on_device(group=group, device=device):
                 with on_stream(stream):
                     res, skip = analyze_matrices([_moved(m, device) for m in group], config)
@@ -143,8 +163,12 @@ def run_with_cpu_fallback(job, where: str):
     except Exception as err:
         if not is_out_of_memory(err):
             raise
-        warnings.warn(f"ww_monitor: the analysis ran out of memory on {where}; the rest of this snapshot is "
-                      f"analysed on the CPU ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"ww_monitor: the analysis ran out of memory on {where}; the rest of this snapshot is "
+            f"analysed on the CPU ({type(err).__name__}: {err}).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return None

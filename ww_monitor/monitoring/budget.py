@@ -48,8 +48,12 @@ class CostBudget:
     The clock is injectable for tests.
     """
 
-    def __init__(self, max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
-                 allowance: float = OVERHEAD_ALLOWANCE_SECONDS, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
+        allowance: float = OVERHEAD_ALLOWANCE_SECONDS,
+        clock=time.monotonic,
+    ) -> None:
         self.max_overhead = max_overhead
         self.allowance = float(allowance)
         self._clock = clock
@@ -101,8 +105,7 @@ class CostBudget:
         self.deferred += 1
 
     def state_dict(self) -> dict:
-        return {"spent": self.spent, "elapsed": self.elapsed(), "deferred": self.deferred,
-                "last_cost": self.last_cost}
+        return {"spent": self.spent, "elapsed": self.elapsed(), "deferred": self.deferred, "last_cost": self.last_cost}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the spent and elapsed time carry over, so the budget is that of the whole run."""

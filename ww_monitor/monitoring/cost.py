@@ -40,8 +40,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Calibration", "calibration", "matrix_seconds", "estimate_seconds", "sampled_seconds",
-           "stream_calibration", "LANCZOS_MATVECS", "GRAM_LARGE_M_SPEEDUP", "EIG32_LARGE_M_SPEEDUP"]
+__all__ = [
+    "Calibration",
+    "calibration",
+    "matrix_seconds",
+    "estimate_seconds",
+    "sampled_seconds",
+    "stream_calibration",
+    "LANCZOS_MATVECS",
+    "GRAM_LARGE_M_SPEEDUP",
+    "EIG32_LARGE_M_SPEEDUP",
+]
 
 #: Order of the probes. LAPACK's blocked routines reach their steady per-M^3 rate from about
 #: M = 512 (one thread, benchmark machine, CPU seconds per M^3 of the float64 eigensolve:
@@ -135,9 +144,19 @@ def _calibrate(threads: int) -> Calibration:
     fits = _best(lambda: layer_result(LayerMatrix("probe", "linear", tall), np.sort(ev), config))
     fits_tiny = _best(lambda: layer_result(tiny, tiny_ev, config))
     per_ev = max(fits - fits_tiny, 0.0) / (m - tiny_ev.size)
-    cube = m ** 3
-    return Calibration(per_gram / (_PROBE_Q * cube), per_upcast, per_eig64 / cube, per_eig32 / cube, per_chol / cube,
-                       per_ldl / cube, fixed, per_ev, threads, time.thread_time() - start)
+    cube = m**3
+    return Calibration(
+        per_gram / (_PROBE_Q * cube),
+        per_upcast,
+        per_eig64 / cube,
+        per_eig32 / cube,
+        per_chol / cube,
+        per_ldl / cube,
+        fixed,
+        per_ev,
+        threads,
+        time.thread_time() - start,
+    )
 
 
 def calibration(threads: int | None = None) -> Calibration:
@@ -225,14 +244,14 @@ def matrix_seconds(shape, dtype=torch.float32, method: str = "auto", cal: Calibr
     gram = _large_m(cal.gram, m, GRAM_LARGE_M_SPEEDUP) * n * m * m
     if dtype != torch.float64:
         gram += cal.upcast * n * m
-    eig64 = cal.eig64 * m ** 3
+    eig64 = cal.eig64 * m**3
     if route == "svd":
-        solve = _svd_rate(cal.threads) * (n * m * m + m ** 3)
+        solve = _svd_rate(cal.threads) * (n * m * m + m**3)
     elif route == "mixed":
         needs, p_fail, resolve = _mixed_route(n, m, dtype)
-        solve = gram + _large_m(cal.eig32, m, EIG32_LARGE_M_SPEEDUP) * m ** 3
+        solve = gram + _large_m(cal.eig32, m, EIG32_LARGE_M_SPEEDUP) * m**3
         if needs:  # a failed certificate forms the Gram again for the LDL^T count
-            solve += cal.cholesky * m ** 3 + p_fail * (gram + cal.ldl * m ** 3)
+            solve += cal.cholesky * m**3 + p_fail * (gram + cal.ldl * m**3)
         if resolve:
             solve += gram + eig64
     else:
@@ -246,7 +265,7 @@ def _svd_rate(threads: int) -> float:
     probed on first use: 0.96-1.25e-10 from 512 x 256 to 2048 x 2048 on the benchmark machine)."""
     n, m = _SVD_PROBE
     w = torch.randn(n, m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return _best(lambda: torch.linalg.svdvals(w)) / (n * m * m + m ** 3)
+    return _best(lambda: torch.linalg.svdvals(w)) / (n * m * m + m**3)
 
 
 def estimate_seconds(shapes, dtypes=None, method: str = "auto", cal: Calibration | None = None) -> float:
@@ -284,8 +303,14 @@ def stream_calibration() -> StreamCalibration:
     return StreamCalibration(matvec, max(fresh, 1e-15), rows, strided)
 
 
-def sampled_seconds(shape, dtype=torch.float32, size: int | None = None, samples: int | None = None,
-                    method: str = "auto", cal: Calibration | None = None) -> float:
+def sampled_seconds(
+    shape,
+    dtype=torch.float32,
+    size: int | None = None,
+    samples: int | None = None,
+    method: str = "auto",
+    cal: Calibration | None = None,
+) -> float:
     """Estimated CPU seconds of the sampled estimate (``estimate_above=``) of one 2-D matrix
     (:mod:`ww_monitor.functional.sampled`): ``samples`` gathers of (Q m) rows and their exact
     solves as (Q m) x m matrices, Lanczos for lambda_max on a float64 copy of the whole matrix

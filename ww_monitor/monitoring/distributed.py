@@ -64,8 +64,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Name segments added by wrappers (FSDP, activation checkpointing, Lightning, torch.compile, DDP).
-_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module",
-                               "_orig_mod", "module"})
+_WRAPPER_SEGMENTS = frozenset(
+    {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module", "_orig_mod", "module"}
+)
 
 
 def strip_wrapper_names(name: str) -> str:
@@ -151,7 +152,7 @@ class LightningCollectives:
 def matrix_cost(m: LayerMatrix) -> float:
     """Relative eigensolve cost: Gram product plus eigvalsh, ~ N * M^2 + M^3 per slice."""
     n, mm = m.N, m.M
-    return float(m.num_slices) * (n * mm * mm + mm ** 3)
+    return float(m.num_slices) * (n * mm * mm + mm**3)
 
 
 def assign_owners(costs: Sequence[float], world_size: int, loads: list[float] | None = None) -> list[int]:
@@ -183,13 +184,24 @@ def _rename(matrices: list[LayerMatrix], skipped: list[SkippedLayer]) -> tuple[l
     for m in matrices:
         m.name = strip_wrapper_names(m.name)
         m.aliases = tuple(strip_wrapper_names(a) for a in m.aliases)
-    skipped = [SkippedLayer(strip_wrapper_names(s.name), s.kind, s.shape, s.reason,
-                            tuple(strip_wrapper_names(a) for a in s.aliases)) for s in skipped]
+    skipped = [
+        SkippedLayer(
+            strip_wrapper_names(s.name), s.kind, s.shape, s.reason, tuple(strip_wrapper_names(a) for a in s.aliases)
+        )
+        for s in skipped
+    ]
     return matrices, skipped
 
 
-def _add_owned(builder: SnapshotBuilder | None, matrices: list[LayerMatrix], rank: int, world: int,
-               loads: list[float], owners_out: dict[str, int], carry=None) -> None:
+def _add_owned(
+    builder: SnapshotBuilder | None,
+    matrices: list[LayerMatrix],
+    rank: int,
+    world: int,
+    loads: list[float],
+    owners_out: dict[str, int],
+    carry=None,
+) -> None:
     if carry is not None:  # carried forward (frozen): neither owned nor copied, on every rank alike
         matrices = [m for m in matrices if not carry(m)]
     owners = assign_owners([matrix_cost(m) for m in matrices], world, loads)
@@ -203,8 +215,13 @@ def _add_owned(builder: SnapshotBuilder | None, matrices: list[LayerMatrix], ran
 
 
 def collect_into(
-    builder: SnapshotBuilder | None, module: nn.Module, config: AnalysisConfig, rank: int = 0, world_size: int = 1,
-    root: nn.Module | None = None, carry=None,
+    builder: SnapshotBuilder | None,
+    module: nn.Module,
+    config: AnalysisConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    root: nn.Module | None = None,
+    carry=None,
 ) -> tuple[dict[str, int], list[SkippedLayer]]:
     """Copy this rank's share of the selected matrices of ``module`` into ``builder``.
 
@@ -225,8 +242,9 @@ def collect_into(
     if kind == "sharded":
         return _collect_sharded(builder, module, config, rank, world_size, loads, owners, carry)
     if builder is None:
-        raise RuntimeError("ownership without copying is not available for FSDP1 units, whose shapes are "
-                           "unknown until gathered")
+        raise RuntimeError(
+            "ownership without copying is not available for FSDP1 units, whose shapes are unknown until gathered"
+        )
     return _collect_fsdp(builder, module, root or module, config, rank, world_size, loads, owners, carry)
 
 
@@ -308,8 +326,10 @@ def _unit_groups(units: list, module: nn.Module) -> list[list]:
 
     inside = {id(u): {id(m) for m in u.modules()} for u in units}
     params = {id(u): {id(p) for p in u.parameters()} for u in units}
-    own = {id(u): params[id(u)].difference(*(params[id(v)] for v in units if v is not u and id(v) in inside[id(u)]))
-           for u in units}
+    own = {
+        id(u): params[id(u)].difference(*(params[id(v)] for v in units if v is not u and id(v) in inside[id(u)]))
+        for u in units
+    }
     group_of: dict[int, list] = {}
     for layer in lora_layers(module).values():
         ids = {id(p) for p in layer.parameters()}

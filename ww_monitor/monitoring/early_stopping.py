@@ -27,8 +27,14 @@ class DriftDecision:
 class AlphaDriftRule:
     """Feed :meth:`update` the monitored value of each snapshot; it says when to stop."""
 
-    def __init__(self, floor: float | None = 2.0, max_rise: float | None = None,
-                 min_delta: float | None = None, patience: int = 3, monitor: str = "alpha"):
+    def __init__(
+        self,
+        floor: float | None = 2.0,
+        max_rise: float | None = None,
+        min_delta: float | None = None,
+        patience: int = 3,
+        monitor: str = "alpha",
+    ):
         if floor is None and max_rise is None and min_delta is None:
             raise ValueError("at least one of floor, max_rise, min_delta must be set")
         if max_rise is not None and max_rise <= 0:
@@ -52,8 +58,11 @@ class AlphaDriftRule:
             decision = DriftDecision(True, f"{m} = {value:.3f} fell below the floor {self.floor}", "floor")
         elif self.max_rise is not None and value - self.best > self.max_rise:
             decision = DriftDecision(
-                True, f"{m} = {value:.3f} rose {value - self.best:.3f} above its best {self.best:.3f} "
-                      f"(> max_rise {self.max_rise})", "degradation")
+                True,
+                f"{m} = {value:.3f} rose {value - self.best:.3f} above its best {self.best:.3f} "
+                f"(> max_rise {self.max_rise})",
+                "degradation",
+            )
         elif self.min_delta is not None and math.isfinite(self.previous):
             if abs(value - self.previous) < self.min_delta:
                 self.still_count += 1
@@ -61,8 +70,11 @@ class AlphaDriftRule:
                 self.still_count = 0
             if self.still_count >= self.patience:
                 decision = DriftDecision(
-                    True, f"{m} changed by less than {self.min_delta} for {self.patience} snapshots "
-                          f"(now {value:.3f}): converged", "converged")
+                    True,
+                    f"{m} changed by less than {self.min_delta} for {self.patience} snapshots "
+                    f"(now {value:.3f}): converged",
+                    "converged",
+                )
         self.best = min(self.best, value)
         self.previous = value
         return decision

@@ -26,11 +26,36 @@ __all__ = ["HISTORY_METRICS", "SnapshotRecord", "History"]
 
 #: Numeric :class:`~ww_monitor.analysis.results.LayerResult` fields kept per layer and snapshot.
 HISTORY_METRICS = (
-    "N", "M", "Q", "num_evals", "num_slices",
-    "lambda_max", "log_norm", "log_spectral_norm", "stable_rank", "matrix_rank", "rank_loss", "entropy",
-    "alpha", "xmin", "xmax", "D", "sigma", "num_pl_spikes", "alpha_weighted", "log_alpha_norm", "fit_ok",
-    "lambda_plus", "mp_sigma", "mp_ks", "num_spikes", "mp_softrank", "num_traps", "reliable",
-    "distance_from_init", "esd_shift",  # training-time extras (NaN when off)
+    "N",
+    "M",
+    "Q",
+    "num_evals",
+    "num_slices",
+    "lambda_max",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "matrix_rank",
+    "rank_loss",
+    "entropy",
+    "alpha",
+    "xmin",
+    "xmax",
+    "D",
+    "sigma",
+    "num_pl_spikes",
+    "alpha_weighted",
+    "log_alpha_norm",
+    "fit_ok",
+    "lambda_plus",
+    "mp_sigma",
+    "mp_ks",
+    "num_spikes",
+    "mp_softrank",
+    "num_traps",
+    "reliable",
+    "distance_from_init",
+    "esd_shift",  # training-time extras (NaN when off)
     "frozen",  # 1 when no parameter of the matrix required grad (a bool column in to_pandas)
 )
 
@@ -72,20 +97,32 @@ class SnapshotRecord:
 
     @staticmethod
     def from_results(
-        index: int, step: int, epoch: int, results: Sequence[LayerResult], ranks: Sequence[int] | None = None,
-        skipped: Sequence[SkippedLayer] = (), seconds: float = 0.0, errors: Sequence[str] = (),
+        index: int,
+        step: int,
+        epoch: int,
+        results: Sequence[LayerResult],
+        ranks: Sequence[int] | None = None,
+        skipped: Sequence[SkippedLayer] = (),
+        seconds: float = 0.0,
+        errors: Sequence[str] = (),
         summary: dict | None = None,
     ) -> SnapshotRecord:
         values = np.array(
             [[_number(getattr(r, c, None)) for c in HISTORY_METRICS] for r in results], dtype=np.float64
         ).reshape(len(results), len(HISTORY_METRICS))
         return SnapshotRecord(
-            index=int(index), step=int(step), epoch=int(epoch),
-            layers=tuple(r.name for r in results), kinds=tuple(r.kind for r in results), values=values,
+            index=int(index),
+            step=int(step),
+            epoch=int(epoch),
+            layers=tuple(r.name for r in results),
+            kinds=tuple(r.kind for r in results),
+            values=values,
             phases=tuple(_phase_str(r.phase) for r in results),
             ranks=tuple(int(x) for x in (ranks if ranks is not None else [0] * len(results))),
-            skipped=tuple((s.name, s.reason) for s in skipped), seconds=float(seconds),
-            errors=tuple(errors), summary={k: float(v) for k, v in (summary or {}).items()},
+            skipped=tuple((s.name, s.reason) for s in skipped),
+            seconds=float(seconds),
+            errors=tuple(errors),
+            summary={k: float(v) for k, v in (summary or {}).items()},
         )
 
     def metric(self, name: str) -> dict[str, float]:
@@ -95,10 +132,18 @@ class SnapshotRecord:
 
     def to_state(self) -> dict:
         return {
-            "index": self.index, "step": self.step, "epoch": self.epoch, "layers": list(self.layers),
-            "kinds": list(self.kinds), "values": torch.from_numpy(np.ascontiguousarray(self.values)),
-            "phases": list(self.phases), "ranks": list(self.ranks), "columns": list(self.columns),
-            "skipped": [list(s) for s in self.skipped], "seconds": self.seconds, "errors": list(self.errors),
+            "index": self.index,
+            "step": self.step,
+            "epoch": self.epoch,
+            "layers": list(self.layers),
+            "kinds": list(self.kinds),
+            "values": torch.from_numpy(np.ascontiguousarray(self.values)),
+            "phases": list(self.phases),
+            "ranks": list(self.ranks),
+            "columns": list(self.columns),
+            "skipped": [list(s) for s in self.skipped],
+            "seconds": self.seconds,
+            "errors": list(self.errors),
             "summary": dict(self.summary),
         }
 
@@ -115,10 +160,18 @@ class SnapshotRecord:
                     mapped[:, j] = values[:, columns.index(c)]
             values = mapped
         return SnapshotRecord(
-            index=int(d["index"]), step=int(d["step"]), epoch=int(d["epoch"]), layers=tuple(d["layers"]),
-            kinds=tuple(d["kinds"]), values=values, phases=tuple(d["phases"]), ranks=tuple(d["ranks"]),
-            skipped=tuple(tuple(s) for s in d.get("skipped", ())), seconds=float(d.get("seconds", 0.0)),
-            errors=tuple(d.get("errors", ())), summary=dict(d.get("summary", {})),
+            index=int(d["index"]),
+            step=int(d["step"]),
+            epoch=int(d["epoch"]),
+            layers=tuple(d["layers"]),
+            kinds=tuple(d["kinds"]),
+            values=values,
+            phases=tuple(d["phases"]),
+            ranks=tuple(d["ranks"]),
+            skipped=tuple(tuple(s) for s in d.get("skipped", ())),
+            seconds=float(d.get("seconds", 0.0)),
+            errors=tuple(d.get("errors", ())),
+            summary=dict(d.get("summary", {})),
         )
 
 
@@ -227,14 +280,17 @@ class History:
         if layer_column not in ("name", "layer"):
             from ..errors import WWMonitorError
 
-            raise WWMonitorError(f"History.to_pandas: `layer_column` must be 'name' or 'layer' (the name in 0.1.0), "
-                                 f"got {layer_column!r}.")
+            raise WWMonitorError(
+                f"History.to_pandas: `layer_column` must be 'name' or 'layer' (the name in 0.1.0), "
+                f"got {layer_column!r}."
+            )
         head = ["snapshot", "step", "epoch", layer_column, "kind", "rank"]
         frames = []
         for r in self.records:
             df = pd.DataFrame(r.values, columns=list(r.columns))
-            for i, (column, value) in enumerate(zip(head, (r.index, r.step, r.epoch, list(r.layers), list(r.kinds),
-                                                           list(r.ranks)))):
+            for i, (column, value) in enumerate(
+                zip(head, (r.index, r.step, r.epoch, list(r.layers), list(r.kinds), list(r.ranks)))
+            ):
                 df.insert(i, column, value)
             df["phase"] = list(r.phases)
             frames.append(df)

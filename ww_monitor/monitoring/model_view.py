@@ -74,8 +74,11 @@ class _TensorTable(dict):
 
 #: Wrapper modules (FSDP1 units, activation checkpointing, CPU offload) and the attribute holding
 #: what they wrap. They forward attribute reads to it, so the finder would see each weight twice.
-_WRAPPERS = {"FullyShardedDataParallel": "_fsdp_wrapped_module", "CheckpointWrapper": "_checkpoint_wrapped_module",
-             "OffloadWrapper": "_checkpoint_wrapped_module"}
+_WRAPPERS = {
+    "FullyShardedDataParallel": "_fsdp_wrapped_module",
+    "CheckpointWrapper": "_checkpoint_wrapped_module",
+    "OffloadWrapper": "_checkpoint_wrapped_module",
+}
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -84,8 +87,9 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def proxy(module: nn.Module, read: Callable, memo: dict[int, nn.Module] | None = None,
-          unwrap: bool = False) -> nn.Module:
+def proxy(
+    module: nn.Module, read: Callable, memo: dict[int, nn.Module] | None = None, unwrap: bool = False
+) -> nn.Module:
     """A shallow copy of ``module`` and its children (same classes, buffers, hooks; a module
     registered twice stays one) whose parameter and buffer reads go through ``read``. ``unwrap``:
     FSDP1 / activation-checkpointing wrappers are replaced by the modules they wrap."""
@@ -100,8 +104,9 @@ def proxy(module: nn.Module, read: Callable, memo: dict[int, nn.Module] | None =
     clone.__dict__.update(module.__dict__)
     clone.__dict__["_parameters"] = _TensorTable(module._parameters, read)
     clone.__dict__["_buffers"] = _TensorTable(module._buffers, read)
-    clone.__dict__["_modules"] = {k: (None if c is None else proxy(c, read, memo, unwrap))
-                                  for k, c in module._modules.items()}
+    clone.__dict__["_modules"] = {
+        k: (None if c is None else proxy(c, read, memo, unwrap)) for k, c in module._modules.items()
+    }
     return clone
 
 

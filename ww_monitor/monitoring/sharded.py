@@ -57,8 +57,16 @@ from ..analysis.selection import AnalysisConfig, find_layers, select_matrices
 from ..analysis.weight_access import analysable
 from .model_view import is_stand_in, proxy, stand_in
 
-__all__ = ["is_sharded", "has_sharded_parameters", "global_shape", "Materialiser", "Finder", "ShardedPlan", "plan_sharded",
-           "iter_full_matrices"]
+__all__ = [
+    "is_sharded",
+    "has_sharded_parameters",
+    "global_shape",
+    "Materialiser",
+    "Finder",
+    "ShardedPlan",
+    "plan_sharded",
+    "iter_full_matrices",
+]
 
 
 def _dtensor_class():
@@ -82,7 +90,6 @@ def is_sharded(p) -> bool:
 
 def has_sharded_parameters(module: nn.Module) -> bool:
     return any(is_sharded(p) for p in module.parameters())
-
 
 
 def global_shape(p) -> torch.Size:
@@ -236,9 +243,14 @@ class _Walk:
     when the adapters read LoRA factors, the walk's layer being produced (*outer* ``k``).
     ``policy(scope, index)`` -> ``(gather, target)`` sets how those reads are served."""
 
-    def __init__(self, proxy: nn.Module, config: AnalysisConfig | None, read: Materialiser,
-                 policy: Callable[[str, int], tuple[bool, int | None]] | None = None, finder: Finder | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        proxy: nn.Module,
+        config: AnalysisConfig | None,
+        read: Materialiser,
+        policy: Callable[[str, int], tuple[bool, int | None]] | None = None,
+        finder: Finder | None = None,
+    ) -> None:
         self.read, self.policy = read, policy
         self.inner: list = []  # the per-module finder's layers, in order (their matrices renamed by the walk)
         self._k = 0
@@ -334,8 +346,9 @@ def plan_sharded(module: nn.Module, config: AnalysisConfig | None = None, finder
     return ShardedPlan(matrices, skipped, read, view, config, outer, inner, [m.name for m in matrices], finder)
 
 
-def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int | None] | None = None,
-                       rank: int = 0) -> Iterator[LayerMatrix]:
+def iter_full_matrices(
+    plan: ShardedPlan, owner: Callable[[LayerMatrix], int | None] | None = None, rank: int = 0
+) -> Iterator[LayerMatrix]:
     """The plan's selected matrices with their full weights, one layer at a time (collective:
     every rank iterates to the end, in the same order; stopping early leaves the others waiting).
 
@@ -383,8 +396,9 @@ def iter_full_matrices(plan: ShardedPlan, owner: Callable[[LayerMatrix], int | N
                 if isinstance(form, str):
                     problems.append(f"{ref.name}: {form}")
                     continue
-                yield LayerMatrix(ref.name, ref.kind, form[0], ref.eig_scale, ref.aliases, ref.stored_dtype,
-                                  frozen=ref.frozen)
+                yield LayerMatrix(
+                    ref.name, ref.kind, form[0], ref.eig_scale, ref.aliases, ref.stored_dtype, frozen=ref.frozen
+                )
                 del form  # a full weight must not outlive its layer
             del full
             read.release()

@@ -101,8 +101,17 @@ class Snapshot:
         out = []
         for s in self.specs:
             flat = self.buffers[s.chunk][s.dtype]
-            out.append(LayerMatrix(s.name, s.kind, flat[s.offset : s.offset + s.numel].view(s.shape), s.eig_scale,
-                                   s.aliases, s.stored_dtype, frozen=s.frozen))
+            out.append(
+                LayerMatrix(
+                    s.name,
+                    s.kind,
+                    flat[s.offset : s.offset + s.numel].view(s.shape),
+                    s.eig_scale,
+                    s.aliases,
+                    s.stored_dtype,
+                    frozen=s.frozen,
+                )
+            )
         return out
 
     def release(self) -> None:
@@ -128,8 +137,16 @@ class SnapshotBuilder:
     copies one group while its parameters are materialised, into its own buffers.
     """
 
-    def __init__(self, index: int, step: int, epoch: int, *, share_memory: bool = False,
-                 device: torch.device | None = None, device_budget: int | None = None):
+    def __init__(
+        self,
+        index: int,
+        step: int,
+        epoch: int,
+        *,
+        share_memory: bool = False,
+        device: torch.device | None = None,
+        device_budget: int | None = None,
+    ):
         self.snapshot = Snapshot(index=index, step=step, epoch=epoch)
         self.share_memory = share_memory
         self.device = device if device is not None and device.type == "cuda" and not share_memory else None
@@ -172,8 +189,18 @@ class SnapshotBuilder:
             key = _dtype_key(m.weight.dtype)
             dtypes[key] = m.weight.dtype
             off = totals.get(key, 0)
-            spec = MatrixSpec(m.name, m.kind, tuple(m.weight.shape), key, chunk_index, off, float(m.eig_scale),
-                              tuple(m.aliases), m.stored_dtype, m.frozen)
+            spec = MatrixSpec(
+                m.name,
+                m.kind,
+                tuple(m.weight.shape),
+                key,
+                chunk_index,
+                off,
+                float(m.eig_scale),
+                tuple(m.aliases),
+                m.stored_dtype,
+                m.frozen,
+            )
             totals[key] = off + spec.numel
             specs.append(spec)
         devices = {m.weight.device for m in matrices} if source is None else {torch.device(source)}

@@ -74,9 +74,16 @@ class SubprocessWorker(_BaseWorker):
         # user's terminal; its tail is reported if the child dies.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the child; closed in close())
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from ww_monitor.monitoring.subprocess_worker import _subprocess_main; _subprocess_main()",
-             str(int(nice or 0))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env,
+            [
+                sys.executable,
+                "-c",
+                "from ww_monitor.monitoring.subprocess_worker import _subprocess_main; _subprocess_main()",
+                str(int(nice or 0)),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
         )
         self._outbox: queue.Queue = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="ww-monitor-subprocess-writer", daemon=True)

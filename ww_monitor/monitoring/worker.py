@@ -111,13 +111,15 @@ def _run_job(job_id: int, kind: str, key: Any, fn: Callable, args: tuple) -> Job
     t0, c0 = time.perf_counter(), time.thread_time()
     try:
         value = fn(*args)
-        return JobResult(job_id, kind, key, value=value, seconds=time.perf_counter() - t0,
-                         cpu_seconds=time.thread_time() - c0)
+        return JobResult(
+            job_id, kind, key, value=value, seconds=time.perf_counter() - t0, cpu_seconds=time.thread_time() - c0
+        )
     except Exception as err:  # reported to the training thread as a warning, never raised there
         detail = "".join(traceback.format_exception_only(type(err), err)).strip()
         log.debug("background job %s %r failed:\n%s", kind, key, traceback.format_exc())
-        return JobResult(job_id, kind, key, error=detail, seconds=time.perf_counter() - t0,
-                         cpu_seconds=time.thread_time() - c0)
+        return JobResult(
+            job_id, kind, key, error=detail, seconds=time.perf_counter() - t0, cpu_seconds=time.thread_time() - c0
+        )
 
 
 class _BaseWorker:
@@ -222,8 +224,9 @@ class ThreadWorker(_BaseWorker):
 
     mode = "thread"
 
-    def __init__(self, num_threads: int | None = 1, nice: int | None = 10, name: str = "ww-monitor-worker",
-                 idle: bool = False):
+    def __init__(
+        self, num_threads: int | None = 1, nice: int | None = 10, name: str = "ww-monitor-worker", idle: bool = False
+    ):
         super().__init__()
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._cancel = threading.Event()
@@ -307,8 +310,10 @@ class ProcessWorker(_BaseWorker):
         self._results = ctx.Queue()
         self._held: dict[int, tuple] = {}  # keep args alive until the child has answered
         self._proc = ctx.Process(
-            target=_process_main, args=(self._jobs, self._results, num_threads, nice, idle),
-            name="ww-monitor-worker", daemon=True,
+            target=_process_main,
+            args=(self._jobs, self._results, num_threads, nice, idle),
+            name="ww-monitor-worker",
+            daemon=True,
         )
         self._proc.start()
 
@@ -333,7 +338,9 @@ class ProcessWorker(_BaseWorker):
                 lost = [(i, k) for i, (k, _) in self._pending.items()]
             for job_id, kind in lost:
                 self._held.pop(job_id, None)
-                self._complete(JobResult(job_id, kind, None, error=f"worker process died (exit code {self._proc.exitcode})"))
+                self._complete(
+                    JobResult(job_id, kind, None, error=f"worker process died (exit code {self._proc.exitcode})")
+                )
 
     @property
     def alive(self) -> bool:

@@ -30,8 +30,15 @@ from ..monitoring.alerts import ALERT_DOCS, RULE_MEANING, RULES, Alert
 from .display_names import display_name_map
 from .worst_layers import WORST_LISTED, worst_layers
 
-__all__ = ["ALERT_DOCS_URL", "alert_docs_url", "AlertGroup", "group_alerts", "group_summary", "console_text",
-           "alerts_markdown"]
+__all__ = [
+    "ALERT_DOCS_URL",
+    "alert_docs_url",
+    "AlertGroup",
+    "group_alerts",
+    "group_summary",
+    "console_text",
+    "alerts_markdown",
+]
 
 #: Where the links of TensorBoard's alert text point (relative: no published docs site yet). The
 #: console prints :data:`~ww_monitor.monitoring.alerts.ALERT_DOCS` as a plain path.
@@ -77,9 +84,9 @@ def _headline(rule: str, threshold: float) -> str:
     if rule == "rank_collapse":
         return f"over {100 * threshold:g}% of eigenvalues ~0"
     if rule == "diverging":
-        return f"largest eigenvalue up over {10 ** threshold:.3g}x"
+        return f"largest eigenvalue up over {10**threshold:.3g}x"
     if rule == "shrinking":
-        return f"largest eigenvalue down over {10 ** threshold:.3g}x from its peak"
+        return f"largest eigenvalue down over {10**threshold:.3g}x from its peak"
     if rule == "correlation_traps":
         return f"over {threshold:g} correlation trap(s)"
     if rule == "phase_regression":
@@ -94,7 +101,7 @@ def _value(a: Alert) -> str:
     if a.rule == "rank_collapse":
         return f"{100 * a.value:.1f}%"
     if a.rule in ("diverging", "shrinking"):
-        return f"{10 ** a.value:.3g}x"
+        return f"{10**a.value:.3g}x"
     if a.rule == "correlation_traps":
         return f"{a.value:g}"
     if a.rule == "phase_regression":
@@ -123,8 +130,12 @@ def _worst(group: AlertGroup, tails: Mapping[str, float] | None) -> list[Alert]:
     alerts = group.alerts
     if group.rule in ("alpha_low", "alpha_high"):
         names = [a.layer for a in alerts]
-        ranked = worst_layers(names, [a.value for a in alerts],
-                              [tails.get(n, math.nan) for n in names] if tails else None, count=WORST_LISTED)
+        ranked = worst_layers(
+            names,
+            [a.value for a in alerts],
+            [tails.get(n, math.nan) for n in names] if tails else None,
+            count=WORST_LISTED,
+        )
         by_name = {a.layer: a for a in alerts}
         return [by_name[o.name] for o in ranked]
     if group.rule in ("rank_collapse", "diverging", "shrinking", "correlation_traps"):
@@ -132,16 +143,23 @@ def _worst(group: AlertGroup, tails: Mapping[str, float] | None) -> list[Alert]:
     return []
 
 
-def group_summary(group: AlertGroup, names: Mapping[str, str] | None = None, total: int | None = None,
-                  tails: Mapping[str, float] | None = None) -> str:
+def group_summary(
+    group: AlertGroup,
+    names: Mapping[str, str] | None = None,
+    total: int | None = None,
+    tails: Mapping[str, float] | None = None,
+) -> str:
     """One line for a group (no docs link): ``names`` maps full to displayed names, ``total`` is
     the number of layers analysed at the snapshot, ``tails`` the tail sizes for the ranking."""
     names = names or {}
     shown = [names.get(a.layer, a.layer) for a in group.alerts]
     n = len(group.alerts)
     if group.resolved:
-        return f"resolved: {group.rule} on {n} layer(s): {_roles(shown)}" if n > 1 else \
-            f"resolved: {group.rule} on {shown[0]}"
+        return (
+            f"resolved: {group.rule} on {n} layer(s): {_roles(shown)}"
+            if n > 1
+            else f"resolved: {group.rule} on {shown[0]}"
+        )
     meaning = RULE_MEANING.get(group.rule, "")
     if n == 1:  # the layer's own message, by its displayed name, without the docs pointer
         a = group.alerts[0]
@@ -161,21 +179,33 @@ def _header(alerts: Sequence[Alert], step: int, active: int | None) -> str:
     return f"{raised} alert(s) at step {step}" + (f" ({active} active)" if active is not None else "")
 
 
-def console_text(alerts: Sequence[Alert], step: int, active: int | None = None, layer_names: Sequence[str] = (),
-                 tails: Mapping[str, float] | None = None) -> str:
+def console_text(
+    alerts: Sequence[Alert],
+    step: int,
+    active: int | None = None,
+    layer_names: Sequence[str] = (),
+    tails: Mapping[str, float] | None = None,
+) -> str:
     """The one console warning of a snapshot's raised alerts (resolved ones are left out):
     a line per rule, each ending with the plain docs path."""
     raised = [a for a in alerts if not a.resolved]
     names = display_name_map(list(layer_names) + [a.layer for a in raised])
-    lines = [f"{group_summary(g, names, len(layer_names) or None, tails)} [what to do: {ALERT_DOCS}#{g.rule}]"
-             for g in group_alerts(raised)]
+    lines = [
+        f"{group_summary(g, names, len(layer_names) or None, tails)} [what to do: {ALERT_DOCS}#{g.rule}]"
+        for g in group_alerts(raised)
+    ]
     if len(lines) == 1:
         return f"ww_monitor alert at step {step}: {lines[0]}"
     return f"ww_monitor: {_header(raised, step, active)}:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def alerts_markdown(alerts: Sequence[Alert], step: int, active: int | None = None, layer_names: Sequence[str] = (),
-                    tails: Mapping[str, float] | None = None) -> str:
+def alerts_markdown(
+    alerts: Sequence[Alert],
+    step: int,
+    active: int | None = None,
+    layer_names: Sequence[str] = (),
+    tails: Mapping[str, float] | None = None,
+) -> str:
     """All alerts of one snapshot as one markdown entry: a bullet per rule with its summary and
     a link to what to do, and nested under it every layer with its value."""
     names = display_name_map(list(layer_names) + [a.layer for a in alerts])
@@ -188,6 +218,7 @@ def alerts_markdown(alerts: Sequence[Alert], step: int, active: int | None = Non
         summary = group_summary(g, names, len(layer_names) or None, tails)
         lines.append(f"* **{g.rule}**: {summary} ([what to do]({alert_docs_url(g.rule)}))")
         if len(g.alerts) > 1 or g.alerts[0].detail == "":
-            lines.append("    * " + ", ".join(f"`{names.get(a.layer, a.layer)}` {_value(a)}".rstrip()
-                                              for a in g.alerts))
+            lines.append(
+                "    * " + ", ".join(f"`{names.get(a.layer, a.layer)}` {_value(a)}".rstrip() for a in g.alerts)
+            )
     return "\n".join(lines)

@@ -31,8 +31,15 @@ from .figure_layout import (
 )
 from .worst_layers import ALPHA_GOOD_BAND, WORST_LISTED, worst_layers
 
-__all__ = ["plot_alpha_per_layer", "plot_alpha_heatmap", "alpha_color_range", "worst_title",
-           "ALPHA_COLOR_FLOOR", "ALPHA_COLOR_CEILING", "BAND_COLORS"]
+__all__ = [
+    "plot_alpha_per_layer",
+    "plot_alpha_heatmap",
+    "alpha_color_range",
+    "worst_title",
+    "ALPHA_COLOR_FLOOR",
+    "ALPHA_COLOR_CEILING",
+    "BAND_COLORS",
+]
 
 #: Colour range of the alpha heatmap: at least the band and its neighbours [1.5, 6] (so a run
 #: inside the band is not stretched across the whole scale), at most [1, 10] (one alpha of 40
@@ -71,8 +78,14 @@ def _band_colormap(vmin: float, vmax: float):
     span = vmax - vmin
     p_lo = min(max((lo - vmin) / span, 0.001), 0.998)
     p_hi = min(max((hi - vmin) / span, p_lo + 0.001), 0.999)
-    nodes = [(0.0, "#67001f"), (p_lo, "#f4a582"), (p_lo, "#e6e6e6"), (p_hi, "#c4c4c4"), (p_hi, "#92c5de"),
-             (1.0, "#053061")]
+    nodes = [
+        (0.0, "#67001f"),
+        (p_lo, "#f4a582"),
+        (p_lo, "#e6e6e6"),
+        (p_hi, "#c4c4c4"),
+        (p_hi, "#92c5de"),
+        (1.0, "#053061"),
+    ]
     cmap = LinearSegmentedColormap.from_list("ww_alpha_band", nodes)
     return cmap.with_extremes(bad=_MISSING_COLOR)
 
@@ -84,13 +97,18 @@ def worst_title(names: Sequence[str], shown: Sequence[str], step, alphas, tails=
     if not worst:
         return None
     ranked = "standard errors outside the band" if tails is not None else "distance to the band"
-    return (f"worst at step {step} (by {ranked}): "
-            + ", ".join(f"{display[o.name]} {o.alpha:.2f}" + (f" (tail {o.tail})" if o.tail is not None else "")
-                        for o in worst))
+    return f"worst at step {step} (by {ranked}): " + ", ".join(
+        f"{display[o.name]} {o.alpha:.2f}" + (f" (tail {o.tail})" if o.tail is not None else "") for o in worst
+    )
 
 
 def plot_alpha_heatmap(
-    layer_names: Sequence[str], steps: Sequence[int], alphas, reliable=None, ax=None, tails=None,
+    layer_names: Sequence[str],
+    steps: Sequence[int],
+    alphas,
+    reliable=None,
+    ax=None,
+    tails=None,
 ) -> Figure:
     """Alpha of each layer (rows, model order, blocks separated by lines) at each snapshot (columns).
 
@@ -107,10 +125,17 @@ def plot_alpha_heatmap(
     shown = display_names(layer_names)
     vmin, vmax = alpha_color_range(values)
     fig, ax = figure_and_axes(ax, heatmap_size(len(layer_names), len(steps), shown))
-    im = ax.imshow(np.ma.masked_invalid(values), cmap=_band_colormap(vmin, vmax), vmin=vmin, vmax=vmax,
-                   aspect="auto", interpolation="nearest")
-    lines = [f"alpha per layer: grey inside the band [{ALPHA_GOOD_BAND[0]:g}, {ALPHA_GOOD_BAND[1]:g}], "
-             "red below, blue above"]
+    im = ax.imshow(
+        np.ma.masked_invalid(values),
+        cmap=_band_colormap(vmin, vmax),
+        vmin=vmin,
+        vmax=vmax,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    lines = [
+        f"alpha per layer: grey inside the band [{ALPHA_GOOD_BAND[0]:g}, {ALPHA_GOOD_BAND[1]:g}], red below, blue above"
+    ]
     last_reliable = None
     if reliable is not None:
         rel = np.asarray(reliable, dtype=bool)
@@ -160,14 +185,15 @@ def plot_alpha_per_layer(layers: Sequence, ax=None, step=None) -> Figure:
     xmax = min(top, max(6.0, float(np.nanmax(alphas)) * 1.05 if ok.any() else 6.0))
     lo, hi = ALPHA_GOOD_BAND
     ax.axvspan(lo, hi, color="#55a868", alpha=0.12, zorder=0)
-    colors = [BAND_COLORS["below"] if a < lo else BAND_COLORS["above"] if a > hi else BAND_COLORS["inside"]
-              for a in np.nan_to_num(alphas)]
+    colors = [
+        BAND_COLORS["below"] if a < lo else BAND_COLORS["above"] if a > hi else BAND_COLORS["inside"]
+        for a in np.nan_to_num(alphas)
+    ]
     width = np.minimum(np.nan_to_num(alphas), xmax)
     ax.barh(y[sure], width[sure], color=[colors[i] for i in np.nonzero(sure)[0]], height=0.75, zorder=2)
     unsure = ok & ~sure
     if unsure.any():
-        ax.barh(y[unsure], width[unsure], color="white", hatch="///", edgecolor=_UNRELIABLE_EDGE, height=0.75,
-                zorder=2)
+        ax.barh(y[unsure], width[unsure], color="white", hatch="///", edgecolor=_UNRELIABLE_EDGE, height=0.75, zorder=2)
     font = label_rows(ax, names, shown)
     for i, l in enumerate(layers):
         counts = f"({l.num_evals}/{l.num_pl_spikes})"
@@ -185,13 +211,21 @@ def plot_alpha_per_layer(layers: Sequence, ax=None, step=None) -> Figure:
     ax.tick_params(axis="x", labelsize=LABEL_FONT)
     ax.set_xlabel("power-law alpha (annotation: alpha (eigenvalues/tail eigenvalues))", fontsize=LABEL_FONT + 1)
     title = "power-law alpha per layer" + (f" at step {step}" if step is not None else "")
-    worst = worst_title(names, shown, step if step is not None else "this snapshot", alphas.tolist(),
-                        [l.num_pl_spikes for l in layers], sure.tolist())
+    worst = worst_title(
+        names,
+        shown,
+        step if step is not None else "this snapshot",
+        alphas.tolist(),
+        [l.num_pl_spikes for l in layers],
+        sure.tolist(),
+    )
     ax.set_title(wrap_title([title] + ([worst] if worst else []), figsize[0]), fontsize=TITLE_FONT)
-    handles = [Patch(facecolor=BAND_COLORS["below"], label=f"alpha < {lo:g}"),
-               Patch(facecolor=BAND_COLORS["inside"], label=f"alpha in [{lo:g}, {hi:g}] (shaded band)"),
-               Patch(facecolor=BAND_COLORS["above"], label=f"alpha > {hi:g}"),
-               Patch(facecolor="white", hatch="///", edgecolor=_UNRELIABLE_EDGE, label="fit not reliable")]
+    handles = [
+        Patch(facecolor=BAND_COLORS["below"], label=f"alpha < {lo:g}"),
+        Patch(facecolor=BAND_COLORS["inside"], label=f"alpha in [{lo:g}, {hi:g}] (shaded band)"),
+        Patch(facecolor=BAND_COLORS["above"], label=f"alpha > {hi:g}"),
+        Patch(facecolor="white", hatch="///", edgecolor=_UNRELIABLE_EDGE, label="fit not reliable"),
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=LABEL_FONT, frameon=False)
     return fig
 

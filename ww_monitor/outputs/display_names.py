@@ -33,8 +33,17 @@ __all__ = ["WRAPPER_SEGMENTS", "strip_wrappers", "display_names", "display_name_
 #: DistributedDataParallel), ``_orig_mod`` (``torch.compile``), ``base_model`` (peft),
 #: ``_fsdp_wrapped_module`` / ``_checkpoint_wrapped_module`` (FSDP, activation checkpointing),
 #: ``_forward_module`` (Lightning Fabric).
-WRAPPER_SEGMENTS = frozenset({"model", "module", "_orig_mod", "base_model", "_fsdp_wrapped_module",
-                              "_checkpoint_wrapped_module", "_forward_module"})
+WRAPPER_SEGMENTS = frozenset(
+    {
+        "model",
+        "module",
+        "_orig_mod",
+        "base_model",
+        "_fsdp_wrapped_module",
+        "_checkpoint_wrapped_module",
+        "_forward_module",
+    }
+)
 
 
 def _wrapper_depth(parts: list[str]) -> int:
@@ -48,7 +57,7 @@ def _wrapper_depth(parts: list[str]) -> int:
 def strip_wrappers(name: str) -> str:
     """Step 1 of the rule for one name (no collision check): ``model.model.layers.0.x`` -> ``layers.0.x``."""
     parts = name.split(".")
-    return ".".join(parts[_wrapper_depth(parts):])
+    return ".".join(parts[_wrapper_depth(parts) :])
 
 
 def display_names(names: Iterable[str]) -> list[str]:

@@ -19,9 +19,21 @@ from matplotlib.figure import Figure
 from .display_names import display_names
 from .layer_groups import block_of
 
-__all__ = ["ROW_INCHES", "LABEL_FONT", "MIN_LABEL_FONT", "TITLE_FONT", "MAX_HEIGHT", "figure_and_axes",
-           "rows_height", "heatmap_size", "label_rows", "label_steps", "block_separators", "wrap_title",
-           "label_width"]
+__all__ = [
+    "ROW_INCHES",
+    "LABEL_FONT",
+    "MIN_LABEL_FONT",
+    "TITLE_FONT",
+    "MAX_HEIGHT",
+    "figure_and_axes",
+    "rows_height",
+    "heatmap_size",
+    "label_rows",
+    "label_steps",
+    "block_separators",
+    "wrap_title",
+    "label_width",
+]
 
 #: Height of one layer row (inches): 11.5 pt, room for an 8 pt label.
 ROW_INCHES = 0.16

@@ -48,8 +48,17 @@ DEFAULT_MIN_RUN_SECONDS = 60.0
 class FigurePipeline:
     """Schedules figure renders for one run (see the module docs for the rules)."""
 
-    def __init__(self, every_n_snapshots: int | None, layers, max_layers: int, min_run_seconds: float,
-                 nice: int, blocking: bool, drain_timeout: float, timeout: float = FINAL_FIGURES_TIMEOUT):
+    def __init__(
+        self,
+        every_n_snapshots: int | None,
+        layers,
+        max_layers: int,
+        min_run_seconds: float,
+        nice: int,
+        blocking: bool,
+        drain_timeout: float,
+        timeout: float = FINAL_FIGURES_TIMEOUT,
+    ):
         self.every_n_snapshots = every_n_snapshots
         self.layers = layers
         self.max_layers = max_layers

@@ -41,6 +41,7 @@ from .worst_layers import ALPHA_GOOD_BAND, WORST_LISTED, worst_layers
 
 __all__ = ["RunData", "EsdSnapshot", "load_run", "render_html", "write_report", "write_figures"]
 
+
 def _alpha_grid(data: RunData) -> tuple[list[str], list[int], np.ndarray, np.ndarray, list[float]]:
     """``(layers, steps, alpha[layer, step], reliable[layer, step], tails)`` from the per-layer
     series (NaN alpha where a layer has no value at a step; reliable where not logged); ``tails``:
@@ -57,8 +58,9 @@ def _alpha_grid(data: RunData) -> tuple[list[str], list[int], np.ndarray, np.nda
             if s in col and math.isfinite(v):
                 reliable[i, col[s]] = v > 0.5
     last = steps[-1] if steps else None
-    by_layer = {row["layer"]: row.get("num_pl_spikes", math.nan) for row in data.table} \
-        if data.table_step == last else {}
+    by_layer = (
+        {row["layer"]: row.get("num_pl_spikes", math.nan) for row in data.table} if data.table_step == last else {}
+    )
     return names, steps, values, reliable, [float(by_layer.get(n, math.nan)) for n in names]
 
 
@@ -115,8 +117,9 @@ def _figure_html(fn, *args, alt: str, caption: str | None = None, errors: list[s
         return _img(_png_base64(fn(*args)), alt, caption)
     except Exception as err:  # one broken figure must not cost the report
         errors.append(f"{alt}: {type(err).__name__}: {err}")
-        return (f'<p class="note">figure &ldquo;{html.escape(alt)}&rdquo; could not be drawn '
-                f"({html.escape(str(err))})</p>")
+        return (
+            f'<p class="note">figure &ldquo;{html.escape(alt)}&rdquo; could not be drawn ({html.escape(str(err))})</p>'
+        )
 
 
 def render_html(data: RunData, title: str | None = None) -> str:
@@ -136,55 +139,89 @@ def render_html(data: RunData, title: str | None = None) -> str:
         title = f"ww-monitor report: {run}"
     errors: list[str] = []
     # every layer by its displayed name (the wrapper prefix left out), one rule for the whole page
-    shown = display_name_map(list(data.alpha) + [row["layer"] for row in data.table]
-                             + [r.name for r in data.final_results] + list(data.esd_evolution)
-                             + [n for n, _ in data.skipped] + (list(data.phases[0]) if data.phases else []))
-    out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-           f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    kind = {"tensorboard": "TensorBoard log", "checkpoint": "checkpoint with WeightWatcherCallback history",
-            "model": "model weights (single analysis)"}[data.source_kind]
+    shown = display_name_map(
+        list(data.alpha)
+        + [row["layer"] for row in data.table]
+        + [r.name for r in data.final_results]
+        + list(data.esd_evolution)
+        + [n for n, _ in data.skipped]
+        + (list(data.phases[0]) if data.phases else [])
+    )
+    out = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    kind = {
+        "tensorboard": "TensorBoard log",
+        "checkpoint": "checkpoint with WeightWatcherCallback history",
+        "model": "model weights (single analysis)",
+    }[data.source_kind]
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    out.append(f'<p class="note">Source: <code>{html.escape(data.source)}</code> ({kind}); '
-               f"{data.num_snapshots} snapshot(s); generated {stamp} by ww-monitor.</p>")
+    out.append(
+        f'<p class="note">Source: <code>{html.escape(data.source)}</code> ({kind}); '
+        f"{data.num_snapshots} snapshot(s); generated {stamp} by ww-monitor.</p>"
+    )
     for note in data.notes:
         out.append(f'<p class="note">{html.escape(note)}</p>')
 
     # model-level summary
     out.append('<section id="summary"><h2>Summary</h2>')
     if data.summary:
-        out.append("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in data.summary) + "</tr><tr>"
-                   + "".join(f"<td>{_fmt(v)}</td>" for v in data.summary.values()) + "</tr></table>")
+        out.append(
+            "<table><tr>"
+            + "".join(f"<th>{html.escape(k)}</th>" for k in data.summary)
+            + "</tr><tr>"
+            + "".join(f"<td>{_fmt(v)}</td>" for v in data.summary.values())
+            + "</tr></table>"
+        )
         if data.table_step is not None:
             out.append(f'<p class="note">Model-level means at step {data.table_step}.</p>')
         if "num_unreliable" in data.summary:
             from ..analysis.reliability import RELIABLE_MIN_EVALS, RELIABLE_MIN_TAIL
 
-            out.append(f'<p class="note">The alpha means leave out {_fmt(data.summary["num_unreliable"])} unreliable '
-                       f"layer(s) (fewer than {RELIABLE_MIN_EVALS} eigenvalues or {RELIABLE_MIN_TAIL} in the power-law "
-                       "tail); those get no phase when under the eigenvalue count (<em>undetermined</em>).</p>")
+            out.append(
+                f'<p class="note">The alpha means leave out {_fmt(data.summary["num_unreliable"])} unreliable '
+                f"layer(s) (fewer than {RELIABLE_MIN_EVALS} eigenvalues or {RELIABLE_MIN_TAIL} in the power-law "
+                "tail); those get no phase when under the eigenvalue count (<em>undetermined</em>).</p>"
+            )
     else:
         out.append('<p class="note">No summary logged.</p>')
     out.append("</section>")
 
     # over training: model level, and the runs of the folder
     if data.summary_series:
-        out.append('<section id="overview"><h2>Over training: mean alpha, reliable layers, the run&#39;s metrics'
-                   '</h2>')
+        out.append('<section id="overview"><h2>Over training: mean alpha, reliable layers, the run&#39;s metrics</h2>')
         panels = list(data.training_scalars)[:MAX_TRAINING_PANELS]
         more = len(data.training_scalars) - len(panels)
-        out.append(f'<p class="note">Run metrics from the same event files: {html.escape(", ".join(panels) or "none")}'
-                   + (f" ({more} more not shown)" if more > 0 else "") + ".</p>")
-        out.append(_figure_html(plot_run_overview, data.summary_series, data.training_scalars,
-                                alt="mean alpha over training", errors=errors))
+        out.append(
+            f'<p class="note">Run metrics from the same event files: {html.escape(", ".join(panels) or "none")}'
+            + (f" ({more} more not shown)" if more > 0 else "")
+            + ".</p>"
+        )
+        out.append(
+            _figure_html(
+                plot_run_overview,
+                data.summary_series,
+                data.training_scalars,
+                alt="mean alpha over training",
+                errors=errors,
+            )
+        )
         out.append("</section>")
     if len(data.runs) > 1:
         out.append(f'<section id="runs"><h2>Runs in this folder ({len(data.runs)})</h2>')
         out.append(_figure_html(plot_runs_compared, data.runs, alt="runs compared", errors=errors))
-        out.append('<table><tr><th class="l">run</th><th>snapshots</th><th>last step</th><th>mean alpha (last)</th>'
-                   "</tr>" + "".join(
-                       f'<tr><td class="l">{html.escape(name)}</td><td>{len(steps)}</td>'
-                       f"<td>{_fmt(steps[-1] if steps else None)}</td><td>{_fmt(values[-1] if values else None)}</td></tr>"
-                       for name, (steps, values) in data.runs.items()) + "</table></section>")
+        out.append(
+            '<table><tr><th class="l">run</th><th>snapshots</th><th>last step</th><th>mean alpha (last)</th>'
+            "</tr>"
+            + "".join(
+                f'<tr><td class="l">{html.escape(name)}</td><td>{len(steps)}</td>'
+                f"<td>{_fmt(steps[-1] if steps else None)}</td><td>{_fmt(values[-1] if values else None)}</td></tr>"
+                for name, (steps, values) in data.runs.items()
+            )
+            + "</table></section>"
+        )
 
     # alpha over training
     out.append('<section id="alpha"><h2>Alpha per layer over training</h2>')
@@ -195,24 +232,44 @@ def render_html(data: RunData, title: str | None = None) -> str:
         worst = worst_layers(names, values[:, -1].tolist(), tails, reliable[:, -1].tolist(), count=WORST_LISTED)
         band = f"[{ALPHA_GOOD_BAND[0]:g}, {ALPHA_GOOD_BAND[1]:g}]"
         if worst:
-            out.append(f"<p>Worst at step {steps[-1]}, by standard errors of the fit outside the {band} band: "
-                       + ", ".join(f"<code>{html.escape(shown.get(o.name, o.name))}</code> ({o.alpha:.2f}"
-                                   + (f", tail {o.tail}" if o.tail is not None else "") + ")" for o in worst)
-                       + ".</p>")
+            out.append(
+                f"<p>Worst at step {steps[-1]}, by standard errors of the fit outside the {band} band: "
+                + ", ".join(
+                    f"<code>{html.escape(shown.get(o.name, o.name))}</code> ({o.alpha:.2f}"
+                    + (f", tail {o.tail}" if o.tail is not None else "")
+                    + ")"
+                    for o in worst
+                )
+                + ".</p>"
+            )
         else:
             out.append(f"<p>Every layer with a reliable fit is inside the {band} band at step {steps[-1]}.</p>")
-        out.append(_figure_html(plotting.plot_alpha_heatmap, names, steps, values, reliable, None, tails,
-                                alt="alpha heatmap", errors=errors))
+        out.append(
+            _figure_html(
+                plotting.plot_alpha_heatmap,
+                names,
+                steps,
+                values,
+                reliable,
+                None,
+                tails,
+                alt="alpha heatmap",
+                errors=errors,
+            )
+        )
         if len(names) <= MAX_LAYERS_PER_CHART:
             series = {shown.get(n, n): v for n, v in data.alpha.items()}
             out.append(_figure_html(plot_alpha_over_training, series, alt="alpha over training", errors=errors))
         else:
-            out.append(f'<p class="note">{len(names)} layers: one row each in the heatmap (model order) instead of '
-                       "one line each.</p>")
+            out.append(
+                f'<p class="note">{len(names)} layers: one row each in the heatmap (model order) instead of '
+                "one line each.</p>"
+            )
     elif data.final_results:
         out.append('<p class="note">A single model: alpha of each layer (no training history).</p>')
-        out.append(_figure_html(plotting.plot_alpha_per_layer, data.final_results, alt="alpha per layer",
-                                errors=errors))
+        out.append(
+            _figure_html(plotting.plot_alpha_per_layer, data.final_results, alt="alpha per layer", errors=errors)
+        )
     else:
         out.append('<p class="note">No ww/alpha/* values logged.</p>')
     out.append("</section>")
@@ -229,29 +286,42 @@ def render_html(data: RunData, title: str | None = None) -> str:
     out.append('<section id="esd"><h2>Eigenvalue spectra (ESD)</h2>')
     if data.esd_evolution:
         most = max(len(v) for v in data.esd_evolution.values())
-        left_out = (f" {most} of the {data.esd_snapshots_total} logged snapshots are shown, spread evenly "
-                    "(first and last kept; <code>--max-snapshots 0</code> shows all)."
-                    if data.esd_snapshots_total > most else "")
-        out.append('<p class="note">ESD histograms logged at each snapshot (<code>ww/esd/&lt;layer&gt;</code>) of the '
-                   "worst layers at the last snapshot (then layers spread over the depth): x = training step, "
-                   f"colour = density on a log scale.{left_out}</p><div class=\"grid\">")
+        left_out = (
+            f" {most} of the {data.esd_snapshots_total} logged snapshots are shown, spread evenly "
+            "(first and last kept; <code>--max-snapshots 0</code> shows all)."
+            if data.esd_snapshots_total > most
+            else ""
+        )
+        out.append(
+            '<p class="note">ESD histograms logged at each snapshot (<code>ww/esd/&lt;layer&gt;</code>) of the '
+            "worst layers at the last snapshot (then layers spread over the depth): x = training step, "
+            f'colour = density on a log scale.{left_out}</p><div class="grid">'
+        )
         for layer, snaps in data.esd_evolution.items():
-            out.append(_figure_html(plot_esd_density, shown.get(layer, layer), snaps, alt=f"ESD evolution {layer}",
-                                    errors=errors))
+            out.append(
+                _figure_html(
+                    plot_esd_density, shown.get(layer, layer), snaps, alt=f"ESD evolution {layer}", errors=errors
+                )
+            )
         out.append("</div>")
     if data.logged_figures:
         step = max(st for st, _ in data.logged_figures.values())
-        out.append(f'<p class="note">ESD with the Marchenko-Pastur and power-law fits, as logged during training at '
-                   f"step {step} (<code>ww/plots/esd/&lt;layer&gt;</code>).</p><div class=\"grid\">")
+        out.append(
+            f'<p class="note">ESD with the Marchenko-Pastur and power-law fits, as logged during training at '
+            f'step {step} (<code>ww/plots/esd/&lt;layer&gt;</code>).</p><div class="grid">'
+        )
         for tag, (st, png) in data.logged_figures.items():
             out.append(_img(base64.b64encode(png).decode("ascii"), tag, f"{tag} (step {st})"))
         out.append("</div>")
     if data.esd_results:
-        out.append(f'<p class="note">ESD of the {"final " if data.source_kind == "checkpoint" else ""}weights with the '
-                   "Marchenko-Pastur fit and the power-law tail fit, worst layers first.</p><div class=\"grid\">")
+        out.append(
+            f'<p class="note">ESD of the {"final " if data.source_kind == "checkpoint" else ""}weights with the '
+            'Marchenko-Pastur fit and the power-law tail fit, worst layers first.</p><div class="grid">'
+        )
         for r in data.esd_results:
-            out.append(_figure_html(plotting.plot_esd, r, None, shown.get(r.name, r.name), alt=f"ESD {r.name}",
-                                    errors=errors))
+            out.append(
+                _figure_html(plotting.plot_esd, r, None, shown.get(r.name, r.name), alt=f"ESD {r.name}", errors=errors)
+            )
         out.append("</div>")
     if not data.esd_evolution and not data.esd_results and not data.logged_figures:
         out.append('<p class="note">No ESDs available.</p>')
@@ -268,29 +338,38 @@ def render_html(data: RunData, title: str | None = None) -> str:
         if data.table_step is not None:
             out.append(f'<p class="note">Step {data.table_step}.</p>')
         if "frozen" in data.table_columns:
-            out.append('<p class="note"><i>frozen</i>: no parameter of the layer requires grad, so the monitor '
-                       'analysed it at the step shown and carried it forward (its weights have not changed since); '
-                       'its values are from that step. The model-level means cover the layers that train.</p>')
+            out.append(
+                '<p class="note"><i>frozen</i>: no parameter of the layer requires grad, so the monitor '
+                "analysed it at the step shown and carried it forward (its weights have not changed since); "
+                "its values are from that step. The model-level means cover the layers that train.</p>"
+            )
         cols = list(data.table_columns)
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
         out.append(f'<table><tr><th class="l">layer</th>{head}</tr>')
         for row in data.table:
-            cells = "".join(f'<td{" class=l" if c in ("kind", "phase") else ""}>{_cell(c, row.get(c))}</td>'
-                            for c in cols)
+            cells = "".join(
+                f"<td{' class=l' if c in ('kind', 'phase') else ''}>{_cell(c, row.get(c))}</td>" for c in cols
+            )
             out.append(f'<tr><td class="l">{html.escape(shown.get(row["layer"], row["layer"]))}</td>{cells}</tr>')
         out.append("</table>")
     else:
         out.append('<p class="note">No per-layer metrics.</p>')
     if data.skipped:
-        out.append(f"<h3>Skipped layers ({len(data.skipped)})</h3><ul>"
-                   + "".join(f"<li><code>{html.escape(shown.get(n, n))}</code>: {html.escape(r)}</li>"
-                             for n, r in data.skipped)
-                   + "</ul>")
+        out.append(
+            f"<h3>Skipped layers ({len(data.skipped)})</h3><ul>"
+            + "".join(
+                f"<li><code>{html.escape(shown.get(n, n))}</code>: {html.escape(r)}</li>" for n, r in data.skipped
+            )
+            + "</ul>"
+        )
     out.append("</section>")
 
     if errors:
-        out.append('<section id="errors"><h2>Figures that failed</h2><ul>'
-                   + "".join(f"<li>{html.escape(e)}</li>" for e in errors) + "</ul></section>")
+        out.append(
+            '<section id="errors"><h2>Figures that failed</h2><ul>'
+            + "".join(f"<li>{html.escape(e)}</li>" for e in errors)
+            + "</ul></section>"
+        )
     out.append("</body></html>\n")
     return "\n".join(out)
 
@@ -344,9 +423,20 @@ def write_figures(report, folder: str | os.PathLike, max_esd: int = 12, dpi: int
     if report.layers:
         save(plotting.plot_alpha_per_layer(report.layers), "alpha_per_layer.png")
     with_evals = [r for r in report.layers if r.eigenvalues is not None]
-    chosen = set(_choose_layers([r.name for r in with_evals], None, max_esd, [r.alpha for r in with_evals],
-                                [r.num_pl_spikes for r in with_evals], [float(r.reliable) for r in with_evals])
-                 ) if max_esd > 0 else set()
+    chosen = (
+        set(
+            _choose_layers(
+                [r.name for r in with_evals],
+                None,
+                max_esd,
+                [r.alpha for r in with_evals],
+                [r.num_pl_spikes for r in with_evals],
+                [float(r.reliable) for r in with_evals],
+            )
+        )
+        if max_esd > 0
+        else set()
+    )
     shown = display_name_map([r.name for r in report.layers])
     used: set[str] = set()
     for r in with_evals:

@@ -62,7 +62,10 @@ _UNDETERMINED_COLOR = "#e3d3b4"
 
 
 def plot_phase_heatmap(
-    layer_names: Sequence[str], steps: Sequence[int], phases: Sequence[Sequence], ax=None,
+    layer_names: Sequence[str],
+    steps: Sequence[int],
+    phases: Sequence[Sequence],
+    ax=None,
 ) -> Figure:
     """Phase of each layer (rows, blocks separated by lines) at each snapshot (columns).
 
@@ -90,18 +93,29 @@ def plot_phase_heatmap(
     label_rows(ax, layer_names, shown)
     block_separators(ax, shown)
     label_steps(ax, list(steps))
-    title = ["phase per layer: the shape of its ESD (docs/phases.md)",
-             f"heavy-tailed = a power-law tail with alpha <= {HEAVY_TAILED_MAX_ALPHA:g} reaching past 2x the random "
-             "(Marchenko-Pastur) edge, or no random bulk at all; wider than the alpha band [2, 4], so layers "
-             f"outside the band can be heavy-tailed (a tail with alpha > {HEAVY_TAILED_MAX_ALPHA:g} makes it bulk-decay)"]
+    title = [
+        "phase per layer: the shape of its ESD (docs/phases.md)",
+        f"heavy-tailed = a power-law tail with alpha <= {HEAVY_TAILED_MAX_ALPHA:g} reaching past 2x the random "
+        "(Marchenko-Pastur) edge, or no random bulk at all; wider than the alpha band [2, 4], so layers "
+        f"outside the band can be heavy-tailed (a tail with alpha > {HEAVY_TAILED_MAX_ALPHA:g} makes it bulk-decay)",
+    ]
     ax.set_title(wrap_title(title, fig.get_figwidth() * 0.75), fontsize=TITLE_FONT)
-    handles = [Patch(facecolor=PHASE_COLORS[p], edgecolor="black", label=f"{p.value}: {PHASE_MEANING[p]}")
-               for p in order]
+    handles = [
+        Patch(facecolor=PHASE_COLORS[p], edgecolor="black", label=f"{p.value}: {PHASE_MEANING[p]}") for p in order
+    ]
     if (codes == 0).any():
         handles.append(Patch(facecolor=_MISSING_COLOR, edgecolor="black", label="not analysed"))
     if (codes == undetermined).any():
-        handles.append(Patch(facecolor=_UNDETERMINED_COLOR, edgecolor="black",
-                             label=f"{UNDETERMINED} (too few eigenvalues)"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=LABEL_FONT,
-              title="phase, in training order", title_fontsize=LABEL_FONT, frameon=False)
+        handles.append(
+            Patch(facecolor=_UNDETERMINED_COLOR, edgecolor="black", label=f"{UNDETERMINED} (too few eigenvalues)")
+        )
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=LABEL_FONT,
+        title="phase, in training order",
+        title_fontsize=LABEL_FONT,
+        frameon=False,
+    )
     return fig

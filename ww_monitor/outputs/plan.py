@@ -50,7 +50,7 @@ DEVICES = ("cpu", "cuda")
 #: Training step time assumed when none is given: the schedule is also printed in seconds of
 #: training, which does not depend on it.
 ASSUMED_STEP_SECONDS = 1.0
-_GIB = 1024 ** 3
+_GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -160,11 +160,16 @@ class CostPlan:
         d["copy_bytes_per_second"] = None if math.isinf(self.copy_bytes_per_second) else self.copy_bytes_per_second
         d["matrices"] = [dict(asdict(m), shape=list(m.shape), aliases=list(m.aliases)) for m in self.matrices]
         d["skipped"] = [s.to_dict() for s in self.skipped]
-        d["per_rank"] = [{"rank": r, "matrices": c, "bytes": b, "analysis_seconds": s, "sampled_seconds": e}
-                         for r, (c, b, s, e) in enumerate(zip(self.matrices_per_rank, self.bytes_per_rank,
-                                                                self.seconds_per_rank, self.sampled_seconds_per_rank))]
-        d["baseline_per_rank"] = [{"rank": r, "matrices": int(c), "bytes": int(b)} for r, (c, b) in enumerate(
-            zip(self._per_rank(lambda m: 1, True), self._per_rank(lambda m: m.nbytes, True)))]
+        d["per_rank"] = [
+            {"rank": r, "matrices": c, "bytes": b, "analysis_seconds": s, "sampled_seconds": e}
+            for r, (c, b, s, e) in enumerate(
+                zip(self.matrices_per_rank, self.bytes_per_rank, self.seconds_per_rank, self.sampled_seconds_per_rank)
+            )
+        ]
+        d["baseline_per_rank"] = [
+            {"rank": r, "matrices": int(c), "bytes": int(b)}
+            for r, (c, b) in enumerate(zip(self._per_rank(lambda m: 1, True), self._per_rank(lambda m: m.nbytes, True)))
+        ]
         d["baseline_snapshot_seconds"] = self.snapshot_seconds(baseline=True)
         d["snapshot_seconds"] = self.snapshot_seconds()
         d["snapshot_seconds_sampled"] = self.snapshot_seconds(sampled=True)
@@ -175,11 +180,22 @@ class CostPlan:
         return d
 
 
-def plan_costs(model, config: AnalysisConfig, *, ranks: int = 1, device: str = "cpu", threads: int | None = 1,
-               estimate_above: int | None = DEFAULT_SAMPLE_SIZE, max_overhead: float | None = None,
-               step_seconds: float | None = None, every_n_train_steps: int | None = None,
-               every_n_epochs: int | None = None, steps_per_epoch: int | None = None,
-               watch_frozen: bool = False, source: str = "model") -> CostPlan:
+def plan_costs(
+    model,
+    config: AnalysisConfig,
+    *,
+    ranks: int = 1,
+    device: str = "cpu",
+    threads: int | None = 1,
+    estimate_above: int | None = DEFAULT_SAMPLE_SIZE,
+    max_overhead: float | None = None,
+    step_seconds: float | None = None,
+    every_n_train_steps: int | None = None,
+    every_n_epochs: int | None = None,
+    steps_per_epoch: int | None = None,
+    watch_frozen: bool = False,
+    source: str = "model",
+) -> CostPlan:
     """The :class:`CostPlan` of ``model`` (a module, possibly on the meta device, or a state dict of
     tensors, possibly meta) under the selection ``config``. See the module docstring. Frozen
     matrices are copied at the baseline only unless ``watch_frozen`` (:mod:`ww_monitor.monitoring.carry`)."""
@@ -204,22 +220,49 @@ def plan_costs(model, config: AnalysisConfig, *, ranks: int = 1, device: str = "
     later = dict(zip((id(m) for m in watched), assign_owners([matrix_cost(m) for m in watched], ranks)))
     cal = calibration(threads)
     stream = stream_calibration() if device == "cpu" else None
-    plan = CostPlan(source=source, ranks=ranks, device=device, threads=threads, estimate_above=estimate_above,
-                    max_overhead=max_overhead, step_seconds=step_seconds or ASSUMED_STEP_SECONDS,
-                    step_seconds_assumed=step_seconds is None, every_n_train_steps=every_n_train_steps,
-                    every_n_epochs=every_n_epochs, steps_per_epoch=steps_per_epoch, skipped=skipped,
-                    calibration_seconds=cal.seconds, watch_frozen=watch_frozen)
+    plan = CostPlan(
+        source=source,
+        ranks=ranks,
+        device=device,
+        threads=threads,
+        estimate_above=estimate_above,
+        max_overhead=max_overhead,
+        step_seconds=step_seconds or ASSUMED_STEP_SECONDS,
+        step_seconds_assumed=step_seconds is None,
+        every_n_train_steps=every_n_train_steps,
+        every_n_epochs=every_n_epochs,
+        steps_per_epoch=steps_per_epoch,
+        skipped=skipped,
+        calibration_seconds=cal.seconds,
+        watch_frozen=watch_frozen,
+    )
     if stream is not None:  # a snapshot's buffers are fresh memory, written once and read by the copy
         plan.copy_bytes_per_second = 1.0 / (stream.fresh + stream.matvec)
     for m, base_rank in zip(found, baseline_owners):
         w = m.weight
         full = matrix_seconds(tuple(w.shape), w.dtype, config.method, cal)
         sampled = wants_estimate(m, estimate_above)
-        est = (sampled_seconds(tuple(w.shape), w.dtype, config.estimate_size, config.estimate_samples,
-                               config.method, cal) if sampled else full)
-        plan.matrices.append(PlannedMatrix(m.name, m.kind, tuple(w.shape), str(w.dtype).replace("torch.", ""),
-                                           w.numel() * w.element_size(), later.get(id(m)), base_rank, full,
-                                           est, sampled, bool(m.frozen), tuple(m.aliases)))
+        est = (
+            sampled_seconds(tuple(w.shape), w.dtype, config.estimate_size, config.estimate_samples, config.method, cal)
+            if sampled
+            else full
+        )
+        plan.matrices.append(
+            PlannedMatrix(
+                m.name,
+                m.kind,
+                tuple(w.shape),
+                str(w.dtype).replace("torch.", ""),
+                w.numel() * w.element_size(),
+                later.get(id(m)),
+                base_rank,
+                full,
+                est,
+                sampled,
+                bool(m.frozen),
+                tuple(m.aliases),
+            )
+        )
     return plan
 
 
@@ -240,15 +283,14 @@ def _select(model, config: AnalysisConfig):
             return t
         storage = t.untyped_storage()  # meta storages have no address; their storage object is the identity
         base = getattr(storage, "_cdata", None) if t.is_meta else storage.data_ptr()
-        key = (base if base is not None else ("tensor", id(t)), t.storage_offset(), tuple(t.shape), t.stride(),
-               t.dtype)
+        key = (base if base is not None else ("tensor", id(t)), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         return shared.setdefault(key, stand_in(t.shape, t.dtype))
 
     return select_matrices({k: shape_only(v) for k, v in model.items()}, config)
 
 
 def _size(nbytes: float) -> str:
-    for unit, scale in (("GiB", _GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    for unit, scale in (("GiB", _GIB), ("MiB", 1024**2), ("KiB", 1024)):
         if nbytes >= scale:
             return f"{nbytes / scale:.2f} {unit}"
     return f"{int(nbytes)} B"
@@ -273,21 +315,31 @@ def format_plan(plan: CostPlan) -> str:
     sampled = any(m.sampled for m in plan.matrices)
     est = f"estimate_above={plan.estimate_above}"
     frozen = plan.frozen
-    lines = [f"cost plan: {plan.source}",
-             f"  {len(plan.matrices) - len(frozen)} matrices analysed per snapshot, {len(plan.skipped)} skipped; "
-             f"{plan.ranks} rank(s); analysis on {plan.device}"
-             + (f" with {plan.threads} thread(s)" if plan.threads else "")]
+    lines = [
+        f"cost plan: {plan.source}",
+        f"  {len(plan.matrices) - len(frozen)} matrices analysed per snapshot, {len(plan.skipped)} skipped; "
+        f"{plan.ranks} rank(s); analysis on {plan.device}"
+        + (f" with {plan.threads} thread(s)" if plan.threads else ""),
+    ]
     if frozen:
-        lines.append(f"  + {len(frozen)} frozen matrices (no parameter requires grad), copied and analysed at the "
-                     "baseline only, then carried forward (watch_frozen=True analyses them every time)")
+        lines.append(
+            f"  + {len(frozen)} frozen matrices (no parameter requires grad), copied and analysed at the "
+            "baseline only, then carried forward (watch_frozen=True analyses them every time)"
+        )
     if plan.device != "cpu":
-        lines.append("  GPU analysis time: unmeasured (no GPU calibration here); the seconds below are this "
-                     "CPU's, what the analysis costs with analysis_device='cpu'")
-    lines.append(f"  seconds: CPU time on this machine, from the cost model calibrated here in "
-                 f"{plan.calibration_seconds:.2f} s (ww_monitor.monitoring.cost)")
+        lines.append(
+            "  GPU analysis time: unmeasured (no GPU calibration here); the seconds below are this "
+            "CPU's, what the analysis costs with analysis_device='cpu'"
+        )
+    lines.append(
+        f"  seconds: CPU time on this machine, from the cost model calibrated here in "
+        f"{plan.calibration_seconds:.2f} s (ww_monitor.monitoring.cost)"
+    )
     if sampled:
-        lines.append(f"  {est}: wwm.analyze's sampled estimate for matrices whose smaller side exceeds "
-                     f"{plan.estimate_above} (the monitor analyses whole matrices)")
+        lines.append(
+            f"  {est}: wwm.analyze's sampled estimate for matrices whose smaller side exceeds "
+            f"{plan.estimate_above} (the monitor analyses whole matrices)"
+        )
     elif plan.estimate_above is not None:
         lines.append(f"  {est}: no matrix has a smaller side above {plan.estimate_above}")
     groups: dict = {}  # the shapes table: one row per (kind, shape, dtype, carried forward)
@@ -301,10 +353,16 @@ def format_plan(plan: CostPlan) -> str:
     lines += ["", *_table(rows, right_from=3)]
     rows = [("rank", "matrices", "bytes copied", "analysis s") + ((f"s, {est}",) if sampled else ())]
     per_rank = zip(plan.matrices_per_rank, plan.bytes_per_rank, plan.seconds_per_rank, plan.sampled_seconds_per_rank)
-    totals = ("all", str(sum(plan.matrices_per_rank)), _size(sum(plan.bytes_per_rank)),
-              _num(sum(plan.seconds_per_rank)), _num(sum(plan.sampled_seconds_per_rank)))
-    for rank_row in [(str(r), str(c), _size(b), _num(s), _num(e)) for r, (c, b, s, e) in enumerate(per_rank)] \
-            + ([totals] if plan.ranks > 1 else []):
+    totals = (
+        "all",
+        str(sum(plan.matrices_per_rank)),
+        _size(sum(plan.bytes_per_rank)),
+        _num(sum(plan.seconds_per_rank)),
+        _num(sum(plan.sampled_seconds_per_rank)),
+    )
+    for rank_row in [(str(r), str(c), _size(b), _num(s), _num(e)) for r, (c, b, s, e) in enumerate(per_rank)] + (
+        [totals] if plan.ranks > 1 else []
+    ):
         rows.append(rank_row if sampled else rank_row[:4])
     lines += ["", *_table(rows, right_from=1)]
     lines += ["", *_schedule_lines(plan, est if sampled else None)]
@@ -318,37 +376,52 @@ def _schedule_lines(plan: CostPlan, est: str | None) -> list[str]:
     """The per-snapshot cost and the schedule within the budget (``est``: the sampled column's name)."""
     cost = plan.snapshot_seconds()
     if cost is None:
-        return ["schedule: not suggested (the GPU analysis time is unmeasured); on this CPU one snapshot "
-                f"would take {_secs(max(plan.seconds_per_rank, default=0.0))} on the slowest rank"]
+        return [
+            "schedule: not suggested (the GPU analysis time is unmeasured); on this CPU one snapshot "
+            f"would take {_secs(max(plan.seconds_per_rank, default=0.0))} on the slowest rank"
+        ]
     copy = max((b / plan.copy_bytes_per_second for b in plan.bytes_per_rank), default=0.0)
-    lines = [f"one snapshot, slowest rank: {_secs(cost)} (copy {_secs(copy)} + analysis)"
-             + (f"; {est}: {_secs(plan.snapshot_seconds(sampled=True))}" if est else "")]
-    step = f"{plan.step_seconds:g} s per step" + (" (assumed; pass --step-seconds)" if plan.step_seconds_assumed
-                                                  else "")
+    lines = [
+        f"one snapshot, slowest rank: {_secs(cost)} (copy {_secs(copy)} + analysis)"
+        + (f"; {est}: {_secs(plan.snapshot_seconds(sampled=True))}" if est else "")
+    ]
+    step = f"{plan.step_seconds:g} s per step" + (
+        " (assumed; pass --step-seconds)" if plan.step_seconds_assumed else ""
+    )
     if plan.max_overhead is None:
         lines.append("schedule: max_overhead=None: every scheduled snapshot is taken")
     else:
         gap = plan.seconds_between_snapshots()
         assert gap is not None  # the snapshot cost and max_overhead are both known here
-        lines.append(f"schedule within max_overhead={plan.max_overhead:g}: at most one snapshot per "
-                     f"{_secs(gap)} of training")
+        lines.append(
+            f"schedule within max_overhead={plan.max_overhead:g}: at most one snapshot per {_secs(gap)} of training"
+        )
         lines.append(f"  = every_n_train_steps >= {plan.suggested_every_n_train_steps():,} at {step}")
         if plan.steps_per_epoch:
-            lines.append(f"  = every_n_epochs >= {math.ceil(gap / (plan.steps_per_epoch * plan.step_seconds)):,} "
-                         f"at {plan.steps_per_epoch:,} steps per epoch")
+            lines.append(
+                f"  = every_n_epochs >= {math.ceil(gap / (plan.steps_per_epoch * plan.step_seconds)):,} "
+                f"at {plan.steps_per_epoch:,} steps per epoch"
+            )
         if est:
-            lines.append(f"  {est}: one per {_secs(plan.seconds_between_snapshots(sampled=True))} "
-                         f"(every_n_train_steps >= {plan.suggested_every_n_train_steps(sampled=True):,})")
+            lines.append(
+                f"  {est}: one per {_secs(plan.seconds_between_snapshots(sampled=True))} "
+                f"(every_n_train_steps >= {plan.suggested_every_n_train_steps(sampled=True):,})"
+            )
     share = plan.scheduled_overhead()
     if share is not None:
-        verdict = ("fits" if plan.max_overhead is None or share <= plan.max_overhead
-                   else "over max_overhead: the budget defers snapshots to the interval above")
+        verdict = (
+            "fits"
+            if plan.max_overhead is None or share <= plan.max_overhead
+            else "over max_overhead: the budget defers snapshots to the interval above"
+        )
         lines.append(f"requested schedule: {share:.1%} of the training time ({verdict})")
     elif plan.every_n_epochs is not None and plan.every_n_train_steps is None:
         lines.append("requested schedule: every_n_epochs is checked with --steps-per-epoch")
     if plan.frozen:
-        lines.append(f"the baseline is always taken: {_secs(plan.snapshot_seconds(baseline=True))} with the frozen "
-                     f"matrices; the final snapshot: {_secs(cost)}")
+        lines.append(
+            f"the baseline is always taken: {_secs(plan.snapshot_seconds(baseline=True))} with the frozen "
+            f"matrices; the final snapshot: {_secs(cost)}"
+        )
     else:
         lines.append(f"the baseline and the final snapshot are always taken: {_secs(cost)} each")
     return lines

@@ -64,42 +64,111 @@ def _one_line_error(prog: str):
 def add_plan_parser(sub, positive_int) -> None:
     """Register ``plan`` on the ``ww-monitor`` subcommands (``positive_int``: the CLI's argument type
     for whole numbers >= 1)."""
-    p = sub.add_parser("plan", help="what monitoring a model will cost per snapshot (from a config or checkpoint)",
-                       description=_DESCRIPTION, epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "plan",
+        help="what monitoring a model will cost per snapshot (from a config or checkpoint)",
+        description=_DESCRIPTION,
+        epilog=_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.error = _one_line_error(p.prog)  # one line naming the argument, no usage block
-    p.add_argument("path", metavar="CONFIG_OR_CHECKPOINT",
-                   help="transformers config.json (or a folder with one), .safetensors, .pt/.pth/.ckpt/.bin, "
-                        "or a folder of checkpoint files")
-    p.add_argument("--ranks", type=positive_int, default=1, metavar="N",
-                   help="processes sharing the analysis, as under DDP (default: 1)")
-    p.add_argument("--device", choices=DEVICES, default="cpu",
-                   help="where the analysis runs; GPU times are not calibrated here and say so (default: cpu)")
+    p.add_argument(
+        "path",
+        metavar="CONFIG_OR_CHECKPOINT",
+        help="transformers config.json (or a folder with one), .safetensors, .pt/.pth/.ckpt/.bin, "
+        "or a folder of checkpoint files",
+    )
+    p.add_argument(
+        "--ranks",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="processes sharing the analysis, as under DDP (default: 1)",
+    )
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where the analysis runs; GPU times are not calibrated here and say so (default: cpu)",
+    )
     sched = p.add_mutually_exclusive_group()
-    sched.add_argument("--every-n-steps", type=positive_int, default=None, metavar="N",
-                       help="the schedule you plan (every_n_train_steps), checked against the budget")
-    sched.add_argument("--every-n-epochs", type=positive_int, default=None, metavar="N",
-                       help="the schedule you plan in epochs (needs --steps-per-epoch to be checked)")
-    p.add_argument("--steps-per-epoch", type=positive_int, default=None, metavar="N",
-                   help="optimizer steps per epoch, to express the schedule in epochs")
-    p.add_argument("--step-seconds", type=_positive_float, default=None, metavar="S",
-                   help="wall time of one training step (default: 1 s, said in the output)")
-    p.add_argument("--max-overhead", type=_share, default=DEFAULT_MAX_OVERHEAD, metavar="F",
-                   help=f"largest share of training time the monitor may cost (default: {DEFAULT_MAX_OVERHEAD}; "
-                        "'none': no budget)")
-    p.add_argument("--estimate-above", type=positive_int, default=DEFAULT_SAMPLE_SIZE, metavar="K",
-                   help="also price the sampled estimate of matrices whose smaller side exceeds K "
-                        f"(default: {DEFAULT_SAMPLE_SIZE})")
-    p.add_argument("--include", action="append", default=None, metavar="REGEX",
-                   help="only layers whose name matches (repeatable), as the callback's include=")
-    p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
-                   help="skip layers whose name matches (repeatable), as the callback's exclude=")
-    p.add_argument("--dtype", choices=PLAN_DTYPES, default=None,
-                   help="plan for weights in this dtype (default: the config's dtype or the stored ones)")
-    p.add_argument("--threads", type=positive_int, default=1, metavar="N",
-                   help="the analysis worker's threads (worker_threads; default: 1)")
+    sched.add_argument(
+        "--every-n-steps",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="the schedule you plan (every_n_train_steps), checked against the budget",
+    )
+    sched.add_argument(
+        "--every-n-epochs",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="the schedule you plan in epochs (needs --steps-per-epoch to be checked)",
+    )
+    p.add_argument(
+        "--steps-per-epoch",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="optimizer steps per epoch, to express the schedule in epochs",
+    )
+    p.add_argument(
+        "--step-seconds",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="wall time of one training step (default: 1 s, said in the output)",
+    )
+    p.add_argument(
+        "--max-overhead",
+        type=_share,
+        default=DEFAULT_MAX_OVERHEAD,
+        metavar="F",
+        help=f"largest share of training time the monitor may cost (default: {DEFAULT_MAX_OVERHEAD}; "
+        "'none': no budget)",
+    )
+    p.add_argument(
+        "--estimate-above",
+        type=positive_int,
+        default=DEFAULT_SAMPLE_SIZE,
+        metavar="K",
+        help="also price the sampled estimate of matrices whose smaller side exceeds K "
+        f"(default: {DEFAULT_SAMPLE_SIZE})",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=None,
+        metavar="REGEX",
+        help="only layers whose name matches (repeatable), as the callback's include=",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="REGEX",
+        help="skip layers whose name matches (repeatable), as the callback's exclude=",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=PLAN_DTYPES,
+        default=None,
+        help="plan for weights in this dtype (default: the config's dtype or the stored ones)",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="the analysis worker's threads (worker_threads; default: 1)",
+    )
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
-    p.add_argument("--unsafe-load", action="store_true",
-                   help="read pickled checkpoints with weights_only=False; can run code: only for files you trust")
+    p.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="read pickled checkpoints with weights_only=False; can run code: only for files you trust",
+    )
 
 
 def run_plan(args) -> int:
@@ -114,14 +183,26 @@ def run_plan(args) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     source, what = load_shapes(args.path, dtype=dtype, weights_only=not args.unsafe_load)
-    monitor = MonitorEngine(every_n_epochs=args.every_n_epochs, every_n_train_steps=args.every_n_steps,
-                            include=args.include, exclude=args.exclude, max_overhead=args.max_overhead,
-                            worker_threads=args.threads, alerts=False,
-                            figures_every_n_snapshots=None,
-                            # no schedule planned: the plan suggests one (a monitor must say so explicitly)
-                            ends_only=args.every_n_epochs is None and args.every_n_steps is None)
-    plan = monitor.plan(source, args.ranks, device=args.device, step_seconds=args.step_seconds,
-                        steps_per_epoch=args.steps_per_epoch, estimate_above=args.estimate_above)
+    monitor = MonitorEngine(
+        every_n_epochs=args.every_n_epochs,
+        every_n_train_steps=args.every_n_steps,
+        include=args.include,
+        exclude=args.exclude,
+        max_overhead=args.max_overhead,
+        worker_threads=args.threads,
+        alerts=False,
+        figures_every_n_snapshots=None,
+        # no schedule planned: the plan suggests one (a monitor must say so explicitly)
+        ends_only=args.every_n_epochs is None and args.every_n_steps is None,
+    )
+    plan = monitor.plan(
+        source,
+        args.ranks,
+        device=args.device,
+        step_seconds=args.step_seconds,
+        steps_per_epoch=args.steps_per_epoch,
+        estimate_above=args.estimate_above,
+    )
     plan.source = what
     out = strict_json_dumps(plan.to_dict(), indent=2) if args.format == "json" else str(plan)
     sys.stdout.write(out + "\n")

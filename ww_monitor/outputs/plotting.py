@@ -30,9 +30,19 @@ from .figure_layout import heatmap_size
 from .phase_map import PHASE_COLORS, plot_phase_heatmap
 from .worst_layers import ALPHA_GOOD_BAND, worst_layers
 
-__all__ = ["plot_esd", "plot_alpha_per_layer", "plot_phase_heatmap", "plot_alpha_heatmap", "PHASE_COLORS",
-           "heatmap_size", "alpha_color_range", "worst_layers", "ALPHA_GOOD_BAND", "ALPHA_COLOR_FLOOR",
-           "ALPHA_COLOR_CEILING"]
+__all__ = [
+    "plot_esd",
+    "plot_alpha_per_layer",
+    "plot_phase_heatmap",
+    "plot_alpha_heatmap",
+    "PHASE_COLORS",
+    "heatmap_size",
+    "alpha_color_range",
+    "worst_layers",
+    "ALPHA_GOOD_BAND",
+    "ALPHA_COLOR_FLOOR",
+    "ALPHA_COLOR_CEILING",
+]
 
 # Histogram bins per decade of eigenvalue: enough to see the MP shape for M ~ 100-10,000.
 _BINS_PER_DECADE = 12
@@ -74,15 +84,21 @@ def plot_esd(result, ax=None, name: str | None = None) -> Figure:
     # Density relative to *all* eigenvalues, so curves scaled by tail shares line up.
     counts, edges = np.histogram(pos, bins=bins)
     dens = counts / (ev.size * np.diff(edges))
-    ax.bar(edges[:-1], dens, width=np.diff(edges), align="edge", color="#9db4d3", edgecolor="none",
-           label="ESD", alpha=0.8)
+    ax.bar(
+        edges[:-1], dens, width=np.diff(edges), align="edge", color="#9db4d3", edgecolor="none", label="ESD", alpha=0.8
+    )
 
     q = result.N / result.M if result.M else math.nan
     if _finite(result.mp_sigma) and _finite(q) and result.mp_sigma > 0:
         lam_m, lam_p = mp_edges(q, result.mp_sigma, result.N)
         grid = np.geomspace(max(lam_m, lo / 10.0), lam_p, _CURVE_POINTS)
-        ax.plot(grid, mp_density(grid, q, result.mp_sigma, result.N), color="#dd8452", lw=2,
-                label=f"MP, $\\sigma$={result.mp_sigma:.3g}")
+        ax.plot(
+            grid,
+            mp_density(grid, q, result.mp_sigma, result.N),
+            color="#dd8452",
+            lw=2,
+            label=f"MP, $\\sigma$={result.mp_sigma:.3g}",
+        )
     if _finite(result.lambda_plus):
         ax.axvline(result.lambda_plus, color="#dd8452", ls="--", lw=1, label="$\\lambda_+$")
     if _finite(result.alpha) and _finite(result.xmin) and result.xmin > 0:

@@ -22,8 +22,16 @@ from matplotlib.figure import Figure
 
 from .plotting import ALPHA_GOOD_BAND
 
-__all__ = ["plot_alpha_over_training", "plot_esd_evolution", "robust_limits", "plot_with_outliers", "plot_run_overview", "plot_runs_compared", "plot_esd_density",
-           "MAX_TRAINING_PANELS"]
+__all__ = [
+    "plot_alpha_over_training",
+    "plot_esd_evolution",
+    "robust_limits",
+    "plot_with_outliers",
+    "plot_run_overview",
+    "plot_runs_compared",
+    "plot_esd_density",
+    "MAX_TRAINING_PANELS",
+]
 
 #: Percentiles that set a robust axis range (a few outlying snapshots or layers do not set it).
 _ROBUST_PERCENTILES = (2.0, 98.0)
@@ -70,8 +78,10 @@ def plot_with_outliers(ax, x, y, limits: tuple[float, float], **kwargs) -> int:
     return int(above.sum() + below.sum())
 
 
-def plot_run_overview(summary: Mapping[str, tuple[Sequence[int], Sequence[float]]],
-                      training: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None) -> Figure:
+def plot_run_overview(
+    summary: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    training: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None,
+) -> Figure:
     """Mean alpha and reliable-layer count (from ``summary``: ``{"alpha": (steps, values),
     "num_layers": ..., "num_unreliable": ...}``), then up to :data:`MAX_TRAINING_PANELS` of the
     run's own scalars, all on one step axis. Keys sit beside the panels (never on a point); the
@@ -90,23 +100,48 @@ def plot_run_overview(summary: Mapping[str, tuple[Sequence[int], Sequence[float]
         out = plot_with_outliers(ax, steps, values, limits, marker="o", ms=3, color="black", label="mean alpha")
         ax.set_ylim(*limits)
         if out:
-            ax.text(0.99, 0.02, f"{out} point(s) beyond the axis (triangles)", transform=ax.transAxes, ha="right",
-                    va="bottom", fontsize="small")
+            ax.text(
+                0.99,
+                0.02,
+                f"{out} point(s) beyond the axis (triangles)",
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize="small",
+            )
     ax.set_ylabel("mean $\\alpha$")
-    ax.set_title("model level: mean alpha over reliable layers, reliable layers, the run's own metrics",
-                 fontsize="medium")
+    ax.set_title(
+        "model level: mean alpha over reliable layers, reliable layers, the run's own metrics", fontsize="medium"
+    )
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     ax = axes[1]
     if "num_layers" in summary:
         steps, total = summary["num_layers"]
-        ax.plot(steps, total, drawstyle="steps-post", color="#bbbbbb", lw=6, solid_capstyle="butt", zorder=1,
-                label="analysed layers (wide grey)")
+        ax.plot(
+            steps,
+            total,
+            drawstyle="steps-post",
+            color="#bbbbbb",
+            lw=6,
+            solid_capstyle="butt",
+            zorder=1,
+            label="analysed layers (wide grey)",
+        )
         top = max(total) if total else 1
         if "num_unreliable" in summary:
             by_step = dict(zip(*summary["num_unreliable"]))
             reliable = [t - by_step.get(s, math.nan) for s, t in zip(steps, total)]
-            ax.plot(steps, reliable, drawstyle="steps-post", color="#4c72b0", marker="o", ms=3, lw=1.5, zorder=3,
-                    label="reliable layers")
+            ax.plot(
+                steps,
+                reliable,
+                drawstyle="steps-post",
+                color="#4c72b0",
+                marker="o",
+                ms=3,
+                lw=1.5,
+                zorder=3,
+                label="reliable layers",
+            )
         ax.set_ylim(0, top * 1.15 + 1)  # a line at the maximum stays off the frame
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     ax.set_ylabel("layers")
@@ -180,8 +215,9 @@ def plot_esd_density(layer: str, snapshots: Sequence) -> Figure:
     top = np.nanmax(dens)
     cmap = colormaps["magma_r"].with_extremes(bad="#ffffff")
     steps = [s.step for s in snapshots]
-    mesh = ax.pcolormesh(_step_edges(steps), grid, np.ma.masked_invalid(dens), cmap=cmap, vmin=top - _DENSITY_DECADES,
-                         vmax=top)
+    mesh = ax.pcolormesh(
+        _step_edges(steps), grid, np.ma.masked_invalid(dens), cmap=cmap, vmin=top - _DENSITY_DECADES, vmax=top
+    )
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
     ax.tick_params(labelsize=_TICK_FONT)
     marks = ax.secondary_xaxis("top")  # where the snapshots are
@@ -199,7 +235,6 @@ def plot_alpha_over_training(series: Mapping[str, tuple[Sequence[int], Sequence[
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-
     if ax is None:
         fig = Figure(figsize=(8.0, 4.5), layout="constrained")
         ax = fig.add_subplot()
@@ -215,16 +250,28 @@ def plot_alpha_over_training(series: Mapping[str, tuple[Sequence[int], Sequence[
         outside += plot_with_outliers(ax, steps, values, limits, marker="o", ms=3, lw=1.5, color=color, label=name)
     ax.set_ylim(*limits)
     if outside:
-        ax.text(0.01, 0.01, f"{outside} point(s) beyond the axis, drawn as triangles on its edge",
-                transform=ax.transAxes, fontsize="small")
+        ax.text(
+            0.01,
+            0.01,
+            f"{outside} point(s) beyond the axis, drawn as triangles on its edge",
+            transform=ax.transAxes,
+            fontsize="small",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("$\\alpha$")
     ax.set_title("power-law $\\alpha$ per layer over training")
     if len(names) <= 20:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
-        ax.text(0.99, 0.99, f"{len(names)} layers, dark = first, yellow = last", transform=ax.transAxes,
-                ha="right", va="top", fontsize="small")
+        ax.text(
+            0.99,
+            0.99,
+            f"{len(names)} layers, dark = first, yellow = last",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize="small",
+        )
     return fig
 
 
@@ -248,7 +295,7 @@ def plot_esd_evolution(layer: str, snapshots: Sequence, ax=None):
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     grid = np.linspace(lo, hi, max(int(math.ceil((hi - lo) * _BINS_PER_DECADE)), 8) + 1)
-    lam = 10.0 ** grid
+    lam = 10.0**grid
     cmap = colormaps["viridis"]
     shown = []
     for i, s in enumerate(snapshots):

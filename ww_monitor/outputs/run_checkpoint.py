@@ -45,20 +45,30 @@ def from_weights(p: Path, weights_only: bool, esd_layers, max_esd_layers: int, a
     data.final_results = list(report.layers)
     data.skipped = [(s.name, s.reason) for s in report.skipped]
     with_evals = [r for r in report.layers if r.eigenvalues is not None]
-    chosen = _choose_layers([r.name for r in with_evals], esd_layers, max_esd_layers, [r.alpha for r in with_evals],
-                            [r.num_pl_spikes for r in with_evals], [float(r.reliable) for r in with_evals])
+    chosen = _choose_layers(
+        [r.name for r in with_evals],
+        esd_layers,
+        max_esd_layers,
+        [r.alpha for r in with_evals],
+        [r.num_pl_spikes for r in with_evals],
+        [float(r.reliable) for r in with_evals],
+    )
     by_name = {r.name: r for r in with_evals}
     data.esd_results = [by_name[n] for n in chosen]  # worst first
     if len(history):
         _fill_from_history(data, history)
     else:
         if p.suffix.lower() == ".ckpt":
-            data.notes.append("no WeightWatcherCallback state in this checkpoint: showing the analysis of its "
-                              "weights only")
+            data.notes.append(
+                "no WeightWatcherCallback state in this checkpoint: showing the analysis of its weights only"
+            )
         step = step if step is not None else 0
         data.num_snapshots = 1
-        data.phases = ([r.name for r in report.layers], [step],
-                       [[r.phase if r.phase is not None else UNDETERMINED] for r in report.layers])
+        data.phases = (
+            [r.name for r in report.layers],
+            [step],
+            [[r.phase if r.phase is not None else UNDETERMINED] for r in report.layers],
+        )
         data.table_step = step
         data.table_columns = _FULL_TABLE_COLUMNS
         data.table = [_row_from_result(r) for r in report.layers]
@@ -89,8 +99,11 @@ def _callback_history_state(raw: Mapping) -> Mapping | None:
         return None
     for state in callbacks.values():
         hist = state.get("history") if isinstance(state, Mapping) else None
-        if (isinstance(hist, Mapping) and isinstance(hist.get("records"), list)
-                and (best is None or len(hist["records"]) > len(best["records"]))):
+        if (
+            isinstance(hist, Mapping)
+            and isinstance(hist.get("records"), list)
+            and (best is None or len(hist["records"]) > len(best["records"]))
+        ):
             best = hist
     return best
 
@@ -152,14 +165,24 @@ def _results_from_record(rec) -> list:
         v = dict(zip(rec.columns, rec.values[i].tolist()))
         num_evals = int(v["num_evals"]) if math.isfinite(v.get("num_evals", math.nan)) else 0
         traps = v.get("num_traps", math.nan)
-        out.append(LayerResult(
-            name=name, kind=rec.kinds[i], N=_int(v.get("N")), M=_int(v.get("M")), Q=v.get("Q", math.nan),
-            num_evals=num_evals, alpha=v.get("alpha", math.nan), rank_loss=_int(v.get("rank_loss")),
-            fit_ok=bool(v.get("fit_ok", 0.0) == 1.0), num_traps=int(traps) if math.isfinite(traps) else None,
-            num_pl_spikes=_int(v.get("num_pl_spikes")), reliable=bool(v.get("reliable", 1.0) != 0.0),
-            log_spectral_norm=v.get("log_spectral_norm", math.nan),
-            phase=Phase(rec.phases[i]) if rec.phases[i] is not None else None,
-        ))
+        out.append(
+            LayerResult(
+                name=name,
+                kind=rec.kinds[i],
+                N=_int(v.get("N")),
+                M=_int(v.get("M")),
+                Q=v.get("Q", math.nan),
+                num_evals=num_evals,
+                alpha=v.get("alpha", math.nan),
+                rank_loss=_int(v.get("rank_loss")),
+                fit_ok=bool(v.get("fit_ok", 0.0) == 1.0),
+                num_traps=int(traps) if math.isfinite(traps) else None,
+                num_pl_spikes=_int(v.get("num_pl_spikes")),
+                reliable=bool(v.get("reliable", 1.0) != 0.0),
+                log_spectral_norm=v.get("log_spectral_norm", math.nan),
+                phase=Phase(rec.phases[i]) if rec.phases[i] is not None else None,
+            )
+        )
     return out
 
 
@@ -184,8 +207,9 @@ def _replay_alerts(snapshots) -> list[dict]:
     for step, epoch, results, skipped in snapshots:
         alerts = tracker.update(results, skipped, step=step, epoch=epoch)
         if alerts:
-            text = alerts_markdown(alerts, step, len(tracker.active), [r.name for r in results],
-                                   {r.name: r.num_pl_spikes for r in results})
+            text = alerts_markdown(
+                alerts, step, len(tracker.active), [r.name for r in results], {r.name: r.num_pl_spikes for r in results}
+            )
             out.append({"step": step, "text": text})
     return out
 

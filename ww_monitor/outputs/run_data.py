@@ -24,18 +24,43 @@ from ..errors import WWMonitorError
 __all__ = ["RunData", "EsdSnapshot", "load_run"]
 
 #: Per-layer TensorBoard metrics shown in the table (the callback's ``LAYER_METRICS``).
-_TB_TABLE_METRICS = ("num_evals", "num_pl_spikes", "reliable", "alpha", "alpha_weighted", "log_norm",
-                     "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes")
+_TB_TABLE_METRICS = (
+    "num_evals",
+    "num_pl_spikes",
+    "reliable",
+    "alpha",
+    "alpha_weighted",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "rank_loss",
+    "num_spikes",
+)
 #: Columns of the table when the full per-layer results are known (checkpoint or model).
-_FULL_TABLE_COLUMNS = ("kind", "N", "M", "num_evals", "num_pl_spikes", "reliable", "alpha", "alpha_weighted", "D",
-                       "log_norm",
-                       "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes", "phase")
+_FULL_TABLE_COLUMNS = (
+    "kind",
+    "N",
+    "M",
+    "num_evals",
+    "num_pl_spikes",
+    "reliable",
+    "alpha",
+    "alpha_weighted",
+    "D",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "rank_loss",
+    "num_spikes",
+    "phase",
+)
 _SIZE_GUIDANCE = {k: 0 for k in ("compressedHistograms", "images", "audio", "scalars", "histograms", "tensors")}
 _MAX_TB_FIGURES = 12
 #: Logged figures the report embeds: the ESDs with their fits (it redraws the others from scalars).
 _LOGGED_FIGURES = "ww/plots/esd/"
 #: Scalars Lightning logs that are not the run's metrics (the epoch counter, the hparams placeholder).
 _NOT_TRAINING_SCALARS = ("epoch", "hp_metric")
+
 
 @dataclass
 class EsdSnapshot:
@@ -163,16 +188,20 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
         if _ww_tags(acc):
             found.append((run, acc))
     if not found:
-        raise WWMonitorError(f"{target}: no ww/ tags in the TensorBoard event files (was WeightWatcherCallback "
-                             "attached to a Trainer with a TensorBoardLogger writing there?)")
+        raise WWMonitorError(
+            f"{target}: no ww/ tags in the TensorBoard event files (was WeightWatcherCallback "
+            "attached to a Trainer with a TensorBoardLogger writing there?)"
+        )
     found.sort(key=lambda ra: _latest_wall_time(ra[1]))
     run, acc = found[-1]
     data = RunData(source=str(run), source_kind="tensorboard")
     if len(found) > 1:
         others = ", ".join(str(r) for r, _ in found[:-1])
-        data.notes.append(f"{len(found)} runs with ww/ tags under {target}; the detailed sections show the most "
-                          f"recent ({run}), the section Runs compares them all. Point the report at one run folder "
-                          f"for the details of another: {others}")
+        data.notes.append(
+            f"{len(found)} runs with ww/ tags under {target}; the detailed sections show the most "
+            f"recent ({run}), the section Runs compares them all. Point the report at one run folder "
+            f"for the details of another: {others}"
+        )
         for r, a in found:
             if "ww/summary/alpha" in a.Tags().get("scalars", []):
                 name = str(r.relative_to(target)) if target.is_dir() and r != target else r.name
@@ -180,19 +209,22 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
     tags = acc.Tags()
     scalars = {t: _dedupe_steps(acc.Scalars(t)) for t in tags.get("scalars", []) if t.startswith("ww/")}
     # the run's own metrics (losses, accuracies) from the same event files, shown beside alpha
-    data.training_scalars = {t: _dedupe_steps(acc.Scalars(t)) for t in tags.get("scalars", [])
-                             if not t.startswith("ww") and t not in _NOT_TRAINING_SCALARS}
-    data.summary_series = {t[len("ww/summary/"):]: v for t, v in scalars.items() if t.startswith("ww/summary/")}
-    data.reliable = {t[len("ww/reliable/"):]: v for t, v in scalars.items() if t.startswith("ww/reliable/")}
+    data.training_scalars = {
+        t: _dedupe_steps(acc.Scalars(t))
+        for t in tags.get("scalars", [])
+        if not t.startswith("ww") and t not in _NOT_TRAINING_SCALARS
+    }
+    data.summary_series = {t[len("ww/summary/") :]: v for t, v in scalars.items() if t.startswith("ww/summary/")}
+    data.reliable = {t[len("ww/reliable/") :]: v for t, v in scalars.items() if t.startswith("ww/reliable/")}
 
-    layers = [t[len("ww/alpha/"):] for t in scalars if t.startswith("ww/alpha/")]
+    layers = [t[len("ww/alpha/") :] for t in scalars if t.startswith("ww/alpha/")]
     for layer in layers:
         steps, values = scalars[f"ww/alpha/{layer}"]
         data.alpha[layer] = (steps, values)
     all_steps = sorted({s for t, (steps, _) in scalars.items() for s in steps})
     data.num_snapshots = len(all_steps)
 
-    phase_layers = [t[len("ww/phase/"):] for t in scalars if t.startswith("ww/phase/")]
+    phase_layers = [t[len("ww/phase/") :] for t in scalars if t.startswith("ww/phase/")]
     if phase_layers:
         order = list(Phase)
         phase_steps = sorted({s for layer in phase_layers for s in scalars[f"ww/phase/{layer}"][0]})
@@ -205,14 +237,20 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
                 ok = v is not None and math.isfinite(v) and 0 <= round(v) < len(order)
                 # A negative ordinal: analysed, but too few eigenvalues for a phase.
                 undetermined = v is not None and math.isfinite(v) and round(v) < 0
-                phase_row.append(order[int(round(v))] if ok and v is not None else (UNDETERMINED if undetermined else None))
+                phase_row.append(
+                    order[int(round(v))] if ok and v is not None else (UNDETERMINED if undetermined else None)
+                )
             grid.append(phase_row)
         data.phases = (phase_layers, phase_steps, grid)
 
-    hist_layers = [t[len("ww/esd/"):] for t in tags.get("histograms", []) if t.startswith("ww/esd/")]
+    hist_layers = [t[len("ww/esd/") :] for t in tags.get("histograms", []) if t.startswith("ww/esd/")]
     last_value = _last_values(scalars, all_steps[-1] if all_steps else None)
-    for layer in _choose_layers(hist_layers, esd_layers, max_esd_layers, *(
-            [last_value(f"ww/{m}/{n}") for n in hist_layers] for m in ("alpha", "num_pl_spikes", "reliable"))):
+    for layer in _choose_layers(
+        hist_layers,
+        esd_layers,
+        max_esd_layers,
+        *([last_value(f"ww/{m}/{n}") for n in hist_layers] for m in ("alpha", "num_pl_spikes", "reliable")),
+    ):
         events = _dedupe_events(acc.Histograms(f"ww/esd/{layer}"))
         data.esd_snapshots_total = max(data.esd_snapshots_total, len(events))
         snaps = [_esd_from_histogram(e.step, e.histogram_value) for e in _spread(events, max_esd_snapshots)]
@@ -247,7 +285,7 @@ def _from_tensorboard(target: Path, esd_layers, max_esd_layers: int, max_esd_sna
         for t, (steps, values) in scalars.items():
             if t.startswith("ww/summary/") and steps:
                 by_step = dict(zip(steps, values))
-                data.summary[t[len("ww/summary/"):]] = by_step.get(last, values[-1])
+                data.summary[t[len("ww/summary/") :]] = by_step.get(last, values[-1])
 
     # The ESD figures with their fits (the report redraws every other figure from the scalars): those
     # of the latest snapshot that has any, i.e. its worst layers.
@@ -278,6 +316,7 @@ def _frozen_at(scalars: dict, layers: Sequence[str]) -> dict[str, int]:
 
 def _last_values(scalars: dict, step):
     """``value(tag)``: the tag's value at ``step`` (NaN if not logged there)."""
+
     def value(tag: str) -> float:
         steps, values = scalars.get(tag, ([], []))
         return dict(zip(steps, values)).get(step, math.nan)
@@ -305,7 +344,9 @@ def _spread(items: list, n: int) -> list:
     return [items[i] for i in dict.fromkeys(idx.tolist())]
 
 
-def _choose_layers(names: Sequence[str], patterns, max_layers: int, alphas=None, tails=None, reliable=None) -> list[str]:
+def _choose_layers(
+    names: Sequence[str], patterns, max_layers: int, alphas=None, tails=None, reliable=None
+) -> list[str]:
     """The ESD layers: ``patterns``, else the worst by alpha (given ``alphas``), then spread."""
     from .worst_layers import choose_figure_layers
 

@@ -24,21 +24,62 @@ from collections.abc import Sequence
 from ..errors import WWMonitorError
 from .display_names import display_name_map
 
-__all__ = ["TABLE_COLUMNS", "OPTION_COLUMNS", "KEEP_PRIORITY", "table_columns", "check_column", "parse_columns",
-           "select_rows", "format_table", "terminal_width"]
+__all__ = [
+    "TABLE_COLUMNS",
+    "OPTION_COLUMNS",
+    "KEEP_PRIORITY",
+    "table_columns",
+    "check_column",
+    "parse_columns",
+    "select_rows",
+    "format_table",
+    "terminal_width",
+]
 
 #: Columns of the default table: a subset of the CSV/JSON columns, under the same names and in the
 #: same order, so one vocabulary serves every format.
-TABLE_COLUMNS = ("name", "kind", "N", "M", "num_evals", "log_norm", "log_spectral_norm", "stable_rank", "rank_loss",
-                 "alpha", "D", "num_pl_spikes", "alpha_weighted", "reliable", "num_spikes", "phase")
+TABLE_COLUMNS = (
+    "name",
+    "kind",
+    "N",
+    "M",
+    "num_evals",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "rank_loss",
+    "alpha",
+    "D",
+    "num_pl_spikes",
+    "alpha_weighted",
+    "reliable",
+    "num_spikes",
+    "phase",
+)
 #: Columns of the options (``--detX``, ``--fit TPL``, ...), shown when any layer has them.
 OPTION_COLUMNS = ("detX_num", "ERG_gap", "num_fingers", "Lambda", "rand_distance", "ww_softrank")
 #: Which columns stay when the table is too wide, most important first; the last ones are left
 #: out first. The layer, its alpha and how much that alpha rests on (tail size, reliable), its
 #: phase, then what the user asked for with an option, then size and norm context.
-KEEP_PRIORITY = ("name", "alpha", "num_pl_spikes", "reliable", "phase", *OPTION_COLUMNS, "num_evals", "kind",
-                 "alpha_weighted", "rank_loss", "N", "M", "log_spectral_norm", "stable_rank", "num_spikes", "D",
-                 "log_norm")
+KEEP_PRIORITY = (
+    "name",
+    "alpha",
+    "num_pl_spikes",
+    "reliable",
+    "phase",
+    *OPTION_COLUMNS,
+    "num_evals",
+    "kind",
+    "alpha_weighted",
+    "rank_loss",
+    "N",
+    "M",
+    "log_spectral_norm",
+    "stable_rank",
+    "num_spikes",
+    "D",
+    "log_norm",
+)
 #: Columns never left out: without them a row says nothing.
 _ALWAYS = ("name", "alpha")
 #: Spaces between columns.
@@ -111,8 +152,9 @@ def _sort_value(column: str, value):
     return (0, value)
 
 
-def select_rows(dicts: list[dict], *, sort: str | None = None, descending: bool = False,
-                worst: int | None = None) -> tuple[list[dict], str]:
+def select_rows(
+    dicts: list[dict], *, sort: str | None = None, descending: bool = False, worst: int | None = None
+) -> tuple[list[dict], str]:
     """The rows to show, in order, and a note saying how they were chosen ("" for all, model order).
 
     ``worst``: the layers farthest outside the alpha band, worst first (layers inside it are not
@@ -122,20 +164,29 @@ def select_rows(dicts: list[dict], *, sort: str | None = None, descending: bool 
     if worst is not None:
         from .worst_layers import ALPHA_GOOD_BAND, worst_layers
 
-        ranked = worst_layers([d["name"] for d in rows], [d["alpha"] for d in rows],
-                              tails=[d["num_pl_spikes"] for d in rows], reliable=[d["reliable"] for d in rows],
-                              count=worst)
+        ranked = worst_layers(
+            [d["name"] for d in rows],
+            [d["alpha"] for d in rows],
+            tails=[d["num_pl_spikes"] for d in rows],
+            reliable=[d["reliable"] for d in rows],
+            count=worst,
+        )
         by_name = {d["name"]: d for d in rows}
         lo, hi = ALPHA_GOOD_BAND
-        note = (f"the {len(ranked)} of {len(rows)} layers farthest outside alpha in [{lo:g}, {hi:g}] in standard "
-                f"errors of their fit, worst first; reliable fits only"
-                f"{' (no other is outside the band)' if len(ranked) < min(worst, len(rows)) else ''}")
+        note = (
+            f"the {len(ranked)} of {len(rows)} layers farthest outside alpha in [{lo:g}, {hi:g}] in standard "
+            f"errors of their fit, worst first; reliable fits only"
+            f"{' (no other is outside the band)' if len(ranked) < min(worst, len(rows)) else ''}"
+        )
         rows = [by_name[o.name] for o in ranked]
     if sort is not None:
         check_column(sort, "--sort")
         missing = [d for d in rows if _sort_value(sort, d.get(sort))[0]]
-        present = sorted((d for d in rows if not _sort_value(sort, d.get(sort))[0]),
-                         key=lambda d: _sort_value(sort, d.get(sort)), reverse=descending)
+        present = sorted(
+            (d for d in rows if not _sort_value(sort, d.get(sort))[0]),
+            key=lambda d: _sort_value(sort, d.get(sort)),
+            reverse=descending,
+        )
         rows = present + missing  # stable: ties keep the model (or worst-first) order
         note = (note + "; " if note else "") + f"sorted by {sort}{' (descending)' if descending else ''}"
     return rows, note
@@ -171,7 +222,7 @@ def _shorten(text: str, width: int) -> str:
         return text
     head = (width - len(_ELLIPSIS)) // 2  # the end keeps the extra character: it names the matrix
     tail = width - len(_ELLIPSIS) - head
-    return text[:head] + _ELLIPSIS + text[len(text) - tail:]
+    return text[:head] + _ELLIPSIS + text[len(text) - tail :]
 
 
 def _wrap(text: str, width: int | None, indent: str = "") -> list[str]:
@@ -180,8 +231,15 @@ def _wrap(text: str, width: int | None, indent: str = "") -> list[str]:
     return textwrap.wrap(text, width=width, subsequent_indent=indent, break_on_hyphens=False) or [""]
 
 
-def format_table(report, *, width: int | None = None, columns: list[str] | None = None, sort: str | None = None,
-                 descending: bool = False, worst: int | None = None) -> str:
+def format_table(
+    report,
+    *,
+    width: int | None = None,
+    columns: list[str] | None = None,
+    sort: str | None = None,
+    descending: bool = False,
+    worst: int | None = None,
+) -> str:
     """Fixed-width text table, one row per analysed layer (model order unless ``sort``/``worst``),
     then skipped layers and the summary; every line at most ``width`` characters (None: no limit).
     ``columns``: :func:`parse_columns`' result (None: the default columns, fitted to ``width``)."""
@@ -210,10 +268,15 @@ def format_table(report, *, width: int | None = None, columns: list[str] | None 
         longest = max(len(s) for s in cells["name"])
         if longest > room >= MIN_NAME_WIDTH:
             cells["name"] = [_shorten(s, room) for s in cells["name"]]
-            notes.append(f"layer names longer than {room} characters are shortened in the middle ({_ELLIPSIS}); "
-                         "--format csv has them whole")
+            notes.append(
+                f"layer names longer than {room} characters are shortened in the middle ({_ELLIPSIS}); "
+                "--format csv has them whole"
+            )
     widths = [max(len(s) for s in cells[c]) for c in shown]
-    lines = [(" " * COLUMN_GAP).join(cells[c][i].ljust(w) for c, w in zip(shown, widths)).rstrip() for i in range(len(dicts) + 1)]
+    lines = [
+        (" " * COLUMN_GAP).join(cells[c][i].ljust(w) for c, w in zip(shown, widths)).rstrip()
+        for i in range(len(dicts) + 1)
+    ]
     for text in notes:
         lines.extend(_wrap(f"({text})", width))
     if report.skipped:

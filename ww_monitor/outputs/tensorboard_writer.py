@@ -61,11 +61,29 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Per-layer metrics logged as ``ww/<metric>/<layer>``.
-LAYER_METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "rank_loss", "num_spikes",
-                 "num_evals", "num_pl_spikes", "reliable")
+LAYER_METRICS = (
+    "alpha",
+    "alpha_weighted",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "rank_loss",
+    "num_spikes",
+    "num_evals",
+    "num_pl_spikes",
+    "reliable",
+)
 #: Per-layer metrics logged as ``ww/<metric>/<layer>`` only when computed (options that are on).
-OPTIONAL_LAYER_METRICS = ("distance_from_init", "esd_shift", "detX_num", "ERG_gap", "num_fingers", "Lambda",
-                          "rand_distance", "ww_softrank")
+OPTIONAL_LAYER_METRICS = (
+    "distance_from_init",
+    "esd_shift",
+    "detX_num",
+    "ERG_gap",
+    "num_fingers",
+    "Lambda",
+    "rand_distance",
+    "ww_softrank",
+)
 #: Ordinal of each phase for ``ww/phase/<layer>``.
 PHASE_ORDER = {p: i for i, p in enumerate(Phase)}
 #: ``ww/phase/<layer>`` of a layer analysed without a phase (too few eigenvalues).
@@ -107,10 +125,12 @@ def summary_scalars(summary: dict) -> dict[str, float]:
 #: Kept for compatibility: the most buckets an ESD histogram gets.
 ESD_HISTOGRAM_BINS = ESD_MAX_BINS
 #: What the axes of the ``ww/esd/<layer>`` histograms mean (shown with the ``ww/layers`` table).
-ESD_AXES = ("ESD histograms `ww/esd/<layer>` (Histograms tab): x axis = log10(lambda), lambda an eigenvalue of "
-            "W^T W (squared singular value of the weight matrix); height = number of eigenvalues per bucket; "
-            f"buckets = ceil(2 n^(1/3)) for n eigenvalues, between {ESD_MIN_BINS} and {ESD_MAX_BINS}. "
-            "A heavy tail shows as a long ridge to the right.")
+ESD_AXES = (
+    "ESD histograms `ww/esd/<layer>` (Histograms tab): x axis = log10(lambda), lambda an eigenvalue of "
+    "W^T W (squared singular value of the weight matrix); height = number of eigenvalues per bucket; "
+    f"buckets = ceil(2 n^(1/3)) for n eigenvalues, between {ESD_MIN_BINS} and {ESD_MAX_BINS}. "
+    "A heavy tail shows as a long ridge to the right."
+)
 
 
 #: Frozen layers named under the ``ww/layers`` table of a snapshot that carried them forward.
@@ -121,8 +141,15 @@ _MAX_CARRIED_LISTED = 20
 #: the layout has one chart per block instead.
 MAX_LAYERS_PER_CHART = 12
 #: Model-level counts charted together in the overview.
-_OVERVIEW_COUNTS = ("num_layers", "num_unreliable", "num_undetermined", "num_random_like", "num_failed_fits",
-                    "num_skipped", "num_frozen")
+_OVERVIEW_COUNTS = (
+    "num_layers",
+    "num_unreliable",
+    "num_undetermined",
+    "num_random_like",
+    "num_failed_fits",
+    "num_skipped",
+    "num_frozen",
+)
 
 
 def _exact(tags: Iterable[str]) -> str:
@@ -163,8 +190,10 @@ def custom_scalars_layout(names: Sequence[str] = ()) -> dict:
 def layers_markdown(results: Sequence[LayerResult], carried: Sequence[str] = ()) -> str:
     """The per-layer table of one snapshot, with the counts each fit rests on and a legend;
     ``carried``: frozen layers not analysed again at this snapshot (named below the table)."""
-    head = ("| layer | kind | eigenvalues | tail | reliable | alpha | alpha_weighted | log_spectral_norm "
-            "| stable_rank | rank_loss | phase | frozen |\n")
+    head = (
+        "| layer | kind | eigenvalues | tail | reliable | alpha | alpha_weighted | log_spectral_norm "
+        "| stable_rank | rank_loss | phase | frozen |\n"
+    )
     head += "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     shown = display_name_map([r.name for r in results] + list(carried))
     rows = []
@@ -178,14 +207,18 @@ def layers_markdown(results: Sequence[LayerResult], carried: Sequence[str] = ())
     if carried:
         listed = ", ".join(shown[n] for n in carried[:_MAX_CARRIED_LISTED])
         more = f" and {len(carried) - _MAX_CARRIED_LISTED} more" if len(carried) > _MAX_CARRIED_LISTED else ""
-        rows.append(f"\n{len(carried)} frozen layer(s) not analysed again (their weights do not require grad and "
-                    f"have not changed since their last analysis, shown at that step): {listed}{more}.")
-    legend = (f"\n\n*tail* = eigenvalues in the power-law fit; a layer is *reliable* with >= {RELIABLE_MIN_EVALS} "
-              f"eigenvalues and >= {RELIABLE_MIN_TAIL} in the tail. Unreliable layers are left out of the "
-              f"`ww/summary/alpha*` means (counted in `ww/summary/num_unreliable`); layers under "
-              f"{RELIABLE_MIN_EVALS} eigenvalues get no phase (*{UNDETERMINED}*). *frozen* layers (no parameter "
-              "requires grad) are analysed once and carried forward; the `ww/summary/*` means cover the layers "
-              "that train (frozen ones counted in `ww/summary/num_frozen`).\n\n" + ESD_AXES)
+        rows.append(
+            f"\n{len(carried)} frozen layer(s) not analysed again (their weights do not require grad and "
+            f"have not changed since their last analysis, shown at that step): {listed}{more}."
+        )
+    legend = (
+        f"\n\n*tail* = eigenvalues in the power-law fit; a layer is *reliable* with >= {RELIABLE_MIN_EVALS} "
+        f"eigenvalues and >= {RELIABLE_MIN_TAIL} in the tail. Unreliable layers are left out of the "
+        f"`ww/summary/alpha*` means (counted in `ww/summary/num_unreliable`); layers under "
+        f"{RELIABLE_MIN_EVALS} eigenvalues get no phase (*{UNDETERMINED}*). *frozen* layers (no parameter "
+        "requires grad) are analysed once and carried forward; the `ww/summary/*` means cover the layers "
+        "that train (frozen ones counted in `ww/summary/num_frozen`).\n\n" + ESD_AXES
+    )
     return head + "\n".join(rows) + legend
 
 
@@ -197,8 +230,9 @@ def is_tensorboard_logger(logger) -> bool:
     return any(c.__name__ == "TensorBoardLogger" for c in type(logger).__mro__)
 
 
-def choose_figure_layers(names: Sequence[str], patterns: Sequence[str] | None, max_layers: int,
-                         results: Sequence[LayerResult] | None = None) -> list[str]:
+def choose_figure_layers(
+    names: Sequence[str], patterns: Sequence[str] | None, max_layers: int, results: Sequence[LayerResult] | None = None
+) -> list[str]:
     """Layers that get an ESD figure: those matching ``patterns``, else the worst layers of
     ``results`` (:func:`~ww_monitor.outputs.worst_layers.choose_figure_layers`), then layers spread
     from first to last, up to ``max_layers``."""
@@ -208,8 +242,14 @@ def choose_figure_layers(names: Sequence[str], patterns: Sequence[str] | None, m
         return choose(names, patterns, max_layers)
     by_name = {r.name: r for r in results}
     rows = [by_name.get(n) for n in names]
-    return choose(names, patterns, max_layers, alphas=[r.alpha if r else math.nan for r in rows],
-                  tails=[r.num_pl_spikes if r else 0 for r in rows], reliable=[bool(r and r.reliable) for r in rows])
+    return choose(
+        names,
+        patterns,
+        max_layers,
+        alphas=[r.alpha if r else math.nan for r in rows],
+        tails=[r.num_pl_spikes if r else 0 for r in rows],
+        reliable=[bool(r and r.reliable) for r in rows],
+    )
 
 
 def _figure_to_rgb(fig) -> np.ndarray:
@@ -228,7 +268,9 @@ def _figure_to_rgb(fig) -> np.ndarray:
 
 
 def render_figures(
-    results: Sequence[LayerResult], esd_layers: Sequence[str], phase_grid: tuple | None = None,
+    results: Sequence[LayerResult],
+    esd_layers: Sequence[str],
+    phase_grid: tuple | None = None,
     alpha_grid: tuple | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Figures of one snapshot as HxWx3 uint8 arrays keyed by tag, and the failures (runs in
@@ -269,8 +311,16 @@ def render_figures(
         if np.isfinite(np.asarray(alphas, dtype=np.float64)).any():
             # the tails of this snapshot (the last column), for the ranking of the worst layers
             tails = [by_name[n].num_pl_spikes if n in by_name else math.nan for n in names]
-            attempt("ww/plots/alpha_heatmap", plotting.plot_alpha_heatmap, list(names), list(steps), alphas,
-                    np.asarray(reliable) > 0.5, None, tails)
+            attempt(
+                "ww/plots/alpha_heatmap",
+                plotting.plot_alpha_heatmap,
+                list(names),
+                list(steps),
+                alphas,
+                np.asarray(reliable) > 0.5,
+                None,
+                tails,
+            )
     return images, errors
 
 
@@ -316,12 +366,20 @@ class LoggerWriter:
             try:
                 lg.log_metrics(metrics, step=step)
             except Exception as err:
-                self._warn((id(lg), "scalars"), f"{type(lg).__name__}.log_metrics failed "
-                           f"({type(err).__name__}: {err}); continuing without it.")
+                self._warn(
+                    (id(lg), "scalars"),
+                    f"{type(lg).__name__}.log_metrics failed ({type(err).__name__}: {err}); continuing without it.",
+                )
 
     def log_tensorboard(
-        self, loggers, step: int, results: Sequence[LayerResult], histograms: bool = True, text: bool = True,
-        precomputed: dict[str, EsdHistogram | None] | None = None, carried: Sequence[str] = (),
+        self,
+        loggers,
+        step: int,
+        results: Sequence[LayerResult],
+        histograms: bool = True,
+        text: bool = True,
+        precomputed: dict[str, EsdHistogram | None] | None = None,
+        carried: Sequence[str] = (),
         layout: Sequence[str] | None = None,
     ) -> None:
         """ESD histograms (``precomputed`` by the worker where given), the layer table (naming the
@@ -333,8 +391,11 @@ class LoggerWriter:
         hists: dict[str, EsdHistogram] = {}
         if histograms:
             for r in results:
-                h = precomputed[r.name] if precomputed is not None and r.name in precomputed else \
-                    esd_histogram(r.eigenvalues)
+                h = (
+                    precomputed[r.name]
+                    if precomputed is not None and r.name in precomputed
+                    else esd_histogram(r.eigenvalues)
+                )
                 if h is not None:
                     hists[r.name] = h
         names = [r.name for r in results] if layout is None else list(layout)
@@ -345,13 +406,23 @@ class LoggerWriter:
                     self._layouts.add(id(exp))
                 for name, h in hists.items():
                     exp.add_histogram_raw(
-                        f"ww/esd/{name}", min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
-                        bucket_limits=list(h.bucket_limits), bucket_counts=list(h.bucket_counts), global_step=step)
+                        f"ww/esd/{name}",
+                        min=h.min,
+                        max=h.max,
+                        num=h.num,
+                        sum=h.sum,
+                        sum_squares=h.sum_squares,
+                        bucket_limits=list(h.bucket_limits),
+                        bucket_counts=list(h.bucket_counts),
+                        global_step=step,
+                    )
                 if text and (results or carried):
                     exp.add_text("ww/layers", layers_markdown(results, carried), global_step=step)
             except Exception as err:
-                self._warn((id(lg), "tensorboard"), f"writing to TensorBoard failed "
-                           f"({type(err).__name__}: {err}); continuing without it.")
+                self._warn(
+                    (id(lg), "tensorboard"),
+                    f"writing to TensorBoard failed ({type(err).__name__}: {err}); continuing without it.",
+                )
 
     def log_images(self, loggers, step: int, images: dict[str, np.ndarray]) -> None:
         for lg, exp in self._tb_writers(loggers):
@@ -359,8 +430,10 @@ class LoggerWriter:
                 for tag, img in images.items():
                     exp.add_image(tag, img, global_step=step, dataformats="HWC")
             except Exception as err:
-                self._warn((id(lg), "images"), f"writing figures to TensorBoard failed "
-                           f"({type(err).__name__}: {err}); continuing without them.")
+                self._warn(
+                    (id(lg), "images"),
+                    f"writing figures to TensorBoard failed ({type(err).__name__}: {err}); continuing without them.",
+                )
 
     def flush(self, loggers) -> None:
         for _, exp in self._tb_writers(loggers):

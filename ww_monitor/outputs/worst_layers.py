@@ -64,8 +64,13 @@ def band_score(alpha: float, tail: float | None = None) -> float:
     return dist / sigma
 
 
-def worst_layers(layer_names: Sequence[str], alphas: Sequence[float], tails: Sequence[float] | None = None,
-                 reliable: Sequence[bool] | None = None, count: int = WORST_LISTED) -> list[Outlier]:
+def worst_layers(
+    layer_names: Sequence[str],
+    alphas: Sequence[float],
+    tails: Sequence[float] | None = None,
+    reliable: Sequence[bool] | None = None,
+    count: int = WORST_LISTED,
+) -> list[Outlier]:
     """The ``count`` layers with the highest :func:`band_score` (reliable fits only, when
     ``reliable`` is given), highest first; layers inside the band are not listed."""
     scored = []
@@ -80,9 +85,14 @@ def worst_layers(layer_names: Sequence[str], alphas: Sequence[float], tails: Seq
     return scored[:count]
 
 
-def choose_figure_layers(names: Sequence[str], patterns: Sequence[str] | None, max_layers: int,
-                         alphas: Sequence[float] | None = None, tails: Sequence[float] | None = None,
-                         reliable: Sequence[bool] | None = None) -> list[str]:
+def choose_figure_layers(
+    names: Sequence[str],
+    patterns: Sequence[str] | None,
+    max_layers: int,
+    alphas: Sequence[float] | None = None,
+    tails: Sequence[float] | None = None,
+    reliable: Sequence[bool] | None = None,
+) -> list[str]:
     """Layers that get an ESD figure: those matching ``patterns``; else the worst layers by
     :func:`worst_layers` (given ``alphas``), then, for the slots left, layers spread evenly from
     first to last; at most ``max_layers``."""
@@ -93,8 +103,9 @@ def choose_figure_layers(names: Sequence[str], patterns: Sequence[str] | None, m
         return []
     if len(names) <= max_layers:
         return list(names)
-    chosen = [o.name for o in worst_layers(names, alphas, tails, reliable, count=max_layers)] if alphas is not None \
-        else []
+    chosen = (
+        [o.name for o in worst_layers(names, alphas, tails, reliable, count=max_layers)] if alphas is not None else []
+    )
     taken = set(chosen)
     rest = [n for n in names if n not in taken]
     need = max_layers - len(chosen)
