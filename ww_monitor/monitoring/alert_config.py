@@ -148,7 +148,7 @@ class AlertConfig:
     alpha_low_min_share: float = ALPHA_LOW_MIN_SHARE
     alpha_high_min_share: float = ALPHA_HIGH_MIN_SHARE
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         from collections.abc import Mapping
 
         from ..errors import WWMonitorError

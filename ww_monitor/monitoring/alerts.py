@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from ..analysis.phases import Phase
 from ..analysis.results import LayerResult, SkippedLayer
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: ``(rule, layer, value, threshold, message, detail, headline)`` of one condition that holds.
+_Condition = tuple[str, str, float, float, str, str, str]
 
 
 class WWMonitorAlert(UserWarning):
@@ -245,7 +249,7 @@ class AlertTracker:
             if (l.alpha + margin < c.alpha_low) if rule == "alpha_low" else (l.alpha - margin > c.alpha_high):
                 band[rule][1].append((l, sigma))
 
-    def _band_conditions(self, band: dict):
+    def _band_conditions(self, band: dict[str, Any]) -> Iterator[_Condition]:
         """The band rules read the model too: a rule holds on its layers only when they are more
         than its ``min_share`` of the layers it reads (:mod:`.alert_config`: why)."""
         c = self.config
@@ -269,7 +273,7 @@ class AlertTracker:
                     headline,
                 )
 
-    def _conditions(self, layers, skipped):
+    def _conditions(self, layers: Sequence[LayerResult], skipped: Iterable[SkippedLayer]) -> Iterator[_Condition]:
         """``(rule, layer, value, threshold, message, detail, headline)`` of every condition that holds now."""
         c = self.config
         band = {rule: [0, []] for rule in BAND_RULES}  # rule -> [layers read, layers outside the band]
@@ -435,7 +439,7 @@ def _regressed(best: Phase, cur: Phase, steps: int) -> bool:
     return _PHASE_ORDER[best] - _PHASE_ORDER[cur] >= steps
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # Formatting and dispatch live in their own modules (they import this one); kept importable here.
     if name == "alerts_markdown":
         from ..outputs.alert_text import alerts_markdown
