@@ -143,7 +143,8 @@ def test_failing_worker_function_in_blocking_mode(tmp_path, monkeypatch):
 
 _SIGNAL_SCRIPT = textwrap.dedent(
     """
-    import sys, threading, time, warnings
+    import faulthandler, signal, sys, threading, time, warnings
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks if it hangs
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -226,6 +227,21 @@ def _run_until_analysing(tmp_path):
     pytest.fail("the training script never started an analysis:\n" + "".join(lines))
 
 
+def _drain(q, lines, seconds=5.0):
+    """The rest of the script's output, up to its end (None) or ``seconds``."""
+    import queue
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            line = q.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return
+        if line is None:
+            return
+        lines.append(line)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_background_analysis_exits_promptly(tmp_path, sig):
     proc, lines, q = _run_until_analysing(tmp_path)
@@ -234,18 +250,15 @@ def test_signal_during_background_analysis_exits_promptly(tmp_path, sig):
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # every thread's stack, to see where it hangs
+        time.sleep(2)
         proc.kill()
         proc.wait()
+        _drain(q, lines)
         pytest.fail(f"{sig.name}: still running 20 s after the signal:\n" + "".join(lines))
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        line = q.get(timeout=5)
-        if line is None:
-            break
-        lines.append(line)
-    out = ""
+    _drain(q, lines)
     elapsed = time.monotonic() - t0
-    text = "".join(lines) + out
+    text = "".join(lines)
     assert elapsed < 20, text
     if sig == signal.SIGINT:  # Lightning exits with sys.exit(1) after its graceful shutdown
         assert proc.returncode != 0 and "FIT RETURNED" not in text, text
