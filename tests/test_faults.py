@@ -145,6 +145,9 @@ _SIGNAL_SCRIPT = textwrap.dedent(
     """
     import faulthandler, signal, sys, threading, time, warnings
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks if it hangs
+    # Ctrl-C as in a terminal: a shell without job control starts background jobs (`make test &`,
+    # nohup) with SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
