@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -197,8 +198,6 @@ _SIGNAL_SCRIPT = textwrap.dedent(
 
 
 def _run_until_analysing(tmp_path):
-    import queue
-
     script = tmp_path / "train.py"
     script.write_text(_SIGNAL_SCRIPT)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -232,8 +231,6 @@ def _run_until_analysing(tmp_path):
 
 def _drain(q, lines, seconds=5.0):
     """The rest of the script's output, up to its end (None) or ``seconds``."""
-    import queue
-
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
